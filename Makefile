@@ -1,0 +1,38 @@
+# The README's quick start. `make demo`: set up and run the main job on the bundled sample.
+# `make test`: set up and run the tests (what .ci/run runs).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+export SAM2_BUILD_CUDA := 0
+
+.PHONY: setup setup-test demo test lint bench clean
+
+$(VENV)/.setup: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.setup-test: $(VENV)/.setup
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.setup
+
+setup-test: $(VENV)/.setup-test
+
+demo: setup
+	rm -rf demo && mkdir -p demo
+	$(VENV)/bin/arraystore ingest sa1b samples/sa1b_sample.tar --out demo/sa1b.zarr
+	$(VENV)/bin/arraystore info demo/sa1b.zarr
+	$(PY) scripts/read_batch.py demo/sa1b.zarr
+
+test: setup-test
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+bench: setup-test
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf demo .pytest_cache

@@ -1,0 +1,202 @@
+"""The ``arraystore`` command line: a thin layer over the library.
+
+Sources and exporters are found by name through entry points, so ``arraystore ingest NAME``
+works for every installed converter, each with its own options. Errors print one line naming the
+file, sample and fix, and exit with status 1; no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from arraystore import __version__
+from arraystore.errors import ArrayStoreError
+from arraystore.exporters import Exporter
+from arraystore.info import store_info
+from arraystore.ingest import ON_ERROR_CHOICES, ingest
+from arraystore.layout import COMPRESSIONS, LAYOUT_NAMES, Layout
+from arraystore.plugins import EXPORTERS_GROUP, SOURCES_GROUP, load_plugin, plugin_names
+from arraystore.sources import Source
+
+err = Console(stderr=True)
+out = Console(width=None if sys.stdout.isatty() else 132)  # tables stay readable in logs
+
+
+def _run(action: Callable[[], Any]) -> Any:
+    """Run a command body, turning arraystore errors into one message and exit status 1."""
+    try:
+        return action()
+    except ArrayStoreError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]: committed samples are kept; re-run the same command "
+                  "to resume")
+        sys.exit(130)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="arraystore")
+def cli() -> None:
+    """arraystore: one Zarr v3 store for every per-sample tensor a training run reads."""
+
+
+def _layout_from_options(layout: str | None, shard_size: int | None, compress: str | None,
+                         checksum: bool | None) -> Layout | None:
+    """The layout asked for, or None when no layout option was given (use the store's)."""
+    if layout is None and shard_size is None and compress is None and checksum is None:
+        return None
+    settings: dict[str, Any] = {"name": layout or ("sharded" if shard_size else "raw")}
+    if shard_size is not None:
+        settings["shard_size"] = shard_size
+    if compress is not None:
+        settings["compression"] = compress
+    if checksum is not None:
+        settings["checksum"] = checksum
+    return Layout(**settings)
+
+
+def _doc_line(cls: type) -> str:
+    """The first docstring line of a plugin class, without reStructuredText markup."""
+    return (cls.__doc__ or cls.__name__).strip().splitlines()[0].replace("``", "")
+
+
+def _ingest_command(name: str) -> click.Command:
+    source_cls: type[Source] = load_plugin(SOURCES_GROUP, name)
+
+    def run(inputs: tuple[str, ...], out_path: str, mode: str, overwrite: bool, layout: str | None,
+            shard_size: int | None, compress: str | None, checksum: bool | None,
+            workers: int | None, on_error: str, progress: bool, **options: Any) -> None:
+        def body() -> None:
+            source = source_cls(**options)
+            report = ingest(
+                source, list(inputs), out_path,
+                mode="overwrite" if overwrite else mode,
+                layout=_layout_from_options(layout, shard_size, compress, checksum),
+                workers=workers, on_error=on_error, progress=progress,
+            )
+            out.print(
+                f"{report.ingested} samples ingested into {report.store}"
+                + (f", {report.already_stored} already stored" if report.already_stored else "")
+                + (f", {len(report.units_already_done)} inputs already ingested"
+                   if report.units_already_done else "")
+            )
+            if report.skipped:
+                err.print(f"[yellow]{len(report.skipped)} skipped[/]; reasons in "
+                          f"{report.report_path}")
+        _run(body)
+
+    params: list[click.Parameter] = [
+        click.Argument(["inputs"], nargs=-1, required=True),
+        click.Option(["--out", "out_path"], required=True, help="the store to write"),
+        click.Option(["--mode"], type=click.Choice(["create", "append"]), default="append",
+                     show_default=True,
+                     help="create: fail if --out exists; append: create it, or resume/extend it"),
+        click.Option(["--overwrite"], is_flag=True,
+                     help="replace an existing store at --out (never a path that is not a store)"),
+        click.Option(["--layout"], type=click.Choice(LAYOUT_NAMES), default=None,
+                     help="chunk files: raw (one per sample) or sharded [new store: raw]"),
+        click.Option(["--shard-size"], type=click.IntRange(1), default=None,
+                     help=f"samples per shard in the sharded layout [{Layout().shard_size}]"),
+        click.Option(["--compress"], type=click.Choice(COMPRESSIONS), default=None,
+                     help="chunk compression [none]"),
+        click.Option(["--checksum/--no-checksum"], default=None,
+                     help="crc32c per chunk [no]"),
+        click.Option(["--workers"], type=click.IntRange(1), default=None,
+                     help="decode processes [the number of cores]"),
+        click.Option(["--on-error"], type=click.Choice(ON_ERROR_CHOICES), default="fail",
+                     show_default=True,
+                     help="fail on a broken sample, or skip it and list it in a JSON report"),
+        click.Option(["--progress/--no-progress"], default=sys.stderr.isatty(),
+                     help="show a progress bar [on a terminal]"),
+    ]
+    for option in source_cls.options:
+        params.append(click.Option([f"--{option.name.replace('_', '-')}"], type=option.type,
+                                   default=option.default, show_default=True, help=option.help))
+    return click.Command(name, callback=run, params=params,
+                         help=_doc_line(source_cls), short_help=_doc_line(source_cls))
+
+
+class _PluginGroup(click.Group):
+    """A group whose subcommands are the plugins registered under an entry-point group."""
+
+    def __init__(self, *args: Any, plugin_group: str, factory: Callable[[str], click.Command],
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.plugin_group = plugin_group
+        self.factory = factory
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return plugin_names(self.plugin_group)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in plugin_names(self.plugin_group):
+            return None
+        return self.factory(cmd_name)
+
+
+def _export_command(name: str) -> click.Command:
+    exporter_cls: type[Exporter] = load_plugin(EXPORTERS_GROUP, name)
+
+    @click.command(name, help=_doc_line(exporter_cls))
+    @click.argument("store")
+    @click.argument("out_dir")
+    @click.option("--overwrite", is_flag=True, help="replace files already in OUT_DIR")
+    @click.option("--progress/--no-progress", default=sys.stderr.isatty())
+    def run(store: str, out_dir: str, overwrite: bool, progress: bool) -> None:
+        summary = _run(lambda: exporter_cls().export(store, out_dir, overwrite=overwrite,
+                                                     progress=progress))
+        out.print(f"{summary['samples']} samples exported to {summary['out']}")
+
+    return run
+
+
+cli.add_command(_PluginGroup("ingest", plugin_group=SOURCES_GROUP, factory=_ingest_command,
+                             help="Convert inputs into a store: "
+                                  "`arraystore ingest SOURCE INPUTS... --out STORE`."))
+cli.add_command(_PluginGroup("export", plugin_group=EXPORTERS_GROUP, factory=_export_command,
+                             help="Write a store's committed samples in another format."))
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def info(store: str, as_json: bool) -> None:
+    """Kind, layout, samples committed and a table of arrays with their size on disk."""
+    summary = _run(lambda: store_info(store))
+    if as_json:
+        out.print_json(json.dumps(summary.to_json()))
+        return
+    out.print(f"[bold]{summary.path}[/]  kind [bold]{summary.kind}[/]  layout "
+              f"[bold]{summary.layout_label}[/]", highlight=False)
+    out.print(" ".join(f"{k}={v}" for k, v in summary.layout.items()), highlight=False)
+    out.print(f"samples: {summary.committed} committed of {summary.samples}; "
+              f"{_human(summary.bytes_on_disk)} in {summary.files} files")
+    table = Table("array", "shape", "dtype", "chunk", "codecs", "on disk", "files")
+    for a in summary.arrays:
+        table.add_row(a.name, "×".join(map(str, a.shape)), a.dtype, "×".join(map(str, a.chunks)),
+                      a.codecs, _human(a.bytes_on_disk), str(a.files))
+    out.print(table)
+    sources = summary.provenance.get("sources", [])
+    if sources:
+        out.print(f"ingested from {len(sources)} inputs, e.g. {Path(sources[-1]['path']).name}")
+
+
+def main() -> None:
+    cli()

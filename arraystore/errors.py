@@ -1,0 +1,78 @@
+"""Typed errors of arraystore.
+
+Each error also subclasses the built-in exception it resembles, so callers' existing ``except
+FileNotFoundError`` / ``except ValueError`` clauses keep working. Messages name the file, field or
+sample concerned and, where one exists, the option that fixes the problem.
+"""
+
+from __future__ import annotations
+
+
+class ArrayStoreError(Exception):
+    """Base class of every error raised by arraystore."""
+
+
+class StoreNotFoundError(ArrayStoreError, FileNotFoundError):
+    """The path holds no store."""
+
+
+class StoreExistsError(ArrayStoreError, FileExistsError):
+    """A store (or some other file) already exists where a new store was to be created."""
+
+
+class NotAStoreError(ArrayStoreError, ValueError):
+    """The path exists but is not an arraystore store (no Zarr group with arraystore attributes)."""
+
+
+class StoreFormatError(ArrayStoreError, ValueError):
+    """The store's metadata is inconsistent, or of a format version this code cannot read."""
+
+
+class IncompatibleStoreError(ArrayStoreError, ValueError):
+    """Appending to a store whose kind, schema or layout differs from what was asked for."""
+
+
+class SchemaError(ArrayStoreError, ValueError):
+    """A schema declaration is invalid (bad name, shape, dtype or dimension names)."""
+
+
+class SampleValidationError(ArrayStoreError, ValueError):
+    """A sample handed to the writer does not match the store's schema."""
+
+
+class DuplicateSampleError(ArrayStoreError, ValueError):
+    """A sample id that the store already holds (or that appeared earlier in the input)."""
+
+
+class SourceError(ArrayStoreError, ValueError):
+    """An input (a TAR shard, a ``.bin`` directory, an NPZ directory) that cannot be read at all."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class SampleError(ArrayStoreError, ValueError):
+    """One sample of an input is broken; ingest fails on it, or skips and reports it.
+
+    ``where`` names the file and member (``shard.tar:sa_1.json``); ``sample_id`` the sample.
+    """
+
+    def __init__(self, where: str, sample_id: str, reason: str) -> None:
+        super().__init__(f"{where} (sample {sample_id!r}): {reason}")
+        self.where = where
+        self.sample_id = sample_id
+        self.reason = reason
+
+
+class UnknownPluginError(ArrayStoreError, ValueError):
+    """No source, exporter or reader backend is registered under the requested name."""
+
+
+class ChecksumMismatchError(ArrayStoreError, OSError):
+    """A chunk's stored crc32c does not match its bytes: the file is corrupt."""
+
+
+class SampleNotCommittedError(ArrayStoreError, IndexError):
+    """A read asked for a sample whose data is not (yet) complete."""

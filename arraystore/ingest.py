@@ -1,0 +1,268 @@
+"""Run a source into a store: records read here, derived in a pool of workers, written here.
+
+The writer process reads each unit's records (cheap: bytes out of a TAR stream), hands them to
+``workers`` processes that decode and derive fields, and receives the samples back in input order
+with a bounded number in flight, so memory stays flat whatever the shard size. It is the only
+process that writes the store. Units already ingested (recorded in provenance with size and
+checksum) are skipped without being read; samples already committed are skipped, so re-running a
+command resumes it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import multiprocessing as mp
+import os
+import signal
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from arraystore.errors import SampleError, SourceError
+from arraystore.layout import Layout
+from arraystore.sources import Record, Source, SourceUnit
+from arraystore.store import Store, WriteMode, open_for_writing
+from arraystore.writer import StoreWriter
+
+OnError = Literal["fail", "skip"]
+ON_ERROR_CHOICES: tuple[str, ...] = ("fail", "skip")
+REPORTS_SUFFIX = ".reports"  # beside the store: zarr warns about foreign files inside a group
+
+
+@dataclass
+class Skip:
+    """One sample (or the rest of a unit) left out of the store, and why."""
+
+    where: str
+    sample_id: str
+    reason: str
+
+
+@dataclass
+class IngestReport:
+    """What one ingest run did; written as JSON to ``<store>.reports/`` beside the store."""
+
+    store: str
+    source: str
+    started: str
+    finished: str = ""
+    ingested: int = 0
+    already_stored: int = 0
+    units_ingested: list[str] = field(default_factory=list)
+    units_already_done: list[str] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    report_path: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+_WORKER_SOURCE: Source | None = None
+
+
+def _init_worker(source: Source) -> None:
+    global _WORKER_SOURCE
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the writer process handles Ctrl-C
+    _WORKER_SOURCE = source
+    source.prepare_worker()
+
+
+def _derive(record: Record, source: Source | None = None) -> tuple[dict[str, Any] | None, str]:
+    """Derive one record; a failure comes back as its reason (exceptions may not pickle)."""
+    source = source or _WORKER_SOURCE
+    assert source is not None, "worker used before _init_worker"
+    try:
+        return source.derive(record), ""
+    except SampleError as exc:
+        return None, exc.reason
+    except Exception as exc:  # any decoder error is this sample's problem, not the run's
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+class DerivePool:
+    """Derive records in worker processes, yielding results in input order, few in flight."""
+
+    def __init__(self, source: Source, workers: int) -> None:
+        self.source = source
+        self.workers = workers
+        self._pool = None
+        if workers > 1:
+            self._pool = mp.get_context("spawn").Pool(
+                workers, initializer=_init_worker, initargs=(source,)
+            )
+        else:
+            source.prepare_worker()
+
+    def __enter__(self) -> DerivePool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+
+    def derive(
+        self, items: Iterable[Record | SampleError]
+    ) -> Iterator[tuple[Record | SampleError, dict[str, Any] | None, str]]:
+        if self._pool is None:
+            for item in items:
+                yield (item, None, item.reason) if isinstance(item, SampleError) else (
+                    item, *_derive(item, self.source))
+            return
+        window: deque[tuple[Record | SampleError, Any]] = deque()
+        for item in items:
+            pending = None if isinstance(item, SampleError) else self._pool.apply_async(
+                _derive, (item,))
+            window.append((item, pending))
+            if len(window) >= 2 * self.workers:
+                yield self._resolve(*window.popleft())
+        while window:
+            yield self._resolve(*window.popleft())
+
+    @staticmethod
+    def _resolve(item: Record | SampleError, pending: Any):
+        if pending is None:
+            return item, None, item.reason
+        return (item, *pending.get())
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TextColumn("{task.fields[samples]} samples"),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def _already_ingested(store: Store, unit: SourceUnit) -> bool:
+    identity = unit.identity()
+    return any(
+        {k: entry.get(k) for k in identity} == identity
+        for entry in store.provenance.get("sources", [])
+    )
+
+
+def ingest(
+    source: Source,
+    inputs: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    mode: WriteMode = "append",
+    layout: Layout | None = None,
+    workers: int | None = None,
+    on_error: OnError = "fail",
+    progress: bool = False,
+) -> IngestReport:
+    """Ingest ``inputs`` through ``source`` into the store at ``out``; see the module docstring.
+
+    ``on_error="fail"`` stops at the first broken sample with a :class:`SampleError` (what was
+    written before it stays committed, and re-running resumes); ``"skip"`` leaves broken samples
+    out and lists each, with its reason, in the returned report and the JSON report file.
+    """
+    if on_error not in ON_ERROR_CHOICES:
+        raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
+    workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+    units = source.units(inputs)
+    schema = source.schema(units)
+    store = open_for_writing(out, schema, layout, mode, extra_attrs=source.store_attrs(units))
+    report = IngestReport(store=str(store.path), source=source.name, started=_now())
+    try:
+        with StoreWriter(store) as writer, DerivePool(source, workers) as pool, \
+                _progress(progress) as bar:
+            preexisting = set(writer.committed_ids)
+            for unit in units:
+                if _already_ingested(store, unit):
+                    report.units_already_done.append(str(unit.path))
+                    continue
+                skips_before = len(report.skipped)
+                _ingest_unit(source, unit, writer, pool, preexisting, on_error, report, bar)
+                writer.flush()
+                store.provenance.setdefault("sources", []).append({
+                    **unit.identity(), "sha256": unit.digest.hexdigest(), "finished": _now(),
+                    "skipped": len(report.skipped) - skips_before,
+                })
+                store.save_meta()
+                report.units_ingested.append(str(unit.path))
+    finally:
+        report.finished = _now()
+        if report.skipped:
+            _write_report(store, report)
+    return report
+
+
+def _ingest_unit(
+    source: Source,
+    unit: SourceUnit,
+    writer: StoreWriter,
+    pool: DerivePool,
+    preexisting: set[str],
+    on_error: OnError,
+    report: IngestReport,
+    bar: Progress,
+) -> None:
+    task = bar.add_task(unit.label, total=unit.size, samples=0)
+
+    def fresh(items: Iterable[Record | SampleError]) -> Iterator[Record | SampleError]:
+        for item in items:
+            if isinstance(item, Record) and item.sample_id in preexisting:
+                report.already_stored += 1
+                continue
+            yield item
+
+    def fail_or_skip(error: SampleError) -> None:
+        if on_error == "fail":
+            raise error
+        report.skipped.append(Skip(error.where, error.sample_id, error.reason))
+
+    try:
+        for item, values, reason in pool.derive(fresh(source.records(unit))):
+            if isinstance(item, SampleError):
+                fail_or_skip(item)
+                continue
+            bar.update(task, completed=item.progress)
+            if values is None:
+                fail_or_skip(SampleError(item.where, item.sample_id, reason))
+                continue
+            if item.sample_id in writer:
+                fail_or_skip(SampleError(item.where, item.sample_id,
+                                         "duplicate sample id: stored earlier in this run"))
+                continue
+            writer.append(item.sample_id, values)
+            report.ingested += 1
+            bar.update(task, samples=report.ingested)
+    except SourceError as exc:
+        if on_error == "fail":
+            raise
+        report.skipped.append(Skip(exc.path, "*", f"rest of the input unreadable: {exc.reason}"))
+    bar.update(task, completed=unit.size)
+
+
+def _write_report(store: Store, report: IngestReport) -> None:
+    folder = store.path.with_name(store.path.name + REPORTS_SUFFIX)
+    folder.mkdir(exist_ok=True)
+    stamp = report.started.replace(":", "").replace("+0000", "Z")
+    path = folder / f"ingest-{stamp}-{os.getpid()}.json"
+    report.report_path = str(path)
+    tmp = path.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(report.to_json(), indent=2))
+    tmp.replace(path)

@@ -1,0 +1,94 @@
+"""Layout presets: how a field's samples are cut into chunks and encoded on disk.
+
+``raw`` stores one uncompressed file per chunk: a per-sample chunk is byte for byte the sample's
+array, like a record of a ``.bin`` file. ``sharded`` packs ``shard_size`` per-sample chunks into
+one file with the Zarr v3 sharding codec (file count divided by the shard size). Either may add
+zstd compression (disk size) and a crc32c per chunk (integrity). Per-sample scalars and short
+vectors are always chunked in blocks of ``block_size`` samples and never sharded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+
+from arraystore.errors import SchemaError
+from arraystore.schema import Field
+
+LayoutName = Literal["raw", "sharded"]
+Compression = Literal["none", "zstd"]
+LAYOUT_NAMES: tuple[str, ...] = ("raw", "sharded")
+COMPRESSIONS: tuple[str, ...] = ("none", "zstd")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A resolved layout preset; every default is visible in :meth:`to_json`."""
+
+    name: LayoutName = "raw"
+    shard_size: int = 16
+    compression: Compression = "none"
+    zstd_level: int = 3
+    checksum: bool = False
+    block_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.name not in LAYOUT_NAMES:
+            raise SchemaError(f"unknown layout {self.name!r}; choose one of {LAYOUT_NAMES}")
+        if self.compression not in COMPRESSIONS:
+            raise SchemaError(
+                f"unknown compression {self.compression!r}; choose one of {COMPRESSIONS}"
+            )
+        if self.shard_size < 1 or self.block_size < 1:
+            raise SchemaError(
+                f"shard_size ({self.shard_size}) and block_size ({self.block_size}) must be >= 1"
+            )
+
+    @property
+    def sharded(self) -> bool:
+        return self.name == "sharded"
+
+    @property
+    def label(self) -> str:
+        """A short name such as ``sharded+zstd+crc32c`` for tables and reports."""
+        parts = [self.name]
+        if self.compression != "none":
+            parts.append(self.compression)
+        if self.checksum:
+            parts.append("crc32c")
+        return "+".join(parts)
+
+    def samples_per_chunk(self, field: Field) -> int:
+        return 1 if field.chunking == "sample" else self.block_size
+
+    def samples_per_file(self, field: Field) -> int:
+        """How many samples of ``field`` share one file: the unit a writer rewrites at once."""
+        if field.chunking == "sample" and self.sharded:
+            return self.shard_size
+        return self.samples_per_chunk(field)
+
+    def array_kwargs(self, field: Field) -> dict[str, Any]:
+        """Keyword arguments for ``zarr.Group.create_array`` storing ``field`` in this layout."""
+        compressors: list[Any] = []
+        if self.compression == "zstd":
+            compressors.append(ZstdCodec(level=self.zstd_level))
+        if self.checksum:
+            compressors.append(Crc32cCodec())
+        chunks = (self.samples_per_chunk(field), *field.shape)
+        kwargs: dict[str, Any] = {
+            "chunks": chunks,
+            "compressors": compressors or None,
+            "serializer": "auto" if field.is_string else BytesCodec(endian="little"),
+        }
+        if field.chunking == "sample" and self.sharded:
+            kwargs["shards"] = (self.shard_size, *field.shape)
+        return kwargs
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Layout:
+        return cls(**data)

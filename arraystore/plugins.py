@@ -1,0 +1,35 @@
+"""Find sources and exporters by name through entry points (the pattern of xarray's backends).
+
+``arraystore`` never imports ``converters``: converters register their classes under the groups
+``arraystore.sources`` and ``arraystore.exporters`` in ``pyproject.toml``. A class is accepted
+wherever a name is, so code that was never installed as a package can still plug in.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import TypeVar
+
+from arraystore.errors import UnknownPluginError
+
+SOURCES_GROUP = "arraystore.sources"
+EXPORTERS_GROUP = "arraystore.exporters"
+T = TypeVar("T")
+
+
+def plugin_names(group: str) -> list[str]:
+    """Names registered under an entry-point group, sorted."""
+    return sorted(ep.name for ep in entry_points(group=group))
+
+
+def load_plugin(group: str, name_or_class: str | type[T]) -> type[T]:
+    """The class registered as ``name_or_class`` (or the class itself when one is given)."""
+    if isinstance(name_or_class, type):
+        return name_or_class
+    matches = [ep for ep in entry_points(group=group) if ep.name == name_or_class]
+    if not matches:
+        raise UnknownPluginError(
+            f"no {group.split('.')[-1][:-1]} named {name_or_class!r}; installed: "
+            f"{plugin_names(group) or 'none (is the arraystore package installed?)'}"
+        )
+    return matches[0].load()

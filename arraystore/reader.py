@@ -1,0 +1,120 @@
+"""Read committed samples of a store, field by field, through a named backend chain.
+
+A :class:`SampleReader` holds only the path, the settings and the committed index (built with
+zarr-python, which is fork-safe): it pickles cheaply into DataLoader workers and opens its backend
+handles lazily in the process that reads, reopening them after a fork. Fields chunked in blocks
+(ids, flags, boxes) are read a block at a time and the last blocks cached.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from arraystore.errors import SampleNotCommittedError
+from arraystore.readers import Backend, FieldReader, backend_chain
+from arraystore.schema import Field
+from arraystore.store import Store
+
+CACHED_BLOCKS = 4
+
+
+class SampleReader:
+    """Committed samples of the store at ``path``; ``reader[i]`` is the i-th committed sample."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], backend: str = "auto",
+        fields: Sequence[str] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.backend = backend
+        self._chain = backend_chain(backend)
+        store = Store.open(self.path)
+        self.schema, self.layout, self.kind = store.schema, store.layout, store.kind
+        self.extra: dict[str, Any] = dict(store.meta.get("extra", {}))
+        self.fields = tuple(fields) if fields is not None else tuple(self.schema.names)
+        for name in self.fields:
+            self.schema[name]  # raises KeyError naming the known fields
+        committed = store.committed_mask()
+        self.positions = np.flatnonzero(committed)
+        self.sample_ids = [str(s) for s in store.sample_ids()[committed]]
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._backends: dict[str, Backend] = {}
+        self._readers: dict[str, tuple[FieldReader, str]] = {}
+        self._blocks: dict[str, OrderedDict[int, np.ndarray]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for key in ("_backends", "_readers", "_blocks"):
+            state[key] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def field_reader(self, name: str) -> tuple[FieldReader, str]:
+        """The reader serving ``name`` in this process and the name of its backend."""
+        if self._pid != os.getpid():  # forked: handles of the parent are not ours
+            self._reset()
+        if name not in self._readers:
+            field = self.schema[name]
+            backend_cls = next(b for b in self._chain if b.supports(field, self.layout))
+            backend = self._backends.get(backend_cls.name)
+            if backend is None:
+                backend = self._backends[backend_cls.name] = backend_cls(self.path, self.layout)
+            self._readers[name] = (backend.open_field(field), backend_cls.name)
+        return self._readers[name]
+
+    def backend_of(self, name: str) -> str:
+        return self.field_reader(name)[1]
+
+    def position(self, index: int) -> int:
+        """The store slot of the ``index``-th committed sample."""
+        if not -len(self) <= index < len(self):
+            raise SampleNotCommittedError(
+                f"{self.path}: index {index} out of range: {len(self)} committed samples"
+            )
+        return int(self.positions[index])
+
+    def read_field(self, name: str, position: int) -> Any:
+        """One field of the sample in store slot ``position`` (a ``str`` for string fields)."""
+        field = self.schema[name]
+        if field.chunking == "block":
+            value = self._block_row(field, position)
+        else:
+            value = self.field_reader(name)[0].read(position, position + 1)[0]
+        return str(value) if field.is_string else value
+
+    def _block_row(self, field: Field, position: int) -> np.ndarray:
+        size = self.layout.block_size
+        block_index, row = divmod(position, size)
+        cache = self._blocks.setdefault(field.name, OrderedDict())
+        block = cache.get(block_index)
+        if block is None or row >= len(block):
+            start = block_index * size
+            stop = min(start + size, int(self.positions[-1]) + 1)
+            block = self.field_reader(field.name)[0].read(start, stop)
+            cache[block_index] = block
+            if len(cache) > CACHED_BLOCKS:
+                cache.popitem(last=False)
+        return block[row]
+
+    def read(self, index: int, fields: Sequence[str] | None = None) -> dict[str, Any]:
+        """The ``index``-th committed sample: field name -> array (or str)."""
+        position = self.position(index)
+        return {name: self.read_field(name, position) for name in (fields or self.fields)}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.read(index)

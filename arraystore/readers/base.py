@@ -1,0 +1,39 @@
+"""The interface of a reader backend."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from arraystore.layout import Layout
+from arraystore.schema import Field
+
+
+class FieldReader(ABC):
+    """Reads samples of one field of one store."""
+
+    @abstractmethod
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Samples ``start`` to ``stop`` (exclusive), shape ``(stop - start, *field.shape)``."""
+
+
+class Backend(ABC):
+    """A way of reading fields; opened in the process that reads (never shared across fork)."""
+
+    name: ClassVar[str]
+
+    def __init__(self, store_path: Path, layout: Layout) -> None:
+        self.store_path = store_path
+        self.layout = layout
+
+    @classmethod
+    @abstractmethod
+    def supports(cls, field: Field, layout: Layout) -> bool:
+        """Whether this backend can read ``field`` stored with ``layout``."""
+
+    @abstractmethod
+    def open_field(self, field: Field) -> FieldReader:
+        """A reader for ``field``; cheap to call, handles open lazily where possible."""

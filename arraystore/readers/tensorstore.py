@@ -1,0 +1,41 @@
+"""Read through TensorStore's ``zarr3`` driver (every numeric field; it has no string type).
+
+TensorStore is not fork-safe: a process that has used it must not fork DataLoader workers. The
+backend is therefore only ever opened inside the reading process, never by index building.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from arraystore.layout import Layout
+from arraystore.readers.base import Backend, FieldReader
+from arraystore.schema import Field
+
+
+class TensorStoreFieldReader(FieldReader):
+    def __init__(self, array: object) -> None:
+        self._array = array
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self._array[start:stop].read().result()
+
+
+class TensorStoreBackend(Backend):
+    name = "tensorstore"
+
+    @classmethod
+    def supports(cls, field: Field, layout: Layout) -> bool:
+        return not field.is_string
+
+    def open_field(self, field: Field) -> FieldReader:
+        import tensorstore as ts  # imported here: only reading processes ever load it
+
+        spec = {
+            "driver": "zarr3",
+            "kvstore": {"driver": "file", "path": str(self.store_path / field.name)},
+            # a store grows while it is read: always see the current shape and chunks
+            "recheck_cached_metadata": True,
+            "recheck_cached_data": True,
+        }
+        return TensorStoreFieldReader(ts.open(spec, read=True).result())

@@ -1,0 +1,127 @@
+"""The interface a converter implements to feed a store.
+
+A source turns input paths into *units* (one TAR shard, one ``.bin`` directory, one NPZ
+directory), states the schema it produces, and splits each unit into *records*: the raw bytes of one
+sample, read cheaply in the writer process. ``derive`` turns a record into the sample's field
+values; it runs in worker processes, so a source object must be picklable (it holds options only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, ClassVar
+
+from arraystore.errors import SampleError
+from arraystore.schema import Schema
+
+
+@dataclass(frozen=True)
+class SourceOption:
+    """A source-specific command-line option (``--max-boxes``), declared by the source."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+
+
+@dataclass
+class SourceUnit:
+    """One input the provenance records: path, size, and a checksum computed while reading."""
+
+    path: Path
+    size: int
+    digest: Any = field(default_factory=hashlib.sha256, repr=False, compare=False)
+    bytes_read: int = 0
+
+    @property
+    def label(self) -> str:
+        return self.path.name
+
+    def identity(self) -> dict[str, Any]:
+        """What makes a re-run recognise this unit as already ingested."""
+        return {"path": str(self.path.resolve()), "size": self.size}
+
+
+@dataclass(frozen=True)
+class Record:
+    """The raw material of one sample, with where it came from (for error messages)."""
+
+    sample_id: str
+    where: str
+    payload: Any
+    progress: int = 0  # bytes of the unit consumed once this record was read
+
+
+class HashingReader:
+    """A read-only stream over a unit's file that feeds every byte read into the unit's checksum
+    and counts them in ``unit.bytes_read`` (the progress bar's position)."""
+
+    def __init__(self, raw: BinaryIO, unit: SourceUnit) -> None:
+        self._raw = raw
+        self._unit = unit
+        unit.bytes_read = 0
+
+    @property
+    def bytes_read(self) -> int:
+        return self._unit.bytes_read
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self._unit.digest.update(data)
+        self._unit.bytes_read += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+
+class Source(ABC):
+    """Base class of converters; subclasses register under the ``arraystore.sources`` group."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str]
+    options: ClassVar[tuple[SourceOption, ...]] = ()
+
+    def __init__(self, **options: Any) -> None:
+        known = {o.name: o for o in self.options}
+        unknown = set(options) - set(known)
+        if unknown:
+            raise TypeError(
+                f"source {self.name!r}: unknown options {sorted(unknown)}; known: {sorted(known)}"
+            )
+        self.settings: dict[str, Any] = {n: o.default for n, o in known.items()}
+        self.settings.update({k: v for k, v in options.items() if v is not None})
+
+    @abstractmethod
+    def units(self, inputs: Sequence[str | os.PathLike[str]]) -> list[SourceUnit]:
+        """Resolve the command line's inputs; raise :class:`SourceError` for an unusable one."""
+
+    @abstractmethod
+    def schema(self, units: Sequence[SourceUnit]) -> Schema:
+        """The schema this source writes (may look at the first unit, e.g. to infer NPZ fields)."""
+
+    @abstractmethod
+    def records(self, unit: SourceUnit) -> Iterator[Record | SampleError]:
+        """Read one unit as a stream of records, updating ``unit.digest`` with every byte read.
+
+        A broken sample is *yielded* as a :class:`SampleError` (the ingest then fails or skips it
+        and the stream goes on); :class:`SourceError` is raised when the rest of the unit cannot be
+        read (a truncated TAR).
+        """
+
+    @abstractmethod
+    def derive(self, record: Record) -> dict[str, Any]:
+        """The field values of one sample (runs in a worker process)."""
+
+    def store_attrs(self, units: Sequence[SourceUnit]) -> Mapping[str, Any]:
+        """Kind-specific attributes to record in a new store (default: none)."""
+        return {}
+
+    def prepare_worker(self) -> None:  # noqa: B027 (an optional hook, not abstract)
+        """Called once in each worker process before the first ``derive`` (e.g. to pin threads)."""

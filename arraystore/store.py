@@ -1,0 +1,242 @@
+"""Create and open stores: a Zarr v3 group, one array per field, plus ``sample``, ``committed``.
+
+The group attribute ``arraystore`` holds the format version, dataset kind, schema, layout and
+provenance, so the store describes itself. ``sample`` (strings) holds the sample ids and becomes
+the xarray index; ``committed`` (bool) says which samples hold complete data.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import zarr
+
+from arraystore import __version__
+from arraystore.errors import (
+    IncompatibleStoreError,
+    NotAStoreError,
+    StoreExistsError,
+    StoreFormatError,
+    StoreNotFoundError,
+)
+from arraystore.layout import Layout
+from arraystore.schema import SAMPLE_DIM, Field, Schema
+
+FORMAT_VERSION = 1
+ATTRS_KEY = "arraystore"
+SAMPLE_ARRAY = "sample"
+COMMITTED_ARRAY = "committed"
+WriteMode = Literal["create", "append", "overwrite"]
+WRITE_MODES: tuple[str, ...] = ("create", "append", "overwrite")
+
+SAMPLE_FIELD = Field(SAMPLE_ARRAY, (), "str", (), "block", "sample id (the xarray index)")
+COMMITTED_FIELD = Field(COMMITTED_ARRAY, (), "bool", (), "block", "the sample's data is complete")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def is_store(path: str | Path) -> bool:
+    """Whether ``path`` is the root of an arraystore store."""
+    try:
+        _read_meta(Path(path))
+    except (StoreNotFoundError, NotAStoreError):
+        return False
+    return True
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise StoreNotFoundError(f"no store at {path}")
+    if not (path / "zarr.json").is_file():
+        raise NotAStoreError(
+            f"{path} exists but is not an arraystore store (it has no zarr.json); "
+            f"choose another output path"
+        )
+    try:
+        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+    except Exception as exc:
+        raise NotAStoreError(f"{path} is not a Zarr v3 group: {exc}") from exc
+    meta = group.attrs.asdict().get(ATTRS_KEY)
+    if not isinstance(meta, dict):
+        raise NotAStoreError(
+            f"{path} is a Zarr group but not an arraystore store (no {ATTRS_KEY!r} attribute)"
+        )
+    return meta
+
+
+class Store:
+    """An open store. Use :meth:`create`, :meth:`open` or :func:`open_for_writing`."""
+
+    def __init__(self, path: Path, group: zarr.Group, meta: dict[str, Any]) -> None:
+        self.path = path
+        self.group = group
+        self.meta = meta
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreFormatError(
+                f"{path}: store format version {version!r}; this arraystore ({__version__}) "
+                f"reads version {FORMAT_VERSION}"
+            )
+        self.schema = Schema.from_json(meta["schema"])
+        self.layout = Layout.from_json(meta["layout"])
+
+    @property
+    def kind(self) -> str:
+        return self.schema.kind
+
+    @property
+    def read_only(self) -> bool:
+        return self.group.store.read_only
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return self.meta.setdefault("provenance", {})
+
+    @classmethod
+    def open(cls, path: str | Path, mode: Literal["r", "r+"] = "r") -> Store:
+        """Open an existing, fully initialised store for reading (``r``) or updating (``r+``)."""
+        path = Path(path)
+        meta = _read_meta(path)
+        if not meta.get("initialized", False):
+            raise StoreFormatError(
+                f"{path}: the store's creation was interrupted before its arrays existed; "
+                f"re-run the ingest command (it recreates the store) or delete {path}"
+            )
+        store = cls(path, zarr.open_group(str(path), mode=mode, zarr_format=3), meta)
+        missing = [n for n in [*store.schema.names, SAMPLE_ARRAY, COMMITTED_ARRAY]
+                   if n not in store.group.array_keys()]
+        if missing:
+            raise StoreFormatError(f"{path}: arrays {missing} of the schema are missing")
+        return store
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        schema: Schema,
+        layout: Layout,
+        *,
+        overwrite: bool = False,
+        extra_attrs: Mapping[str, Any] | None = None,
+    ) -> Store:
+        """Create an empty store (zero samples). ``overwrite`` replaces an existing *store* only."""
+        path = Path(path)
+        if path.exists():
+            if not overwrite:
+                raise StoreExistsError(
+                    f"{path} already exists; use mode 'append' to add to it or 'overwrite' "
+                    f"(--overwrite) to replace it"
+                )
+            _read_meta(path)  # refuses to delete anything that is not a store
+            shutil.rmtree(path)
+        meta: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "initialized": False,
+            "kind": schema.kind,
+            "schema": schema.to_json(),
+            "layout": layout.to_json(),
+            "provenance": {"tool": f"arraystore {__version__}", "created": _now(), "sources": []},
+            "extra": dict(extra_attrs or {}),
+        }
+        group = zarr.open_group(str(path), mode="w-", zarr_format=3, attributes={ATTRS_KEY: meta})
+        for f in (*schema.fields, SAMPLE_FIELD, COMMITTED_FIELD):
+            group.create_array(
+                f.name,
+                shape=(0, *f.shape),
+                dtype=str if f.is_string else f.dtype,
+                fill_value="" if f.is_string else 0,
+                dimension_names=[SAMPLE_DIM, *f.dims],
+                attributes={"description": f.description} if f.description else {},
+                **layout.array_kwargs(f),
+            )
+        meta["initialized"] = True
+        group.attrs[ATTRS_KEY] = meta
+        return cls(path, group, meta)
+
+    def array(self, name: str) -> zarr.Array:
+        """The array of ``name``; writes store every chunk, zeros included, so that every
+        committed sample has its chunk files (``write_empty_chunks`` is not persisted by zarr)."""
+        return self.group[name].with_config({"write_empty_chunks": True})
+
+    def __len__(self) -> int:
+        """Number of sample slots (committed or not)."""
+        return int(self.array(SAMPLE_ARRAY).shape[0])
+
+    def committed_mask(self) -> np.ndarray:
+        return np.asarray(self.array(COMMITTED_ARRAY)[:], dtype=bool)
+
+    def sample_ids(self) -> np.ndarray:
+        return np.asarray(self.array(SAMPLE_ARRAY)[:])
+
+    def num_committed(self) -> int:
+        return int(self.committed_mask().sum())
+
+    def save_meta(self) -> None:
+        """Write the ``arraystore`` attribute (one atomic rewrite of the group's zarr.json)."""
+        self.group.attrs[ATTRS_KEY] = self.meta
+
+    def check_compatible(self, schema: Schema, layout: Layout | None) -> None:
+        """Refuse to append data of another kind, schema or layout; say which option differs."""
+        if schema.kind != self.kind:
+            raise IncompatibleStoreError(
+                f"{self.path} holds kind {self.kind!r}; cannot append kind {schema.kind!r}. "
+                f"Choose another --out."
+            )
+        if schema != self.schema:
+            ours, theirs = self.schema.to_json()["fields"], schema.to_json()["fields"]
+            diffs = sorted(
+                n for n in set(ours) | set(theirs) if ours.get(n) != theirs.get(n)
+            )
+            details = "; ".join(
+                f"{n}: store {ours.get(n)} vs input {theirs.get(n)}" for n in diffs[:4]
+            )
+            raise IncompatibleStoreError(
+                f"{self.path}: the input's schema differs from the store's in fields {diffs} "
+                f"({details}). Use the options the store was created with (e.g. --max-boxes) or "
+                f"another --out."
+            )
+        if layout is not None and layout != self.layout:
+            raise IncompatibleStoreError(
+                f"{self.path} was created with layout {self.layout.to_json()}; the command asked "
+                f"for {layout.to_json()}. Omit the layout options to use the store's layout."
+            )
+
+
+def open_for_writing(
+    path: str | Path,
+    schema: Schema,
+    layout: Layout | None,
+    mode: WriteMode = "append",
+    *,
+    extra_attrs: Mapping[str, Any] | None = None,
+) -> Store:
+    """Open ``path`` for a writer.
+
+    ``create`` fails if anything exists at ``path``; ``append`` creates the store if missing and
+    otherwise resumes/extends it after checking kind, schema and layout; ``overwrite`` replaces an
+    existing store (never a path that is not a store).
+    """
+    path = Path(path)
+    if mode not in WRITE_MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {WRITE_MODES}")
+    if mode == "overwrite" or not path.exists():
+        return Store.create(path, schema, layout or Layout(), overwrite=True,
+                            extra_attrs=extra_attrs)
+    if mode == "create":
+        raise StoreExistsError(
+            f"{path} already exists; use --mode append to add to it or --overwrite to replace it"
+        )
+    meta = _read_meta(path)
+    if not meta.get("initialized", False):
+        return Store.create(path, schema, layout or Layout(), overwrite=True,
+                            extra_attrs=extra_attrs)
+    store = Store.open(path, mode="r+")
+    store.check_compatible(schema, layout)
+    return store

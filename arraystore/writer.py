@@ -1,0 +1,146 @@
+"""The store writer: the only process that writes a store.
+
+Samples are validated against the schema as they arrive, buffered, and written a file's worth at a
+time (a whole shard in the sharded layout, so no shard is rewritten per sample). A flush writes
+every field's data, fsyncs the files it wrote, and only then marks those samples ``committed``:
+a crash at any moment leaves complete samples committed and nothing else visible to readers.
+Zarr's local store writes each chunk to a temporary file and renames it into place, so a torn
+chunk never reads as data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from arraystore.errors import DuplicateSampleError, SampleValidationError
+from arraystore.keys import chunk_file, fsync_path
+from arraystore.schema import Field
+from arraystore.store import COMMITTED_ARRAY, COMMITTED_FIELD, SAMPLE_ARRAY, SAMPLE_FIELD, Store
+
+DEFAULT_RAW_FLUSH = 32
+
+
+def validate_sample(fields: tuple[Field, ...], sample_id: str, values: Mapping[str, Any]) -> None:
+    """Check that ``values`` holds exactly the schema's fields with their shapes and dtypes."""
+    expected = {f.name for f in fields}
+    missing, extra = expected - set(values), set(values) - expected
+    if missing or extra:
+        raise SampleValidationError(
+            f"sample {sample_id!r}: fields missing {sorted(missing)}, unexpected {sorted(extra)}"
+        )
+    for f in fields:
+        value = values[f.name]
+        if f.is_string:
+            if not isinstance(value, str):
+                raise SampleValidationError(
+                    f"sample {sample_id!r}, field {f.name!r}: expected str, got "
+                    f"{type(value).__name__}"
+                )
+            continue
+        if not isinstance(value, np.ndarray | np.generic):
+            raise SampleValidationError(
+                f"sample {sample_id!r}, field {f.name!r}: expected a numpy array, got "
+                f"{type(value).__name__}"
+            )
+        if value.shape != f.shape or value.dtype != np.dtype(f.dtype):
+            raise SampleValidationError(
+                f"sample {sample_id!r}, field {f.name!r}: got shape {value.shape} dtype "
+                f"{value.dtype}, expected shape {f.shape} dtype {f.dtype}"
+            )
+
+
+class StoreWriter:
+    """Append samples to a store opened for writing; use as a context manager.
+
+    Resuming: slots after the last committed sample are reused (they hold data of a flush that a
+    crash interrupted) and ids already committed are refused, so re-running an ingest fills
+    exactly what is missing.
+    """
+
+    def __init__(self, store: Store, flush_every: int | None = None) -> None:
+        if store.read_only:
+            raise ValueError(f"{store.path}: opened read-only; open it with mode 'r+'")
+        self.store = store
+        self.fields = store.schema.fields
+        self.flush_every = flush_every or (
+            store.layout.shard_size if store.layout.sharded else DEFAULT_RAW_FLUSH
+        )
+        committed = store.committed_mask()
+        ids = store.sample_ids()
+        self.committed_ids: set[str] = {str(s) for s in ids[committed]}
+        self.position = int(np.flatnonzero(committed)[-1]) + 1 if committed.any() else 0
+        self._buffer: list[tuple[str, Mapping[str, Any]]] = []
+        self._buffered_ids: set[str] = set()
+        self._arrays = {f.name: store.array(f.name) for f in self.fields}
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Samples already buffered are complete and valid: keep them even when the caller failed
+        # (a bad input sample must not lose the good ones before it). A failing flush is not
+        # retried: the store stays consistent and the next run resumes.
+        if not isinstance(exc, OSError):
+            self.flush()
+
+    def __contains__(self, sample_id: str) -> bool:
+        return sample_id in self.committed_ids or sample_id in self._buffered_ids
+
+    def append(self, sample_id: str, values: Mapping[str, Any]) -> None:
+        """Queue one sample; it is written and committed at the next flush."""
+        if sample_id in self:
+            raise DuplicateSampleError(f"{self.store.path}: sample {sample_id!r} is already stored")
+        validate_sample(self.fields, sample_id, values)
+        self._buffer.append((sample_id, values))
+        self._buffered_ids.add(sample_id)
+        if (self.position + len(self._buffer)) % self.flush_every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered samples, make them durable, then mark them committed."""
+        if not self._buffer:
+            return
+        start, stop = self.position, self.position + len(self._buffer)
+        ids = [sample_id for sample_id, _ in self._buffer]
+        if stop > len(self.store):
+            for array in (*self._arrays.values(), self.store.array(SAMPLE_ARRAY),
+                          self.store.array(COMMITTED_ARRAY)):
+                array.resize((stop, *array.shape[1:]))
+        for f in self.fields:
+            column = [values[f.name] for _, values in self._buffer]
+            data = np.array(column, dtype=f.numpy_dtype) if f.is_string else np.stack(column)
+            self._arrays[f.name][start:stop] = data
+        self.store.array(SAMPLE_ARRAY)[start:stop] = np.array(ids, dtype=SAMPLE_FIELD.numpy_dtype)
+        self._sync(start, stop)
+        self.store.array(COMMITTED_ARRAY)[start:stop] = True
+        self._sync_field(COMMITTED_FIELD, start, stop)
+        self.committed_ids.update(ids)
+        self._buffer.clear()
+        self._buffered_ids.clear()
+        self.position = stop
+
+    def _sync(self, start: int, stop: int) -> None:
+        for f in (*self.fields, SAMPLE_FIELD):
+            self._sync_field(f, start, stop)
+        fsync_path(self.store.path)
+
+    def _sync_field(self, f: Field, start: int, stop: int) -> None:
+        per_file = self.store.layout.samples_per_file(f)
+        array_dir = self.store.path / f.name
+        directories = set()
+        for index in range(start // per_file, (stop - 1) // per_file + 1):
+            path = chunk_file(array_dir, index, 1 + len(f.shape))
+            fsync_path(path)
+            directories.add(path.parent)
+        for directory in directories:
+            fsync_path(directory)
+        fsync_path(array_dir / "zarr.json")

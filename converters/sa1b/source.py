@@ -1,0 +1,97 @@
+"""The ``sa1b`` source: SA-1B TAR shards -> ``sa1b`` samples (``arraystore ingest sa1b``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from arraystore.errors import SampleError, SourceError
+from arraystore.schema import Schema
+from arraystore.sources import Record, Source, SourceOption, SourceUnit
+from converters.sa1b.derive import derive_fields
+from converters.sa1b.fields import DEFAULT_MAX_BOXES, KIND, sa1b_schema
+from converters.sa1b.members import decode_jpeg, load_features, parse_annotations
+from converters.sa1b.tar_shard import read_groups
+
+TAR_PATTERNS = ("*.tar", "*.tar.gz", "*.tgz")
+
+
+def expand_inputs(
+    inputs: Sequence[str | os.PathLike[str]], patterns: tuple[str, ...]
+) -> list[Path]:
+    """Files named on the command line, and the files matching ``patterns`` in named folders."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted({p for pattern in patterns for p in path.glob(pattern)})
+            if not found:
+                raise SourceError(str(path), f"folder holds no files matching {patterns}")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise SourceError(str(path), "no such file or folder")
+    return paths
+
+
+class Sa1bTarSource(Source):
+    """SA-1B shards: ``<key>.jpg`` + ``<key>.json`` [+ ``<key>_features.npz``] per sample."""
+
+    name = "sa1b"
+    kind = KIND
+    options = (
+        SourceOption("max_boxes", int, DEFAULT_MAX_BOXES,
+                     "boxes and masks kept per sample, largest annotation area first"),
+    )
+
+    @property
+    def max_boxes(self) -> int:
+        return int(self.settings["max_boxes"])
+
+    def units(self, inputs: Sequence[str | os.PathLike[str]]) -> list[SourceUnit]:
+        return [SourceUnit(p, p.stat().st_size) for p in expand_inputs(inputs, TAR_PATTERNS)]
+
+    def schema(self, units: Sequence[SourceUnit]) -> Schema:
+        return sa1b_schema(self.max_boxes)
+
+    def records(self, unit: SourceUnit) -> Iterator[Record | SampleError]:
+        for group in read_groups(unit):
+            where = f"{unit.path}:{group.key}"
+            if group.problems:
+                yield SampleError(where, group.sample_id, "; ".join(group.problems))
+                continue
+            missing = [role for role in ("jpg", "json") if role not in group.members]
+            if missing:
+                present = ", ".join(name for name, _ in group.members.values())
+                yield SampleError(where, group.sample_id,
+                                  f"{' and '.join(m.upper() for m in missing)} member missing "
+                                  f"(found only: {present}); a sample needs {group.key}.jpg and "
+                                  f"{group.key}.json")
+                continue
+            payload = {role: data for role, (_, data) in group.members.items()}
+            payload["where"] = {role: f"{unit.path}:{name}"
+                                for role, (name, _) in group.members.items()}
+            yield Record(group.sample_id, where, payload, unit.bytes_read)
+
+    def derive(self, record: Record) -> dict[str, Any]:
+        payload, where, sid = record.payload, record.payload["where"], record.sample_id
+        rgb = decode_jpeg(payload["jpg"], where["jpg"], sid)
+        height, width = rgb.shape[:2]
+        annotations = parse_annotations(payload["json"], where["json"], sid, height, width)
+        fields = derive_fields(rgb, annotations, self.max_boxes)
+        if "npz" in payload:
+            p4, p5, flag = load_features(payload["npz"], where["npz"], sid)
+        else:
+            p4, p5, flag = (np.zeros((256, 64, 64), np.float32),
+                            np.zeros((256, 32, 32), np.float32), 0)
+        fields.update(P4_S16=p4, P5_S32=p5, feature_flag=np.uint8(flag), image_id=sid)
+        return fields
+
+    def prepare_worker(self) -> None:
+        cv2.setNumThreads(1)  # one process per core already; OpenCV threads would oversubscribe

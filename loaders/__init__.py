@@ -1,0 +1,28 @@
+"""torch Datasets over arraystore stores that return exactly the dicts existing training code
+expects (SEEDS.md 000), plus the reference reader of the raw ``.bin`` format.
+
+Names are imported lazily so that ``loaders.bin_format`` (NumPy only) can be used without
+importing torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "ZarrDistillDataset": "loaders.zarr_dataset",
+    "BinaryDistillDataset": "loaders.binary_dataset",
+    "DISTILL_FIELDS": "loaders.distill_item",
+    "distill_item": "loaders.distill_item",
+    "collate_distill": "loaders.distill_item",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'loaders' has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

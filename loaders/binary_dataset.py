@@ -1,0 +1,84 @@
+"""``BinaryDistillDataset``: the reference reader of SEEDS.md 000's raw ``.bin`` format.
+
+Kept beside the Zarr dataset so tests can compare items and benchmarks can compare speed. Like
+the original, each process opens its own file handles (lazily, reopened after a fork) and reads
+sample ``i`` at ``i * item_size`` -- here with ``os.pread`` straight into the output arrays, and
+only the parts the item needs, which makes it a strong baseline.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from loaders.bin_format import (
+    BinFile,
+    BinFormatError,
+    bin_files,
+    check_sizes,
+    max_boxes_of,
+    read_config,
+    read_keys,
+)
+from loaders.distill_item import DISTILL_FIELDS, distill_item
+
+
+class BinaryDistillDataset(Dataset):
+    """Items of a ``.bin`` dataset folder as the dicts of SEEDS.md 000."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.config = read_config(self.root)
+        self.keys = read_keys(self.root)
+        self.files: tuple[BinFile, ...] = bin_files(max_boxes_of(self.config))
+        check_sizes(self.root, self.files, len(self.keys))
+        self._parts = [
+            (spec, part, spec.offset_of(part.field))
+            for spec in self.files for part in spec.parts if part.field in DISTILL_FIELDS
+        ]
+        self._fds: dict[str, int] = {}
+        self._pid = -1
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fds": {}, "_pid": -1}
+
+    def __del__(self) -> None:
+        if getattr(self, "_pid", -1) == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _fd(self, name: str) -> int:
+        if self._pid != os.getpid():
+            self._fds, self._pid = {}, os.getpid()
+        if name not in self._fds:
+            self._fds[name] = os.open(self.root / name, os.O_RDONLY)
+        return self._fds[name]
+
+    def read_fields(self, index: int) -> dict[str, np.ndarray]:
+        """The raw field values of sample ``index`` (P4 without its leading axis of 1)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        values: dict[str, np.ndarray] = {}
+        for spec, part, offset in self._parts:
+            out = np.empty(part.shape, part.dtype)
+            got = os.preadv(self._fd(spec.name), [memoryview(out.reshape(-1).view(np.uint8))],
+                            index * spec.item_size + offset)
+            if got != part.nbytes:
+                raise BinFormatError(f"Failed to read {part.field} at index {index}: expected "
+                                     f"{part.nbytes} bytes, got {got}")
+            values[part.field] = out
+        values["P4_S16"] = values["P4_S16"][0]
+        k = values["bboxes"].shape[0]
+        values["box_annotation_ids"] = np.full((k,), -1, np.int64)  # not in the .bin format
+        values["box_areas"] = np.full((k,), -1.0, np.float64)
+        return values
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return distill_item(self.read_fields(index), self.keys[index])

@@ -1,0 +1,50 @@
+"""``ZarrDistillDataset``: the drop-in replacement of ``BinaryDistillDataset`` over an ``sa1b``
+store.
+
+Map-style and picklable: it holds the path, the backend name and the committed index; readers
+open lazily in the process that reads (DataLoader workers under fork, spawn or forkserver). Only
+committed samples exist for it, and only the fields the item needs are read.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from arraystore.errors import IncompatibleStoreError
+from arraystore.reader import SampleReader
+from loaders.distill_item import DISTILL_FIELDS, distill_item
+
+SA1B_KIND = "sa1b"
+
+
+class ZarrDistillDataset(Dataset):
+    """Items of an ``sa1b`` store as the dicts of SEEDS.md 000.
+
+    ``backend``: ``auto`` (direct ``pread`` for uncompressed layouts, TensorStore for compressed
+    ones), ``direct``, ``tensorstore`` or ``zarr``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], backend: str = "auto") -> None:
+        self.reader = SampleReader(path, backend=backend, fields=DISTILL_FIELDS)
+        if self.reader.kind != SA1B_KIND:
+            raise IncompatibleStoreError(
+                f"{path} holds kind {self.reader.kind!r}; ZarrDistillDataset reads {SA1B_KIND!r} "
+                f"stores (use arraystore.SampleReader for other kinds)"
+            )
+
+    @property
+    def path(self) -> str:
+        return str(self.reader.path)
+
+    @property
+    def backend(self) -> str:
+        return self.reader.backend
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return distill_item(self.reader.read(index), self.reader.sample_ids[index])
