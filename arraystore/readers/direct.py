@@ -16,8 +16,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
 import numpy as np
+from crc32c import crc32c
 
 from arraystore.errors import ChecksumMismatchError, StoreFormatError
 from arraystore.keys import chunk_file
@@ -35,7 +35,7 @@ def _codec_names(codecs: list[dict[str, Any]]) -> list[str]:
 
 
 def _check_crc(data: memoryview, stored: bytes, field: str, sample: int, path: Path) -> None:
-    if google_crc32c.value(data) != int.from_bytes(stored, "little"):
+    if crc32c(data) != int.from_bytes(stored, "little"):
         raise ChecksumMismatchError(
             f"crc32c mismatch in field {field!r}, sample {sample}, file {path}: the chunk is "
             f"corrupt (run `arraystore verify` on the store, then re-ingest the sample's source)"

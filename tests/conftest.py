@@ -1,0 +1,119 @@
+"""Shared fixtures: seeded SA-1B-style data with known geometry, and the layout/backend matrix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from arraystore import Layout, ingest
+from converters.sa1b.shard_writer import ShardSample, write_shard
+from converters.sa1b.source import Sa1bTarSource
+from loaders.bin_format import CONFIG_FILE, KEYS_FILE, bin_files
+
+LAYOUTS = {
+    "raw": Layout("raw"),
+    "raw+zstd": Layout("raw", compression="zstd"),
+    "raw+crc32c": Layout("raw", checksum=True),
+    "raw+zstd+crc32c": Layout("raw", compression="zstd", checksum=True),
+    "sharded": Layout("sharded", shard_size=4),
+    "sharded+zstd": Layout("sharded", shard_size=4, compression="zstd"),
+    "sharded+crc32c": Layout("sharded", shard_size=4, checksum=True),
+    "sharded+zstd+crc32c": Layout("sharded", shard_size=4, compression="zstd", checksum=True),
+}
+BACKENDS = ("auto", "direct", "tensorstore", "zarr")
+
+
+def rectangle(shape: tuple[int, int], x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    mask = np.zeros(shape, np.uint8)
+    mask[y0:y1, x0:x1] = 1
+    return mask
+
+
+def disk(shape: tuple[int, int], cx: int, cy: int, r: int) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return ((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r).astype(np.uint8)
+
+
+def photo(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A smooth random RGB picture (JPEG-friendly) of the given size."""
+    small = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3)).astype(np.float32)
+    import cv2
+
+    return cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC).clip(0, 255).astype(
+        np.uint8)
+
+
+def known_samples(seed: int = 0) -> list[ShardSample]:
+    """Samples whose masks, edges and areas are known; sizes chosen to exercise both resizes.
+
+    ``big`` (1280x1536) is >= 1024 on both sides and a whole multiple of 256; ``small`` is under
+    1024; ``tall`` is >= 1024 on one side only; ``empty`` has no annotations; ``ties`` has two
+    annotations of equal area; ``big`` carries a features NPZ.
+    """
+    rng = np.random.default_rng(seed)
+    big = (1280, 1536)
+    samples = [
+        ShardSample("big", photo(rng, *big), [
+            rectangle(big, 100, 200, 700, 900),            # area 600*700
+            disk(big, 800, 640, 300),                      # overlaps the rectangle
+            rectangle(big, 1200, 50, 1500, 300),
+        ], features=(rng.normal(size=(256, 64, 64)).astype(np.float32),
+                     rng.normal(size=(256, 32, 32)).astype(np.float32))),
+        ShardSample("small", photo(rng, 480, 640), [disk((480, 640), 320, 240, 100),
+                                                     rectangle((480, 640), 10, 10, 60, 90)]),
+        ShardSample("tall", photo(rng, 1100, 700), [rectangle((1100, 700), 0, 0, 700, 550)]),
+        ShardSample("empty", photo(rng, 512, 512), []),
+        ShardSample("ties", photo(rng, 768, 1024), [
+            rectangle((768, 1024), 0, 0, 100, 100),         # area 10000, first
+            rectangle((768, 1024), 500, 500, 600, 600),     # area 10000, second
+            rectangle((768, 1024), 300, 100, 350, 150),     # area 2500
+        ]),
+    ]
+    return samples
+
+
+@pytest.fixture(scope="session")
+def samples() -> list[ShardSample]:
+    return known_samples()
+
+
+@pytest.fixture(scope="session")
+def shard(tmp_path_factory: pytest.TempPathFactory, samples: list[ShardSample]) -> Path:
+    return write_shard(tmp_path_factory.mktemp("shard") / "shard_00000.tar", samples)
+
+
+@pytest.fixture(scope="session", params=list(LAYOUTS))
+def layout_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                 shard: Path) -> tuple[str, Path]:
+    """The known shard ingested once per layout (session-scoped: stores are read-only after)."""
+    out = tmp_path_factory.mktemp(request.param) / "sa1b.zarr"
+    ingest(Sa1bTarSource(max_boxes=2), [shard], out, layout=LAYOUTS[request.param], workers=1)
+    return request.param, out
+
+
+def write_bin_dataset(root: Path, num_samples: int, seed: int = 0, max_boxes: int = 1,
+                      config: dict | None = None) -> Path:
+    """A random ``.bin`` dataset folder in SEEDS.md 000's format (valid metadata values)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    files = bin_files(max_boxes)
+    with_boxes = rng.integers(0, max_boxes + 1, num_samples)
+    for spec in files:
+        with open(root / spec.name, "wb") as handle:
+            for i in range(num_samples):
+                for part in spec.parts:
+                    if part.field == "metadata":
+                        n = int(with_boxes[i])
+                        value = np.array([n, int(n > 0), 600 + i, 800 + i, 3], "<i4")
+                    elif np.dtype(part.dtype).kind == "f":
+                        value = rng.normal(size=part.shape).astype(part.dtype)
+                    else:
+                        value = rng.integers(0, 256, part.shape).astype(part.dtype)
+                    handle.write(value.tobytes())
+    (root / CONFIG_FILE).write_text(json.dumps(
+        config or {"model_type": "sam2.1_hiera_b+", "total_samples": num_samples}, indent=2))
+    (root / KEYS_FILE).write_text("".join(f"sa_{100 + i}\n" for i in range(num_samples)))
+    return root

@@ -1,0 +1,77 @@
+"""ZarrDistillDataset in a DataLoader with 2 workers, under fork and spawn, for every backend.
+
+TensorStore aborts any ``fork()`` in a process that has used it, and this pytest process reads
+through TensorStore elsewhere; so the fork case runs in a fresh interpreter, as a training
+script's parent would be -- one that has built the dataset and taken ``len()`` but not read.
+"""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from torch.utils.data import DataLoader
+
+from arraystore import Layout, ingest
+from converters.sa1b.source import Sa1bTarSource
+from loaders import ZarrDistillDataset, collate_distill
+
+LOADER_SCRIPT = textwrap.dedent("""
+    import sys
+    from torch.utils.data import DataLoader
+    from loaders import ZarrDistillDataset, collate_distill
+
+    path, backend, context = sys.argv[1:]
+    dataset = ZarrDistillDataset(path, backend=backend)
+    assert len(dataset) == 5
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, multiprocessing_context=context,
+                        collate_fn=collate_distill)
+    seen = []
+    for batch in loader:
+        assert tuple(batch["image"].shape[1:]) == (3, 1024, 1024)
+        assert tuple(batch["teacher_features"].shape[1:]) == (256, 64, 64)
+        seen.extend(batch["image_id"])
+    print(",".join(seen))
+""")
+
+
+@pytest.fixture(scope="module", params=["raw", "sharded+zstd"])
+def store(request, tmp_path_factory, shard):
+    layout = Layout("sharded", shard_size=2, compression="zstd") if request.param != "raw" \
+        else Layout()
+    out = tmp_path_factory.mktemp("dl") / "sa1b.zarr"
+    ingest(Sa1bTarSource(), [shard], out, layout=layout, workers=1)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["auto", "tensorstore", "zarr"])
+def test_dataloader_fork_workers(store, backend: str) -> None:
+    result = subprocess.run([sys.executable, "-c", LOADER_SCRIPT, str(store), backend, "fork"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "big,small,tall,empty,ties"
+
+
+@pytest.mark.parametrize("backend", ["auto", "tensorstore", "zarr"])
+def test_dataloader_spawn_workers(store, backend: str) -> None:
+    dataset = ZarrDistillDataset(store, backend=backend)
+    expected = [dataset[i] for i in range(len(dataset))]  # reading in the parent is fine
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, multiprocessing_context="spawn",
+                        collate_fn=collate_distill)
+    batches = list(loader)
+    images = np.concatenate([b["image"].numpy() for b in batches])
+    np.testing.assert_array_equal(images, np.stack([e["image"].numpy() for e in expected]))
+    assert [i for b in batches for i in b["image_id"]] == [e["image_id"] for e in expected]
+
+
+def test_dataset_pickles_without_handles(store) -> None:
+    dataset = ZarrDistillDataset(store)
+    first = dataset[0]
+    clone = pickle.loads(pickle.dumps(dataset))
+    assert clone.reader._readers == {}
+    np.testing.assert_array_equal(clone[0]["image"], first["image"])
+    assert len(pickle.dumps(dataset)) < 10_000
