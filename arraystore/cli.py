@@ -26,7 +26,7 @@ from arraystore.layout import COMPRESSIONS, LAYOUT_NAMES, Layout
 from arraystore.plugins import EXPORTERS_GROUP, SOURCES_GROUP, load_plugin, plugin_names
 from arraystore.sources import Source
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error is one line, greppable in logs
 out = Console(width=None if sys.stdout.isatty() else 132)  # tables stay readable in logs
 
 

@@ -63,6 +63,8 @@ class Sa1bTarSource(Source):
     def records(self, unit: SourceUnit) -> Iterator[Record | SampleError]:
         for group in read_groups(unit):
             where = f"{unit.path}:{group.key}"
+            if not group.members and not group.problems:
+                continue  # only members of other kinds (a README.txt): not a sample
             if group.problems:
                 yield SampleError(where, group.sample_id, "; ".join(group.problems))
                 continue

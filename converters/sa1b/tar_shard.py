@@ -68,11 +68,15 @@ def read_groups(unit: SourceUnit) -> Iterator[MemberGroup | SampleError]:
     Raises :class:`SourceError` for an archive that cannot be read on (truncated, not a TAR).
     """
     label = str(unit.path)
+    last: MemberGroup | SampleError | None = None  # held back until the archive proves whole
     with open(unit.path, "rb") as raw:
         reader = HashingReader(raw, unit)
         try:
             archive = tarfile.open(fileobj=reader, mode="r|*")  # noqa: SIM115 (closed with raw)
-            yield from _groups(archive, label)
+            for group in _groups(archive, label):
+                if last is not None:
+                    yield last
+                last = group
         except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
             raise SourceError(label, f"unreadable TAR after {reader.bytes_read} bytes: "
                                      f"{type(exc).__name__}: {exc}") from exc
@@ -83,6 +87,8 @@ def read_groups(unit: SourceUnit) -> Iterator[MemberGroup | SampleError]:
         raise SourceError(label, f"truncated: the archive ends after {reader.bytes_read} bytes "
                                  f"without its end-of-archive marker (expected at byte "
                                  f"{archive.offset})")
+    if last is not None:
+        yield last
 
 
 def _groups(archive: tarfile.TarFile, label: str) -> Iterator[MemberGroup | SampleError]:

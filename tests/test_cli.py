@@ -1,0 +1,52 @@
+"""The command line end to end: ingest, info, export; errors as one message, exit status 1."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+from conftest import write_bin_dataset
+
+from arraystore.cli import cli
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_ingest_info_export(tmp_path, shard) -> None:
+    out = tmp_path / "s.zarr"
+    result = run("ingest", "sa1b", str(shard), "--out", str(out), "--layout", "sharded",
+                 "--shard-size", "2", "--checksum", "--max-boxes", "2", "--workers", "2")
+    assert result.exit_code == 0, result.output
+    assert "5 samples ingested" in result.output
+    result = run("info", str(out))
+    assert result.exit_code == 0
+    assert "sa1b" in result.output and "sharded+crc32c" in result.output
+    assert "5 committed of 5" in result.output and "image" in result.output
+    summary = json.loads(run("info", str(out), "--json").output)
+    assert summary["committed"] == 5 and summary["layout"]["shard_size"] == 2
+    image = next(a for a in summary["arrays"] if a["name"] == "image")
+    assert image["files"] == 1 + 3  # zarr.json + ceil(5 / 2) shards
+    result = run("export", "bin", str(out), str(tmp_path / "bin"))
+    assert result.exit_code == 0 and (tmp_path / "bin" / "images.bin").stat().st_size == 5 * 3145728
+    assert run("export", "bin", str(out), str(tmp_path / "bin")).exit_code == 1  # exists
+
+
+def test_ingest_bin_and_npz_commands(tmp_path) -> None:
+    original = write_bin_dataset(tmp_path / "bin", 3)
+    result = run("ingest", "bin", str(original), "--out", str(tmp_path / "b.zarr"))
+    assert result.exit_code == 0, result.output
+    assert "3 samples ingested" in result.output
+
+
+def test_errors_are_one_line_without_traceback(tmp_path, shard) -> None:
+    result = run("ingest", "sa1b", str(tmp_path / "missing.tar"), "--out", str(tmp_path / "s"))
+    assert result.exit_code == 1 and "no such file" in result.output
+    assert "Traceback" not in result.output
+    result = run("info", str(tmp_path))
+    assert result.exit_code == 1 and "not an arraystore store" in result.output
+    result = run("ingest", "bin", str(tmp_path), "--out", str(tmp_path / "b.zarr"))
+    assert result.exit_code == 1 and "Config not found at" in result.output
+    result = run("ingest", "nosuch", "x", "--out", "y")
+    assert result.exit_code == 2 and "No such command" in result.output

@@ -1,0 +1,118 @@
+"""Store creation modes, append checks, resume, and the writer's validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from arraystore import Field, Layout, SampleReader, Schema, Store, StoreWriter, ingest
+from arraystore.errors import (
+    DuplicateSampleError,
+    IncompatibleStoreError,
+    NotAStoreError,
+    SampleValidationError,
+    SchemaError,
+    StoreExistsError,
+)
+from arraystore.store import open_for_writing
+from converters.sa1b.source import Sa1bTarSource
+
+TOY = Schema("toy", (Field("x", (2, 3), "float32", ("a2", "b3")),
+                     Field("flag", (), "uint8", (), "block"),
+                     Field("name", (), "str", (), "block")))
+
+
+def toy_sample(i: int) -> dict:
+    return {"x": np.full((2, 3), i, np.float32), "flag": np.uint8(i % 2), "name": f"n{i}"}
+
+
+def test_schema_round_trips_and_validates() -> None:
+    assert Schema.from_json(TOY.to_json()) == TOY
+    with pytest.raises(SchemaError, match="reserved"):
+        Schema("k", (Field("committed", (), "uint8", ()),))
+    with pytest.raises(SchemaError, match="dimension names"):
+        Field("x", (2, 3), "float32", ("a",))
+    with pytest.raises(SchemaError, match="size"):
+        Schema("k", (Field("a", (2,), "uint8", ("n",)), Field("b", (3,), "uint8", ("n",))))
+    with pytest.raises(SchemaError, match="not supported"):
+        Field("c", (2,), "complex64", ("n",))
+
+
+def test_writer_commits_and_validates(tmp_path) -> None:
+    store = Store.create(tmp_path / "t.zarr", TOY, Layout("sharded", shard_size=4))
+    with StoreWriter(store) as writer:
+        for i in range(6):
+            writer.append(f"s{i}", toy_sample(i))
+        with pytest.raises(DuplicateSampleError):
+            writer.append("s1", toy_sample(1))
+        with pytest.raises(SampleValidationError, match=r"'x'.*float64"):
+            writer.append("bad", {**toy_sample(0), "x": np.zeros((2, 3))})
+        with pytest.raises(SampleValidationError, match="missing"):
+            writer.append("bad", {"x": np.zeros((2, 3), np.float32)})
+    reader = SampleReader(tmp_path / "t.zarr")
+    assert len(reader) == 6 and reader.sample_ids == [f"s{i}" for i in range(6)]
+    assert reader.read(5)["name"] == "n5" and reader.read(5)["x"][0, 0] == 5
+
+
+def test_modes(tmp_path, shard) -> None:
+    out = tmp_path / "s.zarr"
+    ingest(Sa1bTarSource(), [shard], out, workers=1)
+    with pytest.raises(StoreExistsError) as caught:
+        ingest(Sa1bTarSource(), [shard], out, mode="create", workers=1)
+    assert isinstance(caught.value, FileExistsError)
+    with pytest.raises(IncompatibleStoreError, match="max-boxes"):
+        ingest(Sa1bTarSource(max_boxes=3), [shard], out, workers=1)
+    with pytest.raises(IncompatibleStoreError, match="layout"):
+        ingest(Sa1bTarSource(), [shard], out, layout=Layout("sharded"), workers=1)
+    with pytest.raises(IncompatibleStoreError, match="kind"):
+        open_for_writing(out, TOY, None)
+    report = ingest(Sa1bTarSource(), [shard], out, mode="overwrite", workers=1)
+    assert report.ingested == 5
+
+
+def test_overwrite_never_deletes_what_is_not_a_store(tmp_path, shard) -> None:
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(NotAStoreError):
+        ingest(Sa1bTarSource(), [shard], precious, mode="overwrite", workers=1)
+    with pytest.raises(NotAStoreError):
+        ingest(Sa1bTarSource(), [shard], precious, workers=1)
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_rerun_skips_ingested_inputs_and_resume_fills_the_rest(tmp_path, shard) -> None:
+    full = tmp_path / "full.zarr"
+    ingest(Sa1bTarSource(), [shard], full, workers=1)
+    again = ingest(Sa1bTarSource(), [shard], full, workers=1)
+    assert again.ingested == 0 and again.units_already_done == [str(shard)]
+
+    # a run interrupted after 3 samples: their commit done, the input not recorded as finished
+    partial = tmp_path / "partial.zarr"
+    ingest(Sa1bTarSource(), [shard], partial, workers=1)
+    store = Store.open(partial, mode="r+")
+    store.array("committed")[3:] = False
+    store.provenance["sources"] = []
+    store.save_meta()
+    resumed = ingest(Sa1bTarSource(), [shard], partial, workers=2)
+    assert (resumed.already_stored, resumed.ingested) == (3, 2)
+    a, b = SampleReader(full), SampleReader(partial)
+    assert a.sample_ids == b.sample_ids
+    for i in range(len(a)):
+        for name, value in a.read(i).items():
+            np.testing.assert_array_equal(b.read(i)[name], value)
+    assert len(Store.open(partial).provenance["sources"]) == 1
+
+
+def test_appending_a_second_shard(tmp_path, samples) -> None:
+    from converters.sa1b.shard_writer import write_shard
+
+    first = write_shard(tmp_path / "a.tar", samples[:2])
+    second = write_shard(tmp_path / "b.tar", samples[2:])
+    out = tmp_path / "s.zarr"
+    ingest(Sa1bTarSource(), [first], out, workers=1, layout=Layout("sharded", shard_size=4))
+    ingest(Sa1bTarSource(), [second], out, workers=1)
+    assert SampleReader(out).sample_ids == [s.key for s in samples]
+    sources = Store.open(out).provenance["sources"]
+    assert [s["path"] for s in sources] == [str(first.resolve()), str(second.resolve())]
+    assert all(len(s["sha256"]) == 64 and s["size"] > 0 for s in sources)
