@@ -42,6 +42,11 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+def _vacant(path: Path) -> bool:
+    """Nothing there, or an empty directory (which a user may have made for the store)."""
+    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+
 def is_store(path: str | Path) -> bool:
     """Whether ``path`` is the root of an arraystore store."""
     try:
@@ -128,7 +133,7 @@ class Store:
     ) -> Store:
         """Create an empty store (zero samples). ``overwrite`` replaces an existing *store* only."""
         path = Path(path)
-        if path.exists():
+        if not _vacant(path):
             if not overwrite:
                 raise StoreExistsError(
                     f"{path} already exists; use mode 'append' to add to it or 'overwrite' "
@@ -136,6 +141,8 @@ class Store:
                 )
             _read_meta(path)  # refuses to delete anything that is not a store
             shutil.rmtree(path)
+        elif path.exists():
+            path.rmdir()
         meta: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "initialized": False,
@@ -226,7 +233,7 @@ def open_for_writing(
     path = Path(path)
     if mode not in WRITE_MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {WRITE_MODES}")
-    if mode == "overwrite" or not path.exists():
+    if mode == "overwrite" or _vacant(path):
         return Store.create(path, schema, layout or Layout(), overwrite=True,
                             extra_attrs=extra_attrs)
     if mode == "create":

@@ -79,6 +79,9 @@ def test_overwrite_never_deletes_what_is_not_a_store(tmp_path, shard) -> None:
     with pytest.raises(NotAStoreError):
         ingest(Sa1bTarSource(), [shard], precious, workers=1)
     assert (precious / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "made_by_hand").mkdir()  # an empty folder is a fine place for a new store
+    assert ingest(Sa1bTarSource(), [shard], tmp_path / "made_by_hand", workers=1,
+                  mode="create").ingested == 5
 
 
 def test_rerun_skips_ingested_inputs_and_resume_fills_the_rest(tmp_path, shard) -> None:
