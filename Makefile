@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export SAM2_BUILD_CUDA := 0
 
-.PHONY: setup setup-test demo test clean
+.PHONY: setup setup-test demo test bench clean
 
 $(VENV)/.setup: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -30,6 +30,9 @@ demo: setup
 test: setup-test
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+bench: setup-test
+	$(PY) -m benchmarks.run
 
 clean:
 	rm -rf demo .pytest_cache

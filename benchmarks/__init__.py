@@ -1,0 +1,1 @@
+"""Benchmarks: ratios measured within one run, interleaved; see ``python -m benchmarks.run -h``."""
