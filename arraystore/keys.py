@@ -13,7 +13,18 @@ from pathlib import Path
 def chunk_file(array_dir: Path, sample_chunk: int, rank: int) -> Path:
     """Path of the chunk (or shard) at index ``sample_chunk`` along ``sample`` of a rank-``rank``
     array whose other dimensions are one chunk each."""
-    return array_dir.joinpath("c", str(sample_chunk), *("0" for _ in range(rank - 1)))
+    return Path(ChunkPaths(array_dir, rank).path(sample_chunk))
+
+
+class ChunkPaths:
+    """Chunk paths of one array as plain strings, built without pathlib (a hot path of reads)."""
+
+    def __init__(self, array_dir: Path, rank: int) -> None:
+        self._prefix = os.path.join(os.fspath(array_dir), "c", "")
+        self._suffix = "/0" * (rank - 1)
+
+    def path(self, sample_chunk: int) -> str:
+        return f"{self._prefix}{sample_chunk}{self._suffix}"
 
 
 def fsync_path(path: Path) -> None:

@@ -14,6 +14,8 @@ _EXPORTS = {
     "ZarrDistillDataset": "loaders.zarr_dataset",
     "BinaryDistillDataset": "loaders.binary_dataset",
     "DISTILL_FIELDS": "loaders.distill_item",
+    "ALL_KEYS": "loaders.distill_item",
+    "dataloader_kwargs": "loaders.dataloader",
     "distill_item": "loaders.distill_item",
     "collate_distill": "loaders.distill_item",
 }

@@ -1,62 +1,95 @@
 """The item dict of ``BinaryDistillDataset`` (SEEDS.md 000), built from ``sa1b`` field values.
 
 Both the Zarr dataset and the reference ``.bin`` reader build their items here, so they cannot
-drift apart. Keys, dtypes and shapes are the contract the training code depends on.
+drift apart. Keys, dtypes and shapes are the contract the training code depends on. Each key is
+built from the store fields listed beside it, so a caller asking for some keys reads only those
+fields.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-# The store fields an item needs: P5, the other map sizes and the flags are not read.
-DISTILL_FIELDS: tuple[str, ...] = (
-    "image", "P4_S16", "edge_256x256", "edge_64x64", "fg_map_64", "bg_map_64",
-    "bboxes", "masks", "metadata", "box_annotation_ids", "box_areas",
-)
+Values = Mapping[str, np.ndarray]
 
 
-def distill_item(values: Mapping[str, np.ndarray], image_id: str) -> dict[str, Any]:
-    """The training dict of one sample from its field values (arrays as the store holds them)."""
-    metadata = values["metadata"]
-    n, has_bbox = int(metadata[0]), int(metadata[1])
-    ids, areas = values["box_annotation_ids"], values["box_areas"]
-    return {
-        "image": torch.from_numpy(values["image"]).permute(2, 0, 1),
-        "teacher_features": torch.from_numpy(values["P4_S16"]),
-        "edge_256x256": torch.from_numpy(values["edge_256x256"]).float(),
-        "fg_map": torch.from_numpy(values["fg_map_64"]).unsqueeze(0),
-        "bg_map": torch.from_numpy(values["bg_map_64"]).unsqueeze(0),
-        "edge_map": torch.from_numpy(values["edge_64x64"]).float().unsqueeze(0),
-        "box_prompts_xyxy": torch.from_numpy(values["bboxes"][:n]),
-        "box_prompts_masks_orig": torch.from_numpy(values["masks"][:n]).float(),
-        "box_prompts_count": n,
-        "box_prompts_flag": has_bbox,
-        "box_prompts_meta": [
-            {"annotation_id": int(ids[i]), "area": float(areas[i])} for i in range(n)
-        ],
-        "geometry_color_flag": 0,
-        "has_bbox": bool(has_bbox),
-        "num_bboxes": n,
-        "image_shape": np.array(metadata[2:5], dtype=np.int32),
-        "image_id": image_id,
-    }
+def _count(v: Values) -> int:
+    return int(v["metadata"][0])
+
+
+def _box_meta(v: Values) -> list[dict[str, Any]]:
+    ids, areas = v["box_annotation_ids"], v["box_areas"]
+    return [{"annotation_id": int(ids[i]), "area": float(areas[i])} for i in range(_count(v))]
+
+
+# item key -> (store fields it needs, how it is built from them)
+ITEM_KEYS: dict[str, tuple[tuple[str, ...], Callable[[Values], Any]]] = {
+    "image": (("image",), lambda v: torch.from_numpy(v["image"]).permute(2, 0, 1)),
+    "teacher_features": (("P4_S16",), lambda v: torch.from_numpy(v["P4_S16"])),
+    "edge_256x256": (("edge_256x256",), lambda v: torch.from_numpy(v["edge_256x256"]).float()),
+    "fg_map": (("fg_map_64",), lambda v: torch.from_numpy(v["fg_map_64"]).unsqueeze(0)),
+    "bg_map": (("bg_map_64",), lambda v: torch.from_numpy(v["bg_map_64"]).unsqueeze(0)),
+    "edge_map": (("edge_64x64",),
+                 lambda v: torch.from_numpy(v["edge_64x64"]).float().unsqueeze(0)),
+    "box_prompts_xyxy": (("bboxes", "metadata"),
+                         lambda v: torch.from_numpy(v["bboxes"][: _count(v)])),
+    "box_prompts_masks_orig": (("masks", "metadata"),
+                               lambda v: torch.from_numpy(v["masks"][: _count(v)]).float()),
+    "box_prompts_count": (("metadata",), _count),
+    "box_prompts_flag": (("metadata",), lambda v: int(v["metadata"][1])),
+    "box_prompts_meta": (("metadata", "box_annotation_ids", "box_areas"), _box_meta),
+    "geometry_color_flag": ((), lambda v: 0),
+    "has_bbox": (("metadata",), lambda v: bool(v["metadata"][1])),
+    "num_bboxes": (("metadata",), _count),
+    "image_shape": (("metadata",), lambda v: np.array(v["metadata"][2:5], dtype=np.int32)),
+}
+ALL_KEYS: tuple[str, ...] = (*ITEM_KEYS, "image_id")
+
+
+def fields_for(keys: Iterable[str]) -> tuple[str, ...]:
+    """The store fields the item keys ``keys`` are built from, in a stable order."""
+    unknown = sorted(set(keys) - set(ALL_KEYS))
+    if unknown:
+        raise KeyError(f"unknown item keys {unknown}; the item has {list(ALL_KEYS)}")
+    wanted = set(keys)
+    ordered: list[str] = []
+    for key, (fields, _) in ITEM_KEYS.items():
+        if key in wanted:
+            ordered.extend(f for f in fields if f not in ordered)
+    return tuple(ordered)
+
+
+DISTILL_FIELDS: tuple[str, ...] = fields_for(ALL_KEYS)
+
+
+def distill_item(values: Values, image_id: str, keys: Sequence[str] = ALL_KEYS) -> dict[str, Any]:
+    """The training dict of one sample (or its ``keys`` only) from the stored field values."""
+    item = {key: ITEM_KEYS[key][1](values) for key in keys if key in ITEM_KEYS}
+    if "image_id" in keys:
+        item["image_id"] = image_id
+    return item
 
 
 _STACKED = ("image", "teacher_features", "edge_256x256", "fg_map", "bg_map", "edge_map")
+_LISTED = ("box_prompts_xyxy", "box_prompts_masks_orig", "box_prompts_meta", "image_id")
+_COUNTS = ("box_prompts_count", "box_prompts_flag", "geometry_color_flag", "num_bboxes")
 
 
 def collate_distill(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Batch items: fixed-shape tensors stacked, per-item boxes, masks and meta kept as lists
     (their first dimension varies with the number of boxes), scalars as tensors."""
-    batch: dict[str, Any] = {key: torch.stack([item[key] for item in items]) for key in _STACKED}
-    for key in ("box_prompts_xyxy", "box_prompts_masks_orig", "box_prompts_meta", "image_id"):
-        batch[key] = [item[key] for item in items]
-    for key in ("box_prompts_count", "box_prompts_flag", "geometry_color_flag", "num_bboxes"):
-        batch[key] = torch.tensor([item[key] for item in items], dtype=torch.int64)
-    batch["has_bbox"] = torch.tensor([item["has_bbox"] for item in items], dtype=torch.bool)
-    batch["image_shape"] = torch.from_numpy(np.stack([item["image_shape"] for item in items]))
+    present = items[0].keys()
+    batch: dict[str, Any] = {k: torch.stack([i[k] for i in items]) for k in _STACKED
+                             if k in present}
+    batch.update({k: [i[k] for i in items] for k in _LISTED if k in present})
+    batch.update({k: torch.tensor([i[k] for i in items], dtype=torch.int64) for k in _COUNTS
+                  if k in present})
+    if "has_bbox" in present:
+        batch["has_bbox"] = torch.tensor([i["has_bbox"] for i in items], dtype=torch.bool)
+    if "image_shape" in present:
+        batch["image_shape"] = torch.from_numpy(np.stack([i["image_shape"] for i in items]))
     return batch

@@ -9,13 +9,14 @@ committed samples exist for it, and only the fields the item needs are read.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from torch.utils.data import Dataset
 
 from arraystore.errors import IncompatibleStoreError
 from arraystore.reader import SampleReader
-from loaders.distill_item import DISTILL_FIELDS, distill_item
+from loaders.distill_item import ALL_KEYS, distill_item, fields_for
 
 SA1B_KIND = "sa1b"
 
@@ -24,11 +25,16 @@ class ZarrDistillDataset(Dataset):
     """Items of an ``sa1b`` store as the dicts of SEEDS.md 000.
 
     ``backend``: ``auto`` (direct ``pread`` for uncompressed layouts, TensorStore for compressed
-    ones), ``direct``, ``tensorstore`` or ``zarr``.
+    ones), ``direct``, ``tensorstore`` or ``zarr``. ``keys``: the item keys to return (default:
+    all of them); only the store fields those keys need are read.
     """
 
-    def __init__(self, path: str | os.PathLike[str], backend: str = "auto") -> None:
-        self.reader = SampleReader(path, backend=backend, fields=DISTILL_FIELDS)
+    def __init__(
+        self, path: str | os.PathLike[str], backend: str = "auto",
+        keys: Sequence[str] = ALL_KEYS,
+    ) -> None:
+        self.keys = tuple(keys)
+        self.reader = SampleReader(path, backend=backend, fields=fields_for(self.keys))
         if self.reader.kind != SA1B_KIND:
             raise IncompatibleStoreError(
                 f"{path} holds kind {self.reader.kind!r}; ZarrDistillDataset reads {SA1B_KIND!r} "
@@ -47,4 +53,4 @@ class ZarrDistillDataset(Dataset):
         return len(self.reader)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return distill_item(self.reader.read(index), self.reader.sample_ids[index])
+        return distill_item(self.reader.read(index), self.reader.sample_ids[index], self.keys)

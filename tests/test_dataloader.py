@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 
 from arraystore import Layout, ingest
 from converters.sa1b.source import Sa1bTarSource
-from loaders import ZarrDistillDataset, collate_distill
+from loaders import ZarrDistillDataset, collate_distill, dataloader_kwargs
+from loaders.dataloader import resolve_workers
 
 LOADER_SCRIPT = textwrap.dedent("""
     import sys
@@ -56,11 +57,12 @@ def test_dataloader_fork_workers(store, backend: str) -> None:
     assert result.stdout.strip() == "big,small,tall,empty,ties"
 
 
+@pytest.mark.parametrize("context", ["spawn", "forkserver"])
 @pytest.mark.parametrize("backend", ["auto", "tensorstore", "zarr"])
-def test_dataloader_spawn_workers(store, backend: str) -> None:
+def test_dataloader_spawn_and_forkserver_workers(store, backend: str, context: str) -> None:
     dataset = ZarrDistillDataset(store, backend=backend)
     expected = [dataset[i] for i in range(len(dataset))]  # reading in the parent is fine
-    loader = DataLoader(dataset, batch_size=2, num_workers=2, multiprocessing_context="spawn",
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, multiprocessing_context=context,
                         collate_fn=collate_distill)
     batches = list(loader)
     images = np.concatenate([b["image"].numpy() for b in batches])
@@ -75,3 +77,41 @@ def test_dataset_pickles_without_handles(store) -> None:
     assert clone.reader._readers == {}
     np.testing.assert_array_equal(clone[0]["image"], first["image"])
     assert len(pickle.dumps(dataset)) < 10_000
+
+
+def test_keys_subset_reads_only_the_fields_it_needs(store) -> None:
+    dataset = ZarrDistillDataset(store, keys=("image", "num_bboxes", "image_id"))
+    item = dataset[1]
+    assert list(item) == ["image", "num_bboxes", "image_id"]
+    assert item["image_id"] == "small" and item["num_bboxes"] == 1
+    assert set(dataset.reader._readers) == {"image", "metadata"}  # nothing else is opened
+    assert dataset.reader.fields == ("image", "metadata")
+    with pytest.raises(KeyError, match="unknown item keys"):
+        ZarrDistillDataset(store, keys=("teacher_feature",))
+
+
+def test_worker_counts_follow_the_seed_settings() -> None:
+    assert resolve_workers("auto", cpus=10) == 8
+    assert resolve_workers("cpu*0.9", cpus=10) == 9
+    assert resolve_workers("cpu * 0.5", cpus=3) == 1
+    assert resolve_workers(6, cpus=2) == 6
+    for bad in ("many", "cpu*", -1):
+        with pytest.raises(ValueError):
+            resolve_workers(bad, cpus=4)
+    kwargs = dataloader_kwargs(total_workers=8, gpus=2, prefetch_factor=2, pin_memory=False)
+    assert kwargs["num_workers"] == 4 and kwargs["prefetch_factor"] == 2
+    assert kwargs["persistent_workers"] is True and kwargs["pin_memory"] is False
+    assert dataloader_kwargs(total_workers=0) == {"num_workers": 0, "pin_memory": False}
+
+
+def test_forkserver_once_tensorstore_is_loaded(monkeypatch, store) -> None:
+    monkeypatch.delitem(sys.modules, "tensorstore", raising=False)
+    assert "multiprocessing_context" not in dataloader_kwargs(total_workers=2)
+    import tensorstore
+
+    monkeypatch.setitem(sys.modules, "tensorstore", tensorstore)
+    kwargs = dataloader_kwargs(total_workers=2)
+    assert kwargs["multiprocessing_context"] == "forkserver"
+    batches = list(DataLoader(ZarrDistillDataset(store, "tensorstore"), batch_size=5,
+                              collate_fn=collate_distill, **kwargs))
+    assert batches[0]["image"].shape[0] == 5

@@ -20,7 +20,7 @@ import numpy as np
 from crc32c import crc32c
 
 from arraystore.errors import ChecksumMismatchError, StoreFormatError
-from arraystore.keys import chunk_file
+from arraystore.keys import ChunkPaths
 from arraystore.layout import Layout
 from arraystore.readers.base import Backend, FieldReader
 from arraystore.schema import Field
@@ -34,7 +34,7 @@ def _codec_names(codecs: list[dict[str, Any]]) -> list[str]:
     return [c["name"] for c in codecs]
 
 
-def _check_crc(data: memoryview, stored: bytes, field: str, sample: int, path: Path) -> None:
+def _check_crc(data: memoryview, stored: bytes, field: str, sample: int, path: str) -> None:
     if crc32c(data) != int.from_bytes(stored, "little"):
         raise ChecksumMismatchError(
             f"crc32c mismatch in field {field!r}, sample {sample}, file {path}: the chunk is "
@@ -51,7 +51,7 @@ class ChunkFileReader(FieldReader):
         self.per_chunk = per_chunk
         self.checksum = checksum
         self.dtype = np.dtype(field.dtype).newbyteorder("<")
-        self.rank = 1 + len(field.shape)
+        self.paths = ChunkPaths(array_dir, 1 + len(field.shape))
 
     def read(self, start: int, stop: int) -> np.ndarray:
         out = np.empty((stop - start, *self.field.shape), self.dtype)
@@ -68,7 +68,7 @@ class ChunkFileReader(FieldReader):
         return out
 
     def _read_chunk(self, index: int, out: np.ndarray) -> None:
-        path = chunk_file(self.array_dir, index, self.rank)
+        path = self.paths.path(index)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -102,20 +102,20 @@ class ShardReader(FieldReader):
         self.checksum = checksum
         self.index_checksum = index_checksum
         self.dtype = np.dtype(field.dtype).newbyteorder("<")
-        self.rank = 1 + len(field.shape)
+        self.paths = ChunkPaths(array_dir, 1 + len(field.shape))
         self.chunk_bytes = field.nbytes + (CRC_BYTES if checksum else 0)
-        self._open: OrderedDict[int, tuple[int, np.ndarray, Path]] = OrderedDict()
+        self._open: OrderedDict[int, tuple[int, np.ndarray, str]] = OrderedDict()
 
     def __del__(self) -> None:
         for fd, _, _ in self._open.values():
             os.close(fd)
 
-    def _shard(self, shard: int) -> tuple[int, np.ndarray, Path] | None:
+    def _shard(self, shard: int) -> tuple[int, np.ndarray, str] | None:
         cached = self._open.get(shard)
         if cached is not None:
             self._open.move_to_end(shard)
             return cached
-        path = chunk_file(self.array_dir, shard, self.rank)
+        path = self.paths.path(shard)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
