@@ -25,6 +25,7 @@ from arraystore.ingest import ON_ERROR_CHOICES, ingest
 from arraystore.layout import COMPRESSIONS, LAYOUT_NAMES, Layout
 from arraystore.plugins import EXPORTERS_GROUP, SOURCES_GROUP, load_plugin, plugin_names
 from arraystore.sources import Source
+from arraystore.verify import verify
 
 err = Console(stderr=True, soft_wrap=True)  # an error is one line, greppable in logs
 out = Console(width=None if sys.stdout.isatty() else 132)  # tables stay readable in logs
@@ -36,6 +37,10 @@ def _run(action: Callable[[], Any]) -> Any:
         return action()
     except ArrayStoreError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(1)
+    except OSError as exc:  # disk full, permissions: the store stays consistent
+        err.print(f"[bold red]error:[/] {exc}; committed samples are kept, re-run the same "
+                  f"command once the cause is fixed", highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]: committed samples are kept; re-run the same command "
@@ -196,6 +201,28 @@ def info(store: str, as_json: bool) -> None:
     sources = summary.provenance.get("sources", [])
     if sources:
         out.print(f"ingested from {len(sources)} inputs, e.g. {Path(sources[-1]['path']).name}")
+
+
+@cli.command("verify")
+@click.argument("store")
+@click.option("--deep", is_flag=True, help="also decode every committed sample of every field")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def verify_command(store: str, deep: bool, as_json: bool) -> None:
+    """Check metadata, chunk presence, sizes and crc32c; exit status 1 on any problem."""
+    report = _run(lambda: verify(store, deep=deep))
+    if as_json:
+        out.print_json(json.dumps(report.to_json()))
+    else:
+        shown = 50
+        for problem in report.problems[:shown]:
+            err.print(f"[red]problem:[/] {problem}", highlight=False)
+        if len(report.problems) > shown:
+            err.print(f"... and {len(report.problems) - shown} more (use --json for all)")
+        verdict = "[green]ok[/]" if report.ok else f"[red]{len(report.problems)} problems[/]"
+        out.print(f"{store}: {verdict}: {report.committed} committed samples of "
+                  f"{report.samples}, {report.chunks_checked} chunks checked"
+                  + (", every sample decoded" if deep else ""), highlight=False)
+    sys.exit(0 if report.ok else 1)
 
 
 def main() -> None:

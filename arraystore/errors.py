@@ -74,5 +74,9 @@ class ChecksumMismatchError(ArrayStoreError, OSError):
     """A chunk's stored crc32c does not match its bytes: the file is corrupt."""
 
 
+class StoreWriteError(ArrayStoreError, OSError):
+    """Writing to the store failed (disk full, permissions); what was committed stays valid."""
+
+
 class SampleNotCommittedError(ArrayStoreError, IndexError):
     """A read asked for a sample whose data is not (yet) complete."""

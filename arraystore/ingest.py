@@ -31,6 +31,7 @@ from rich.progress import (
 
 from arraystore.errors import SampleError, SourceError
 from arraystore.layout import Layout
+from arraystore.lock import StoreLock
 from arraystore.sources import Record, Source, SourceUnit
 from arraystore.store import Store, WriteMode, open_for_writing
 from arraystore.writer import StoreWriter
@@ -184,7 +185,13 @@ def ingest(
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     units = source.units(inputs)
     schema = source.schema(units)
-    store = open_for_writing(out, schema, layout, mode, extra_attrs=source.store_attrs(units))
+    with StoreLock(out):
+        store = open_for_writing(out, schema, layout, mode, extra_attrs=source.store_attrs(units))
+        return _run(source, units, store, workers, on_error, progress)
+
+
+def _run(source: Source, units: list[SourceUnit], store: Store, workers: int, on_error: OnError,
+         progress: bool) -> IngestReport:
     report = IngestReport(store=str(store.path), source=source.name, started=_now())
     try:
         with StoreWriter(store) as writer, DerivePool(source, workers) as pool, \

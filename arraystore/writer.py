@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from arraystore.errors import DuplicateSampleError, SampleValidationError
+from arraystore.errors import DuplicateSampleError, SampleValidationError, StoreWriteError
 from arraystore.keys import chunk_file, fsync_path
+from arraystore.lock import StoreLock
 from arraystore.schema import Field
 from arraystore.store import COMMITTED_ARRAY, COMMITTED_FIELD, SAMPLE_ARRAY, SAMPLE_FIELD, Store
 
@@ -58,12 +59,14 @@ class StoreWriter:
 
     Resuming: slots after the last committed sample are reused (they hold data of a flush that a
     crash interrupted) and ids already committed are refused, so re-running an ingest fills
-    exactly what is missing.
+    exactly what is missing. The writer holds the store's lock from construction to ``close``.
     """
 
     def __init__(self, store: Store, flush_every: int | None = None) -> None:
         if store.read_only:
             raise ValueError(f"{store.path}: opened read-only; open it with mode 'r+'")
+        self._lock = StoreLock(store.path)
+        self._lock.acquire()
         self.store = store
         self.fields = store.schema.fields
         self.flush_every = flush_every or (
@@ -76,6 +79,7 @@ class StoreWriter:
         self._buffer: list[tuple[str, Mapping[str, Any]]] = []
         self._buffered_ids: set[str] = set()
         self._arrays = {f.name: store.array(f.name) for f in self.fields}
+        self._remove_partials()
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -89,8 +93,17 @@ class StoreWriter:
         # Samples already buffered are complete and valid: keep them even when the caller failed
         # (a bad input sample must not lose the good ones before it). A failing flush is not
         # retried: the store stays consistent and the next run resumes.
-        if not isinstance(exc, OSError):
-            self.flush()
+        try:
+            if not isinstance(exc, OSError):
+                self.flush()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the store's lock (buffered samples not flushed are dropped)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __contains__(self, sample_id: str) -> bool:
         return sample_id in self.committed_ids or sample_id in self._buffered_ids
@@ -110,10 +123,25 @@ class StoreWriter:
         if not self._buffer:
             return
         start, stop = self.position, self.position + len(self._buffer)
+        try:
+            self._write(start, stop)
+        except OSError as exc:
+            raise StoreWriteError(
+                f"{self.store.path}: writing samples {start}-{stop - 1} failed: {exc}. The "
+                f"{start} samples before them are committed and intact; fix the cause (free "
+                f"disk space) and re-run the same command to resume"
+            ) from exc
+        self.committed_ids.update(sample_id for sample_id, _ in self._buffer)
+        self._buffer.clear()
+        self._buffered_ids.clear()
+        self.position = stop
+
+    def _write(self, start: int, stop: int) -> None:
         ids = [sample_id for sample_id, _ in self._buffer]
-        if stop > len(self.store):
-            for array in (*self._arrays.values(), self.store.array(SAMPLE_ARRAY),
-                          self.store.array(COMMITTED_ARRAY)):
+        # grow only: arrays may be longer already, after a crash between two resizes
+        for array in (*self._arrays.values(), self.store.array(SAMPLE_ARRAY),
+                      self.store.array(COMMITTED_ARRAY)):
+            if array.shape[0] < stop:
                 array.resize((stop, *array.shape[1:]))
         for f in self.fields:
             column = [values[f.name] for _, values in self._buffer]
@@ -123,12 +151,25 @@ class StoreWriter:
         self._sync(start, stop)
         self.store.array(COMMITTED_ARRAY)[start:stop] = True
         self._sync_field(COMMITTED_FIELD, start, stop)
-        self.committed_ids.update(ids)
-        self._buffer.clear()
-        self._buffered_ids.clear()
-        self.position = stop
 
-    def _sync(self, start: int, stop: int) -> None:
+    def _remove_partials(self) -> None:
+        """Delete temporary files a killed write left (``*.partial`` beside the chunks and
+        metadata past the committed prefix; nothing reads them, but they take space)."""
+        for f in (*self.fields, SAMPLE_FIELD, COMMITTED_FIELD):
+            array_dir = self.store.path / f.name
+            per_file = self.store.layout.samples_per_file(f)
+            first = self.position // per_file
+            last = max(first, (self._arrays[f.name].shape[0] if f.name in self._arrays
+                               else len(self.store)) // per_file)
+            folders = {array_dir, *(chunk_file(array_dir, i, 1 + len(f.shape)).parent
+                                   for i in range(first, last + 1))}
+            for folder in folders:
+                for partial in folder.glob("*.partial"):
+                    partial.unlink(missing_ok=True)
+        for partial in self.store.path.glob("*.partial"):
+            partial.unlink(missing_ok=True)
+
+    def _sync(self, start: int, stop: int) -> None:  # before the commit: data on stable storage
         for f in (*self.fields, SAMPLE_FIELD):
             self._sync_field(f, start, stop)
         fsync_path(self.store.path)

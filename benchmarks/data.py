@@ -1,31 +1,32 @@
-"""Generate a ``.bin`` dataset (SEEDS.md 000's format) of random SA-1B-shaped samples."""
+"""Generate SA-1B-shaped benchmark data: TAR shards of large JPEGs, many overlapping masks and
+compressed feature NPZs, as the old pipeline stored them."""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import numpy as np
 
-from loaders.bin_format import CONFIG_FILE, KEYS_FILE, bin_files
+from converters.sa1b.shard_writer import ShardSample, random_masks, write_shard
+
+# SA-1B images are about 1500 x 2250; some are portrait, a few smaller than 1024
+SIZES = ((1500, 2250), (2250, 1500), (1200, 1800), (768, 1024))
 
 
-def write_random_bin(root: Path, num_samples: int, seed: int = 0) -> Path:
-    """``num_samples`` random items with valid metadata (one box each) in ``root``."""
+def sa1b_like(num_samples: int, masks_per_image: int, seed: int = 0) -> Iterator[ShardSample]:
     rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for spec in bin_files(1):
-        with open(root / spec.name, "wb") as handle:
-            for _ in range(num_samples):
-                for part in spec.parts:
-                    if part.field == "metadata":
-                        value = np.array([1, 1, 1500, 2250, 3], "<i4")
-                    elif np.dtype(part.dtype).kind == "f":
-                        value = rng.standard_normal(part.shape, np.float32)
-                    else:
-                        value = rng.integers(0, 256, part.shape, np.uint8)
-                    handle.write(np.ascontiguousarray(value, part.dtype).tobytes())
-    (root / CONFIG_FILE).write_text(json.dumps({"model_type": "sam2.1_hiera_b+",
-                                                "total_samples": num_samples}))
-    (root / KEYS_FILE).write_text("".join(f"sa_{i}\n" for i in range(num_samples)))
-    return root
+    for i in range(num_samples):
+        h, w = SIZES[i % len(SIZES)]
+        small = rng.integers(0, 256, (h // 32, w // 32, 3), np.uint8)
+        rgb = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+        rgb = cv2.add(rgb, rng.integers(0, 24, (h, w, 3), np.uint8))  # texture, like a photo
+        features = (rng.standard_normal((256, 64, 64), np.float32),
+                    rng.standard_normal((256, 32, 32), np.float32))
+        yield ShardSample(f"sa_{i}", rgb, random_masks(rng, h, w, masks_per_image), features)
+
+
+def write_sa1b_shard(path: Path, num_samples: int, masks_per_image: int = 24,
+                     seed: int = 0) -> Path:
+    return write_shard(path, sa1b_like(num_samples, masks_per_image, seed))

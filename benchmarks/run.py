@@ -1,137 +1,147 @@
-"""Random-access read benchmark: ``ZarrDistillDataset`` on every layout and backend against the
-reference ``.bin`` reader, on the same samples, interleaved round by round so that drift in the
-machine's speed hits every reader alike. Writes ``benchmarks/results/<name>.md`` and ``.png``.
+"""Read and ingest benchmark: ``ZarrDistillDataset`` on every layout and backend against the
+reference ``.bin`` reader and the old TAR+NPZ path, on the same samples.
 
-Usage: python -m benchmarks.run [--samples 64] [--reads 64] [--rounds 5] [--name NAME]
+Every comparison is a ratio measured within one run: readers take turns, round by round, in a
+random order, so drift in the machine's speed hits all alike. Writes
+``benchmarks/results/<name>.md`` (tables, targets, machine) and ``<name>.png``.
+
+Usage: python -m benchmarks.run [--samples 128] [--name sa1b_random_access] [-h for the rest]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
-import platform
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from torch.utils.data import DataLoader
 
 from arraystore import Layout, ingest
 from arraystore.info import store_info
-from benchmarks.data import write_random_bin
+from benchmarks.data import write_sa1b_shard
+from benchmarks.report import Results, write_report
+from benchmarks.tar_npz import TarNpzDataset
+from converters.sa1b.source import Sa1bTarSource
+from converters.sa1b_bin.exporter import BinExporter
 from converters.sa1b_bin.source import BinDirectorySource
-from loaders import BinaryDistillDataset, ZarrDistillDataset
+from loaders import BinaryDistillDataset, ZarrDistillDataset, collate_distill
 from loaders.bin_format import bin_files
 
-RESULTS = Path(__file__).parent / "results"
+BIN, TAR = ".bin (reference)", "TAR+NPZ (old path)"
+DEFAULT = "raw / auto"  # ZarrDistillDataset's defaults on the default layout
 LAYOUTS = {
     "raw": Layout("raw"),
     "raw+crc32c": Layout("raw", checksum=True),
-    "sharded": Layout("sharded", shard_size=16),
-    "sharded+crc32c": Layout("sharded", shard_size=16, checksum=True),
+    "sharded": Layout("sharded"),
+    "sharded+crc32c": Layout("sharded", checksum=True),
     "raw+zstd": Layout("raw", compression="zstd"),
-    "sharded+zstd": Layout("sharded", shard_size=16, compression="zstd"),
+    "sharded+zstd": Layout("sharded", compression="zstd"),
 }
 BACKENDS = ("auto", "direct", "tensorstore", "zarr")
+LOADER_READERS = (BIN, DEFAULT, "sharded / auto", "sharded+zstd / auto", TAR)
 
 
-def item_bytes(item: dict) -> int:
-    return sum(v.nbytes for v in item.values() if hasattr(v, "nbytes"))
+def interleaved(runs: dict[str, Callable[[], int]], rounds: int, seed: int) -> dict[str, float]:
+    """items/s of each run: items done / median round time, runs in random order per round."""
+    rng = np.random.default_rng(seed)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    counts: dict[str, int] = {}
+    for _ in range(rounds):
+        for name in rng.permutation(list(runs)):
+            start = time.perf_counter()
+            counts[name] = runs[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: counts[name] / statistics.median(t) for name, t in times.items()}
 
 
-def time_reads(read: Callable[[int], dict], indices: np.ndarray) -> float:
+def read_run(dataset: Any, indices: np.ndarray) -> Callable[[], int]:
+    def run() -> int:
+        for index in indices:
+            dataset[int(index)]
+        return len(indices)
+    return run
+
+
+def loader_run(dataset: Any, indices: np.ndarray, batch_size: int) -> Callable[[], int]:
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices.tolist(), num_workers=2,
+                        collate_fn=collate_distill, multiprocessing_context="forkserver",
+                        prefetch_factor=4, persistent_workers=True)
+    for _ in loader:  # start the workers outside the timed rounds
+        pass
+
+    def run() -> int:
+        return sum(len(batch["image_id"]) for batch in loader)
+    return run
+
+
+def ingest_rate(shard: Path, out: Path, workers: int) -> float:
+    """samples/s of a whole ``ingest`` run, worker start-up included."""
     start = time.perf_counter()
-    for index in indices:
-        read(int(index))
-    return time.perf_counter() - start
-
-
-def machine() -> str:
-    return (f"{platform.node()}: {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}")
+    report = ingest(Sa1bTarSource(), [shard], out, workers=workers)
+    return report.ingested / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--reads", type=int, default=64, help="random reads per reader per round")
+    parser.add_argument("--samples", type=int, default=128, help="samples in the read test")
+    parser.add_argument("--masks", type=int, default=24, help="annotations per image")
+    parser.add_argument("--reads", type=int, default=48, help="random reads per reader a round")
+    parser.add_argument("--tar-reads", type=int, default=6, help="the same, for TAR+NPZ")
+    parser.add_argument("--loader-items", type=int, default=96, help="DataLoader items a round")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--name", default="random_access")
+    parser.add_argument("--ingest-samples", type=int, default=16)
+    parser.add_argument("--workdir", default=None, help="where the data goes (temporary)")
+    parser.add_argument("--name", default="sa1b_random_access")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="arraystore-bench-") as tmp:
+    results = Results(args=vars(args))
+    with tempfile.TemporaryDirectory(prefix="arraystore-bench-", dir=args.workdir) as tmp:
         root = Path(tmp)
-        bin_dir = write_random_bin(root / "bin", args.samples)
-        readers: dict[str, Callable[[int], dict]] = {".bin (reference)":
-                                                     BinaryDistillDataset(bin_dir).__getitem__}
-        disk = {".bin": (sum((bin_dir / f.name).stat().st_size for f in bin_files(1)), 9)}
+        print("generating data ...", flush=True)
+        shard = write_sa1b_shard(root / "shard.tar", args.samples, args.masks)
+        small = write_sa1b_shard(root / "ingest.tar", args.ingest_samples, args.masks, seed=1)
+        print("ingest throughput ...", flush=True)
+        for workers in (1, 2):
+            results.ingest[f"{workers} worker{'s' * (workers > 1)}"] = ingest_rate(
+                small, root / f"ingest{workers}.zarr", workers)
+        results.ingest[f"2 workers, {args.samples} samples"] = ingest_rate(
+            shard, root / "raw.zarr", 2)
+        bin_dir = root / "bin"
+        BinExporter().export(root / "raw.zarr", bin_dir)
+        results.disk["TAR+NPZ"] = (shard.stat().st_size, 1)
+        results.disk[".bin"] = (sum((bin_dir / f.name).stat().st_size for f in bin_files()), 9)
+        datasets: dict[str, Any] = {BIN: BinaryDistillDataset(bin_dir), TAR: TarNpzDataset(shard)}
         for label, layout in LAYOUTS.items():
             store = root / f"{label}.zarr"
-            ingest(BinDirectorySource(), [bin_dir], store, layout=layout, workers=2)
-            summary = store_info(store)
-            disk[label] = (summary.bytes_on_disk, summary.files)
+            if label != "raw":
+                ingest(BinDirectorySource(), [bin_dir], store, layout=layout, workers=2)
+            info = store_info(store)
+            results.disk[label] = (info.bytes_on_disk, info.files)
             for backend in BACKENDS:
-                readers[f"{label} / {backend}"] = ZarrDistillDataset(store, backend).__getitem__
-        size = item_bytes(readers[".bin (reference)"](0))
+                datasets[f"{label} / {backend}"] = ZarrDistillDataset(store, backend)
+        results.item_bytes = sum(v.nbytes for v in datasets[BIN][0].values()
+                                 if hasattr(v, "nbytes"))
         rng = np.random.default_rng(0)
-        times: dict[str, list[float]] = {name: [] for name in readers}
-        for read in readers.values():  # warm the page cache and open handles
-            time_reads(read, np.arange(args.samples))
-        for _ in range(args.rounds):
-            indices = rng.integers(0, args.samples, args.reads)
-            for name in rng.permutation(list(readers)):
-                times[name].append(time_reads(readers[name], indices))
-    report(args, times, disk, size)
-
-
-def report(args: argparse.Namespace, times: dict[str, list[float]],
-           disk: dict[str, tuple[int, int]], size: int) -> None:
-    rate = {name: args.reads / statistics.median(t) for name, t in times.items()}
-    base = rate[".bin (reference)"]
-    lines = [
-        f"# Random-access reads: `ZarrDistillDataset` vs the `.bin` reader ({args.name})",
-        "",
-        f"- machine: {machine()}",
-        f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; page cache warm",
-        f"- {args.samples} samples; {args.rounds} rounds of {args.reads} random reads per "
-        f"reader, readers interleaved in random order each round; median round reported",
-        f"- item = the dict of SEEDS.md 000, {size / 2**20:.2f} MiB of tensors",
-        "- command: `python -m benchmarks.run " + " ".join(
-            f"--{k} {v}" for k, v in vars(args).items()) + "`",
-        "",
-        "| reader (layout / backend) | items/s | MB/s | × .bin |",
-        "|---|---:|---:|---:|",
-    ]
-    for name, r in rate.items():
-        lines.append(f"| {name} | {r:.0f} | {r * size / 1e6:.0f} | {r / base:.2f} |")
-    lines += ["", "| layout | bytes on disk | × .bin | files |", "|---|---:|---:|---:|"]
-    for label, (nbytes, files) in disk.items():
-        lines.append(f"| {label} | {nbytes / 1e6:.1f} MB | {nbytes / disk['.bin'][0]:.2f} | "
-                     f"{files} |")
-    RESULTS.mkdir(exist_ok=True)
-    markdown = RESULTS / f"{args.name}.md"
-    markdown.write_text("\n".join(lines) + f"\n\n![plot]({args.name}.png)\n")
-    plot(rate, base, RESULTS / f"{args.name}.png")
-    print(markdown.read_text())
-
-
-def plot(rate: dict[str, float], base: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(rate)
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(names) + 1.2))
-    ax.barh(names, [rate[n] / base for n in names],
-            color=["grey" if n.startswith(".bin") else "tab:blue" for n in names])
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.invert_yaxis()
-    ax.set_xlabel("random-access items/s relative to the .bin reader (higher is faster)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        print("single-process random reads ...", flush=True)
+        for dataset in datasets.values():  # warm the page cache and the handles
+            read_run(dataset, np.arange(min(len(dataset), 8)))()
+        for name in datasets:
+            if name != TAR:
+                read_run(datasets[name], np.arange(args.samples))()
+        runs = {name: read_run(d, rng.integers(0, args.samples,
+                                               args.tar_reads if name == TAR else args.reads))
+                for name, d in datasets.items()}
+        results.single = interleaved(runs, args.rounds, seed=1)
+        print("DataLoader, 2 workers ...", flush=True)
+        runs = {name: loader_run(datasets[name], rng.integers(
+            0, args.samples, args.loader_items // (8 if name == TAR else 1)), 8)
+            for name in LOADER_READERS}
+        results.loader = interleaved(runs, max(3, args.rounds - 2), seed=2)
+    print(write_report(results, Path(__file__).parent / "results" / args.name))
 
 
 if __name__ == "__main__":

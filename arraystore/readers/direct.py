@@ -34,8 +34,32 @@ def _codec_names(codecs: list[dict[str, Any]]) -> list[str]:
     return [c["name"] for c in codecs]
 
 
+def crc_matches(data: Any, stored: bytes) -> bool:
+    """Whether ``stored`` (4 bytes, little-endian) is the crc32c of ``data``."""
+    return crc32c(data) == int.from_bytes(stored, "little")
+
+
+def read_shard_index(fd: int, shard_size: int, checksum: bool, path: str) -> np.ndarray:
+    """The (offset, nbytes) of each inner chunk, from the index at the end of a shard file.
+
+    Raises :class:`StoreFormatError` for a file too short or an index whose crc32c is wrong.
+    """
+    index_bytes = shard_size * 16 + (CRC_BYTES if checksum else 0)
+    size = os.fstat(fd).st_size
+    raw = os.pread(fd, index_bytes, size - index_bytes) if size >= index_bytes else b""
+    if len(raw) != index_bytes:
+        raise StoreFormatError(f"shard {path} is {size} bytes, too short for its "
+                               f"{index_bytes}-byte index")
+    if checksum and not crc_matches(raw[:-CRC_BYTES], raw[-CRC_BYTES:]):
+        raise ChecksumMismatchError(f"shard {path}: crc32c mismatch in the shard index")
+    index = np.frombuffer(raw, "<u8", shard_size * 2).reshape(shard_size, 2)
+    if ((index[:, 0] != EMPTY) & (index[:, 0] + index[:, 1] > size - index_bytes)).any():
+        raise StoreFormatError(f"shard {path}: the index points past the end of the data")
+    return index
+
+
 def _check_crc(data: memoryview, stored: bytes, field: str, sample: int, path: str) -> None:
-    if crc32c(data) != int.from_bytes(stored, "little"):
+    if not crc_matches(data, stored):
         raise ChecksumMismatchError(
             f"crc32c mismatch in field {field!r}, sample {sample}, file {path}: the chunk is "
             f"corrupt (run `arraystore verify` on the store, then re-ingest the sample's source)"
@@ -120,17 +144,12 @@ class ShardReader(FieldReader):
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
-        index_bytes = self.shard_size * 16 + (CRC_BYTES if self.index_checksum else 0)
-        size = os.fstat(fd).st_size
-        raw = os.pread(fd, index_bytes, size - index_bytes) if size >= index_bytes else b""
-        if len(raw) != index_bytes:
+        try:
+            index = read_shard_index(fd, self.shard_size, self.index_checksum, path)
+        except (StoreFormatError, ChecksumMismatchError) as exc:
             os.close(fd)
-            raise StoreFormatError(f"field {self.field.name!r}: shard {path} is {size} bytes, "
-                                   f"too short for its {index_bytes}-byte index")
-        if self.index_checksum:
-            _check_crc(memoryview(raw)[:-CRC_BYTES], raw[-CRC_BYTES:], self.field.name,
-                       shard * self.shard_size, path)
-        index = np.frombuffer(raw, "<u8", self.shard_size * 2).reshape(self.shard_size, 2)
+            raise type(exc)(f"field {self.field.name!r}, samples from "
+                            f"{shard * self.shard_size}: {exc}") from exc
         self._open[shard] = (fd, index, path)
         if len(self._open) > OPEN_SHARDS:
             old_fd, _, _ = self._open.popitem(last=False)[1]

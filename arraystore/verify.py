@@ -1,0 +1,211 @@
+"""``arraystore verify``: is the store consistent, and is every committed sample's data there?
+
+Checks, naming the field, sample and file of each problem:
+- the metadata of every array agrees with the schema and layout in the group attributes (shape,
+  dtype, dimension names, chunk grid, codecs) and every array is long enough;
+- every committed sample's chunk (or its inner chunk in a shard) exists with the size an
+  uncompressed chunk must have, and its crc32c matches where the layout has one;
+- with ``deep``, every committed sample of every field decodes through zarr-python (zstd too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from arraystore.errors import ArrayStoreError
+from arraystore.keys import chunk_file
+from arraystore.layout import Layout
+from arraystore.readers.direct import CRC_BYTES, EMPTY, crc_matches, read_shard_index
+from arraystore.schema import SAMPLE_DIM, Field
+from arraystore.store import COMMITTED_FIELD, SAMPLE_FIELD, Store
+
+
+@dataclass
+class Problem:
+    field: str
+    sample: str
+    file: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: sample {self.sample}: {self.message} ({self.file})"
+
+
+@dataclass
+class VerifyReport:
+    store: str
+    deep: bool
+    samples: int = 0
+    committed: int = 0
+    chunks_checked: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def expected_codecs(f: Field, layout: Layout) -> list[Any]:
+    """Codec names a field's array has in ``layout``: ``[names]``, or a sharding codec's
+    ``["sharding_indexed", [inner names]]``."""
+    inner = ["vlen-utf8" if f.is_string else "bytes"]
+    inner += ["zstd"] if layout.compression == "zstd" else []
+    inner += ["crc32c"] if layout.checksum else []
+    if f.chunking == "sample" and layout.sharded:
+        return ["sharding_indexed", inner]
+    return inner
+
+
+def _codec_names(codecs: list[dict[str, Any]]) -> list[Any]:
+    if [c["name"] for c in codecs] == ["sharding_indexed"]:
+        return ["sharding_indexed", [c["name"] for c in codecs[0]["configuration"]["codecs"]]]
+    return [c["name"] for c in codecs]
+
+
+class _Checker:
+    def __init__(self, store: Store, report: VerifyReport, deep: bool) -> None:
+        self.store, self.report, self.deep = store, report, deep
+        self.layout = store.layout
+        committed = store.committed_mask()
+        self.positions = np.flatnonzero(committed)
+        self.ids = store.sample_ids()
+        self.extent = int(self.positions[-1]) + 1 if len(self.positions) else 0
+
+    def problem(self, f: Field, position: int | None, path: Path | str, message: str) -> None:
+        sample = "*" if position is None else f"{self.ids[position]!s} (#{position})"
+        self.report.problems.append(Problem(f.name, sample, str(path), message))
+
+    def check(self, f: Field) -> None:
+        array_dir = self.store.path / f.name
+        if not self._metadata_ok(f, array_dir):
+            return
+        per_file = self.layout.samples_per_file(f)
+        by_file: dict[int, list[int]] = defaultdict(list)
+        for position in self.positions:
+            by_file[int(position) // per_file].append(int(position))
+        for index, positions in by_file.items():
+            path = chunk_file(array_dir, index, 1 + len(f.shape))
+            if not path.is_file():
+                self.problem(f, positions[0], path, f"chunk file missing ({len(positions)} "
+                                                    f"committed samples in it)")
+            elif f.chunking == "sample" and self.layout.sharded:
+                self._check_shard(f, path, positions)
+            else:
+                self._check_chunk(f, path, positions[0], self.layout.samples_per_chunk(f))
+        if self.deep:
+            self._decode(f, array_dir)
+
+    def _metadata_ok(self, f: Field, array_dir: Path) -> bool:
+        try:
+            meta = json.loads((array_dir / "zarr.json").read_text())
+        except (OSError, ValueError) as exc:
+            self.problem(f, None, array_dir / "zarr.json", f"array metadata unreadable: {exc}")
+            return False
+        found = {
+            "shape": tuple(meta["shape"][1:]),
+            "data_type": meta["data_type"],
+            "dimension_names": tuple(meta.get("dimension_names") or ()),
+            "chunks": meta["chunk_grid"]["configuration"]["chunk_shape"][0],
+            "codecs": _codec_names(meta["codecs"]),
+        }
+        expected = {
+            "shape": f.shape,
+            "data_type": "string" if f.is_string else f.dtype,
+            "dimension_names": (SAMPLE_DIM, *f.dims),
+            "chunks": self.layout.samples_per_file(f),
+            "codecs": expected_codecs(f, self.layout),
+        }
+        for key, value in expected.items():
+            if found[key] != value:
+                self.problem(f, None, array_dir / "zarr.json",
+                             f"{key} is {found[key]!r}, the schema and layout say {value!r}")
+        if meta["shape"][0] < self.extent:
+            self.problem(f, None, array_dir / "zarr.json",
+                         f"holds {meta['shape'][0]} samples; committed samples reach "
+                         f"{self.extent}")
+            return False
+        return found == expected
+
+    def _uncompressed_bytes(self, f: Field, samples: int) -> int | None:
+        if f.is_string or self.layout.compression != "none":
+            return None
+        return samples * f.nbytes + (CRC_BYTES if self.layout.checksum else 0)
+
+    def _check_chunk(self, f: Field, path: Path, position: int, samples: int) -> None:
+        data = path.read_bytes()
+        self.report.chunks_checked += 1
+        self._check_bytes(f, path, position, memoryview(data), self._uncompressed_bytes(f,
+                                                                                        samples))
+
+    def _check_bytes(self, f: Field, path: Path, position: int, data: memoryview,
+                     expected: int | None) -> None:
+        if expected is not None and len(data) != expected:
+            self.problem(f, position, path, f"chunk of {len(data)} bytes, expected {expected}")
+        elif self.layout.checksum and not crc_matches(data[:-CRC_BYTES],
+                                                       bytes(data[-CRC_BYTES:])):
+            self.problem(f, position, path, "crc32c mismatch: the chunk is corrupt")
+
+    def _check_shard(self, f: Field, path: Path, positions: list[int]) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            try:
+                index = read_shard_index(fd, self.layout.shard_size, True, str(path))
+            except ArrayStoreError as exc:
+                self.problem(f, positions[0], path, str(exc))
+                return
+            for position in positions:
+                offset, nbytes = (int(v) for v in index[position % self.layout.shard_size])
+                if offset == int(EMPTY):
+                    self.problem(f, position, path, "committed, but its inner chunk is missing "
+                                                    "from the shard")
+                    continue
+                self.report.chunks_checked += 1
+                self._check_bytes(f, path, position, memoryview(os.pread(fd, nbytes, offset)),
+                                  self._uncompressed_bytes(f, 1))
+        finally:
+            os.close(fd)
+
+    def _decode(self, f: Field, array_dir: Path) -> None:
+        array = zarr.open_array(str(array_dir), mode="r")
+        for start, stop in _runs(self.positions, self.layout.samples_per_chunk(f)):
+            try:
+                array[start:stop]
+            except Exception as exc:  # any codec failure is this chunk's problem
+                self.problem(f, start, array_dir, f"does not decode: {type(exc).__name__}: "
+                                                  f"{exc}")
+
+
+def _runs(positions: np.ndarray, per_chunk: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) per chunk holding committed positions, clipped to them."""
+    chunks: dict[int, list[int]] = defaultdict(list)
+    for position in positions:
+        chunks[int(position) // per_chunk].append(int(position))
+    for members in chunks.values():
+        yield members[0], members[-1] + 1
+
+
+def verify(path: str | os.PathLike[str], *, deep: bool = False) -> VerifyReport:
+    """Check the store at ``path``; ``report.ok`` is True when no problem was found."""
+    report = VerifyReport(store=str(path), deep=deep)
+    try:
+        store = Store.open(path)
+    except ArrayStoreError as exc:
+        report.problems.append(Problem("*", "*", str(path), str(exc)))
+        return report
+    checker = _Checker(store, report, deep)
+    report.samples, report.committed = len(store), len(checker.positions)
+    for f in (*store.schema.fields, SAMPLE_FIELD, COMMITTED_FIELD):
+        checker.check(f)
+    return report

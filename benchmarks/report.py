@@ -1,0 +1,134 @@
+"""The benchmark's report: markdown tables with ratios to the ``.bin`` reader, the targets of
+the performance issue checked against them, the machine, and a plot."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BIN, TAR, DEFAULT = ".bin (reference)", "TAR+NPZ (old path)", "raw / auto"
+
+
+@dataclass
+class Results:
+    args: dict[str, Any]
+    single: dict[str, float] = field(default_factory=dict)  # items/s
+    loader: dict[str, float] = field(default_factory=dict)  # items/s
+    ingest: dict[str, float] = field(default_factory=dict)  # samples/s
+    disk: dict[str, tuple[int, int]] = field(default_factory=dict)  # bytes, files
+    item_bytes: int = 0
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, {platform.system()} "
+            f"{platform.release()}, Python {platform.python_version()}")
+
+
+def _rate_table(rates: dict[str, float], item_bytes: int) -> list[str]:
+    base = rates[BIN]
+    lines = ["| reader (layout / backend) | items/s | MB/s | × .bin |", "|---|---:|---:|---:|"]
+    for name, rate in rates.items():
+        lines.append(f"| {name} | {rate:.1f} | {rate * item_bytes / 1e6:.0f} | "
+                     f"{rate / base:.2f} |")
+    return lines
+
+
+def _target(label: str, value: float, goal: float) -> str:
+    verdict = "met" if value >= goal else f"**missed by {(goal - value) / goal:.0%}**"
+    return f"| {label} | ≥ {goal:g}× | {value:.2f}× | {verdict} |"
+
+
+def write_report(results: Results, stem: Path) -> str:
+    s, dl = results.single, results.loader
+    cmd = "python -m benchmarks.run " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in results.args.items()
+        if v is not None and k not in ("workdir",))
+    lines = [
+        "# arraystore read benchmark: `ZarrDistillDataset` vs `.bin` vs TAR+NPZ",
+        "",
+        f"- machine: {machine()}",
+        f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; page cache warm",
+        f"- command: `{cmd}`",
+        f"- item: the dict of SEEDS.md 000, {results.item_bytes / 2**20:.2f} MiB of tensors; "
+        f"SA-1B-shaped samples (1500×2250-class JPEGs, {results.args['masks']} masks each, "
+        f"compressed feature NPZs)",
+        "- method: readers take turns within each round, in a random order; the median round "
+        "gives items/s; ratios are to the `.bin` reader in the same run",
+        "",
+        "## Targets",
+        "",
+        "| target | goal | measured | |",
+        "|---|---:|---:|---|",
+        _target("defaults (raw / auto), single process", s[DEFAULT] / s[BIN], 1.0),
+        _target("defaults (raw / auto), DataLoader 2 workers", dl[DEFAULT] / dl[BIN], 1.0),
+        _target("stretch: defaults, single process", s[DEFAULT] / s[BIN], 1.3),
+        _target("sharded / direct, single process", s["sharded / direct"] / s[BIN], 0.95),
+        _target("defaults vs TAR+NPZ, single process", s[DEFAULT] / s[TAR], 15),
+        _target("defaults vs TAR+NPZ, DataLoader", dl[DEFAULT] / dl[TAR], 15),
+        "",
+        "## Random access, single process",
+        "",
+        *_rate_table(s, results.item_bytes),
+        "",
+        "## Through a DataLoader (2 workers, batch 8, forkserver, persistent workers)",
+        "",
+        *_rate_table(dl, results.item_bytes),
+        "",
+        "## Ingest (TAR shard → raw store, decode + derive + write)",
+        "",
+        "| run | samples/s |",
+        "|---|---:|",
+        *(f"| {name} | {rate:.2f} |" for name, rate in results.ingest.items()),
+        "",
+        "## On disk",
+        "",
+        "| format / layout | bytes | × .bin | files |",
+        "|---|---:|---:|---:|",
+        *(f"| {name} | {nbytes / 1e6:.1f} MB | {nbytes / results.disk['.bin'][0]:.2f} | {files} |"
+          for name, (nbytes, files) in results.disk.items()),
+        "",
+        f"![plot]({stem.name}.png)",
+        "",
+    ]
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(lines)
+    stem.with_suffix(".md").write_text(text)
+    _plot(results, stem.with_suffix(".png"))
+    return text
+
+
+def _plot(results: Results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("random access, single process", results.single),
+              ("DataLoader, 2 workers", results.loader))
+    heights = [len(rates) for _, rates in panels]
+    fig, axes = plt.subplots(2, 1, figsize=(8, 0.28 * sum(heights) + 2),
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (title, rates) in zip(axes, panels, strict=True):
+        names = list(rates)
+        ax.barh(names, [rates[n] / rates[BIN] for n in names],
+                color=["grey" if n in (BIN, TAR) else "tab:blue" for n in names])
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(labelsize=8)
+    axes[-1].set_xlabel("items/s relative to the .bin reader (higher is faster)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

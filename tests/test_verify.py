@@ -1,0 +1,91 @@
+"""``arraystore verify``: clean stores pass; each injected fault is named by field, sample, file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from crc32c import crc32c
+
+from arraystore import Layout, ingest
+from arraystore.cli import cli
+from arraystore.verify import verify
+from converters.sa1b.source import Sa1bTarSource
+
+
+def test_clean_stores_pass(layout_store) -> None:
+    _, path = layout_store
+    assert verify(path).ok and verify(path, deep=True).ok
+
+
+def make(tmp_path, shard, layout: Layout):
+    out = tmp_path / "s.zarr"
+    ingest(Sa1bTarSource(), [shard], out, layout=layout, workers=1)
+    return out
+
+
+def flip(path, at: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+FAULTS = {
+    "missing chunk": (Layout(), lambda s: (s / "masks/c/2/0/0/0").unlink(),
+                      "masks", "tall", "chunk file missing"),
+    "truncated chunk": (Layout(), lambda s: (s / "image/c/1/0/0/0").write_bytes(b"\0" * 10),
+                        "image", "small", "expected 3145728"),
+    "flipped byte": (Layout(checksum=True), lambda s: flip(s / "P4_S16/c/3/0/0/0"),
+                     "P4_S16", "empty", "crc32c mismatch"),
+    "flipped byte in shard": (Layout("sharded", shard_size=4, checksum=True),
+                              lambda s: flip(s / "edge_64x64/c/1/0/0"), "edge_64x64", "ties",
+                              "crc32c mismatch"),
+    "emptied shard slot": (Layout("sharded", shard_size=4),
+                           lambda s: _empty_slot(s / "image/c/0/0/0/0", 4, 1), "image", "small",
+                           "inner chunk is missing"),
+    "dimension names": (Layout(), lambda s: _edit_meta(s / "fg_map_64/zarr.json",
+                                                       dimension_names=["sample", "y", "x"]),
+                        "fg_map_64", "*", "dimension_names"),
+    "undecodable zstd": (Layout(compression="zstd"),
+                         lambda s: (s / "edge_256x256/c/0/0/0").write_bytes(b"garbage"),
+                         "edge_256x256", "big", "does not decode"),
+}
+
+
+def _empty_slot(shard_file, shard_size: int, slot: int) -> None:
+    """Mark one inner chunk absent in a shard's index, with a valid index crc32c."""
+    data = bytearray(shard_file.read_bytes())
+    index_start = len(data) - 4 - shard_size * 16
+    data[index_start + slot * 16: index_start + slot * 16 + 16] = b"\xff" * 16
+    data[-4:] = crc32c(bytes(data[index_start:-4])).to_bytes(4, "little")
+    shard_file.write_bytes(bytes(data))
+
+
+def _edit_meta(path, **changes) -> None:
+    meta = json.loads(path.read_text())
+    meta.update(changes)
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_faults_are_reported(tmp_path, shard, fault: str) -> None:
+    layout, inject, field, sample, message = FAULTS[fault]
+    out = make(tmp_path, shard, layout)
+    inject(out)
+    report = verify(out, deep=True)
+    assert not report.ok
+    problem = next(p for p in report.problems if p.field == field)
+    assert sample in problem.sample
+    assert message in problem.message or message in str(report.problems)
+    assert str(out) in problem.file
+    result = CliRunner().invoke(cli, ["verify", str(out), "--deep"])
+    assert result.exit_code == 1 and field in result.output
+
+
+def test_cli_exit_status(tmp_path, shard) -> None:
+    out = make(tmp_path, shard, Layout())
+    result = CliRunner().invoke(cli, ["verify", str(out)])
+    assert result.exit_code == 0 and "ok" in result.output
+    result = CliRunner().invoke(cli, ["verify", str(tmp_path / "nothing")])
+    assert result.exit_code == 1
