@@ -13,8 +13,10 @@ $(VENV)/.setup: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e .
 	touch $@
 
+# the sam2 extra builds from source: PIP_CONSTRAINT (exported above) keeps its isolated build on
+# the pinned CPU torch instead of pulling a CUDA torch; SAM2_BUILD_CUDA=0 skips its CUDA kernels
 $(VENV)/.setup-test: $(VENV)/.setup
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,sam2]"
 	touch $@
 
 setup: $(VENV)/.setup

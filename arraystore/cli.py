@@ -20,10 +20,18 @@ from rich.table import Table
 from arraystore import __version__
 from arraystore.errors import ArrayStoreError
 from arraystore.exporters import Exporter
+from arraystore.fixes import Fix
 from arraystore.info import store_info
 from arraystore.ingest import ON_ERROR_CHOICES, ingest
 from arraystore.layout import COMPRESSIONS, LAYOUT_NAMES, Layout
-from arraystore.plugins import EXPORTERS_GROUP, SOURCES_GROUP, load_plugin, plugin_names
+from arraystore.plugins import (
+    EXPORTERS_GROUP,
+    FIXES_GROUP,
+    SOURCES_GROUP,
+    PluginOption,
+    load_plugin,
+    plugin_names,
+)
 from arraystore.sources import Source
 from arraystore.verify import verify
 
@@ -75,6 +83,40 @@ def _layout_from_options(layout: str | None, shard_size: int | None, compress: s
     if checksum is not None:
         settings["checksum"] = checksum
     return Layout(**settings)
+
+
+def _plugin_options(options: tuple[PluginOption, ...]) -> list[click.Option]:
+    """Click options for the options a plug-in declares."""
+    made = []
+    for option in options:
+        flag = f"--{option.name.replace('_', '-')}"
+        if option.type is bool:
+            made.append(click.Option([flag], is_flag=True, default=bool(option.default),
+                                     help=option.help))
+        else:
+            made.append(click.Option([flag], type=option.type, multiple=option.multiple,
+                                     required=option.required,
+                                     default=() if option.multiple else option.default,
+                                     show_default=not option.required, help=option.help))
+    return made
+
+
+def _fix_command(name: str) -> click.Command:
+    fix_cls: type[Fix] = load_plugin(FIXES_GROUP, name)
+
+    def run(store: str, progress: bool, **options: Any) -> None:
+        summary = _run(lambda: fix_cls().run(store, progress=progress, **options))
+        out.print(summary.get("message", summary), highlight=False)
+        sys.exit(0 if summary.get("ok", True) else 1)
+
+    params: list[click.Parameter] = [
+        click.Argument(["store"]),
+        *_plugin_options(fix_cls.options),
+        click.Option(["--progress/--no-progress"], default=sys.stderr.isatty(),
+                     help="show a progress bar [on a terminal]"),
+    ]
+    return click.Command(name, callback=run, params=params, help=_doc_line(fix_cls),
+                         short_help=_doc_line(fix_cls))
 
 
 def _doc_line(cls: type) -> str:
@@ -131,9 +173,7 @@ def _ingest_command(name: str) -> click.Command:
         click.Option(["--progress/--no-progress"], default=sys.stderr.isatty(),
                      help="show a progress bar [on a terminal]"),
     ]
-    for option in source_cls.options:
-        params.append(click.Option([f"--{option.name.replace('_', '-')}"], type=option.type,
-                                   default=option.default, show_default=True, help=option.help))
+    params.extend(_plugin_options(source_cls.options))
     return click.Command(name, callback=run, params=params,
                          help=_doc_line(source_cls), short_help=_doc_line(source_cls))
 
@@ -177,6 +217,8 @@ cli.add_command(_PluginGroup("ingest", plugin_group=SOURCES_GROUP, factory=_inge
                                   "`arraystore ingest SOURCE INPUTS... --out STORE`."))
 cli.add_command(_PluginGroup("export", plugin_group=EXPORTERS_GROUP, factory=_export_command,
                              help="Write a store's committed samples in another format."))
+cli.add_command(_PluginGroup("fix", plugin_group=FIXES_GROUP, factory=_fix_command,
+                             help="Recompute fields of a store in place, resumably."))
 
 
 @cli.command()

@@ -32,7 +32,7 @@ from rich.progress import (
 from arraystore.errors import SampleError, SourceError
 from arraystore.layout import Layout
 from arraystore.lock import StoreLock
-from arraystore.sources import Record, Source, SourceUnit
+from arraystore.sources import BatchStage, Record, Source, SourceUnit
 from arraystore.store import Store, WriteMode, open_for_writing
 from arraystore.writer import StoreWriter
 
@@ -98,9 +98,10 @@ def _derive(record: Record, source: Source | None = None) -> tuple[dict[str, Any
 class DerivePool:
     """Derive records in worker processes, yielding results in input order, few in flight."""
 
-    def __init__(self, source: Source, workers: int) -> None:
+    def __init__(self, source: Source, workers: int, lookahead: int = 0) -> None:
         self.source = source
         self.workers = workers
+        self.lookahead = max(2 * workers, lookahead)
         self._pool = None
         if workers > 1:
             self._pool = mp.get_context("spawn").Pool(
@@ -130,7 +131,7 @@ class DerivePool:
             pending = None if isinstance(item, SampleError) else self._pool.apply_async(
                 _derive, (item,))
             window.append((item, pending))
-            if len(window) >= 2 * self.workers:
+            if len(window) >= self.lookahead:
                 yield self._resolve(*window.popleft())
         while window:
             yield self._resolve(*window.popleft())
@@ -193,8 +194,13 @@ def ingest(
 def _run(source: Source, units: list[SourceUnit], store: Store, workers: int, on_error: OnError,
          progress: bool) -> IngestReport:
     report = IngestReport(store=str(store.path), source=source.name, started=_now())
+    stage = source.batch_stage()
+    if stage is not None:
+        store.provenance["teacher"] = {**stage.describe(), "used_from": _now()}
+    # decoding runs ahead of the writer by two batches, so a model stage never waits on it
+    lookahead = 2 * stage.batch_size if stage is not None else 0
     try:
-        with StoreWriter(store) as writer, DerivePool(source, workers) as pool, \
+        with StoreWriter(store) as writer, DerivePool(source, workers, lookahead) as pool, \
                 _progress(progress) as bar:
             preexisting = set(writer.committed_ids)
             for unit in units:
@@ -202,7 +208,8 @@ def _run(source: Source, units: list[SourceUnit], store: Store, workers: int, on
                     report.units_already_done.append(str(unit.path))
                     continue
                 skips_before = len(report.skipped)
-                _ingest_unit(source, unit, writer, pool, preexisting, on_error, report, bar)
+                _ingest_unit(source, unit, writer, pool, stage, preexisting, on_error, report,
+                             bar)
                 writer.flush()
                 store.provenance.setdefault("sources", []).append({
                     **unit.identity(), "sha256": unit.digest.hexdigest(), "finished": _now(),
@@ -222,6 +229,7 @@ def _ingest_unit(
     unit: SourceUnit,
     writer: StoreWriter,
     pool: DerivePool,
+    stage: BatchStage | None,
     preexisting: set[str],
     on_error: OnError,
     report: IngestReport,
@@ -236,8 +244,20 @@ def _ingest_unit(
                 continue
             yield item
 
+    pending: dict[str, dict[str, Any]] = {}  # derived, waiting for the batch stage
+
+    def write_pending() -> None:
+        if stage is not None and pending:
+            stage(list(pending.values()))
+        for sample_id, values in pending.items():
+            writer.append(sample_id, values)
+            report.ingested += 1
+        pending.clear()
+        bar.update(task, samples=report.ingested)
+
     def fail_or_skip(error: SampleError) -> None:
         if on_error == "fail":
+            write_pending()  # the good samples before the bad one are kept
             raise error
         report.skipped.append(Skip(error.where, error.sample_id, error.reason))
 
@@ -250,17 +270,19 @@ def _ingest_unit(
             if values is None:
                 fail_or_skip(SampleError(item.where, item.sample_id, reason))
                 continue
-            if item.sample_id in writer:
+            if item.sample_id in writer or item.sample_id in pending:
                 fail_or_skip(SampleError(item.where, item.sample_id,
                                          "duplicate sample id: stored earlier in this run"))
                 continue
-            writer.append(item.sample_id, values)
-            report.ingested += 1
-            bar.update(task, samples=report.ingested)
+            pending[item.sample_id] = values
+            if len(pending) >= (stage.batch_size if stage is not None else 1):
+                write_pending()
     except SourceError as exc:
+        write_pending()
         if on_error == "fail":
             raise
         report.skipped.append(Skip(exc.path, "*", f"rest of the input unreadable: {exc.reason}"))
+    write_pending()
     bar.update(task, completed=unit.size)
 
 

@@ -7,14 +7,28 @@ wherever a name is, so code that was never installed as a package can still plug
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from arraystore.errors import UnknownPluginError
 
 SOURCES_GROUP = "arraystore.sources"
 EXPORTERS_GROUP = "arraystore.exporters"
+FIXES_GROUP = "arraystore.fixes"
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PluginOption:
+    """A plug-in's own command-line option (``--max-boxes``, ``--weights``), declared by it."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    required: bool = False
+    multiple: bool = False
 
 
 def plugin_names(group: str) -> list[str]:

@@ -14,20 +14,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
+from typing import Any, BinaryIO, ClassVar, Protocol
 
 from arraystore.errors import SampleError
+from arraystore.plugins import PluginOption
 from arraystore.schema import Schema
-
-
-@dataclass(frozen=True)
-class SourceOption:
-    """A source-specific command-line option (``--max-boxes``), declared by the source."""
-
-    name: str
-    type: type
-    default: Any
-    help: str
 
 
 @dataclass
@@ -81,12 +72,24 @@ class HashingReader:
         return True
 
 
+class BatchStage(Protocol):
+    """Runs on ``batch_size`` derived samples at a time, in the writer process, updating them."""
+
+    batch_size: int
+
+    def __call__(self, samples: list[dict[str, Any]]) -> None: ...
+
+    def describe(self) -> dict[str, Any]:
+        """What to record in the store's provenance (model, weights checksum, ...)."""
+        ...
+
+
 class Source(ABC):
     """Base class of converters; subclasses register under the ``arraystore.sources`` group."""
 
     name: ClassVar[str]
     kind: ClassVar[str]
-    options: ClassVar[tuple[SourceOption, ...]] = ()
+    options: ClassVar[tuple[PluginOption, ...]] = ()
 
     def __init__(self, **options: Any) -> None:
         known = {o.name: o for o in self.options}
@@ -122,6 +125,11 @@ class Source(ABC):
     def store_attrs(self, units: Sequence[SourceUnit]) -> Mapping[str, Any]:
         """Kind-specific attributes to record in a new store (default: none)."""
         return {}
+
+    def batch_stage(self) -> BatchStage | None:
+        """An optional step run in the writer process on batches of derived samples, before
+        they are written (e.g. a teacher model computing features). Default: none."""
+        return None
 
     def prepare_worker(self) -> None:  # noqa: B027 (an optional hook, not abstract)
         """Called once in each worker process before the first ``derive`` (e.g. to pin threads)."""

@@ -16,8 +16,8 @@ BIN, TAR, DEFAULT = ".bin (reference)", "TAR+NPZ (old path)", "raw / auto"
 @dataclass
 class Results:
     args: dict[str, Any]
-    single: dict[str, float] = field(default_factory=dict)  # items/s
-    loader: dict[str, float] = field(default_factory=dict)  # items/s
+    single: dict[str, tuple[float, float]] = field(default_factory=dict)  # items/s, spread
+    loader: dict[str, tuple[float, float]] = field(default_factory=dict)  # items/s, spread
     ingest: dict[str, float] = field(default_factory=dict)  # samples/s
     disk: dict[str, tuple[int, int]] = field(default_factory=dict)  # bytes, files
     item_bytes: int = 0
@@ -36,12 +36,13 @@ def machine() -> str:
             f"{platform.release()}, Python {platform.python_version()}")
 
 
-def _rate_table(rates: dict[str, float], item_bytes: int) -> list[str]:
-    base = rates[BIN]
-    lines = ["| reader (layout / backend) | items/s | MB/s | × .bin |", "|---|---:|---:|---:|"]
-    for name, rate in rates.items():
+def _rate_table(rates: dict[str, tuple[float, float]], item_bytes: int) -> list[str]:
+    base = rates[BIN][0]
+    lines = ["| reader (layout / backend) | items/s | MB/s | × .bin | round spread |",
+             "|---|---:|---:|---:|---:|"]
+    for name, (rate, spread) in rates.items():
         lines.append(f"| {name} | {rate:.1f} | {rate * item_bytes / 1e6:.0f} | "
-                     f"{rate / base:.2f} |")
+                     f"{rate / base:.2f} | ±{spread / 2:.0%} |")
     return lines
 
 
@@ -51,7 +52,8 @@ def _target(label: str, value: float, goal: float) -> str:
 
 
 def write_report(results: Results, stem: Path) -> str:
-    s, dl = results.single, results.loader
+    s = {name: rate for name, (rate, _) in results.single.items()}
+    dl = {name: rate for name, (rate, _) in results.loader.items()}
     cmd = "python -m benchmarks.run " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in results.args.items()
         if v is not None and k not in ("workdir",))
@@ -65,7 +67,8 @@ def write_report(results: Results, stem: Path) -> str:
         f"SA-1B-shaped samples (1500×2250-class JPEGs, {results.args['masks']} masks each, "
         f"compressed feature NPZs)",
         "- method: readers take turns within each round, in a random order; the median round "
-        "gives items/s; ratios are to the `.bin` reader in the same run",
+        "gives items/s; ratios are to the `.bin` reader in the same run; *round spread* is half "
+        "the range of a reader's round times over their median (the noise of this machine)",
         "",
         "## Targets",
         "",
@@ -80,11 +83,11 @@ def write_report(results: Results, stem: Path) -> str:
         "",
         "## Random access, single process",
         "",
-        *_rate_table(s, results.item_bytes),
+        *_rate_table(results.single, results.item_bytes),
         "",
         "## Through a DataLoader (2 workers, batch 8, forkserver, persistent workers)",
         "",
-        *_rate_table(dl, results.item_bytes),
+        *_rate_table(results.loader, results.item_bytes),
         "",
         "## Ingest (TAR shard → raw store, decode + derive + write)",
         "",
@@ -115,8 +118,9 @@ def _plot(results: Results, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("random access, single process", results.single),
-              ("DataLoader, 2 workers", results.loader))
+    panels = (("random access, single process",
+               {n: r for n, (r, _) in results.single.items()}),
+              ("DataLoader, 2 workers", {n: r for n, (r, _) in results.loader.items()}))
     heights = [len(rates) for _, rates in panels]
     fig, axes = plt.subplots(2, 1, figsize=(8, 0.28 * sum(heights) + 2),
                              gridspec_kw={"height_ratios": heights})

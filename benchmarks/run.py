@@ -46,8 +46,10 @@ BACKENDS = ("auto", "direct", "tensorstore", "zarr")
 LOADER_READERS = (BIN, DEFAULT, "sharded / auto", "sharded+zstd / auto", TAR)
 
 
-def interleaved(runs: dict[str, Callable[[], int]], rounds: int, seed: int) -> dict[str, float]:
-    """items/s of each run: items done / median round time, runs in random order per round."""
+def interleaved(runs: dict[str, Callable[[], int]], rounds: int,
+                seed: int) -> dict[str, tuple[float, float]]:
+    """(items/s, spread) of each run: items done / median round time, and (slowest - fastest)
+    / median round; runs take turns in a random order each round."""
     rng = np.random.default_rng(seed)
     times: dict[str, list[float]] = {name: [] for name in runs}
     counts: dict[str, int] = {}
@@ -56,7 +58,8 @@ def interleaved(runs: dict[str, Callable[[], int]], rounds: int, seed: int) -> d
             start = time.perf_counter()
             counts[name] = runs[name]()
             times[name].append(time.perf_counter() - start)
-    return {name: counts[name] / statistics.median(t) for name, t in times.items()}
+    return {name: (counts[name] / statistics.median(t), (max(t) - min(t)) / statistics.median(t))
+            for name, t in times.items()}
 
 
 def read_run(dataset: Any, indices: np.ndarray) -> Callable[[], int]:
@@ -88,13 +91,15 @@ def ingest_rate(shard: Path, out: Path, workers: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=128, help="samples in the read test")
+    parser.add_argument("--samples", type=int, default=48,
+                        help="samples in the read test (9 copies of them must fit the page "
+                             "cache: 48 is about 3.5 GB)")
     parser.add_argument("--masks", type=int, default=24, help="annotations per image")
     parser.add_argument("--reads", type=int, default=48, help="random reads per reader a round")
     parser.add_argument("--tar-reads", type=int, default=6, help="the same, for TAR+NPZ")
     parser.add_argument("--loader-items", type=int, default=96, help="DataLoader items a round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--ingest-samples", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--ingest-samples", type=int, default=32)
     parser.add_argument("--workdir", default=None, help="where the data goes (temporary)")
     parser.add_argument("--name", default="sa1b_random_access")
     args = parser.parse_args()
@@ -129,9 +134,10 @@ def main() -> None:
         print("single-process random reads ...", flush=True)
         for dataset in datasets.values():  # warm the page cache and the handles
             read_run(dataset, np.arange(min(len(dataset), 8)))()
-        for name in datasets:
-            if name != TAR:
-                read_run(datasets[name], np.arange(args.samples))()
+        for _ in range(2):
+            for name in datasets:
+                if name != TAR:
+                    read_run(datasets[name], np.arange(args.samples))()
         runs = {name: read_run(d, rng.integers(0, args.samples,
                                                args.tar_reads if name == TAR else args.reads))
                 for name, d in datasets.items()}
@@ -140,7 +146,7 @@ def main() -> None:
         runs = {name: loader_run(datasets[name], rng.integers(
             0, args.samples, args.loader_items // (8 if name == TAR else 1)), 8)
             for name in LOADER_READERS}
-        results.loader = interleaved(runs, max(3, args.rounds - 2), seed=2)
+        results.loader = interleaved(runs, max(3, args.rounds // 2), seed=2)
     print(write_report(results, Path(__file__).parent / "results" / args.name))
 
 

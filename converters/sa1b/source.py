@@ -11,12 +11,14 @@ import cv2
 import numpy as np
 
 from arraystore.errors import SampleError, SourceError
+from arraystore.plugins import PluginOption
 from arraystore.schema import Schema
-from arraystore.sources import Record, Source, SourceOption, SourceUnit
+from arraystore.sources import BatchStage, Record, Source, SourceUnit
 from converters.sa1b.derive import derive_fields
 from converters.sa1b.fields import DEFAULT_MAX_BOXES, KIND, sa1b_schema
 from converters.sa1b.members import decode_jpeg, load_features, parse_annotations
 from converters.sa1b.tar_shard import read_groups
+from converters.sa1b.teacher_models import SAM2_CONFIGS
 
 TAR_PATTERNS = ("*.tar", "*.tar.gz", "*.tgz")
 
@@ -46,8 +48,14 @@ class Sa1bTarSource(Source):
     name = "sa1b"
     kind = KIND
     options = (
-        SourceOption("max_boxes", int, DEFAULT_MAX_BOXES,
+        PluginOption("max_boxes", int, DEFAULT_MAX_BOXES,
                      "boxes and masks kept per sample, largest annotation area first"),
+        PluginOption("teacher", str, None, f"compute P4/P5 with this SAM2 model during ingest "
+                                           f"({', '.join(SAM2_CONFIGS)})"),
+        PluginOption("weights", str, None, "the teacher's local checkpoint file"),
+        PluginOption("device", str, "cpu", "the teacher's device, e.g. cuda:0"),
+        PluginOption("batch_size", int, 8, "images per teacher forward pass"),
+        PluginOption("amp", bool, False, "bfloat16 autocast for the teacher on CUDA"),
     )
 
     @property
@@ -94,6 +102,22 @@ class Sa1bTarSource(Source):
                             np.zeros((256, 32, 32), np.float32), 0)
         fields.update(P4_S16=p4, P5_S32=p5, feature_flag=np.uint8(flag), image_id=sid)
         return fields
+
+    def batch_stage(self) -> BatchStage | None:
+        """With ``--teacher``, features come from SAM2 (replacing any NPZ features); the model
+        lives in the writer process while the workers decode ahead."""
+        from converters.sa1b.teacher import Sam2Teacher, TeacherError, TeacherStage
+
+        if not self.settings["teacher"]:
+            if self.settings["weights"]:
+                raise TeacherError("--weights given without --teacher; name the SAM2 model")
+            return None
+        if not self.settings["weights"]:
+            raise TeacherError(f"--teacher {self.settings['teacher']} needs --weights PATH "
+                               f"(a local checkpoint)")
+        return TeacherStage(Sam2Teacher(self.settings["teacher"], self.settings["weights"],
+                                        self.settings["device"], self.settings["batch_size"],
+                                        self.settings["amp"]))
 
     def prepare_worker(self) -> None:
         cv2.setNumThreads(1)  # one process per core already; OpenCV threads would oversubscribe

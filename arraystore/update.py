@@ -1,0 +1,94 @@
+"""In-place updates of committed samples (``arraystore fix ...``).
+
+Some fields of some samples are rewritten a file at a time (a whole shard in the sharded layout,
+read, patched and written back once), the files are fsynced, and only then are the samples'
+flag fields set. A kill at any moment leaves every sample either as it was, flag unset, or fully
+updated, flag set; re-running the same fix finishes the job.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from arraystore.errors import SampleNotCommittedError, StoreWriteError
+from arraystore.keys import chunk_file, fsync_path
+from arraystore.lock import StoreLock
+from arraystore.store import Store
+
+
+class StoreUpdater:
+    """Rewrite fields of committed samples; holds the store's writer lock while open."""
+
+    def __init__(self, store: Store) -> None:
+        if store.read_only:
+            raise ValueError(f"{store.path}: opened read-only; open it with mode 'r+'")
+        self.store = store
+        self._lock: StoreLock | None = StoreLock(store.path)
+        self._lock.acquire()
+        self.committed = store.committed_mask()
+
+    def __enter__(self) -> StoreUpdater:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def file_groups(self, positions: Sequence[int], fields: Sequence[str]) -> list[list[int]]:
+        """``positions`` grouped by the file that holds them in ``fields``, in file order."""
+        per_file = max(self.store.layout.samples_per_file(self.store.schema[f]) for f in fields)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for position in sorted(positions):
+            groups[position // per_file].append(int(position))
+        return [groups[key] for key in sorted(groups)]
+
+    def write(self, positions: Sequence[int], values: Mapping[str, np.ndarray],
+              flags: Mapping[str, Any]) -> None:
+        """Set ``values[field][i]`` at ``positions[i]``, make it durable, then set ``flags``."""
+        positions = [int(p) for p in positions]
+        uncommitted = [p for p in positions if not self.committed[p]]
+        if uncommitted:
+            raise SampleNotCommittedError(
+                f"{self.store.path}: samples {uncommitted[:5]} are not committed; only complete "
+                f"samples can be updated")
+        try:
+            for name, rows in values.items():
+                self._rewrite(name, positions, np.asarray(rows))
+            for name, value in flags.items():
+                self._rewrite(name, positions, np.full(len(positions), value,
+                                                       dtype=self.store.schema[name].numpy_dtype))
+        except OSError as exc:
+            raise StoreWriteError(f"{self.store.path}: updating samples {positions[:5]}... "
+                                  f"failed: {exc}; their flags are unchanged, re-run to "
+                                  f"finish") from exc
+
+    def _rewrite(self, name: str, positions: list[int], rows: np.ndarray) -> None:
+        field = self.store.schema[name]
+        if rows.shape != (len(positions), *field.shape):
+            raise ValueError(f"{name}: rows of shape {rows.shape}, expected "
+                             f"{(len(positions), *field.shape)}")
+        array = self.store.array(name)
+        per_file = self.store.layout.samples_per_file(field)
+        by_file: dict[int, list[int]] = defaultdict(list)
+        for row, position in enumerate(positions):
+            by_file[position // per_file].append(row)
+        for index, rows_here in sorted(by_file.items()):
+            start = index * per_file
+            stop = min(start + per_file, array.shape[0])
+            current = np.asarray(array[start:stop])
+            for row in rows_here:
+                current[positions[row] - start] = rows[row]
+            array[start:stop] = current  # the whole file, written once
+            path = chunk_file(self.store.path / name, index, 1 + len(field.shape))
+            fsync_path(path)
+            fsync_path(path.parent)
