@@ -78,5 +78,9 @@ class StoreWriteError(ArrayStoreError, OSError):
     """Writing to the store failed (disk full, permissions); what was committed stays valid."""
 
 
+class WorkerDiedError(ArrayStoreError, RuntimeError):
+    """A worker process of an ingest died; committed samples are kept and a re-run resumes."""
+
+
 class SampleNotCommittedError(ArrayStoreError, IndexError):
     """A read asked for a sample whose data is not (yet) complete."""

@@ -17,6 +17,8 @@ import os
 import signal
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -29,7 +31,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from arraystore.errors import SampleError, SourceError
+from arraystore.errors import SampleError, SourceError, WorkerDiedError
 from arraystore.layout import Layout
 from arraystore.lock import StoreLock
 from arraystore.sources import BatchStage, Record, Source, SourceUnit
@@ -96,17 +98,20 @@ def _derive(record: Record, source: Source | None = None) -> tuple[dict[str, Any
 
 
 class DerivePool:
-    """Derive records in worker processes, yielding results in input order, few in flight."""
+    """Derive records in worker processes, yielding results in input order, few in flight.
+
+    A worker that dies (killed by the OS, out of memory) breaks the pool; that is reported as a
+    :class:`WorkerDiedError` instead of waiting forever for its result.
+    """
 
     def __init__(self, source: Source, workers: int, lookahead: int = 0) -> None:
         self.source = source
         self.workers = workers
         self.lookahead = max(2 * workers, lookahead)
-        self._pool = None
+        self._pool: ProcessPoolExecutor | None = None
         if workers > 1:
-            self._pool = mp.get_context("spawn").Pool(
-                workers, initializer=_init_worker, initargs=(source,)
-            )
+            self._pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                                             initializer=_init_worker, initargs=(source,))
         else:
             source.prepare_worker()
 
@@ -115,8 +120,7 @@ class DerivePool:
 
     def __exit__(self, *exc_info: object) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
     def derive(
         self, items: Iterable[Record | SampleError]
@@ -126,21 +130,31 @@ class DerivePool:
                 yield (item, None, item.reason) if isinstance(item, SampleError) else (
                     item, *_derive(item, self.source))
             return
-        window: deque[tuple[Record | SampleError, Any]] = deque()
-        for item in items:
-            pending = None if isinstance(item, SampleError) else self._pool.apply_async(
-                _derive, (item,))
-            window.append((item, pending))
-            if len(window) >= self.lookahead:
-                yield self._resolve(*window.popleft())
-        while window:
-            yield self._resolve(*window.popleft())
+        window: deque[tuple[Record | SampleError, Future | None]] = deque()
+        try:
+            for item in items:
+                pending = None if isinstance(item, SampleError) else self._pool.submit(
+                    _derive, item)
+                window.append((item, pending))
+                if len(window) >= self.lookahead:
+                    yield self._next(window)
+            while window:
+                yield self._next(window)
+        except BrokenProcessPool as exc:
+            in_flight = [i.sample_id for i, p in window if p is not None]
+            raise WorkerDiedError(
+                f"a decode worker process died (killed by the OS? out of memory?) while deriving "
+                f"one of the samples {in_flight}; the samples before them are committed: re-run "
+                f"the same command to resume, with fewer --workers if memory is short"
+            ) from exc
 
     @staticmethod
-    def _resolve(item: Record | SampleError, pending: Any):
-        if pending is None:
-            return item, None, item.reason
-        return (item, *pending.get())
+    def _next(window: deque[tuple[Record | SampleError, Future | None]]):
+        """The oldest result; its item leaves the window only once its result is in."""
+        item, pending = window[0]
+        result = (item, None, item.reason) if pending is None else (item, *pending.result())
+        window.popleft()
+        return result
 
 
 def _progress(enabled: bool) -> Progress:

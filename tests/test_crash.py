@@ -19,7 +19,7 @@ import zarr.storage._local as zarr_local
 from conftest import photo, rectangle
 
 from arraystore import Layout, SampleReader, ingest
-from arraystore.errors import StoreWriteError
+from arraystore.errors import StoreWriteError, WorkerDiedError
 from arraystore.lock import lock_path
 from arraystore.store import is_store
 from arraystore.verify import verify
@@ -130,3 +130,23 @@ def test_readers_during_a_write_see_only_committed_whole_samples(tmp_path, twelv
     assert process.returncode == 0, process.stderr.read()
     assert assert_committed_match(out, reference) == 12
     assert len(seen) >= 2, f"reads landed on too few states: {seen}"
+
+
+class DyingSource(Sa1bTarSource):
+    """A source whose worker process dies on one sample, as if the OS had killed it."""
+
+    def derive(self, record):
+        if record.sample_id == "k_05":
+            os._exit(9)
+        return super().derive(record)
+
+
+def test_a_dead_worker_is_reported_not_waited_for(tmp_path, twelve) -> None:
+    shard, reference = twelve
+    out = tmp_path / "s.zarr"
+    with pytest.raises(WorkerDiedError, match="k_05"):
+        ingest(DyingSource(), [shard], out, layout=LAYOUT, workers=2)
+    assert assert_committed_match(out, reference) <= 5
+    assert not lock_path(out).exists()
+    ingest(Sa1bTarSource(), [shard], out, layout=LAYOUT, workers=2)
+    assert assert_committed_match(out, reference) == 12
