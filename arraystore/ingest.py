@@ -85,16 +85,19 @@ def _init_worker(source: Source) -> None:
     source.prepare_worker()
 
 
-def _derive(record: Record, source: Source | None = None) -> tuple[dict[str, Any] | None, str]:
-    """Derive one record; a failure comes back as its reason (exceptions may not pickle)."""
+Derived = tuple[dict[str, Any] | None, str, str]  # values, or None with where and why
+
+
+def _derive(record: Record, source: Source | None = None) -> Derived:
+    """Derive one record; a failure comes back as where and why (exceptions may not pickle)."""
     source = source or _WORKER_SOURCE
     assert source is not None, "worker used before _init_worker"
     try:
-        return source.derive(record), ""
+        return source.derive(record), "", ""
     except SampleError as exc:
-        return None, exc.reason
+        return None, exc.where, exc.reason
     except Exception as exc:  # any decoder error is this sample's problem, not the run's
-        return None, f"{type(exc).__name__}: {exc}"
+        return None, record.where, f"{type(exc).__name__}: {exc}"
 
 
 class DerivePool:
@@ -124,11 +127,11 @@ class DerivePool:
 
     def derive(
         self, items: Iterable[Record | SampleError]
-    ) -> Iterator[tuple[Record | SampleError, dict[str, Any] | None, str]]:
+    ) -> Iterator[tuple[Record | SampleError, dict[str, Any] | None, str, str]]:
         if self._pool is None:
             for item in items:
-                yield (item, None, item.reason) if isinstance(item, SampleError) else (
-                    item, *_derive(item, self.source))
+                yield (item, None, item.where, item.reason) if isinstance(
+                    item, SampleError) else (item, *_derive(item, self.source))
             return
         window: deque[tuple[Record | SampleError, Future | None]] = deque()
         try:
@@ -152,7 +155,8 @@ class DerivePool:
     def _next(window: deque[tuple[Record | SampleError, Future | None]]):
         """The oldest result; its item leaves the window only once its result is in."""
         item, pending = window[0]
-        result = (item, None, item.reason) if pending is None else (item, *pending.result())
+        result = (item, None, item.where, item.reason) if pending is None else (
+            item, *pending.result())
         window.popleft()
         return result
 
@@ -276,13 +280,13 @@ def _ingest_unit(
         report.skipped.append(Skip(error.where, error.sample_id, error.reason))
 
     try:
-        for item, values, reason in pool.derive(fresh(source.records(unit))):
+        for item, values, where, reason in pool.derive(fresh(source.records(unit))):
             if isinstance(item, SampleError):
                 fail_or_skip(item)
                 continue
             bar.update(task, completed=item.progress)
             if values is None:
-                fail_or_skip(SampleError(item.where, item.sample_id, reason))
+                fail_or_skip(SampleError(where, item.sample_id, reason))
                 continue
             if item.sample_id in writer or item.sample_id in pending:
                 fail_or_skip(SampleError(item.where, item.sample_id,

@@ -89,7 +89,8 @@ def write_report(results: Results, stem: Path) -> str:
         "",
         *_rate_table(results.loader, results.item_bytes),
         "",
-        "## Ingest (TAR shard → raw store, decode + derive + write)",
+        f"## Ingest ({results.args['samples']} samples: TAR shard → raw store, decode + derive "
+        f"+ write, worker start-up included)",
         "",
         "| run | samples/s |",
         "|---|---:|",

@@ -10,6 +10,7 @@ all use it. It needs only NumPy, so converters may import it without importing t
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,26 @@ def check_sizes(root: Path, files: tuple[BinFile, ...], num_samples: int) -> Non
                 f"{path}: holds {size // spec.item_size} items but {KEYS_FILE} lists "
                 f"{num_samples} samples"
             )
+
+
+@dataclass(frozen=True)
+class BinDirectory:
+    """A checked ``.bin`` folder: its config, sample ids and file layout."""
+
+    root: Path
+    config: dict[str, Any]
+    keys: list[str]
+    files: tuple[BinFile, ...]
+
+
+def open_bin_directory(root: str | Path) -> BinDirectory:
+    """Read and check a ``.bin`` folder: config present, ids unique, every file whole."""
+    root = Path(root)
+    config = read_config(root)
+    keys = read_keys(root)
+    files = bin_files(max_boxes_of(config))
+    check_sizes(root, files, len(keys))
+    duplicated = sorted(k for k, n in Counter(keys).items() if n > 1)
+    if duplicated:
+        raise BinFormatError(f"{root / KEYS_FILE}: duplicated sample ids {duplicated[:5]}")
+    return BinDirectory(root, config, keys, files)

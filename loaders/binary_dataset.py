@@ -9,21 +9,12 @@ only the parts the item needs, which makes it a strong baseline.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from loaders.bin_format import (
-    BinFile,
-    BinFormatError,
-    bin_files,
-    check_sizes,
-    max_boxes_of,
-    read_config,
-    read_keys,
-)
+from loaders.bin_format import BinFile, BinFormatError, open_bin_directory
 from loaders.distill_item import DISTILL_FIELDS, distill_item
 
 
@@ -31,11 +22,11 @@ class BinaryDistillDataset(Dataset):
     """Items of a ``.bin`` dataset folder as the dicts of SEEDS.md 000."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-        self.config = read_config(self.root)
-        self.keys = read_keys(self.root)
-        self.files: tuple[BinFile, ...] = bin_files(max_boxes_of(self.config))
-        check_sizes(self.root, self.files, len(self.keys))
+        directory = open_bin_directory(root)
+        self.root = directory.root
+        self.config = directory.config
+        self.keys = directory.keys
+        self.files: tuple[BinFile, ...] = directory.files
         self._parts = [
             (spec, part, spec.offset_of(part.field))
             for spec in self.files for part in spec.parts if part.field in DISTILL_FIELDS

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 Values = Mapping[str, np.ndarray]
 
@@ -81,9 +82,13 @@ _COUNTS = ("box_prompts_count", "box_prompts_flag", "geometry_color_flag", "num_
 
 def collate_distill(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Batch items: fixed-shape tensors stacked, per-item boxes, masks and meta kept as lists
-    (their first dimension varies with the number of boxes), scalars as tensors."""
+    (their first dimension varies with the number of boxes), scalars as tensors.
+
+    Stacking goes through ``default_collate``, which in a DataLoader worker stacks straight into
+    shared memory: the batch then crosses to the main process without another copy.
+    """
     present = items[0].keys()
-    batch: dict[str, Any] = {k: torch.stack([i[k] for i in items]) for k in _STACKED
+    batch: dict[str, Any] = {k: default_collate([i[k] for i in items]) for k in _STACKED
                              if k in present}
     batch.update({k: [i[k] for i in items] for k in _LISTED if k in present})
     batch.update({k: torch.tensor([i[k] for i in items], dtype=torch.int64) for k in _COUNTS

@@ -88,18 +88,21 @@ def test_broken_sample(tmp_path, case: str) -> None:
     assert not (tmp_path / "evil.jpg").exists() and not (tmp_path.parent / "evil.jpg").exists()
 
 
-def test_symlink_members_are_never_followed(tmp_path) -> None:
+@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE,
+                                  tarfile.FIFOTYPE])
+def test_links_and_devices_are_never_followed(tmp_path, kind) -> None:
     shard = tmp_path / "links.tar"
     with tarfile.open(shard, "w") as archive:
         for name, data in sample_members(GOOD[0], 1):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
-        link = tarfile.TarInfo("sneaky.jpg")
-        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-        archive.addfile(link)
+        odd = tarfile.TarInfo("sneaky.jpg")
+        odd.type, odd.linkname = kind, "/etc/passwd"
+        archive.addfile(odd)
     with pytest.raises(SampleError, match="not a regular file"):
         ingest(Sa1bTarSource(), [shard], tmp_path / "s.zarr", workers=1)
+    assert SampleReader(tmp_path / "s.zarr").sample_ids == ["ok_0"]
 
 
 @pytest.mark.parametrize("cut", ["inside a member", "at a member boundary"])

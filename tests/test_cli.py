@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 from click.testing import CliRunner
-from conftest import write_bin_dataset
+from conftest import photo, write_bin_dataset
 
 from arraystore.cli import cli
+from converters.sa1b.shard_writer import ShardSample, sample_members, write_members
 
 
 def run(*args: str):
@@ -50,3 +52,18 @@ def test_errors_are_one_line_without_traceback(tmp_path, shard) -> None:
     assert result.exit_code == 1 and "Config not found at" in result.output
     result = run("ingest", "nosuch", "x", "--out", "y")
     assert result.exit_code == 2 and "No such command" in result.output
+
+
+def test_broken_sample_through_the_cli(tmp_path) -> None:
+    good = sample_members(ShardSample("ok", photo(np.random.default_rng(1), 64, 96)), 1)
+    bad = [("bad.jpg", b"\xff\xd8 broken"), ("bad.json", good[1][1])]
+    shard = write_members(tmp_path / "broken.tar", good + bad)
+    out = tmp_path / "s.zarr"
+    result = run("ingest", "sa1b", str(shard), "--out", str(out), "--workers", "1")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "broken.tar:bad.jpg" in result.output and "JPEG" in result.output
+    result = run("ingest", "sa1b", str(shard), "--out", str(tmp_path / "k.zarr"), "--workers",
+                 "1", "--on-error", "skip")
+    assert result.exit_code == 0 and "1 skipped" in result.output
+    report = next((tmp_path / "k.zarr.reports").glob("ingest-*.json"))
+    assert json.loads(report.read_text())["skipped"][0]["sample_id"] == "bad"

@@ -66,16 +66,22 @@ def _check_crc(data: memoryview, stored: bytes, field: str, sample: int, path: s
         )
 
 
-class ChunkFileReader(FieldReader):
-    """Unsharded chunks of ``per_chunk`` samples, one file each."""
+class _DirectFieldReader(FieldReader):
+    """What both direct readers know of their field: dtype on disk, chunk paths, checksum."""
 
-    def __init__(self, field: Field, array_dir: Path, per_chunk: int, checksum: bool) -> None:
+    def __init__(self, field: Field, array_dir: Path, checksum: bool) -> None:
         self.field = field
-        self.array_dir = array_dir
-        self.per_chunk = per_chunk
         self.checksum = checksum
         self.dtype = np.dtype(field.dtype).newbyteorder("<")
         self.paths = ChunkPaths(array_dir, 1 + len(field.shape))
+
+
+class ChunkFileReader(_DirectFieldReader):
+    """Unsharded chunks of ``per_chunk`` samples, one file each."""
+
+    def __init__(self, field: Field, array_dir: Path, per_chunk: int, checksum: bool) -> None:
+        super().__init__(field, array_dir, checksum)
+        self.per_chunk = per_chunk
 
     def read(self, start: int, stop: int) -> np.ndarray:
         out = np.empty((stop - start, *self.field.shape), self.dtype)
@@ -115,18 +121,14 @@ class ChunkFileReader(FieldReader):
             _check_crc(view, bytes(crc), self.field.name, index * self.per_chunk, path)
 
 
-class ShardReader(FieldReader):
+class ShardReader(_DirectFieldReader):
     """Per-sample inner chunks packed ``shard_size`` to a shard file with an index at its end."""
 
     def __init__(self, field: Field, array_dir: Path, shard_size: int, checksum: bool,
                  index_checksum: bool) -> None:
-        self.field = field
-        self.array_dir = array_dir
+        super().__init__(field, array_dir, checksum)
         self.shard_size = shard_size
-        self.checksum = checksum
         self.index_checksum = index_checksum
-        self.dtype = np.dtype(field.dtype).newbyteorder("<")
-        self.paths = ChunkPaths(array_dir, 1 + len(field.shape))
         self.chunk_bytes = field.nbytes + (CRC_BYTES if checksum else 0)
         self._open: OrderedDict[int, tuple[int, np.ndarray, str]] = OrderedDict()
 

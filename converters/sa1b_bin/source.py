@@ -9,7 +9,6 @@ empty ``edge_version`` (the method that made the edges is unknown; ``fix edges``
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,28 +19,9 @@ from arraystore.errors import SampleError, SourceError
 from arraystore.schema import Schema
 from arraystore.sources import Record, Source, SourceUnit
 from converters.sa1b.fields import KIND, sa1b_schema
-from loaders.bin_format import (
-    BinFile,
-    BinFormatError,
-    bin_files,
-    check_sizes,
-    max_boxes_of,
-    read_config,
-    read_keys,
-)
+from loaders.bin_format import BinFile, bin_files, max_boxes_of, open_bin_directory, read_config
 
 CONFIG_ATTR = "bin_config"
-
-
-def _layout_of(root: Path) -> tuple[dict[str, Any], list[str], tuple[BinFile, ...]]:
-    config = read_config(root)
-    keys = read_keys(root)
-    files = bin_files(max_boxes_of(config))
-    check_sizes(root, files, len(keys))
-    duplicated = sorted(k for k, n in Counter(keys).items() if n > 1)
-    if duplicated:
-        raise BinFormatError(f"{root}/keys.txt: duplicated sample ids {duplicated[:5]}")
-    return config, keys, files
 
 
 def split_item(files: tuple[BinFile, ...], items: Mapping[str, bytes]) -> dict[str, np.ndarray]:
@@ -72,7 +52,7 @@ class BinDirectorySource(Source):
                 raise SourceError(str(root), "not a folder; `ingest bin` takes .bin dataset "
                                              "folders (config.json, keys.txt, *.bin)")
             try:
-                _, _, files = _layout_of(root)
+                files = open_bin_directory(root).files
             except (FileNotFoundError, OSError) as exc:
                 raise SourceError(str(root), str(exc)) from exc
             size = sum((root / f.name).stat().st_size for f in files)
@@ -90,7 +70,8 @@ class BinDirectorySource(Source):
         return {CONFIG_ATTR: read_config(units[0].path)} if units else {}
 
     def records(self, unit: SourceUnit) -> Iterator[Record | SampleError]:
-        _, keys, files = _layout_of(unit.path)
+        directory = open_bin_directory(unit.path)
+        keys, files = directory.keys, directory.files
         handles = {f.name: open(unit.path / f.name, "rb") for f in files}  # noqa: SIM115
         try:
             for index, key in enumerate(keys):
