@@ -148,7 +148,9 @@ class DerivePool:
             raise WorkerDiedError(
                 f"a decode worker process died (killed by the OS? out of memory?) while deriving "
                 f"one of the samples {in_flight}; the samples before them are committed: re-run "
-                f"the same command to resume, with fewer --workers if memory is short"
+                f"the same command to resume, with fewer --workers if memory is short. Calling "
+                f"ingest() from a script? Workers start with 'spawn' and re-import the main "
+                f"module: put the call under `if __name__ == \"__main__\":`"
             ) from exc
 
     @staticmethod

@@ -18,6 +18,7 @@ import numpy as np
 
 from arraystore.errors import SampleNotCommittedError
 from arraystore.readers import Backend, FieldReader, backend_chain
+from arraystore.sample_ids import SampleIds
 from arraystore.schema import Field
 from arraystore.store import Store
 
@@ -42,7 +43,7 @@ class SampleReader:
             self.schema[name]  # raises KeyError naming the known fields
         committed = store.committed_mask()
         self.positions = np.flatnonzero(committed)
-        self.sample_ids = [str(s) for s in store.sample_ids()[committed]]
+        self.sample_ids = SampleIds(store.sample_ids()[committed])
         self._reset()
 
     def _reset(self) -> None:

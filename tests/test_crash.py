@@ -47,7 +47,7 @@ def twelve(tmp_path_factory) -> tuple[Path, dict]:
 def assert_committed_match(path: Path, reference: dict) -> int:
     """Every committed sample equals the reference; committed samples are a prefix in order."""
     reader = SampleReader(path)
-    assert reader.sample_ids == list(reference)[: len(reader)]
+    assert list(reader.sample_ids) == list(reference)[: len(reader)]
     for index, sample_id in enumerate(reader.sample_ids):
         for name, value in reader.read(index).items():
             np.testing.assert_array_equal(value, reference[sample_id][name], err_msg=name)
@@ -150,3 +150,20 @@ def test_a_dead_worker_is_reported_not_waited_for(tmp_path, twelve) -> None:
     assert not lock_path(out).exists()
     ingest(Sa1bTarSource(), [shard], out, layout=LAYOUT, workers=2)
     assert assert_committed_match(out, reference) == 12
+
+
+def test_a_script_without_a_main_guard_gets_the_fix_in_the_error(tmp_path, twelve) -> None:
+    """Spawned workers re-import the main module; a script that calls ingest() at top level
+    makes each of them start an ingest of its own and die. The error says how to fix it."""
+    shard, _ = twelve
+    script = tmp_path / "convert.py"
+    script.write_text(
+        "from arraystore import ingest\n"
+        "from converters.sa1b.source import Sa1bTarSource\n"
+        f"ingest(Sa1bTarSource(), [{str(shard)!r}], {str(tmp_path / 's.zarr')!r}, workers=2)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "WorkerDiedError" in done.stderr and 'if __name__ == "__main__":' in done.stderr
+    assert not lock_path(tmp_path / "s.zarr").exists()

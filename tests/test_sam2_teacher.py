@@ -98,7 +98,7 @@ def test_fix_features_then_a_killed_fix_resumes(tmp_path, checkpoint, encoder, t
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert SampleReader(out).sample_ids == ["t_0", "t_1", "t_2"]
+    assert list(SampleReader(out).sample_ids) == ["t_0", "t_1", "t_2"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert_features_match(out, encoder)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ from arraystore.errors import (
     SchemaError,
     StoreExistsError,
 )
+from arraystore.sample_ids import SampleIds
 from arraystore.store import open_for_writing
 from converters.sa1b.source import Sa1bTarSource
 
@@ -50,8 +53,22 @@ def test_writer_commits_and_validates(tmp_path) -> None:
         with pytest.raises(SampleValidationError, match="missing"):
             writer.append("bad", {"x": np.zeros((2, 3), np.float32)})
     reader = SampleReader(tmp_path / "t.zarr")
-    assert len(reader) == 6 and reader.sample_ids == [f"s{i}" for i in range(6)]
+    assert len(reader) == 6 and list(reader.sample_ids) == [f"s{i}" for i in range(6)]
     assert reader.read(5)["name"] == "n5" and reader.read(5)["x"][0, 0] == 5
+
+
+def test_sample_ids_are_packed_and_unicode_safe(tmp_path) -> None:
+    ids = ["s0", "bild_ä", "画像_2", "a much longer id than the others"]
+    store = Store.create(tmp_path / "u.zarr", TOY, Layout("raw"))
+    with StoreWriter(store) as writer:
+        for i, sample_id in enumerate(ids):
+            writer.append(sample_id, toy_sample(i))
+    reader = pickle.loads(pickle.dumps(SampleReader(tmp_path / "u.zarr")))
+    assert isinstance(reader.sample_ids, SampleIds) and list(reader.sample_ids) == ids
+    assert reader.sample_ids[-1] == ids[-1] and reader.sample_ids[1:3] == ids[1:3]
+    assert reader.sample_ids._encoded.dtype.kind == "S"  # one bytes array, no str objects
+    with pytest.raises(IndexError):
+        reader.sample_ids[len(ids)]
 
 
 def test_modes(tmp_path, shard) -> None:
@@ -100,7 +117,7 @@ def test_rerun_skips_ingested_inputs_and_resume_fills_the_rest(tmp_path, shard) 
     resumed = ingest(Sa1bTarSource(), [shard], partial, workers=2)
     assert (resumed.already_stored, resumed.ingested) == (3, 2)
     a, b = SampleReader(full), SampleReader(partial)
-    assert a.sample_ids == b.sample_ids
+    assert list(a.sample_ids) == list(b.sample_ids)
     for i in range(len(a)):
         for name, value in a.read(i).items():
             np.testing.assert_array_equal(b.read(i)[name], value)
@@ -115,7 +132,7 @@ def test_appending_a_second_shard(tmp_path, samples) -> None:
     out = tmp_path / "s.zarr"
     ingest(Sa1bTarSource(), [first], out, workers=1, layout=Layout("sharded", shard_size=4))
     ingest(Sa1bTarSource(), [second], out, workers=1)
-    assert SampleReader(out).sample_ids == [s.key for s in samples]
+    assert list(SampleReader(out).sample_ids) == [s.key for s in samples]
     sources = Store.open(out).provenance["sources"]
     assert [s["path"] for s in sources] == [str(first.resolve()), str(second.resolve())]
     assert all(len(s["sha256"]) == 64 and s["size"] > 0 for s in sources)
