@@ -36,7 +36,7 @@ from arraystore.layout import Layout
 from arraystore.lock import StoreLock
 from arraystore.sources import BatchStage, Record, Source, SourceUnit
 from arraystore.store import Store, WriteMode, open_for_writing
-from arraystore.writer import StoreWriter
+from arraystore.writer import StoreWriter, sample_id_problem
 
 OnError = Literal["fail", "skip"]
 ON_ERROR_CHOICES: tuple[str, ...] = ("fail", "skip")
@@ -258,10 +258,15 @@ def _ingest_unit(
     task = bar.add_task(unit.label, total=unit.size, samples=0)
 
     def fresh(items: Iterable[Record | SampleError]) -> Iterator[Record | SampleError]:
+        """Records not stored yet; a record whose id no store can hold becomes its error."""
         for item in items:
-            if isinstance(item, Record) and item.sample_id in preexisting:
-                report.already_stored += 1
-                continue
+            if isinstance(item, Record):
+                if item.sample_id in preexisting:
+                    report.already_stored += 1
+                    continue
+                bad_id = sample_id_problem(item.sample_id)
+                if bad_id:
+                    item = SampleError(item.where, item.sample_id, bad_id)
             yield item
 
     pending: dict[str, dict[str, Any]] = {}  # derived, waiting for the batch stage

@@ -25,8 +25,20 @@ from arraystore.store import COMMITTED_ARRAY, COMMITTED_FIELD, SAMPLE_ARRAY, SAM
 DEFAULT_RAW_FLUSH = 32
 
 
+def sample_id_problem(sample_id: object) -> str | None:
+    """Why ``sample_id`` cannot be stored, or None: ids are non-empty ``str`` without NUL
+    characters (readers pack them into one bytes array, which cannot hold a trailing NUL)."""
+    if isinstance(sample_id, str) and sample_id and "\0" not in sample_id:
+        return None
+    return f"sample id {sample_id!r}: expected a non-empty str without NUL characters"
+
+
 def validate_sample(fields: tuple[Field, ...], sample_id: str, values: Mapping[str, Any]) -> None:
-    """Check that ``values`` holds exactly the schema's fields with their shapes and dtypes."""
+    """Check that ``sample_id`` is usable and ``values`` holds exactly the schema's fields with
+    their shapes and dtypes."""
+    problem = sample_id_problem(sample_id)
+    if problem:
+        raise SampleValidationError(problem)
     expected = {f.name for f in fields}
     missing, extra = expected - set(values), set(values) - expected
     if missing or extra:

@@ -3,6 +3,7 @@ samples before it stay committed), or a skip listed with its reason in ``skip`` 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -59,6 +60,8 @@ CASES = {
     "JPEG without JSON": (bad_sample_members(bad_json=None), "JSON member missing"),
     "JSON without JPEG": (bad_sample_members(bad_jpg=None), "JPG member missing"),
     "duplicate key": ([("README.txt", b"not a sample"), ("ok_0.json", b"{}")], "duplicate key"),
+    "member without a key": ([(name[name.index("."):], data) for name, data in
+                              bad_sample_members()], "no sample key"),
     "climbing member name": ([("../evil.jpg", b"x"), ("../evil.json", b"{}")], "'..'"),
     "absolute member name": ([("/etc/evil.jpg", b"x")], "absolute"),
     "NPZ with object array": ([*bad_sample_members(), ("bad_features.npz", npz_bytes(
@@ -86,6 +89,25 @@ def test_broken_sample(tmp_path, case: str) -> None:
     written = json.loads(Path(report.report_path).read_text())
     assert len(written["skipped"]) == len(report.skipped)
     assert not (tmp_path / "evil.jpg").exists() and not (tmp_path.parent / "evil.jpg").exists()
+
+
+class NulIdSource(Sa1bTarSource):
+    """A source (of any kind) that yields a sample id no store can hold."""
+
+    def records(self, unit):
+        for record in super().records(unit):
+            if getattr(record, "sample_id", "") == "ok_1":
+                record = dataclasses.replace(record, sample_id="ok\0_1")
+            yield record
+
+
+def test_unusable_sample_ids_from_any_source_are_refused(tmp_path) -> None:
+    shard = write_members(tmp_path / "shard.tar", members_with([]))
+    with pytest.raises(SampleError, match="without NUL"):
+        ingest(NulIdSource(), [shard], tmp_path / "fail.zarr", workers=1)
+    report = ingest(NulIdSource(), [shard], tmp_path / "skip.zarr", workers=1, on_error="skip")
+    assert [s.sample_id for s in report.skipped] == ["ok\0_1"]
+    assert list(SampleReader(tmp_path / "skip.zarr").sample_ids) == ["ok_0", "ok_2"]
 
 
 @pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE,

@@ -50,6 +50,9 @@ def test_writer_commits_and_validates(tmp_path) -> None:
             writer.append("s1", toy_sample(1))
         with pytest.raises(SampleValidationError, match=r"'x'.*float64"):
             writer.append("bad", {**toy_sample(0), "x": np.zeros((2, 3))})
+        for bad_id in ("", "a\0b", 7):
+            with pytest.raises(SampleValidationError, match="sample id"):
+                writer.append(bad_id, toy_sample(0))
         with pytest.raises(SampleValidationError, match="missing"):
             writer.append("bad", {"x": np.zeros((2, 3), np.float32)})
     reader = SampleReader(tmp_path / "t.zarr")

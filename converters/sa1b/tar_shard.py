@@ -108,6 +108,10 @@ def _groups(archive: tarfile.TarFile, label: str) -> Iterator[MemberGroup | Samp
             if current is not None:
                 yield current
             current = MemberGroup(key)
+            if not current.sample_id:
+                current.problems.append(
+                    f"{name}: no sample key: SA-1B members are named <key>.<ext> and this "
+                    f"name has nothing before the first '.'")
             if key in seen:
                 current.problems.append(
                     f"{name}: duplicate key {key!r}: it appeared earlier in the shard, apart from "
