@@ -24,7 +24,9 @@ from torch.utils.data import DataLoader
 from arraystore import Layout, ingest
 from arraystore.info import store_info
 from benchmarks.data import write_sa1b_shard
-from benchmarks.report import Results, write_report
+from benchmarks.in_memory import InMemoryDataset
+from benchmarks.profile import time_shares
+from benchmarks.report import BIN, DEFAULT, NO_IO, TAR, Results, write_report
 from benchmarks.tar_npz import TarNpzDataset
 from converters.sa1b.source import Sa1bTarSource
 from converters.sa1b_bin.exporter import BinExporter
@@ -32,8 +34,6 @@ from converters.sa1b_bin.source import BinDirectorySource
 from loaders import BinaryDistillDataset, ZarrDistillDataset, collate_distill
 from loaders.bin_format import bin_files
 
-BIN, TAR = ".bin (reference)", "TAR+NPZ (old path)"
-DEFAULT = "raw / auto"  # ZarrDistillDataset's defaults on the default layout
 LAYOUTS = {
     "raw": Layout("raw"),
     "raw+crc32c": Layout("raw", checksum=True),
@@ -43,7 +43,8 @@ LAYOUTS = {
     "sharded+zstd": Layout("sharded", compression="zstd"),
 }
 BACKENDS = ("auto", "direct", "tensorstore", "zarr")
-LOADER_READERS = (BIN, DEFAULT, "sharded / auto", "sharded+zstd / auto", TAR)
+BATCH = 8
+LOADER_READERS = (NO_IO, BIN, DEFAULT, "sharded / auto", "sharded+zstd / auto", TAR)
 
 
 def interleaved(runs: dict[str, Callable[[], int]], rounds: int,
@@ -95,7 +96,7 @@ def main() -> None:
                         help="samples in the read test (9 copies of them must fit the page "
                              "cache: 48 is about 3.5 GB)")
     parser.add_argument("--masks", type=int, default=24, help="annotations per image")
-    parser.add_argument("--reads", type=int, default=48, help="random reads per reader a round")
+    parser.add_argument("--reads", type=int, default=192, help="random reads per reader a round")
     parser.add_argument("--tar-reads", type=int, default=6, help="the same, for TAR+NPZ")
     parser.add_argument("--loader-items", type=int, default=192,
                         help="DataLoader items a round")
@@ -126,6 +127,9 @@ def main() -> None:
                 datasets[f"{label} / {backend}"] = ZarrDistillDataset(store, backend)
         results.item_bytes = sum(v.nbytes for v in datasets[BIN][0].values()
                                  if hasattr(v, "nbytes"))
+        results.batch_size = BATCH
+        datasets[NO_IO] = InMemoryDataset(
+            [datasets[BIN].read_fields(i) for i in range(args.samples)], datasets[BIN].keys)
         rng = np.random.default_rng(0)
         print("single-process random reads ...", flush=True)
         for dataset in datasets.values():  # warm the page cache and the handles
@@ -138,9 +142,13 @@ def main() -> None:
                                                args.tar_reads if name == TAR else args.reads))
                 for name, d in datasets.items()}
         results.single = interleaved(runs, args.rounds, seed=1)
+        print("profiling ...", flush=True)
+        some = rng.integers(0, args.samples, args.reads)
+        results.profiles = {name: time_shares(read_run(datasets[name], some))
+                            for name in (DEFAULT, BIN)}
         print("DataLoader, 2 workers ...", flush=True)
         runs = {name: loader_run(datasets[name], rng.integers(
-            0, args.samples, args.loader_items // (8 if name == TAR else 1)), 8)
+            0, args.samples, args.loader_items // (8 if name == TAR else 1)), BATCH)
             for name in LOADER_READERS}
         results.loader = interleaved(runs, args.rounds, seed=2)
     print(write_report(results, Path(__file__).parent / "results" / args.name))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ class BinPart:
     shape: tuple[int, ...]
     dtype: str  # explicit byte order, e.g. "<f4"
 
-    @property
+    @cached_property  # read paths ask for it on every item
     def nbytes(self) -> int:
         return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
 
@@ -52,7 +53,7 @@ class BinFile:
     name: str
     parts: tuple[BinPart, ...]
 
-    @property
+    @cached_property
     def item_size(self) -> int:
         return sum(p.nbytes for p in self.parts)
 
