@@ -6,7 +6,7 @@ Every comparison is a ratio measured within one run: readers take turns, round b
 random order, so drift in the machine's speed hits all alike. Writes
 ``benchmarks/results/<name>.md`` (tables, targets, machine) and ``<name>.png``.
 
-Usage: python -m benchmarks.run [--samples 128] [--name sa1b_random_access] [-h for the rest]
+Usage: python -m benchmarks.run [--samples 48] [--name sa1b_random_access] [-h for the rest]
 """
 
 from __future__ import annotations
