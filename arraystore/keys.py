@@ -7,6 +7,7 @@ them); both rely on arrays chunked along ``sample`` only, which is how every sto
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -25,6 +26,15 @@ class ChunkPaths:
 
     def path(self, sample_chunk: int) -> str:
         return f"{self._prefix}{sample_chunk}{self._suffix}"
+
+
+def group_by_chunk(positions: Iterable[int], per_chunk: int) -> dict[int, list[int]]:
+    """Sample positions grouped by the index of the chunk (or shard file) of ``per_chunk``
+    samples that holds them: chunk indices ascending, each group in the order given."""
+    groups: dict[int, list[int]] = {}
+    for position in positions:
+        groups.setdefault(int(position) // per_chunk, []).append(int(position))
+    return dict(sorted(groups.items()))
 
 
 def fsync_path(path: Path) -> None:

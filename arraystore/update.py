@@ -8,7 +8,6 @@ updated, flag set; re-running the same fix finishes the job.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from arraystore.errors import SampleNotCommittedError, StoreWriteError
-from arraystore.keys import chunk_file, fsync_path
+from arraystore.keys import chunk_file, fsync_path, group_by_chunk
 from arraystore.lock import StoreLock
 from arraystore.store import Store
 
@@ -47,10 +46,7 @@ class StoreUpdater:
     def file_groups(self, positions: Sequence[int], fields: Sequence[str]) -> list[list[int]]:
         """``positions`` grouped by the file that holds them in ``fields``, in file order."""
         per_file = max(self.store.layout.samples_per_file(self.store.schema[f]) for f in fields)
-        groups: dict[int, list[int]] = defaultdict(list)
-        for position in sorted(positions):
-            groups[position // per_file].append(int(position))
-        return [groups[key] for key in sorted(groups)]
+        return list(group_by_chunk(sorted(positions), per_file).values())
 
     def write(self, positions: Sequence[int], values: Mapping[str, np.ndarray],
               flags: Mapping[str, Any]) -> None:
@@ -79,15 +75,13 @@ class StoreUpdater:
                              f"{(len(positions), *field.shape)}")
         array = self.store.array(name)
         per_file = self.store.layout.samples_per_file(field)
-        by_file: dict[int, list[int]] = defaultdict(list)
-        for row, position in enumerate(positions):
-            by_file[position // per_file].append(row)
-        for index, rows_here in sorted(by_file.items()):
+        row_of = {position: row for row, position in enumerate(positions)}
+        for index, here in group_by_chunk(positions, per_file).items():
             start = index * per_file
             stop = min(start + per_file, array.shape[0])
             current = np.asarray(array[start:stop])
-            for row in rows_here:
-                current[positions[row] - start] = rows[row]
+            for position in here:
+                current[position - start] = rows[row_of[position]]
             array[start:stop] = current  # the whole file, written once
             path = chunk_file(self.store.path / name, index, 1 + len(field.shape))
             fsync_path(path)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 import zarr
 
 from arraystore.errors import ArrayStoreError
-from arraystore.keys import chunk_file
+from arraystore.keys import chunk_file, group_by_chunk
 from arraystore.layout import Layout
 from arraystore.readers.direct import CRC_BYTES, EMPTY, crc_matches, read_shard_index
 from arraystore.schema import SAMPLE_DIM, Field
@@ -92,10 +91,7 @@ class _Checker:
         if not self._metadata_ok(f, array_dir):
             return
         per_file = self.layout.samples_per_file(f)
-        by_file: dict[int, list[int]] = defaultdict(list)
-        for position in self.positions:
-            by_file[int(position) // per_file].append(int(position))
-        for index, positions in by_file.items():
+        for index, positions in group_by_chunk(self.positions, per_file).items():
             path = chunk_file(array_dir, index, 1 + len(f.shape))
             if not path.is_file():
                 self.problem(f, positions[0], path, f"chunk file missing ({len(positions)} "
@@ -189,10 +185,7 @@ class _Checker:
 
 def _runs(positions: np.ndarray, per_chunk: int) -> Iterator[tuple[int, int]]:
     """(start, stop) per chunk holding committed positions, clipped to them."""
-    chunks: dict[int, list[int]] = defaultdict(list)
-    for position in positions:
-        chunks[int(position) // per_chunk].append(int(position))
-    for members in chunks.values():
+    for members in group_by_chunk(positions, per_chunk).values():
         yield members[0], members[-1] + 1
 
 
