@@ -10,7 +10,6 @@ command resumes it.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import multiprocessing as mp
 import os
@@ -35,7 +34,7 @@ from arraystore.errors import SampleError, SourceError, WorkerDiedError
 from arraystore.layout import Layout
 from arraystore.lock import StoreLock
 from arraystore.sources import BatchStage, Record, Source, SourceUnit
-from arraystore.store import Store, WriteMode, open_for_writing
+from arraystore.store import Store, WriteMode, open_for_writing, utc_now
 from arraystore.writer import StoreWriter, sample_id_problem
 
 OnError = Literal["fail", "skip"]
@@ -69,10 +68,6 @@ class IngestReport:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 _WORKER_SOURCE: Source | None = None
@@ -213,10 +208,10 @@ def ingest(
 
 def _run(source: Source, units: list[SourceUnit], store: Store, workers: int, on_error: OnError,
          progress: bool) -> IngestReport:
-    report = IngestReport(store=str(store.path), source=source.name, started=_now())
+    report = IngestReport(store=str(store.path), source=source.name, started=utc_now())
     stage = source.batch_stage()
     if stage is not None:
-        store.provenance["teacher"] = {**stage.describe(), "used_from": _now()}
+        store.provenance["teacher"] = {**stage.describe(), "used_from": utc_now()}
     # decoding runs ahead of the writer by two batches, so a model stage never waits on it
     lookahead = 2 * stage.batch_size if stage is not None else 0
     try:
@@ -232,13 +227,13 @@ def _run(source: Source, units: list[SourceUnit], store: Store, workers: int, on
                              bar)
                 writer.flush()
                 store.provenance.setdefault("sources", []).append({
-                    **unit.identity(), "sha256": unit.digest.hexdigest(), "finished": _now(),
+                    **unit.identity(), "sha256": unit.digest.hexdigest(), "finished": utc_now(),
                     "skipped": len(report.skipped) - skips_before,
                 })
                 store.save_meta()
                 report.units_ingested.append(str(unit.path))
     finally:
-        report.finished = _now()
+        report.finished = utc_now()
         if report.skipped:
             _write_report(store, report)
     return report

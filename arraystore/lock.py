@@ -9,7 +9,6 @@ Locks are re-entrant within a process (``ingest`` holds it while its writer take
 
 from __future__ import annotations
 
-import datetime as dt
 import fcntl
 import json
 import logging
@@ -20,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 
 from arraystore.errors import ArrayStoreError
+from arraystore.store import utc_now
 
 LOCK_SUFFIX = ".lock"
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class StoreLock:
                         self.store_path, previous.get("pid"), previous.get("host"))
         record = json.dumps({
             "pid": os.getpid(), "host": socket.gethostname(),
-            "since": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "since": utc_now(),
             "command": " ".join(sys.argv)[:500],
         }).encode()
         os.ftruncate(fd, 0)

@@ -38,7 +38,8 @@ SAMPLE_FIELD = Field(SAMPLE_ARRAY, (), "str", (), "block", "sample id (the xarra
 COMMITTED_FIELD = Field(COMMITTED_ARRAY, (), "bool", (), "block", "the sample's data is complete")
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """The current UTC time as provenance records it (ISO 8601, seconds)."""
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
@@ -149,7 +150,8 @@ class Store:
             "kind": schema.kind,
             "schema": schema.to_json(),
             "layout": layout.to_json(),
-            "provenance": {"tool": f"arraystore {__version__}", "created": _now(), "sources": []},
+            "provenance": {"tool": f"arraystore {__version__}", "created": utc_now(),
+                           "sources": []},
             "extra": dict(extra_attrs or {}),
         }
         group = zarr.open_group(str(path), mode="w-", zarr_format=3, attributes={ATTRS_KEY: meta})

@@ -14,10 +14,8 @@ from typing import Any
 
 from arraystore.sources import Record
 from converters.sa1b.source import Sa1bTarSource
-from converters.sa1b.tar_shard import split_name
+from converters.sa1b.tar_shard import member_role, split_name
 from loaders.distill_item import distill_item
-
-ROLES = {"jpg": "jpg", "json": "json", "npz": "npz"}
 
 
 class TarNpzDataset:
@@ -30,8 +28,9 @@ class TarNpzDataset:
         with tarfile.open(shard) as archive:
             for member in archive.getmembers():
                 key, suffix = split_name(member.name)
-                if suffix in ROLES:
-                    members.setdefault(key, {})[ROLES[suffix]] = (member.offset_data, member.size)
+                role = member_role(suffix)
+                if role is not None:
+                    members.setdefault(key, {})[role] = (member.offset_data, member.size)
         self.keys = list(members)
         self.members = members
         self._fd: int | None = None

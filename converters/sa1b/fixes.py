@@ -7,7 +7,6 @@ after the data is durable: a killed fix resumes where it stopped when run again.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from arraystore.fixes import Fix
 from arraystore.plugins import PluginOption
 from arraystore.reader import SampleReader
 from arraystore.sources import SourceUnit
-from arraystore.store import Store
+from arraystore.store import Store, utc_now
 from arraystore.update import StoreUpdater
 from converters.sa1b.derive import MaskAccumulator, decode_mask
 from converters.sa1b.fields import EDGE_VERSION, KIND
@@ -30,10 +29,6 @@ from converters.sa1b.tar_shard import read_groups
 from converters.sa1b.teacher_models import SAM2_CONFIGS
 
 EDGE_WRITE_BATCH = 64
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _open_sa1b(path: str | os.PathLike[str]) -> Store:
@@ -57,7 +52,7 @@ def _batches(groups: list[list[int]], size: int) -> Iterator[list[int]]:
 
 
 def _record(store: Store, entry: dict[str, Any]) -> None:
-    store.provenance.setdefault("fixes", []).append({**entry, "finished": _now()})
+    store.provenance.setdefault("fixes", []).append({**entry, "finished": utc_now()})
     store.save_meta()
 
 
@@ -79,7 +74,7 @@ def fix_features(store_path: str | os.PathLike[str], teacher: Any, *,
                 updater.write(batch, {"P4_S16": p4, "P5_S32": p5}, {"feature_flag": 1})
                 bar.advance(task, len(batch))
         description = teacher.describe()
-        store.provenance["teacher"] = {**description, "used_from": _now()}
+        store.provenance["teacher"] = {**description, "used_from": utc_now()}
         _record(store, {"fix": "features", **description, "samples": len(todo)})
     left = int(((np.asarray(store.array("feature_flag")[:]) == 0) & updater.committed).sum())
     return {"ok": True, "fixed": len(todo), "left": left,

@@ -48,7 +48,8 @@ def split_name(name: str) -> tuple[str, str]:
     return posixpath.join(directory, stem) if directory else stem, suffix
 
 
-def _role(suffix: str) -> str | None:
+def member_role(suffix: str) -> str | None:
+    """What a member with this suffix is to a sample (``jpg``, ``json``, ``npz``), or None."""
     if suffix in IMAGE_SUFFIXES:
         return "jpg"
     return suffix if suffix in ("json", "npz") else None
@@ -117,7 +118,7 @@ def _groups(archive: tarfile.TarFile, label: str) -> Iterator[MemberGroup | Samp
                     f"{name}: duplicate key {key!r}: it appeared earlier in the shard, apart from "
                     f"this member (a sample's members must be adjacent)")
             seen.add(key)
-        role = _role(suffix)
+        role = member_role(suffix)
         if problem:
             current.problems.append(f"{name}: {problem}")
             continue
