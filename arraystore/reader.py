@@ -18,6 +18,7 @@ import numpy as np
 
 from arraystore.errors import SampleNotCommittedError
 from arraystore.readers import Backend, FieldReader, backend_chain
+from arraystore.region import normalize_region
 from arraystore.sample_ids import SampleIds
 from arraystore.schema import Field
 from arraystore.store import Store
@@ -111,6 +112,37 @@ class SampleReader:
             if len(cache) > CACHED_BLOCKS:
                 cache.popitem(last=False)
         return block[row]
+
+    def read_region(self, index: int, name: str, region: Sequence[slice]) -> np.ndarray:
+        """A window of one field of the ``index``-th committed sample: ``region`` holds one
+        ``slice`` (step 1) per per-sample dimension, trailing ones may be left out.
+
+        Reads only what the window needs where the backend can (the direct backend ``pread`` s
+        the window's rows; TensorStore and zarr-python slice natively) and equals
+        ``reader.read(index)[name][region]``.
+        """
+        field = self.schema[name]
+        bounds = normalize_region(region, field.shape, f"{self.path}: field {name!r}")
+        position = self.position(index)
+        if field.chunking == "block" or field.is_string:
+            return np.asarray(self.read_field(name, position))[bounds]
+        return self.field_reader(name)[0].read_region(position, bounds)
+
+    def column(self, name: str) -> np.ndarray:
+        """The values of a block-chunked field (ids, flags, indices) for every committed sample,
+        in reader order, for building indices.
+
+        Read with zarr-python whatever the backend: index building runs in the parent of
+        DataLoader workers, and TensorStore, once used, aborts a ``fork()``.
+        """
+        field = self.schema[name]
+        if field.chunking != "block":
+            raise ValueError(f"{self.path}: field {name!r} is chunked per sample; a column "
+                             f"read is for small block-chunked fields")
+        if not len(self.positions):
+            return np.empty((0, *field.shape), field.numpy_dtype)
+        array = Store.open(self.path).array(name)
+        return np.asarray(array[: int(self.positions[-1]) + 1])[self.positions]
 
     def read(self, index: int, fields: Sequence[str] | None = None) -> dict[str, Any]:
         """The ``index``-th committed sample: field name -> array (or str)."""

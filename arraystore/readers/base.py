@@ -9,6 +9,7 @@ from typing import ClassVar
 import numpy as np
 
 from arraystore.layout import Layout
+from arraystore.region import Region
 from arraystore.schema import Field
 
 
@@ -18,6 +19,13 @@ class FieldReader(ABC):
     @abstractmethod
     def read(self, start: int, stop: int) -> np.ndarray:
         """Samples ``start`` to ``stop`` (exclusive), shape ``(stop - start, *field.shape)``."""
+
+    def read_region(self, sample: int, region: Region) -> np.ndarray:
+        """The window ``region`` (normalised, see :mod:`arraystore.region`) of one sample.
+
+        This default reads the whole sample and slices it; backends that can read less do.
+        """
+        return self.read(sample, sample + 1)[0][region]
 
 
 class Backend(ABC):

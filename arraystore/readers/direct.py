@@ -23,6 +23,7 @@ from arraystore.errors import ChecksumMismatchError, StoreFormatError
 from arraystore.keys import ChunkPaths
 from arraystore.layout import Layout
 from arraystore.readers.base import Backend, FieldReader
+from arraystore.region import Region, region_shape
 from arraystore.schema import Field
 
 CRC_BYTES = 4
@@ -56,6 +57,44 @@ def read_shard_index(fd: int, shard_size: int, checksum: bool, path: str) -> np.
     if ((index[:, 0] != EMPTY) & (index[:, 0] + index[:, 1] > size - index_bytes)).any():
         raise StoreFormatError(f"shard {path}: the index points past the end of the data")
     return index
+
+
+def read_window(fd: int, base: int, shape: tuple[int, ...], dtype: np.dtype, region: Region,
+                what: str) -> np.ndarray:
+    """``region`` of the C-order array of ``shape`` stored uncompressed at byte ``base`` of
+    ``fd``, reading only the rows the window covers.
+
+    Let ``p`` be the first axis the window does not take whole: for each index of the axes
+    before it (taken whole), the rows ``region[p]`` with every later axis whole are one
+    contiguous byte range, read with one ``pread``. An image window is then one ``pread`` of
+    its rows; a (10, h, w) spike window ten. When the later axes are whole too, the rows land
+    straight in the output; otherwise they are sliced out of a reused row buffer.
+    """
+    out = np.empty(region_shape(region), dtype)
+    whole = [r.start == 0 and r.stop == n for r, n in zip(region, shape, strict=True)]
+    p = whole.index(False) if False in whole else len(shape)
+    if p == len(shape):
+        _pread_into(fd, out, base, what)
+        return out
+    row_bytes = int(np.prod(shape[p + 1:], dtype=np.int64)) * dtype.itemsize
+    rest = region[p + 1:]
+    direct = all(whole[p + 1:])
+    rows = None if direct else np.empty((region[p].stop - region[p].start, *shape[p + 1:]), dtype)
+    for k, prefix in enumerate(np.ndindex(*shape[:p])):
+        offset = base + (k * shape[p] + region[p].start) * row_bytes
+        if direct:
+            _pread_into(fd, out[prefix], offset, what)
+        else:
+            _pread_into(fd, rows, offset, what)
+            out[prefix] = rows[(slice(None), *rest)]
+    return out
+
+
+def _pread_into(fd: int, out: np.ndarray, offset: int, what: str) -> None:
+    got = os.preadv(fd, [memoryview(out.reshape(-1).view(np.uint8))], offset)
+    if got != out.nbytes:
+        raise StoreFormatError(f"{what}: the chunk ends after {got} of the {out.nbytes} bytes "
+                               f"wanted at byte {offset}")
 
 
 def _check_crc(data: memoryview, stored: bytes, field: str, sample: int, path: str) -> None:
@@ -96,6 +135,20 @@ class ChunkFileReader(_DirectFieldReader):
             a, b = max(lo, start), min(hi, stop)
             out[a - start: b - start] = chunk[a - lo: b - lo]
         return out
+
+    def read_region(self, sample: int, region: Region) -> np.ndarray:
+        if self.checksum or self.per_chunk != 1:  # the crc covers the whole chunk
+            return super().read_region(sample, region)
+        path = self.paths.path(sample)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return np.zeros(region_shape(region), self.dtype)
+        try:
+            return read_window(fd, 0, self.field.shape, self.dtype, region,
+                               f"field {self.field.name!r}, sample {sample}, file {path}")
+        finally:
+            os.close(fd)
 
     def _read_chunk(self, index: int, out: np.ndarray) -> None:
         path = self.paths.path(index)
@@ -164,29 +217,46 @@ class ShardReader(_DirectFieldReader):
             self._read_sample(sample, out[sample - start])
         return out
 
-    def _read_sample(self, sample: int, out: np.ndarray) -> None:
+    def _locate(self, sample: int) -> tuple[int, int, str] | None:
+        """(fd, byte offset, shard path) of the sample's inner chunk; None if never written."""
         shard = self._shard(sample // self.shard_size)
         if shard is None:
-            out[...] = 0
-            return
+            return None
         fd, index, path = shard
         offset, nbytes = index[sample % self.shard_size]
         if offset == EMPTY and nbytes == EMPTY:
-            out[...] = 0
-            return
+            return None
         if nbytes != self.chunk_bytes:
             raise StoreFormatError(
                 f"field {self.field.name!r}, sample {sample}, shard {path}: inner chunk of "
                 f"{int(nbytes)} bytes, expected {self.chunk_bytes} (uncompressed)"
             )
+        return fd, int(offset), path
+
+    def _read_sample(self, sample: int, out: np.ndarray) -> None:
+        located = self._locate(sample)
+        if located is None:
+            out[...] = 0
+            return
+        fd, offset, path = located
         view = memoryview(out.reshape(-1).view(np.uint8))
         crc = bytearray(CRC_BYTES)
-        got = os.preadv(fd, [view, crc] if self.checksum else [view], int(offset))
+        got = os.preadv(fd, [view, crc] if self.checksum else [view], offset)
         if got != self.chunk_bytes:
             raise StoreFormatError(f"field {self.field.name!r}, sample {sample}: shard {path} "
                                    f"ends inside the inner chunk")
         if self.checksum:
             _check_crc(view, bytes(crc), self.field.name, sample, path)
+
+    def read_region(self, sample: int, region: Region) -> np.ndarray:
+        if self.checksum:  # the crc covers the whole inner chunk
+            return super().read_region(sample, region)
+        located = self._locate(sample)
+        if located is None:
+            return np.zeros(region_shape(region), self.dtype)
+        fd, offset, path = located
+        return read_window(fd, offset, self.field.shape, self.dtype, region,
+                           f"field {self.field.name!r}, sample {sample}, shard {path}")
 
 
 class DirectBackend(Backend):

@@ -10,6 +10,7 @@ import numpy as np
 
 from arraystore.layout import Layout
 from arraystore.readers.base import Backend, FieldReader
+from arraystore.region import Region
 from arraystore.schema import Field
 
 
@@ -19,6 +20,9 @@ class TensorStoreFieldReader(FieldReader):
 
     def read(self, start: int, stop: int) -> np.ndarray:
         return self._array[start:stop].read().result()
+
+    def read_region(self, sample: int, region: Region) -> np.ndarray:
+        return self._array[(sample, *region)].read().result()
 
 
 class TensorStoreBackend(Backend):

@@ -7,6 +7,7 @@ import zarr
 
 from arraystore.layout import Layout
 from arraystore.readers.base import Backend, FieldReader
+from arraystore.region import Region
 from arraystore.schema import Field
 
 
@@ -16,6 +17,9 @@ class ZarrFieldReader(FieldReader):
 
     def read(self, start: int, stop: int) -> np.ndarray:
         return np.asarray(self._array[start:stop])
+
+    def read_region(self, sample: int, region: Region) -> np.ndarray:
+        return np.asarray(self._array[(sample, *region)])
 
 
 class ZarrBackend(Backend):
