@@ -66,6 +66,11 @@ class SampleError(ArrayStoreError, ValueError):
         self.reason = reason
 
 
+class OptionError(ArrayStoreError, ValueError):
+    """An option of a source or loader has a value it cannot work with (checked before anything
+    is written or read)."""
+
+
 class UnknownPluginError(ArrayStoreError, ValueError):
     """No source, exporter or reader backend is registered under the requested name."""
 
