@@ -18,6 +18,10 @@ _EXPORTS = {
     "dataloader_kwargs": "loaders.dataloader",
     "distill_item": "loaders.distill_item",
     "collate_distill": "loaders.distill_item",
+    "SpikeClipDataset": "loaders.spike_clips",
+    "NoValidSamplesError": "loaders.spike_clips",
+    "spike_to_voxel": "loaders.spike_voxels",
+    "timed": "loaders.dataloader",
 }
 
 

@@ -1,7 +1,9 @@
 """DataLoader settings as SEEDS.md 003 configured them, resolved for this machine.
 
 ``total_workers``: ``"auto"`` (0.8 x the CPU cores), ``"cpu*F"`` (F x the cores) or an int, split
-across ``gpus`` processes. Workers get one intra-op thread each (they are already one per core).
+across ``gpus`` processes. Prefetch 4 batches per worker for training, 2 for validation
+(``TRAIN_PREFETCH_FACTOR`` / ``VAL_PREFETCH_FACTOR``); pinned memory where CUDA is; persistent
+workers. Workers get one intra-op thread each (they are already one per core).
 TensorStore aborts a ``fork()`` in any process that has used it, so when it is loaded here the
 workers start with ``forkserver`` instead of ``fork``.
 """
@@ -11,11 +13,15 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Any
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 import torch
 
 AUTO_FRACTION = 0.8
+TRAIN_PREFETCH, VAL_PREFETCH = 4, 2
+T = TypeVar("T")
 _CPU_FRACTION = re.compile(r"^cpu\s*\*\s*([0-9]*\.?[0-9]+)$")
 
 
@@ -44,14 +50,21 @@ def _one_thread(_: int) -> None:
 def dataloader_kwargs(
     total_workers: str | int = "auto",
     gpus: int = 1,
-    prefetch_factor: int = 4,
+    prefetch_factor: int | None = None,
     pin_memory: bool | None = None,
     persistent_workers: bool = True,
     cpus: int | None = None,
+    train: bool = True,
 ) -> dict[str, Any]:
-    """Keyword arguments for ``torch.utils.data.DataLoader`` (per GPU process)."""
+    """Keyword arguments for ``torch.utils.data.DataLoader`` (per GPU process).
+
+    ``prefetch_factor`` defaults to 4 for a training loader and 2 for a validation one
+    (``train=False``); ``pin_memory`` to whether CUDA is available.
+    """
     if gpus < 1:
         raise ValueError(f"gpus must be >= 1, got {gpus}")
+    if prefetch_factor is None:
+        prefetch_factor = TRAIN_PREFETCH if train else VAL_PREFETCH
     workers = resolve_workers(total_workers, cpus) // gpus
     kwargs: dict[str, Any] = {
         "num_workers": workers,
@@ -66,3 +79,17 @@ def dataloader_kwargs(
         if "tensorstore" in sys.modules:
             kwargs["multiprocessing_context"] = "forkserver"
     return kwargs
+
+
+def timed(loader: Iterable[T]) -> Iterator[tuple[T, float]]:
+    """``(batch, data_time)`` for each batch of ``loader``: the seconds the training loop waited
+    for that batch (the ``data_time`` a training log reports per step, as SEEDS.md 003's did).
+    Time the loop spends between batches (the training step) is not counted."""
+    iterator = iter(loader)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        yield batch, time.perf_counter() - start

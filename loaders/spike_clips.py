@@ -1,0 +1,230 @@
+"""``SpikeClipDataset``: clips of consecutive GoPro frames with their spike voxels, randomly
+cropped, from a ``gopro_spike`` store (SEEDS.md 003).
+
+A clip is ``clip_len`` frames of one sequence whose ``frame_index`` values are consecutive: it
+never spans a frame left out at ingest, nor two sequences. Clips start every ``clip_stride``
+frames of a sequence. The clip index is built from the small ``split``, ``sequence`` and
+``frame_index`` arrays of the committed samples, never by reading a frame.
+
+Crops. Each item draws one crop origin, reproducibly from ``(seed, epoch, index)``, and uses it
+for every frame of the clip. The image window is ``crop_size`` x ``crop_size`` at ``(y, x)`` of
+the H x W frame. The spike stream has its own grid (h x w, e.g. 396 x 640 for 720 x 1280
+images); its window is the same region of the scene on that grid: size
+``(round(crop * h / H), round(crop * w / W))`` (halves rounded up) and origin
+``(floor(y * h / H), floor(x * w / W))``, moved back inside the grid where it would overhang.
+
+Reads. Without a cache only the window is read (the direct backend ``pread`` s the rows it
+covers). With ``ram_cache_gb`` > 0 whole frames are read once into a RAM cache (LRU, bounded in
+bytes for the whole loader, split across DataLoader workers) and windows are cut from RAM.
+
+Voxels. ``voxels="realtime"`` sums the stored spike frames into ``bins`` bins on the fly;
+``"precomputed"`` reads the ``spike_vox`` array an ``ingest gopro --voxels precompute`` stored.
+Both give identical tensors (one definition: :mod:`loaders.spike_voxels`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from arraystore.errors import ArrayStoreError, IncompatibleStoreError, OptionError
+from arraystore.reader import SampleReader
+from arraystore.region import Region
+from loaders.frame_cache import ProcessLocalCache
+from loaders.spike_voxels import check_bins, spike_to_voxel
+
+GOPRO_KIND = "gopro_spike"
+ALL_SPLITS = "all"
+VOXEL_MODES = ("realtime", "precomputed")
+log = logging.getLogger(__name__)
+
+
+class NoValidSamplesError(ArrayStoreError, RuntimeError):
+    """A split of a store holds no clip of the asked length (SEEDS.md 003's "No valid samples
+    found")."""
+
+
+def crop_windows(image_hw: tuple[int, int], spike_hw: tuple[int, int], crop: int, y: int,
+                 x: int) -> tuple[Region, Region]:
+    """The image window ``crop`` x ``crop`` at ``(y, x)`` and the spike window covering the same
+    region of the scene (see the module docstring), as (rows, columns) slices."""
+    (height, width), (spike_h, spike_w) = image_hw, spike_hw
+    size_y = min(spike_h, max(1, (2 * crop * spike_h + height) // (2 * height)))
+    size_x = min(spike_w, max(1, (2 * crop * spike_w + width) // (2 * width)))
+    origin_y = min(y * spike_h // height, spike_h - size_y)
+    origin_x = min(x * spike_w // width, spike_w - size_x)
+    return ((slice(y, y + crop), slice(x, x + crop)),
+            (slice(origin_y, origin_y + size_y), slice(origin_x, origin_x + size_x)))
+
+
+class SpikeClipDataset(Dataset):
+    """Random crops of clips of a ``gopro_spike`` store; see the module docstring.
+
+    ``split``: a split name, or ``"all"``. ``crop_size=None`` returns whole frames. Items:
+    ``blur``, ``sharp`` (T, 3, c, c) float32 in [0, 1]; ``spike_vox`` (T, bins, h', w')
+    float32; ``sequence``; ``frames`` (stems); ``crop_yx`` (y, x in image pixels). Clips whose
+    voxels are all zero are returned and counted in ``stats["all_zero_voxels"]`` (per process).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        split: str = "train",
+        clip_len: int = 5,
+        crop_size: int | None = 256,
+        bins: int = 5,
+        voxels: Literal["realtime", "precomputed"] = "realtime",
+        ram_cache_gb: float = 4.0,
+        seed: int = 0,
+        clip_stride: int = 1,
+        backend: str = "auto",
+    ) -> None:
+        if voxels not in VOXEL_MODES:
+            raise OptionError(f"voxels={voxels!r}: choose one of {VOXEL_MODES}")
+        if clip_len < 1 or clip_stride < 1:
+            raise OptionError(f"clip_len ({clip_len}) and clip_stride ({clip_stride}) must be "
+                              f">= 1")
+        if ram_cache_gb < 0:
+            raise OptionError(f"ram_cache_gb must be >= 0, got {ram_cache_gb}")
+        self.split, self.clip_len, self.clip_stride = split, clip_len, clip_stride
+        self.bins, self.voxels, self.seed, self.epoch = bins, voxels, seed, 0
+        self.spike_field = "spike" if voxels == "realtime" else "spike_vox"
+        self.reader = SampleReader(path, backend=backend, fields=())  # reads name their field
+        schema = self.reader.schema
+        if self.reader.kind != GOPRO_KIND:
+            raise IncompatibleStoreError(f"{path} holds kind {self.reader.kind!r}; "
+                                         f"SpikeClipDataset reads {GOPRO_KIND!r} stores")
+        self._check_voxels(path)
+        self.image_hw = schema["blur"].shape[:2]
+        self.spike_hw = schema[self.spike_field].shape[1:]
+        if crop_size is not None and not 1 <= crop_size <= min(self.image_hw):
+            raise OptionError(f"crop_size={crop_size} does not fit the store's "
+                              f"{self.image_hw[0]}x{self.image_hw[1]} frames")
+        self.crop_size = crop_size
+        self.cache = ProcessLocalCache(int(ram_cache_gb * 2**30))
+        self.stats: Counter[str] = Counter()
+        self._build_index()
+
+    def _check_voxels(self, path: str | os.PathLike[str]) -> None:
+        schema = self.reader.schema
+        if self.spike_field not in schema:
+            raise OptionError(f"{path} has no precomputed voxels (no spike_vox array); ingest "
+                              f"with --voxels precompute, or use voxels='realtime'")
+        if self.voxels == "precomputed":
+            stored = schema["spike_vox"].shape[0]
+            if stored != self.bins:
+                raise OptionError(f"{path} holds voxels of {stored} bins; bins={self.bins} "
+                                  f"needs voxels='realtime' (or bins={stored})")
+        else:
+            try:
+                check_bins(schema["spike"].shape[0], self.bins)
+            except ValueError as exc:
+                raise OptionError(f"{path}: {exc}") from exc
+
+    def _build_index(self) -> None:
+        """Clip starts from the split/sequence/frame_index arrays alone (no frame is read)."""
+        reader = self.reader
+        splits, sequences = reader.column("split"), reader.column("sequence")
+        frame_index = reader.column("frame_index").astype(np.int64)
+        self._stems = reader.column("frame")
+        self._sequences = sequences
+        chosen = (np.arange(len(reader)) if self.split == ALL_SPLITS
+                  else np.flatnonzero(splits == self.split))
+        _, split_code = np.unique(splits, return_inverse=True)
+        _, sequence_code = np.unique(sequences, return_inverse=True)
+        code = split_code.astype(np.int64) * (int(sequence_code.max(initial=0)) + 1) \
+            + sequence_code
+        order = chosen[np.lexsort((frame_index[chosen], code[chosen]))]
+        t = self.clip_len
+        starts = np.arange(max(0, len(order) - t + 1))
+        codes, frames = code[order], frame_index[order]
+        valid = (codes[starts + t - 1] == codes[starts]) & \
+                (frames[starts + t - 1] - frames[starts] == t - 1)
+        first_of_sequence = frames[np.searchsorted(codes, codes[starts], side="left")]
+        valid &= (frames[starts] - first_of_sequence) % self.clip_stride == 0
+        self._order, self._starts = order, starts[valid]
+        if not len(self._starts):
+            present = sorted({str(s) for s in np.unique(splits)})
+            raise NoValidSamplesError(
+                f"No valid samples found in {reader.path} split {self.split!r} with clip_len "
+                f"{t}: {len(chosen)} committed frames in that split (splits present: "
+                f"{present}); no {t} consecutive frames of one sequence")
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw other crops this epoch (the crop seed is ``(seed, epoch, index)``)."""
+        self.epoch = int(epoch)
+
+    def clip_frames(self, index: int) -> np.ndarray:
+        """Reader indices of the frames of clip ``index``."""
+        start = self._starts[index]
+        return self._order[start:start + self.clip_len]
+
+    def crop_origin(self, index: int) -> tuple[int, int]:
+        if self.crop_size is None:
+            return 0, 0
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        height, width = self.image_hw
+        return (int(rng.integers(0, height - self.crop_size + 1)),
+                int(rng.integers(0, width - self.crop_size + 1)))
+
+    def _window(self, name: str, frame: int, region: Region) -> np.ndarray:
+        """A window of one field of one frame: from the RAM cache (whole frames, read once)
+        when there is one, else read straight from the store."""
+        cache = self.cache.get()
+        if cache is None:
+            return self.reader.read_region(frame, name, region)
+        whole = cache.get((name, frame))
+        if whole is None:
+            whole = self.reader.read(frame, (name,))[name]
+            cache.put((name, frame), whole)
+        return whole[region]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"clip {index} out of range: {len(self)} clips")
+        index %= len(self)
+        frames = self.clip_frames(index)
+        y, x = self.crop_origin(index)
+        crop = self.crop_size
+        if crop is None:
+            image_region = (slice(0, self.image_hw[0]), slice(0, self.image_hw[1]))
+            spike_region = (slice(0, self.spike_hw[0]), slice(0, self.spike_hw[1]))
+        else:
+            image_region, spike_region = crop_windows(self.image_hw, self.spike_hw, crop, y, x)
+        spike_window = (slice(None), *spike_region)
+        blur = np.stack([self._window("blur", f, image_region) for f in frames])
+        sharp = np.stack([self._window("sharp", f, image_region) for f in frames])
+        spikes = [self._window(self.spike_field, f, spike_window) for f in frames]
+        if self.voxels == "realtime":
+            spikes = [spike_to_voxel(s, self.bins) for s in spikes]
+        voxels = torch.from_numpy(np.stack(spikes).astype(np.float32))
+        self.stats["clips"] += 1
+        if not voxels.any():
+            self.stats["all_zero_voxels"] += 1
+            log.warning("clip %d (%s, frames %s): the spike voxels are all zero", index,
+                        self._sequences[frames[0]], list(self._stems[frames]))
+        return {
+            "blur": _to_unit_float(blur),
+            "sharp": _to_unit_float(sharp),
+            "spike_vox": voxels,
+            "sequence": str(self._sequences[frames[0]]),
+            "frames": [str(s) for s in self._stems[frames]],
+            "crop_yx": torch.tensor([y, x], dtype=torch.int64),
+        }
+
+
+def _to_unit_float(images: np.ndarray) -> torch.Tensor:
+    """(T, h, w, 3) uint8 -> contiguous (T, 3, h, w) float32 in [0, 1] (ToTensor's ``/ 255``)."""
+    t, h, w, c = images.shape
+    out = torch.empty((t, c, h, w), dtype=torch.float32)
+    out.copy_(torch.from_numpy(images).permute(0, 3, 1, 2))
+    return out.div_(255.0)
