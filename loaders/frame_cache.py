@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import numpy as np
 from torch.utils.data import get_worker_info
@@ -35,6 +35,14 @@ class FrameCache:
             return None
         self._items.move_to_end(key)
         self.hits += 1
+        return value
+
+    def get_or_load(self, key: Hashable, load: Callable[[], np.ndarray]) -> np.ndarray:
+        """The cached array of ``key``, or ``load()``'s result, kept if it fits."""
+        value = self.get(key)
+        if value is None:
+            value = load()
+            self.put(key, value)
         return value
 
     def put(self, key: Hashable, value: np.ndarray) -> None:

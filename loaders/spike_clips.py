@@ -29,13 +29,14 @@ import os
 from collections import Counter
 from typing import Any, Literal
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from arraystore.errors import ArrayStoreError, IncompatibleStoreError, OptionError
 from arraystore.reader import SampleReader
-from arraystore.region import Region
+from arraystore.region import Region, region_shape
 from loaders.frame_cache import ProcessLocalCache
 from loaders.spike_voxels import check_bins, spike_to_voxel
 
@@ -176,17 +177,37 @@ class SpikeClipDataset(Dataset):
         return (int(rng.integers(0, height - self.crop_size + 1)),
                 int(rng.integers(0, width - self.crop_size + 1)))
 
-    def _window(self, name: str, frame: int, region: Region) -> np.ndarray:
-        """A window of one field of one frame: from the RAM cache (whole frames, read once)
-        when there is one, else read straight from the store."""
+    def _image_into(self, out: torch.Tensor, name: str, frame: int, region: Region) -> None:
+        """Convert the ``region`` of one frame's image into ``out`` (3, c, c) float32 (not yet
+        scaled). From the RAM cache when there is one: cached frames are kept channels-first,
+        read once, so a window converts with contiguous rows; else read straight from the
+        store, channels split by OpenCV (both several times faster than a permuted copy)."""
         cache = self.cache.get()
         if cache is None:
-            return self.reader.read_region(frame, name, region)
-        whole = cache.get((name, frame))
-        if whole is None:
-            whole = self.reader.read(frame, (name,))[name]
-            cache.put((name, frame), whole)
-        return whole[region]
+            window = self.reader.read_region(frame, name, region)
+            for channel, plane in enumerate(cv2.split(window)):
+                out[channel].copy_(torch.from_numpy(plane))
+            return
+        channels_first = cache.get_or_load((name, frame), lambda: np.ascontiguousarray(
+            self.reader.read(frame, (name,))[name].transpose(2, 0, 1)))
+        out.copy_(torch.from_numpy(channels_first[(slice(None), *region)]))
+
+    def _voxel_window(self, frame: int, region: Region) -> np.ndarray:
+        """(bins, h', w') uint16 voxels of the spike ``region`` (rows, columns) of one frame.
+        Without a cache, the window alone is read (and, realtime, summed); with one, a frame's
+        voxels are read (and summed) once, whole, and kept."""
+        name = "spike_vox" if self.voxels == "precomputed" else "spike"
+        window = (slice(None), *region)
+        cache = self.cache.get()
+        if cache is None:
+            stored = self.reader.read_region(frame, name, window)
+            return stored if name == "spike_vox" else spike_to_voxel(stored, self.bins)
+
+        def whole() -> np.ndarray:
+            stored = self.reader.read(frame, (name,))[name]
+            return stored if name == "spike_vox" else spike_to_voxel(stored, self.bins)
+
+        return cache.get_or_load(("voxels", frame), whole)[window]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -len(self) <= index < len(self):
@@ -194,37 +215,34 @@ class SpikeClipDataset(Dataset):
         index %= len(self)
         frames = self.clip_frames(index)
         y, x = self.crop_origin(index)
-        crop = self.crop_size
-        if crop is None:
+        if self.crop_size is None:
             image_region = (slice(0, self.image_hw[0]), slice(0, self.image_hw[1]))
             spike_region = (slice(0, self.spike_hw[0]), slice(0, self.spike_hw[1]))
         else:
-            image_region, spike_region = crop_windows(self.image_hw, self.spike_hw, crop, y, x)
-        spike_window = (slice(None), *spike_region)
-        blur = np.stack([self._window("blur", f, image_region) for f in frames])
-        sharp = np.stack([self._window("sharp", f, image_region) for f in frames])
-        spikes = [self._window(self.spike_field, f, spike_window) for f in frames]
-        if self.voxels == "realtime":
-            spikes = [spike_to_voxel(s, self.bins) for s in spikes]
-        voxels = torch.from_numpy(np.stack(spikes).astype(np.float32))
+            image_region, spike_region = crop_windows(self.image_hw, self.spike_hw,
+                                                      self.crop_size, y, x)
+        (ch, cw), (sh, sw) = region_shape(image_region), region_shape(spike_region)
+        t = len(frames)
+        images = {name: torch.empty((t, 3, ch, cw)) for name in ("blur", "sharp")}
+        voxels = np.empty((t, self.bins, sh, sw), np.float32)
+        any_spike = False
+        for k, frame in enumerate(frames):  # each window lands in its slot: no stacking copy
+            for name, out in images.items():
+                self._image_into(out[k], name, frame, image_region)
+            window = self._voxel_window(frame, spike_region)
+            any_spike = any_spike or bool(window.any())
+            voxels[k] = window
         self.stats["clips"] += 1
-        if not voxels.any():
+        if not any_spike:
             self.stats["all_zero_voxels"] += 1
             log.warning("clip %d (%s, frames %s): the spike voxels are all zero", index,
                         self._sequences[frames[0]], list(self._stems[frames]))
         return {
-            "blur": _to_unit_float(blur),
-            "sharp": _to_unit_float(sharp),
-            "spike_vox": voxels,
+            "blur": images["blur"].div_(255.0),  # ToTensor's scaling to [0, 1]
+            "sharp": images["sharp"].div_(255.0),
+            "spike_vox": torch.from_numpy(voxels),
             "sequence": str(self._sequences[frames[0]]),
             "frames": [str(s) for s in self._stems[frames]],
             "crop_yx": torch.tensor([y, x], dtype=torch.int64),
         }
 
-
-def _to_unit_float(images: np.ndarray) -> torch.Tensor:
-    """(T, h, w, 3) uint8 -> contiguous (T, 3, h, w) float32 in [0, 1] (ToTensor's ``/ 255``)."""
-    t, h, w, c = images.shape
-    out = torch.empty((t, c, h, w), dtype=torch.float32)
-    out.copy_(torch.from_numpy(images).permute(0, 3, 1, 2))
-    return out.div_(255.0)

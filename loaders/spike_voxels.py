@@ -28,4 +28,7 @@ def spike_to_voxel(spike: np.ndarray, bins: int) -> np.ndarray:
     frames = spike.shape[0]
     check_bins(frames, bins)
     grouped = spike.reshape(bins, frames // bins, *spike.shape[1:])
-    return grouped.sum(axis=1, dtype=VOXEL_DTYPE)
+    voxels = grouped[:, 0].astype(VOXEL_DTYPE)
+    for k in range(1, frames // bins):  # elementwise adds: several times faster than .sum(axis=1)
+        voxels += grouped[:, k]
+    return voxels

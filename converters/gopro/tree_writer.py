@@ -54,13 +54,17 @@ def write_gopro_tree(
     spike_shape: tuple[int, int, int] = (10, 396, 640),
     seed: int = 0,
     image_format: str = "png",
+    texture: int = 0,
 ) -> Path:
-    """``sequences``: split -> sequence name -> frame count; stems are ``000000``, ``000001``..."""
+    """``sequences``: split -> sequence name -> frame count; stems are ``000000``, ``000001``...
+    ``texture`` adds pixel noise up to that value, so PNGs are as large as photographs'."""
     rng = np.random.default_rng(seed)
     for split, names in sequences.items():
         for name, count in names.items():
             for n in range(count):
                 sharp = smooth_picture(rng, *image_shape)
+                if texture:
+                    sharp = cv2.add(sharp, rng.integers(0, texture, sharp.shape, np.uint8))
                 write_frame(Path(root) / split / name, f"{n:06d}", sharp,
                             spikes_for(sharp, spike_shape, rng), image_format)
     return Path(root)
