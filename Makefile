@@ -2,21 +2,24 @@
 # `make test`: set up and run the tests (what .ci/run runs).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# a regular (not editable) install, redone when the sources change: setuptools warns on every
+# editable mode; the tests import the working tree first (pytest's pythonpath)
+SOURCES := $(shell git ls-files 'arraystore/*.py' 'converters/*.py' 'loaders/*.py' 2>/dev/null)
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export SAM2_BUILD_CUDA := 0
 
 .PHONY: setup setup-test demo test bench clean
 
-$(VENV)/.setup: pyproject.toml constraints.txt
+$(VENV)/.setup: pyproject.toml constraints.txt $(SOURCES)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e .
+	$(PY) -m pip install -q -c constraints.txt ".[viz]"
 	touch $@
 
 # the sam2 extra builds from source: PIP_CONSTRAINT (exported above) keeps its isolated build on
 # the pinned CPU torch instead of pulling a CUDA torch; SAM2_BUILD_CUDA=0 skips its CUDA kernels
 $(VENV)/.setup-test: $(VENV)/.setup
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,sam2]"
+	$(PY) -m pip install -q -c constraints.txt ".[dev,sam2]"
 	touch $@
 
 setup: $(VENV)/.setup
@@ -28,6 +31,7 @@ demo: setup
 	$(VENV)/bin/arraystore ingest sa1b samples/sa1b_sample.tar --out demo/sa1b.zarr
 	$(VENV)/bin/arraystore info demo/sa1b.zarr
 	$(PY) scripts/read_batch.py demo/sa1b.zarr
+	$(VENV)/bin/arraystore show demo/sa1b.zarr
 
 test: setup-test
 	$(PY) -m ruff check .

@@ -32,6 +32,7 @@ from arraystore.plugins import (
     load_plugin,
     plugin_names,
 )
+from arraystore.show import DEFAULT_COUNT, show
 from arraystore.sources import Source
 from arraystore.verify import verify
 
@@ -265,6 +266,43 @@ def verify_command(store: str, deep: bool, as_json: bool) -> None:
                   f"{report.samples}, {report.chunks_checked} chunks checked"
                   + (", every sample decoded" if deep else ""), highlight=False)
     sys.exit(0 if report.ok else 1)
+
+
+class _ManyValuesCommand(click.Command):
+    """A command whose ``--fields`` takes several values (``--fields image1 mask1``): every
+    word after it up to the next option is one more ``--fields`` value."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        spread: list[str] = []
+        taking = False
+        for arg in args:
+            if arg == "--fields":
+                taking = True
+            elif taking and not arg.startswith("-"):
+                spread += ["--fields", arg]
+            else:
+                taking = False
+                spread.append(arg)
+        return super().parse_args(ctx, spread)
+
+
+@cli.command("show", cls=_ManyValuesCommand)
+@click.argument("store")
+@click.argument("samples", nargs=-1)
+@click.option("--sample", "more_samples", multiple=True,
+              help="a sample id to show (repeatable; ids with spaces or slashes)")
+@click.option("--fields", multiple=True, help="show only these fields: --fields a b c")
+@click.option("--count", type=click.IntRange(1), default=DEFAULT_COUNT, show_default=True,
+              help="how many of the first committed samples, when none is named")
+@click.option("-o", "--out", "out_path", default=None,
+              help="the PNG to write [STORE.show.png, beside the store]")
+def show_command(store: str, samples: tuple[str, ...], more_samples: tuple[str, ...],
+                 fields: tuple[str, ...], count: int, out_path: str | None) -> None:
+    """Draw samples of a store into one PNG: a row per sample, a panel per view of it."""
+    names = [n for value in fields for n in value.split(",") if n]
+    result = _run(lambda: show(store, [*samples, *more_samples], fields=names, count=count,
+                               out=out_path))
+    out.print(f"{len(result.sample_ids)} samples drawn: {result.path}", highlight=False)
 
 
 def main() -> None:

@@ -71,6 +71,13 @@ class OptionError(ArrayStoreError, ValueError):
     is written or read)."""
 
 
+class UnknownFieldError(ArrayStoreError, KeyError):
+    """A field name the store's schema does not have; the message lists the ones it has."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class UnknownPluginError(ArrayStoreError, ValueError):
     """No source, exporter or reader backend is registered under the requested name."""
 

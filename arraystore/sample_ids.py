@@ -37,6 +37,21 @@ class SampleIds(Sequence[str]):
             return [value.decode("utf-8") for value in self._encoded[index]]
         return self._encoded[index].decode("utf-8")
 
+    def index_of(self, ids: Sequence[str]) -> list[int]:
+        """Positions of ``ids`` (the first occurrence of each), found without building a dict
+        of every id; raises :class:`KeyError` naming the ids that are not there."""
+        wanted = np.strings.encode(np.asarray(list(ids), dtype=np.dtypes.StringDType()), "utf-8")
+        positions, missing = [], []
+        for sample_id, encoded in zip(ids, wanted, strict=True):
+            hits = np.flatnonzero(self._encoded == encoded)
+            if len(hits):
+                positions.append(int(hits[0]))
+            else:
+                missing.append(sample_id)
+        if missing:
+            raise KeyError(missing)
+        return positions
+
     def __iter__(self) -> Iterator[str]:
         return (value.decode("utf-8") for value in self._encoded)
 
