@@ -24,6 +24,7 @@ from arraystore.fixes import Fix
 from arraystore.info import store_info
 from arraystore.ingest import ON_ERROR_CHOICES, ingest
 from arraystore.layout import COMPRESSIONS, LAYOUT_NAMES, Layout
+from arraystore.mix import describe_mix, read_mix_toml
 from arraystore.plugins import (
     EXPORTERS_GROUP,
     FIXES_GROUP,
@@ -266,6 +267,36 @@ def verify_command(store: str, deep: bool, as_json: bool) -> None:
                   f"{report.samples}, {report.chunks_checked} chunks checked"
                   + (", every sample decoded" if deep else ""), highlight=False)
     sys.exit(0 if report.ok else 1)
+
+
+@cli.group()
+def mix() -> None:
+    """Mixtures of stores for one training run (mix.toml: [[source]] tables)."""
+
+
+@mix.command("describe")
+@click.argument("mix_toml")
+def mix_describe(mix_toml: str) -> None:
+    """Each source's path, kind, samples, repeats/weight, share of an epoch; missing ones."""
+    summaries = _run(lambda: describe_mix(read_mix_toml(mix_toml)))
+    table = Table("dataset_type", "path", "kind", "samples", "repeats", "epoch share", "weight",
+                  "draw share")
+    for s in summaries:
+        table.add_row(s.dataset_type, s.path, s.kind,
+                      "missing" if s.missing else str(s.samples), str(s.repeats),
+                      "-" if s.missing else f"{s.epoch_share:.1%}",
+                      "-" if s.weight is None else f"{s.weight:g}",
+                      "-" if s.weight_share is None else f"{s.weight_share:.1%}")
+    out.print(table)
+    present = [s for s in summaries if not s.missing]
+    out.print(f"epoch with repeats: {sum(s.samples * s.repeats for s in present)} samples from "
+              f"{len(present)} sources")
+    for s in summaries:
+        if s.missing:
+            (err if s.required else out).print(
+                f"{'[red]required' if s.required else '[yellow]optional'} source missing[/]: "
+                f"{s.dataset_type} at {s.path}", highlight=False)
+    sys.exit(1 if any(s.missing and s.required for s in summaries) else 0)
 
 
 class _ManyValuesCommand(click.Command):

@@ -22,6 +22,11 @@ _EXPORTS = {
     "NoValidSamplesError": "loaders.spike_clips",
     "spike_to_voxel": "loaders.spike_voxels",
     "timed": "loaders.dataloader",
+    "Mixture": "loaders.mixture",
+    "MixSource": "loaders.mixture",
+    "StoreItems": "loaders.mixture",
+    "LengthGroupedSampler": "loaders.samplers",
+    "WeightedSourceSampler": "loaders.samplers",
 }
 
 

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from arraystore.errors import IncompatibleStoreError
 from arraystore.reader import SampleReader
-from loaders.distill_item import ALL_KEYS, distill_item, fields_for
+from loaders.distill_item import ALL_KEYS, collate_distill, distill_item, fields_for
 
 SA1B_KIND = "sa1b"
 
@@ -28,6 +28,8 @@ class ZarrDistillDataset(Dataset):
     ones), ``direct``, ``tensorstore`` or ``zarr``. ``keys``: the item keys to return (default:
     all of them); only the store fields those keys need are read.
     """
+
+    collate_fn = staticmethod(collate_distill)  # how its items batch (a Mixture uses it)
 
     def __init__(
         self, path: str | os.PathLike[str], backend: str = "auto",

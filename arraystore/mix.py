@@ -1,0 +1,134 @@
+"""Mixtures of stores as declared: which sources, with what repeats or weight, and what share of
+an epoch each takes (``arraystore mix describe mix.toml``).
+
+A ``mix.toml`` lists sources as ``[[source]]`` tables with the fields of :class:`MixEntry`
+(``path``, ``dataset_type``, ``repeats``, ``weight``, ``required``, ``modality_length``,
+``fields``, ``backend``); relative paths are taken from the TOML file's folder. This module reads
+declarations and store metadata only (no torch, no sample): ``loaders.Mixture`` builds the
+training-time dataset from the same entries.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from arraystore.errors import ArrayStoreError
+from arraystore.store import Store, is_store
+
+
+class MixSpecError(ArrayStoreError, ValueError):
+    """A mixture declaration is invalid (unknown key, bad repeats or weight, no source)."""
+
+
+class MissingSourceError(ArrayStoreError, FileNotFoundError):
+    """A required source of a mixture is not on disk."""
+
+
+@dataclass(frozen=True)
+class MixEntry:
+    """One source of a mixture: a store ``path`` and how it takes part.
+
+    ``repeats``: copies of the source in an epoch of the mixture (RefCOCO x4). ``weight``: its
+    relative chance per draw for a weighted sampler. ``required=False``: a missing store is
+    skipped with a warning. ``modality_length``: the per-sample length when the store has no
+    ``modality_length`` array (negative: text-only samples).
+    """
+
+    path: str
+    dataset_type: str
+    repeats: int = 1
+    weight: float | None = None
+    required: bool = True
+    modality_length: int | None = None
+    fields: tuple[str, ...] | None = None
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_participation(self.dataset_type, self.repeats, self.weight, self.modality_length)
+
+
+def check_participation(dataset_type: str, repeats: int, weight: float | None,
+                        modality_length: int | None) -> None:
+    """Refuse a source's settings that no sampler can use, naming the source."""
+    if not dataset_type:
+        raise MixSpecError("every mixture source needs a dataset_type")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise MixSpecError(f"source {dataset_type!r}: repeats must be an integer >= 1, got "
+                           f"{repeats!r}")
+    if weight is not None and not weight > 0:
+        raise MixSpecError(f"source {dataset_type!r}: weight must be > 0, got {weight!r}")
+    if modality_length == 0:
+        raise MixSpecError(f"source {dataset_type!r}: modality_length 0 is not a length (use a "
+                           f"negative length for text-only samples)")
+
+
+def read_mix_toml(path: str | os.PathLike[str]) -> list[MixEntry]:
+    """The ``[[source]]`` entries of a ``mix.toml``."""
+    path = Path(path)
+    try:
+        document = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise MissingSourceError(f"mixture file {path} not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise MixSpecError(f"{path}: not valid TOML: {exc}") from exc
+    tables = document.get("source")
+    if not isinstance(tables, list) or not tables:
+        raise MixSpecError(f"{path}: expected [[source]] tables, one per store of the mixture")
+    known = {f.name for f in fields(MixEntry)}
+    entries = []
+    for n, table in enumerate(tables):
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise MixSpecError(f"{path}: source {n + 1} has unknown keys {unknown}; known: "
+                               f"{sorted(known)}")
+        if "path" not in table or "dataset_type" not in table:
+            raise MixSpecError(f"{path}: source {n + 1} needs 'path' and 'dataset_type'")
+        settings: dict[str, Any] = dict(table)
+        settings["path"] = str((path.parent / settings["path"]).resolve()
+                               if not Path(settings["path"]).is_absolute() else settings["path"])
+        if settings.get("fields") is not None:
+            settings["fields"] = tuple(settings["fields"])
+        entries.append(MixEntry(**settings))
+    return entries
+
+
+@dataclass
+class SourceSummary:
+    """One line of ``arraystore mix describe``."""
+
+    path: str
+    dataset_type: str
+    kind: str
+    samples: int
+    repeats: int
+    weight: float | None
+    required: bool
+    missing: bool
+    epoch_share: float = 0.0  # of an epoch with repeats
+    weight_share: float | None = None  # of the draws of a weighted sampler
+
+
+def describe_mix(entries: list[MixEntry]) -> list[SourceSummary]:
+    """Kind, committed samples and shares of each source (missing ones listed, not counted)."""
+    summaries = []
+    for entry in entries:
+        present = is_store(entry.path)
+        if not present and Path(entry.path).exists():
+            Store.open(entry.path)  # raises: something is there, but not a store
+        store = Store.open(entry.path) if present else None
+        summaries.append(SourceSummary(
+            path=entry.path, dataset_type=entry.dataset_type,
+            kind=store.kind if store else "-", samples=store.num_committed() if store else 0,
+            repeats=entry.repeats, weight=entry.weight, required=entry.required,
+            missing=not present))
+    total = sum(s.samples * s.repeats for s in summaries)
+    weights = [s.weight if s.weight is not None else 1.0 for s in summaries if not s.missing]
+    for s in summaries:
+        if not s.missing:
+            s.epoch_share = s.samples * s.repeats / total if total else 0.0
+            s.weight_share = (s.weight if s.weight is not None else 1.0) / sum(weights)
+    return summaries

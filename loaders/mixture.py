@@ -1,0 +1,200 @@
+"""``Mixture``: several stores (or map-style Datasets) as one map-style dataset for one training
+run (SEEDS.md 004), with per-source repeats, weights, ``modality_length`` and missing optional
+sources skipped.
+
+Index space: source after source, each ``repeats`` times (``[sav][sa1b][refcoco x4]``); index
+``i`` of a source repeated r times reads its sample ``i % len``. Every decision a sampler makes
+comes from :attr:`Mixture.lengths` and the per-source sizes, built from each store's
+``modality_length`` array (read with the small-field column reader) or a constant -- never by
+reading a sample. Items are the source's dict plus ``dataset_type`` and ``modality_length``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from arraystore.mix import (
+    MissingSourceError,
+    MixEntry,
+    MixSpecError,
+    check_participation,
+    read_mix_toml,
+)
+from arraystore.reader import SampleReader
+
+MODALITY_FIELD = "modality_length"
+DEFAULT_MODALITY_LENGTH = 1
+ADDED_KEYS = ("dataset_type", MODALITY_FIELD)
+
+
+@dataclass
+class MixSource:
+    """One source of a :class:`Mixture`: a store path or a map-style Dataset with ``__len__``.
+
+    ``collate``: how a batch of this source's items is collated (default: the dataset's
+    ``collate_fn`` attribute if it has one, else ``default_collate``). The other fields are
+    those of :class:`arraystore.mix.MixEntry`.
+    """
+
+    source: str | os.PathLike[str] | Dataset
+    dataset_type: str
+    repeats: int = 1
+    weight: float | None = None
+    required: bool = True
+    modality_length: int | None = None
+    fields: Sequence[str] | None = None
+    backend: str = "auto"
+    collate: Callable[[list[Any]], Any] | None = None
+
+    def __post_init__(self) -> None:
+        check_participation(self.dataset_type, self.repeats, self.weight, self.modality_length)
+
+    @classmethod
+    def from_entry(cls, entry: MixEntry) -> MixSource:
+        return cls(entry.path, entry.dataset_type, entry.repeats, entry.weight, entry.required,
+                   entry.modality_length, entry.fields, entry.backend)
+
+
+class StoreItems(Dataset):
+    """Any store as a map-style Dataset: item ``i`` is :meth:`SampleReader.read` of it."""
+
+    def __init__(self, path: str | os.PathLike[str], fields: Sequence[str] | None = None,
+                 backend: str = "auto") -> None:
+        self.reader = SampleReader(path, backend=backend, fields=fields)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.reader.read(index)
+
+
+def _modality_lengths(dataset: Any, source: MixSource) -> np.ndarray:
+    """Per-sample lengths without reading a sample: the declared constant, else the store's
+    ``modality_length`` array, else the dataset's ``modality_lengths``, else 1."""
+    if source.modality_length is not None:
+        return np.full(len(dataset), source.modality_length, np.int64)
+    reader = getattr(dataset, "reader", None)
+    if isinstance(reader, SampleReader) and MODALITY_FIELD in reader.schema:
+        lengths = reader.column(MODALITY_FIELD).astype(np.int64)
+    elif getattr(dataset, "modality_lengths", None) is not None:
+        lengths = np.asarray(dataset.modality_lengths, dtype=np.int64)
+    else:
+        return np.full(len(dataset), DEFAULT_MODALITY_LENGTH, np.int64)
+    if lengths.shape != (len(dataset),):
+        raise MixSpecError(f"source {source.dataset_type!r}: {lengths.shape[0]} modality "
+                           f"lengths for {len(dataset)} samples")
+    if (lengths == 0).any():
+        raise MixSpecError(f"source {source.dataset_type!r}: modality_length 0 at sample "
+                           f"{int(np.flatnonzero(lengths == 0)[0])}; lengths are positive, or "
+                           f"negative for text-only samples")
+    return lengths
+
+
+class Mixture(Dataset):
+    """Map-style, picklable mixture of sources; see the module docstring.
+
+    ``collate_fn``: the collate for every batch (default: :meth:`collate`, which groups items
+    by ``dataset_type`` when their keys differ).
+    """
+
+    def __init__(self, sources: Sequence[MixSource],
+                 collate_fn: Callable[[list[Any]], Any] | None = None) -> None:
+        self.sources: list[MixSource] = []
+        self.datasets: list[Any] = []
+        self.missing: list[str] = []
+        lengths: list[np.ndarray] = []
+        types = [s.dataset_type for s in sources]
+        duplicated = sorted({t for t in types if types.count(t) > 1})
+        if duplicated:
+            raise MixSpecError(f"dataset_type {duplicated} named by more than one source")
+        for source in sources:
+            dataset = self._open(source)
+            if dataset is None:
+                continue
+            self.sources.append(source)
+            self.datasets.append(dataset)
+            lengths.append(_modality_lengths(dataset, source))
+        if not self.datasets:
+            raise MixSpecError(f"no source of the mixture is present (missing: {self.missing})")
+        self.sizes = np.array([len(d) for d in self.datasets], np.int64)
+        self.repeats = np.array([s.repeats for s in self.sources], np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes * self.repeats)])
+        self.lengths = np.concatenate([np.tile(lengths_s, int(r))
+                                       for lengths_s, r in zip(lengths, self.repeats,
+                                                               strict=True)])
+        self.collate_fn = collate_fn
+
+    def _open(self, source: MixSource) -> Any | None:
+        if not isinstance(source.source, str | os.PathLike):
+            return source.source
+        path = Path(source.source)
+        if not path.exists():
+            if source.required:
+                raise MissingSourceError(f"mixture source {source.dataset_type!r}: no store at "
+                                         f"{path} (mark it required=False to train without it)")
+            warnings.warn(f"mixture source {source.dataset_type!r}: no store at {path}; "
+                          f"skipped (optional)", stacklevel=3)
+            self.missing.append(str(path))
+            return None
+        return StoreItems(path, source.fields, source.backend)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str], **kwargs: Any) -> Mixture:
+        """The mixture a ``mix.toml`` declares (see :mod:`arraystore.mix`)."""
+        return cls([MixSource.from_entry(e) for e in read_mix_toml(path)], **kwargs)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def dataset_types(self) -> list[str]:
+        return [s.dataset_type for s in self.sources]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(source number, the source's own index) of mixture index ``index``."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a mixture of {len(self)}")
+        source = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return source, int((index - self.offsets[source]) % self.sizes[source])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        source, local = self.locate(int(index))
+        item = self.datasets[source][local]
+        if not isinstance(item, Mapping):
+            raise TypeError(f"mixture source {self.sources[source].dataset_type!r} returned a "
+                            f"{type(item).__name__}; mixture sources return dicts")
+        return {**item, "dataset_type": self.sources[source].dataset_type,
+                MODALITY_FIELD: int(self.lengths[index])}
+
+    def collate(self, items: list[Mapping[str, Any]]) -> Any:
+        """Batch items: one batch when they share their keys, else a dict of per-type
+        sub-batches (SA-1B and SAV dicts in one batch). Each type is collated by its source's
+        collate, with ``dataset_type`` (a list) and ``modality_length`` (a tensor) added."""
+        if self.collate_fn is not None:
+            return self.collate_fn(items)
+        groups: dict[str, list[Mapping[str, Any]]] = {}
+        for item in items:
+            groups.setdefault(item["dataset_type"], []).append(item)
+        if len(groups) == 1 or len({frozenset(i) for i in items}) == 1:
+            return self._collate_group(next(iter(groups)), items)
+        return {name: self._collate_group(name, group) for name, group in groups.items()}
+
+    def _collate_group(self, dataset_type: str, items: list[Mapping[str, Any]]) -> Any:
+        source = self.dataset_types.index(dataset_type)
+        collate = (self.sources[source].collate
+                   or getattr(self.datasets[source], "collate_fn", None) or default_collate)
+        batch = collate([{k: v for k, v in i.items() if k not in ADDED_KEYS} for i in items])
+        if isinstance(batch, dict):
+            batch["dataset_type"] = [i["dataset_type"] for i in items]
+            batch[MODALITY_FIELD] = torch.tensor([i[MODALITY_FIELD] for i in items])
+        return batch
