@@ -2,7 +2,8 @@
 
 A :class:`SampleReader` holds only the path, the settings and the committed index (built with
 zarr-python, which is fork-safe): it pickles cheaply into DataLoader workers and opens its backend
-handles lazily in the process that reads, reopening them after a fork. Fields chunked in blocks
+handles lazily in the process that reads, reopening them after a fork. Sample ids are read on
+first use. Fields chunked in blocks
 (ids, flags, boxes) are read a block at a time and the last blocks cached.
 """
 
@@ -42,9 +43,8 @@ class SampleReader:
         self.fields = tuple(fields) if fields is not None else tuple(self.schema.names)
         for name in self.fields:
             self.schema[name]  # raises KeyError naming the known fields
-        committed = store.committed_mask()
-        self.positions = np.flatnonzero(committed)
-        self.sample_ids = SampleIds(store.sample_ids()[committed])
+        self.positions = np.flatnonzero(store.committed_mask())
+        self._sample_ids: SampleIds | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -65,6 +65,15 @@ class SampleReader:
 
     def __len__(self) -> int:
         return len(self.positions)
+
+    @property
+    def sample_ids(self) -> SampleIds:
+        """The ids of the committed samples, in reader order; read on first use (a reader that
+        never needs them, e.g. a mixture's source, never pays for them)."""
+        if self._sample_ids is None:
+            ids = Store.open(self.path).sample_ids()
+            self._sample_ids = SampleIds(ids[self.positions])
+        return self._sample_ids
 
     def field_reader(self, name: str) -> tuple[FieldReader, str]:
         """The reader serving ``name`` in this process and the name of its backend."""
@@ -141,8 +150,9 @@ class SampleReader:
                              f"read is for small block-chunked fields")
         if not len(self.positions):
             return np.empty((0, *field.shape), field.numpy_dtype)
-        array = Store.open(self.path).array(name)
-        return np.asarray(array[: int(self.positions[-1]) + 1])[self.positions]
+        extent = int(self.positions[-1]) + 1
+        values = np.asarray(Store.open(self.path).array(name)[:extent])
+        return values if len(self.positions) == extent else values[self.positions]
 
     def read(self, index: int, fields: Sequence[str] | None = None) -> dict[str, Any]:
         """The ``index``-th committed sample: field name -> array (or str)."""

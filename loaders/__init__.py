@@ -25,6 +25,7 @@ _EXPORTS = {
     "Mixture": "loaders.mixture",
     "MixSource": "loaders.mixture",
     "StoreItems": "loaders.mixture",
+    "packed_default_collate": "loaders.packed_collate",
     "LengthGroupedSampler": "loaders.samplers",
     "WeightedSourceSampler": "loaders.samplers",
 }

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from arraystore.mix import (
     MissingSourceError,
@@ -30,6 +29,7 @@ from arraystore.mix import (
     read_mix_toml,
 )
 from arraystore.reader import SampleReader
+from loaders.packed_collate import collate_packed
 
 MODALITY_FIELD = "modality_length"
 DEFAULT_MODALITY_LENGTH = 1
@@ -41,8 +41,8 @@ class MixSource:
     """One source of a :class:`Mixture`: a store path or a map-style Dataset with ``__len__``.
 
     ``collate``: how a batch of this source's items is collated (default: the dataset's
-    ``collate_fn`` attribute if it has one, else ``default_collate``). The other fields are
-    those of :class:`arraystore.mix.MixEntry`.
+    ``collate_fn`` attribute if it has one, else as ``default_collate`` does). The other fields
+    are those of :class:`arraystore.mix.MixEntry`.
     """
 
     source: str | os.PathLike[str] | Dataset
@@ -85,9 +85,9 @@ def _modality_lengths(dataset: Any, source: MixSource) -> np.ndarray:
         return np.full(len(dataset), source.modality_length, np.int64)
     reader = getattr(dataset, "reader", None)
     if isinstance(reader, SampleReader) and MODALITY_FIELD in reader.schema:
-        lengths = reader.column(MODALITY_FIELD).astype(np.int64)
+        lengths = reader.column(MODALITY_FIELD)
     elif getattr(dataset, "modality_lengths", None) is not None:
-        lengths = np.asarray(dataset.modality_lengths, dtype=np.int64)
+        lengths = np.asarray(dataset.modality_lengths)
     else:
         return np.full(len(dataset), DEFAULT_MODALITY_LENGTH, np.int64)
     if lengths.shape != (len(dataset),):
@@ -112,7 +112,6 @@ class Mixture(Dataset):
         self.sources: list[MixSource] = []
         self.datasets: list[Any] = []
         self.missing: list[str] = []
-        lengths: list[np.ndarray] = []
         types = [s.dataset_type for s in sources]
         duplicated = sorted({t for t in types if types.count(t) > 1})
         if duplicated:
@@ -123,15 +122,18 @@ class Mixture(Dataset):
                 continue
             self.sources.append(source)
             self.datasets.append(dataset)
-            lengths.append(_modality_lengths(dataset, source))
         if not self.datasets:
             raise MixSpecError(f"no source of the mixture is present (missing: {self.missing})")
         self.sizes = np.array([len(d) for d in self.datasets], np.int64)
         self.repeats = np.array([s.repeats for s in self.sources], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes * self.repeats)])
-        self.lengths = np.concatenate([np.tile(lengths_s, int(r))
-                                       for lengths_s, r in zip(lengths, self.repeats,
-                                                               strict=True)])
+        self.lengths = np.empty(int(self.offsets[-1]), np.int64)  # filled source by source
+        for number, (dataset, source) in enumerate(zip(self.datasets, self.sources,
+                                                       strict=True)):
+            own = _modality_lengths(dataset, source)
+            for copy in range(source.repeats):
+                start = int(self.offsets[number]) + copy * len(own)
+                self.lengths[start:start + len(own)] = own
         self.collate_fn = collate_fn
 
     def _open(self, source: MixSource) -> Any | None:
@@ -178,23 +180,36 @@ class Mixture(Dataset):
 
     def collate(self, items: list[Mapping[str, Any]]) -> Any:
         """Batch items: one batch when they share their keys, else a dict of per-type
-        sub-batches (SA-1B and SAV dicts in one batch). Each type is collated by its source's
-        collate, with ``dataset_type`` (a list) and ``modality_length`` (a tensor) added."""
+        sub-batches (SA-1B and SAV dicts in one batch). A type whose source has a collate of
+        its own (``MixSource.collate``, or the dataset's ``collate_fn``) uses it; the others
+        are collated as ``default_collate`` would, all into one buffer (one shared-memory
+        segment per batch from a worker: see :mod:`loaders.packed_collate`). Each sub-batch
+        gets ``dataset_type`` and ``modality_length`` as lists."""
         if self.collate_fn is not None:
             return self.collate_fn(items)
         groups: dict[str, list[Mapping[str, Any]]] = {}
         for item in items:
             groups.setdefault(item["dataset_type"], []).append(item)
-        if len(groups) == 1 or len({frozenset(i) for i in items}) == 1:
-            return self._collate_group(next(iter(groups)), items)
-        return {name: self._collate_group(name, group) for name, group in groups.items()}
+        single = len(groups) == 1 or len({frozenset(i) for i in items}) == 1
+        if single:
+            groups = {items[0]["dataset_type"]: items}
+        batches, packed = {}, {}
+        for name, members in groups.items():
+            stripped = [{k: v for k, v in i.items() if k not in ADDED_KEYS} for i in members]
+            own = self._own_collate(name)
+            if own is None:
+                packed[name] = stripped
+            else:
+                batches[name] = own(stripped)
+        batches.update(collate_packed(packed) if packed else {})
+        for name, members in groups.items():
+            if isinstance(batches[name], dict):
+                batches[name]["dataset_type"] = [i["dataset_type"] for i in members]
+                batches[name][MODALITY_FIELD] = [i[MODALITY_FIELD] for i in members]
+        return batches[next(iter(groups))] if single else {n: batches[n] for n in groups}
 
-    def _collate_group(self, dataset_type: str, items: list[Mapping[str, Any]]) -> Any:
-        source = self.dataset_types.index(dataset_type)
-        collate = (self.sources[source].collate
-                   or getattr(self.datasets[source], "collate_fn", None) or default_collate)
-        batch = collate([{k: v for k, v in i.items() if k not in ADDED_KEYS} for i in items])
-        if isinstance(batch, dict):
-            batch["dataset_type"] = [i["dataset_type"] for i in items]
-            batch[MODALITY_FIELD] = torch.tensor([i[MODALITY_FIELD] for i in items])
-        return batch
+    def _own_collate(self, dataset_type: str) -> Callable[[list[Any]], Any] | None:
+        """The collate a source brings (``MixSource.collate``, else the dataset's
+        ``collate_fn``), or None for the default."""
+        number = self.dataset_types.index(dataset_type)
+        return self.sources[number].collate or getattr(self.datasets[number], "collate_fn", None)

@@ -67,15 +67,19 @@ class _ResumableSampler(Sampler[int]):
         self.position = self._resume_at = int(state["position"])
 
 
-def _sorted_megabatches(lengths: np.ndarray, group: int, rng: np.random.Generator
-                        ) -> np.ndarray:
-    """A random permutation of ``range(len(lengths))`` cut into megabatches of ``group``, each
-    sorted by length, longest first (stable: ties keep their random order)."""
-    order = rng.permutation(np.arange(len(lengths), dtype=np.int32))
+def _sorted_megabatches(lengths: np.ndarray, members: np.ndarray | None, group: int,
+                        rng: np.random.Generator, absolute: bool = False) -> np.ndarray:
+    """``members`` (int32 indices into ``lengths``; default: all of them) shuffled, cut into
+    megabatches of ``group`` and each sorted by length (``absolute``: by its absolute value),
+    largest first (stable: ties keep their random order). Works in place on ``members``: the
+    shuffle makes the same swaps as ``rng.permutation(len(members))`` would, and sort keys are
+    gathered a block of megabatches at a time, so memory stays one int32 per index."""
+    order = np.arange(len(lengths), dtype=np.int32) if members is None else members
+    rng.shuffle(order)
     step = max(group, (SORT_BLOCK // group) * group)
     for start in range(0, len(order), step):  # blocks of whole megabatches
         block = order[start:start + step]
-        keys = -lengths[block]
+        keys = -np.abs(lengths[block]) if absolute else -lengths[block]
         rows = len(block) // group
         if rows:
             full = block[:rows * group].reshape(rows, group)
@@ -92,23 +96,26 @@ def length_grouped_indices(lengths: np.ndarray, group: int,
     sorted by length descending. When positive (multimodal) and negative (text-only) lengths
     mix, each kind is cut into megabatches on its own (by absolute length); the megabatches of
     both, but for each kind's last, are shuffled together; the two last ones go at the end as
-    one megabatch sorted by absolute length."""
+    one megabatch sorted by absolute length. Returns int32 indices."""
     lengths = np.asarray(lengths)
-    if (lengths == 0).any():
-        raise OptionError("modality lengths must not be 0 (negative: text-only samples)")
     positive = lengths > 0
-    if positive.all() or not positive.any():
-        return _sorted_megabatches(lengths, group, rng)
+    if not (positive | (lengths < 0)).all():
+        raise OptionError("modality lengths must not be 0 (negative: text-only samples)")
+    if positive.all() or not positive.any():  # one kind: by the length itself, as the
+        return _sorted_megabatches(lengths, None, group, rng)  # reference does (-1 before -9)
+    everything = np.arange(len(lengths), dtype=np.int32)
+    kinds = [everything[positive], everything[~positive]]
+    del everything, positive
     pieces, lasts = [], []
-    for members in (np.flatnonzero(positive), np.flatnonzero(~positive)):
-        ordered = members[_sorted_megabatches(np.abs(lengths[members]), group, rng)]
+    for members in kinds:
+        ordered = _sorted_megabatches(lengths, members, group, rng, absolute=True)
         cut = ((len(ordered) - 1) // group) * group  # the last megabatch, short or whole
         pieces += np.split(ordered[:cut], range(group, cut, group)) if cut else []
         lasts.append(ordered[cut:])
     shuffled = [pieces[i] for i in rng.permutation(len(pieces))]
     last = np.concatenate(lasts)
     last = last[np.argsort(-np.abs(lengths[last]), kind="stable")]
-    return np.concatenate([*shuffled, last]).astype(np.int32, copy=False)
+    return np.concatenate([*shuffled, last])
 
 
 class LengthGroupedSampler(_ResumableSampler):
@@ -145,6 +152,8 @@ class LengthGroupedSampler(_ResumableSampler):
     def epoch_indices(self) -> np.ndarray:
         rng = np.random.default_rng(self.seed + self.epoch)
         indices = length_grouped_indices(self.lengths, self.group, rng)
+        if len(indices) == self.total_size:
+            return indices
         return np.resize(indices, self.total_size)  # pads by repeating from the start
 
 
@@ -195,13 +204,18 @@ class WeightedSourceSampler(_ResumableSampler):
     def epoch_indices(self) -> np.ndarray:
         rng = np.random.default_rng((self.seed, self.epoch))
         counts = self.draws_per_source()
-        which = rng.permutation(np.repeat(np.arange(len(counts), dtype=np.int32), counts))
-        indices = np.empty(self.total_size, np.int64)
-        for source, count in enumerate(counts):
+        which = np.repeat(np.arange(len(counts), dtype=np.min_scalar_type(len(counts))), counts)
+        rng.shuffle(which)
+        wide = int(self.offsets[-1] + self.sizes[-1]) >= 2**31
+        indices = np.empty(self.total_size, np.int64 if wide else np.int32)
+        for source, count in enumerate(int(c) for c in counts):
             if not count:
                 continue
             size = int(self.sizes[source])
-            rounds = -(-int(count) // size)
-            local = np.concatenate([rng.permutation(size) for _ in range(rounds)])[:count]
-            indices[which == source] = self.offsets[source] + local
+            permutation = np.arange(size, dtype=indices.dtype) + self.offsets[source]
+            local = np.empty(count, indices.dtype)
+            for start in range(0, count, size):  # a fresh permutation per pass over it
+                rng.shuffle(permutation)
+                local[start:start + size] = permutation[:count - start]
+            indices[which == source] = local
         return indices

@@ -37,6 +37,7 @@ class ZarrDistillDataset(Dataset):
     ) -> None:
         self.keys = tuple(keys)
         self.reader = SampleReader(path, backend=backend, fields=fields_for(self.keys))
+        self.sample_ids = self.reader.sample_ids  # every item names its id: read once, here
         if self.reader.kind != SA1B_KIND:
             raise IncompatibleStoreError(
                 f"{path} holds kind {self.reader.kind!r}; ZarrDistillDataset reads {SA1B_KIND!r} "
@@ -55,4 +56,4 @@ class ZarrDistillDataset(Dataset):
         return len(self.reader)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return distill_item(self.reader.read(index), self.reader.sample_ids[index], self.keys)
+        return distill_item(self.reader.read(index), self.sample_ids[index], self.keys)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from arraystore import ingest
 from arraystore.cli import cli
@@ -210,11 +210,13 @@ def _xtuner_reference(lengths, group, rng) -> list[int]:
     return [int(i) for b in batches for i in b]
 
 
-@pytest.mark.parametrize("mixed", [False, True])
-def test_vectorised_grouping_equals_the_reference_algorithm(mixed) -> None:
+@pytest.mark.parametrize("kinds", ["multimodal", "mixed", "text-only"])
+def test_vectorised_grouping_equals_the_reference_algorithm(kinds) -> None:
     lengths = np.random.default_rng(4).integers(1, 60, 2_500)
-    if mixed:
-        lengths[::3] *= -1  # text-only samples
+    if kinds == "mixed":
+        lengths[::3] *= -1  # text-only samples among multimodal ones
+    elif kinds == "text-only":
+        lengths = -lengths
     for group in (7, 64, 1000):
         ours = length_grouped_indices(lengths, group, np.random.default_rng(9))
         reference = _xtuner_reference(list(lengths), group, np.random.default_rng(9))
@@ -248,10 +250,36 @@ def test_mixed_kinds_collate_in_dataloader_workers(mix) -> None:
     assert batch["sav"]["dataset_type"] == ["sav"] * 3
     assert batch["sa1b"]["image"].shape == (3, 3, 1024, 1024)  # collate_distill: boxes as lists
     assert isinstance(batch["sa1b"]["box_prompts_xyxy"], list)
-    assert torch.equal(batch["sa1b"]["modality_length"], torch.tensor([1024] * 3))
+    assert batch["sa1b"]["modality_length"] == [1024] * 3  # lists: no tensor to share
     same_kind = mix.collate([mix[i] for i in range(3)])
     assert same_kind["dataset_type"] == ["sav"] * 3
     assert len(pickle.dumps(mix)) < 100_000
+
+
+def test_packed_collate_equals_default_collate_in_workers(mix) -> None:
+    """Mixed batches from workers (one shared buffer each) hold exactly what default_collate
+    of each kind's items gives in-process."""
+    order = list(range(len(mix)))[::-1]
+    loader = DataLoader(mix, batch_size=5, sampler=order, collate_fn=mix.collate,
+                        num_workers=2, multiprocessing_context="spawn")
+    for number, batch in enumerate(loader):
+        items = [mix[i] for i in order[number * 5:(number + 1) * 5]]
+        groups = batch if "dataset_type" not in batch else {batch["dataset_type"][0]: batch}
+        for name, sub in groups.items():
+            if name == "sa1b":
+                continue  # collate_distill, its own
+            members = [{k: v for k, v in i.items() if k not in ("dataset_type",
+                                                                 "modality_length")}
+                       for i in items if i["dataset_type"] == name]
+            expected = default_collate(members)
+            assert list(sub)[:len(expected)] == list(expected)
+            for key, value in expected.items():
+                if isinstance(value, torch.Tensor):
+                    assert value.dtype == sub[key].dtype and torch.equal(value, sub[key])
+                else:
+                    assert value == sub[key]
+            assert sub["modality_length"] == [i["modality_length"] for i in items
+                                              if i["dataset_type"] == name]
 
 
 def test_toml_and_describe(stores, tmp_path) -> None:
