@@ -14,6 +14,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -33,22 +34,13 @@ from rich.progress import (
 from arraystore.errors import SampleError, SourceError, WorkerDiedError
 from arraystore.layout import Layout
 from arraystore.lock import StoreLock
-from arraystore.sources import BatchStage, Record, Source, SourceUnit
+from arraystore.sources import BatchStage, Part, Record, Skip, Source, SourceUnit
 from arraystore.store import Store, WriteMode, open_for_writing, utc_now
 from arraystore.writer import StoreWriter, sample_id_problem
 
 OnError = Literal["fail", "skip"]
 ON_ERROR_CHOICES: tuple[str, ...] = ("fail", "skip")
 REPORTS_SUFFIX = ".reports"  # beside the store: zarr warns about foreign files inside a group
-
-
-@dataclass
-class Skip:
-    """One sample (or the rest of a unit) left out of the store, and why."""
-
-    where: str
-    sample_id: str
-    reason: str
 
 
 @dataclass
@@ -65,6 +57,8 @@ class IngestReport:
     units_already_done: list[str] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     report_path: str = ""
+    stage_seconds: float = 0.0  # in the batch stage (a model), writer process
+    waiting_seconds: float = 0.0  # the writer waiting for workers' results
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,7 +74,7 @@ def _init_worker(source: Source) -> None:
     source.prepare_worker()
 
 
-Derived = tuple[dict[str, Any] | None, str, str]  # values, or None with where and why
+Derived = tuple[dict[str, Any] | list[Part | Skip] | None, str, str]  # or None, where, why
 
 
 def _derive(record: Record, source: Source | None = None) -> Derived:
@@ -211,7 +205,7 @@ def _run(source: Source, units: list[SourceUnit], store: Store, workers: int, on
     report = IngestReport(store=str(store.path), source=source.name, started=utc_now())
     stage = source.batch_stage()
     if stage is not None:
-        store.provenance["teacher"] = {**stage.describe(), "used_from": utc_now()}
+        store.provenance[stage.name] = {**stage.describe(), "used_from": utc_now()}
     # decoding runs ahead of the writer by two batches, so a model stage never waits on it
     lookahead = 2 * stage.batch_size if stage is not None else 0
     try:
@@ -256,8 +250,9 @@ def _ingest_unit(
         """Records not stored yet; a record whose id no store can hold becomes its error."""
         for item in items:
             if isinstance(item, Record):
-                if item.sample_id in preexisting:
-                    report.already_stored += 1
+                ids = item.parts or (item.sample_id,)
+                if all(i in preexisting for i in ids):  # nothing new: not even decoded
+                    report.already_stored += len(ids)
                     continue
                 bad_id = sample_id_problem(item.sample_id)
                 if bad_id:
@@ -268,7 +263,9 @@ def _ingest_unit(
 
     def write_pending() -> None:
         if stage is not None and pending:
+            started = time.perf_counter()
             stage(list(pending.values()))
+            report.stage_seconds += time.perf_counter() - started
         for sample_id, values in pending.items():
             writer.append(sample_id, values)
             report.ingested += 1
@@ -281,22 +278,40 @@ def _ingest_unit(
             raise error
         report.skipped.append(Skip(error.where, error.sample_id, error.reason))
 
+    def add(sample_id: str, values: dict[str, Any], where: str) -> None:
+        if sample_id in writer or sample_id in pending:
+            fail_or_skip(SampleError(where, sample_id,
+                                     "duplicate sample id: stored earlier in this run"))
+            return
+        pending[sample_id] = values
+        if len(pending) >= (stage.batch_size if stage is not None else 1):
+            write_pending()
+
+    results = pool.derive(fresh(source.records(unit)))
     try:
-        for item, values, where, reason in pool.derive(fresh(source.records(unit))):
+        while True:
+            started = time.perf_counter()
+            try:
+                item, values, where, reason = next(results)
+            except StopIteration:
+                break
+            report.waiting_seconds += time.perf_counter() - started
             if isinstance(item, SampleError):
                 fail_or_skip(item)
                 continue
             bar.update(task, completed=item.progress)
             if values is None:
                 fail_or_skip(SampleError(where, item.sample_id, reason))
-                continue
-            if item.sample_id in writer or item.sample_id in pending:
-                fail_or_skip(SampleError(item.where, item.sample_id,
-                                         "duplicate sample id: stored earlier in this run"))
-                continue
-            pending[item.sample_id] = values
-            if len(pending) >= (stage.batch_size if stage is not None else 1):
-                write_pending()
+            elif isinstance(values, list):  # the parts of a record that yields several samples
+                for part in values:
+                    if isinstance(part, Skip):
+                        report.skipped.append(part)
+                    elif part.sample_id in preexisting:
+                        report.already_stored += 1
+                    else:
+                        add(part.sample_id, part.values, item.where)
+            else:
+                add(item.sample_id, values, item.where)
     except SourceError as exc:
         write_pending()
         if on_error == "fail":

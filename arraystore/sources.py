@@ -41,12 +41,35 @@ class SourceUnit:
 
 @dataclass(frozen=True)
 class Record:
-    """The raw material of one sample, with where it came from (for error messages)."""
+    """The raw material of one sample, with where it came from (for error messages).
+
+    A record that yields several samples (an image and its segments) lists their ids in
+    ``parts``: when every one of them is already stored, the record is skipped before it is
+    derived.
+    """
 
     sample_id: str
     where: str
     payload: Any
     progress: int = 0  # bytes of the unit consumed once this record was read
+    parts: tuple[str, ...] = ()
+
+
+@dataclass
+class Skip:
+    """One sample (or the rest of a unit) left out of the store, and why."""
+
+    where: str
+    sample_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Part:
+    """One of the samples a record yields when it yields several."""
+
+    sample_id: str
+    values: dict[str, Any]
 
 
 class HashingReader:
@@ -73,9 +96,11 @@ class HashingReader:
 
 
 class BatchStage(Protocol):
-    """Runs on ``batch_size`` derived samples at a time, in the writer process, updating them."""
+    """Runs on ``batch_size`` derived samples at a time, in the writer process, updating them.
+    ``name`` is the provenance key of what it records (``teacher``, ``embedder``)."""
 
     batch_size: int
+    name: str
 
     def __call__(self, samples: list[dict[str, Any]]) -> None: ...
 
@@ -119,8 +144,10 @@ class Source(ABC):
         """
 
     @abstractmethod
-    def derive(self, record: Record) -> dict[str, Any]:
-        """The field values of one sample (runs in a worker process)."""
+    def derive(self, record: Record) -> dict[str, Any] | list[Part | Skip]:
+        """The field values of one sample (runs in a worker process); for a record with
+        ``parts``, a :class:`Part` per sample it yields and a :class:`Skip` (always reported,
+        never fatal) per part it leaves out."""
 
     def store_attrs(self, units: Sequence[SourceUnit]) -> Mapping[str, Any]:
         """Kind-specific attributes to record in a new store (default: none)."""

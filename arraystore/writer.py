@@ -81,9 +81,7 @@ class StoreWriter:
         self._lock.acquire()
         self.store = store
         self.fields = store.schema.fields
-        self.flush_every = flush_every or (
-            store.layout.shard_size if store.layout.sharded else DEFAULT_RAW_FLUSH
-        )
+        self.flush_every = flush_every or self._flush_unit(store)
         committed = store.committed_mask()
         ids = store.sample_ids()
         self.committed_ids: set[str] = {str(s) for s in ids[committed]}
@@ -92,6 +90,15 @@ class StoreWriter:
         self._buffered_ids: set[str] = set()
         self._arrays = {f.name: store.array(f.name) for f in self.fields}
         self._remove_partials()
+
+    @staticmethod
+    def _flush_unit(store: Store) -> int:
+        """Samples per flush: a shard's worth (no shard rewritten per sample), a few samples
+        when each has its own chunk files, a block's worth when every field is chunked in
+        blocks (each flush rewrites the block: rows of embeddings, not per-sample files)."""
+        if not any(f.chunking == "sample" for f in store.schema.fields):
+            return store.layout.block_size
+        return store.layout.shard_size if store.layout.sharded else DEFAULT_RAW_FLUSH
 
     def __enter__(self) -> StoreWriter:
         return self

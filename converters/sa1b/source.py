@@ -106,7 +106,8 @@ class Sa1bTarSource(Source):
     def batch_stage(self) -> BatchStage | None:
         """With ``--teacher``, features come from SAM2 (replacing any NPZ features); the model
         lives in the writer process while the workers decode ahead."""
-        from converters.sa1b.teacher import Sam2Teacher, TeacherError, TeacherStage
+        from arraystore.stages import ModelStage
+        from converters.sa1b.teacher import Sam2Teacher, TeacherError
 
         if not self.settings["teacher"]:
             if self.settings["weights"]:
@@ -115,9 +116,11 @@ class Sa1bTarSource(Source):
         if not self.settings["weights"]:
             raise TeacherError(f"--teacher {self.settings['teacher']} needs --weights PATH "
                                f"(a local checkpoint)")
-        return TeacherStage(Sam2Teacher(self.settings["teacher"], self.settings["weights"],
-                                        self.settings["device"], self.settings["batch_size"],
-                                        self.settings["amp"]))
+        teacher = Sam2Teacher(self.settings["teacher"], self.settings["weights"],
+                              self.settings["device"], self.settings["batch_size"],
+                              self.settings["amp"])
+        return ModelStage(teacher, "image", ("P4_S16", "P5_S32"), name="teacher",
+                          flags={"feature_flag": np.uint8(1)})
 
     def prepare_worker(self) -> None:
         cv2.setNumThreads(1)  # one process per core already; OpenCV threads would oversubscribe

@@ -94,19 +94,3 @@ class Sam2Teacher:
             p4.append(levels[2].float().cpu().numpy())
             p5.append(levels[3].float().cpu().numpy())
         return np.concatenate(p4), np.concatenate(p5)
-
-
-class TeacherStage:
-    """The ingest batch stage: set P4/P5 and ``feature_flag`` from the teacher."""
-
-    def __init__(self, teacher: Sam2Teacher) -> None:
-        self.teacher = teacher
-        self.batch_size = teacher.batch_size
-
-    def __call__(self, samples: list[dict[str, Any]]) -> None:
-        p4, p5 = self.teacher(np.stack([s["image"] for s in samples]))
-        for sample, a, b in zip(samples, p4, p5, strict=True):
-            sample.update(P4_S16=a, P5_S32=b, feature_flag=np.uint8(1))
-
-    def describe(self) -> dict[str, Any]:
-        return self.teacher.describe()
