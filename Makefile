@@ -13,13 +13,15 @@ export SAM2_BUILD_CUDA := 0
 $(VENV)/.setup: pyproject.toml constraints.txt $(SOURCES)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	rm -rf build  # setuptools' staging area: would carry deleted modules into the install
 	$(PY) -m pip install -q -c constraints.txt ".[viz]"
 	touch $@
 
 # the sam2 extra builds from source: PIP_CONSTRAINT (exported above) keeps its isolated build on
 # the pinned CPU torch instead of pulling a CUDA torch; SAM2_BUILD_CUDA=0 skips its CUDA kernels
 $(VENV)/.setup-test: $(VENV)/.setup
-	$(PY) -m pip install -q -c constraints.txt ".[dev,sam2]"
+	rm -rf build
+	$(PY) -m pip install -q -c constraints.txt ".[dev,sam2,siglip]"
 	touch $@
 
 setup: $(VENV)/.setup

@@ -26,6 +26,8 @@ _EXPORTS = {
     "MixSource": "loaders.mixture",
     "StoreItems": "loaders.mixture",
     "packed_default_collate": "loaders.packed_collate",
+    "EmbeddingTable": "loaders.embedding_table",
+    "MaskEmbeddingDataset": "loaders.embedding_table",
     "LengthGroupedSampler": "loaders.samplers",
     "WeightedSourceSampler": "loaders.samplers",
 }
