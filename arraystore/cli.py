@@ -33,7 +33,7 @@ from arraystore.plugins import (
     load_plugin,
     plugin_names,
 )
-from arraystore.show import DEFAULT_COUNT, show
+from arraystore.show import show
 from arraystore.sources import Source
 from arraystore.verify import verify
 
@@ -323,12 +323,13 @@ class _ManyValuesCommand(click.Command):
 @click.option("--sample", "more_samples", multiple=True,
               help="a sample id to show (repeatable; ids with spaces or slashes)")
 @click.option("--fields", multiple=True, help="show only these fields: --fields a b c")
-@click.option("--count", type=click.IntRange(1), default=DEFAULT_COUNT, show_default=True,
-              help="how many of the first committed samples, when none is named")
+@click.option("--count", type=click.IntRange(1), default=None,
+              help="how many of the first committed samples, when none is named [4; for "
+                   "embedding tables 2000, in one scatter]")
 @click.option("-o", "--out", "out_path", default=None,
               help="the PNG to write [STORE.show.png, beside the store]")
 def show_command(store: str, samples: tuple[str, ...], more_samples: tuple[str, ...],
-                 fields: tuple[str, ...], count: int, out_path: str | None) -> None:
+                 fields: tuple[str, ...], count: int | None, out_path: str | None) -> None:
     """Draw samples of a store into one PNG: a row per sample, a panel per view of it."""
     names = [n for value in fields for n in value.split(",") if n]
     result = _run(lambda: show(store, [*samples, *more_samples], fields=names, count=count,

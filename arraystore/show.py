@@ -27,7 +27,6 @@ PAD = 10
 ROW_HEADER = 24  # the sample id above each row
 TITLE = 30  # two lines of panel title
 DPI = 100
-DEFAULT_COUNT = 4
 
 
 class NothingToShowError(ArrayStoreError, ValueError):
@@ -66,10 +65,11 @@ def default_output(store: str | os.PathLike[str]) -> Path:
 
 
 def show(store: str | os.PathLike[str], sample_ids: Sequence[str] = (), *,
-         fields: Sequence[str] = (), count: int = DEFAULT_COUNT,
+         fields: Sequence[str] = (), count: int | None = None,
          out: str | os.PathLike[str] | None = None) -> ShowResult:
-    """Render ``sample_ids`` (default: the first ``count`` committed samples) of ``store`` into
-    one PNG at ``out`` (default ``<store>.show.png``); ``fields`` limits the panels to those."""
+    """Render ``sample_ids`` (default: the first ``count`` committed samples, the view's
+    default number) of ``store`` into one PNG at ``out`` (default ``<store>.show.png``);
+    ``fields`` limits the panels to those."""
     reader = SampleReader(store, fields=())
     if not len(reader):
         raise NothingToShowError(f"{store} has no committed samples to show")
@@ -84,12 +84,16 @@ def show(store: str | os.PathLike[str], sample_ids: Sequence[str] = (), *,
             raise NothingToShowError(
                 f"{store} has no committed samples {exc.args[0]}; its ids look like "
                 f"{reader.sample_ids[:3]}") from None
-    else:
-        indices = list(range(min(count, len(reader))))
     view = view_for(reader.kind)
+    if not sample_ids:
+        indices = list(range(min(count or view.default_count, len(reader))))
     names = view.fields(reader.schema, fields)
-    rows = [(reader.sample_ids[i], view.panels(reader.read(i, names), reader.schema, fields))
-            for i in indices]
+    if view.per_sample:
+        rows = [(reader.sample_ids[i], view.panels(reader.read(i, names), reader.schema, fields))
+                for i in indices]
+    else:
+        rows = [(f"{len(indices)} of the {len(reader)} samples of {Path(store).name}",
+                 view.summary([reader.read(i, names) for i in indices], reader.schema))]
     return render(rows, Path(out) if out is not None else default_output(store))
 
 
@@ -121,7 +125,9 @@ def render(rows: Sequence[tuple[str, Sequence[Panel]]], path: Path) -> ShowResul
             x, y = PAD + cell * (CELL + PAD), top + ROW_HEADER + TITLE
             cell += panel.span
             title = panel.title
-            if panel.image is not None:
+            if panel.points is not None:
+                scatter(fig, panel, (x, y, width, height))
+            elif panel.image is not None:
                 rgb, scale, shown_range = display_image(panel)
                 if shown_range is not None:
                     title += f"  [{shown_range[0]:.3g}, {shown_range[1]:.3g}]"
@@ -136,6 +142,18 @@ def render(rows: Sequence[tuple[str, Sequence[Panel]]], path: Path) -> ShowResul
     plt.close(fig)
     partial.replace(path)
     return result
+
+
+def scatter(fig: Any, panel: Panel, at: tuple[int, int, int, int]) -> None:
+    """``panel.points`` as a scatter in the panel's square, coloured by ``point_labels``."""
+    x, y, width, height = at
+    wide = panel.span * (CELL + PAD) - PAD
+    ax = fig.add_axes((x / width, 1 - (y + CELL) / height, wide / width, CELL / height))
+    ax.scatter(panel.points[:, 0], panel.points[:, 1], s=6, linewidths=0,
+               c=panel.point_labels if panel.point_labels is not None else "tab:blue",
+               cmap="tab20")
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def display_image(panel: Panel) -> tuple[np.ndarray, float, tuple[float, float] | None]:

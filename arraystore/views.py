@@ -24,9 +24,10 @@ VIEWS_GROUP = "arraystore.views"
 @dataclass
 class Panel:
     """One cell of a row: an image (``(H, W, 3)`` uint8 shown as RGB, or ``(H, W)`` shown with
-    ``cmap`` over ``value_range``, data min/max by default), or ``text``. ``boxes`` are xyxy
-    rectangles in the image's pixels, drawn in ``box_colors`` (RGB uint8). ``span``: how many
-    cells wide the panel is (a strip of bins)."""
+    ``cmap`` over ``value_range``, data min/max by default), ``points`` (a scatter, coloured by
+    ``point_labels``), or ``text``. ``boxes`` are xyxy rectangles in the image's pixels, drawn
+    in ``box_colors`` (RGB uint8). ``span``: how many cells wide the panel is (a strip of
+    bins)."""
 
     title: str
     image: np.ndarray | None = None
@@ -36,13 +37,21 @@ class Panel:
     boxes: np.ndarray | None = None
     box_colors: list[tuple[int, int, int]] = field(default_factory=list)
     span: int = 1
+    points: np.ndarray | None = None  # (N, 2): a scatter instead of an image
+    point_labels: np.ndarray | None = None  # (N,) ints colouring the points
 
 
 class View:
     """How samples of some kinds are shown. Subclasses set ``fields`` (what a row reads) and
-    ``panels``; both see the fields the user asked for, if any (``--fields``)."""
+    ``panels``; both see the fields the user asked for, if any (``--fields``).
+
+    A view with ``per_sample = False`` draws all the samples shown in one row instead
+    (:meth:`summary`, e.g. a scatter of embeddings), ``default_count`` of them by default.
+    """
 
     kind: ClassVar[str] = ""
+    per_sample: ClassVar[bool] = True
+    default_count: ClassVar[int] = 4
 
     def fields(self, schema: Schema, asked: Sequence[str]) -> tuple[str, ...]:
         """The fields to read for one row."""
@@ -52,6 +61,10 @@ class View:
                asked: Sequence[str]) -> list[Panel]:
         """The panels of one sample's row."""
         return field_panels(sample, schema)
+
+    def summary(self, samples: Sequence[Mapping[str, Any]], schema: Schema) -> list[Panel]:
+        """The panels of one row for many samples (views with ``per_sample = False``)."""
+        raise NotImplementedError
 
 
 class GenericView(View):

@@ -159,6 +159,32 @@ def test_generic_view_of_other_kinds(tmp_path) -> None:
     assert png(tmp_path / "f.png").shape[1] == PAD + 2 * (CELL + PAD)
 
 
+def test_embedding_table_as_one_scatter(tmp_path) -> None:
+    """An embedding store (imported from a generated .npy cache, no model): one row, a PCA
+    scatter of the rows shown coloured by category, and what they are."""
+    from converters.coco_panoptic.vis_cache import VisCacheSource
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    rng = np.random.default_rng(0)
+    lines = ["image_id\tsegment_id\tfeat_file"]
+    for n in range(30):
+        vector = rng.standard_normal(64)
+        np.save(cache / f"{n:012d}_{n + 1}.npy", (vector / np.linalg.norm(vector)).astype(
+            np.float16))
+        lines.append(f"{n:012d}\t{n + 1}\t{n:012d}_{n + 1}.npy")
+    (cache / "inst2feat.tsv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "vis.zarr"
+    ingest(VisCacheSource(), [cache], out, workers=1)
+    result = show(out)
+    image = check_png(result, 1)
+    assert result.sample_ids == ["30 of the 30 samples of vis.zarr"]
+    scatter = image[PAD + ROW_HEADER + TITLE:PAD + ROW_HEADER + TITLE + CELL,
+                    PAD:PAD + 2 * CELL]
+    assert (scatter.reshape(-1, 3) != 255).any(axis=1).mean() > 0.001  # points drawn
+    assert check_png(show(out, count=10, out=tmp_path / "ten.png"), 1) is not None
+
+
 def test_bin_imported_store_shows_as_sa1b(tmp_path) -> None:
     from conftest import write_bin_dataset
 
