@@ -2,7 +2,8 @@
 
 Pure functions of NumPy arrays (OpenCV and pycocotools do the pixel work); no I/O. Masks are
 decoded one annotation at a time so a 100-annotation, 1500x2250 image never holds more than one
-full-resolution mask besides the two accumulators.
+full-resolution mask besides the two accumulators, and the work per mask is confined to its box
+(see :class:`MaskAccumulator`).
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ def resize_image(rgb: np.ndarray) -> np.ndarray:
     return cv2.resize(rgb, (IMAGE_SIZE, IMAGE_SIZE), interpolation=interpolation)
 
 
-def decode_mask(rle: dict[str, Any]) -> np.ndarray:
-    """A COCO RLE (compressed string or uncompressed list counts) as a C-contiguous uint8 mask."""
+def encoded_rle(rle: dict[str, Any]) -> dict[str, Any]:
+    """A COCO RLE with compressed counts (uncompressed list counts are encoded first)."""
     if isinstance(rle.get("counts"), list):
         h, w = rle["size"]
-        rle = mask_utils.frPyObjects(rle, h, w)
-    return np.ascontiguousarray(mask_utils.decode(rle))
+        return mask_utils.frPyObjects(rle, h, w)
+    return rle
 
 
 class MaskAccumulator:
@@ -48,20 +49,41 @@ class MaskAccumulator:
 
     Method B ORs each mask's own morphological gradient (``MORPH_GRADIENT``, a ``kernel_size``
     square of ones), which differs from the gradient of the union where masks overlap.
+
+    The work per mask is local and copies nothing: masks are taken in the transposed (W, H)
+    frame pycocotools decodes into, and the gradient, the union and the OR are computed on the
+    mask's box (from the RLE, without decoding) grown by the kernel's radius. That is exact:
+    outside that margin a mask's gradient is zero, and inside it OpenCV's default border for
+    erosion and dilation never binds (a pixel whose neighbourhood leaves the margin lies outside
+    the box, so it is 0 and the erosion there is 0 either way); a square kernel commutes with
+    the transpose. The full image is transposed back once, for the resizes.
     """
 
     def __init__(self, shape: tuple[int, int], kernel_size: int = 3) -> None:
-        self.union = np.zeros(shape, np.uint8)
-        self.edge = np.zeros(shape, dtype=bool)
+        height, width = shape
+        self.union_t = np.zeros((width, height), np.uint8)
+        self.edge_t = np.zeros((width, height), dtype=bool)
         self._kernel = np.ones((kernel_size, kernel_size), np.uint8)
+        self._radius = kernel_size // 2
 
-    def add(self, mask: np.ndarray) -> None:
-        self.union |= mask
-        self.edge |= cv2.morphologyEx(mask, cv2.MORPH_GRADIENT, self._kernel) > 0
+    def add_rle(self, rle: dict[str, Any]) -> np.ndarray:
+        """Decode one annotation's mask, add it, and return it (transposed, (W, H))."""
+        encoded = encoded_rle(rle)
+        mask_t = mask_utils.decode(encoded).T
+        x, y, w, h = (round(float(v)) for v in mask_utils.toBbox(encoded))
+        if w and h:
+            r = self._radius
+            rows = slice(max(0, x - r), min(mask_t.shape[0], x + w + r))
+            columns = slice(max(0, y - r), min(mask_t.shape[1], y + h + r))
+            local = mask_t[rows, columns]
+            self.union_t[rows, columns] |= local
+            self.edge_t[rows, columns] |= cv2.morphologyEx(local, cv2.MORPH_GRADIENT,
+                                                           self._kernel) > 0
+        return mask_t
 
     def edge_maps(self) -> dict[str, np.ndarray]:
         """``resize(edge as float32, (s, s), INTER_AREA) > 0`` as uint8 for s in 256, 64, 32."""
-        edge = self.edge.astype(np.float32)
+        edge = np.ascontiguousarray(self.edge_t.T, dtype=np.float32)
         return {
             f"edge_{s}x{s}": (cv2.resize(edge, (s, s), interpolation=cv2.INTER_AREA) > 0)
             .astype(np.uint8)
@@ -70,7 +92,7 @@ class MaskAccumulator:
 
     def weight_maps(self) -> dict[str, np.ndarray]:
         """fg maps: the union as float32 resized with INTER_AREA; bg maps: 1 - fg."""
-        union = self.union.astype(np.float32)
+        union = np.ascontiguousarray(self.union_t.T, dtype=np.float32)
         out: dict[str, np.ndarray] = {}
         for s in MAP_SIZES:
             fg = cv2.resize(union, (s, s), interpolation=cv2.INTER_AREA)
@@ -112,11 +134,10 @@ def derive_fields(
     chosen = largest(annotations, max_boxes)
     masks = MaskAccumulator((height, width), kernel_size)
     chosen_masks: dict[int, np.ndarray] = {}
-    for i, ann in enumerate(annotations):
-        mask = decode_mask(ann.rle)
-        masks.add(mask)
+    for i, ann in enumerate(annotations):  # each mask decoded once, used for all its fields
+        mask_t = masks.add_rle(ann.rle)
         if i in chosen:
-            chosen_masks[i] = mask
+            chosen_masks[i] = np.ascontiguousarray(mask_t.T)
     n = len(chosen)
     return {
         "image": resize_image(rgb),

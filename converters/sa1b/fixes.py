@@ -22,7 +22,7 @@ from arraystore.reader import SampleReader
 from arraystore.sources import SourceUnit
 from arraystore.store import Store, utc_now
 from arraystore.update import StoreUpdater
-from converters.sa1b.derive import MaskAccumulator, decode_mask
+from converters.sa1b.derive import MaskAccumulator
 from converters.sa1b.fields import EDGE_VERSION, KIND
 from converters.sa1b.members import parse_annotations
 from converters.sa1b.tar_shard import read_groups
@@ -170,7 +170,7 @@ def fix_edges(store_path: str | os.PathLike[str], annotations: Sequence[str | os
                     continue
                 masks = MaskAccumulator((height, width), kernel_size)
                 for annotation in parsed:
-                    masks.add(decode_mask(annotation.rle))
+                    masks.add_rle(annotation.rle)
                 pending.append((position, masks.edge_maps()))
                 fixed += 1
                 bar.advance(task)

@@ -1,0 +1,100 @@
+"""The fast derive (per-mask work confined to the mask's box, in pycocotools' transposed frame)
+gives, bit for bit, what the plain full-frame definition of DESIGN.md gives: on the bundled
+sample, on SA-1B-like samples with many masks, and on masks touching every border."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from benchmarks.data import sa1b_like
+from converters.sa1b.derive import MaskAccumulator, derive_fields
+from converters.sa1b.fields import EDGE_SIZES, MAP_SIZES
+from converters.sa1b.members import decode_jpeg, parse_annotations
+from converters.sa1b.shard_writer import ShardSample, write_shard
+from converters.sa1b.source import Sa1bTarSource
+
+SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "sa1b_sample.tar"
+
+
+def full_frame_maps(shape, rles, kernel_size: int) -> dict[str, np.ndarray]:
+    """The definition, whole image per mask: union, OR of MORPH_GRADIENT > 0, INTER_AREA."""
+    union = np.zeros(shape, np.uint8)
+    edge = np.zeros(shape, bool)
+    kernel = np.ones((kernel_size, kernel_size), np.uint8)
+    for rle in rles:
+        if isinstance(rle["counts"], list):
+            rle = mask_utils.frPyObjects(rle, *rle["size"])
+        mask = np.ascontiguousarray(mask_utils.decode(rle))
+        union |= mask
+        edge |= cv2.morphologyEx(mask, cv2.MORPH_GRADIENT, kernel) > 0
+    out = {f"edge_{s}x{s}": (cv2.resize(edge.astype(np.float32), (s, s),
+                                        interpolation=cv2.INTER_AREA) > 0).astype(np.uint8)
+           for s in EDGE_SIZES}
+    for s in MAP_SIZES:
+        out[f"fg_map_{s}"] = cv2.resize(union.astype(np.float32), (s, s),
+                                        interpolation=cv2.INTER_AREA)
+    return out
+
+
+def records(shard: Path):
+    source = Sa1bTarSource(max_boxes=3)
+    (unit,) = source.units([shard])
+    for record in source.records(unit):
+        payload = record.payload
+        rgb = decode_jpeg(payload["jpg"], "x", record.sample_id)
+        yield rgb, parse_annotations(payload["json"], "x", record.sample_id, *rgb.shape[:2])
+
+
+def border_masks(height: int, width: int) -> list[np.ndarray]:
+    masks = []
+    for y0, y1, x0, x1 in [(0, 40, 0, 50), (height - 30, height, width - 60, width),
+                           (0, height, 100, 101), (height // 2, height // 2 + 1, 0, width),
+                           (5, 6, 7, 8)]:
+        mask = np.zeros((height, width), np.uint8)
+        mask[y0:y1, x0:x1] = 1
+        masks.append(mask)
+    masks.append(np.zeros((height, width), np.uint8))  # empty
+    return masks
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("floor")
+    rng = np.random.default_rng(5)
+    photo = rng.integers(0, 255, (301, 455, 3), np.uint8)
+    return [SAMPLE, write_shard(root / "many.tar", sa1b_like(3, 60, seed=2)),
+            write_shard(root / "borders.tar", [ShardSample("edges", photo,
+                                                           border_masks(301, 455))])]
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_mask_maps_equal_the_full_frame_definition(shards, kernel_size) -> None:
+    checked = 0
+    for shard in shards:
+        for rgb, anns in records(shard):
+            accumulator = MaskAccumulator(rgb.shape[:2], kernel_size)
+            for annotation in anns:
+                accumulator.add_rle(annotation.rle)
+            got = {**accumulator.edge_maps(), **accumulator.weight_maps()}
+            expected = full_frame_maps(rgb.shape[:2], [a.rle for a in anns], kernel_size)
+            for name, value in expected.items():
+                assert got[name].dtype == value.dtype, name
+                np.testing.assert_array_equal(got[name], value, err_msg=name)
+            checked += 1
+    assert checked >= 6 + 3 + 1
+
+
+def test_chosen_masks_are_the_decoded_masks(shards) -> None:
+    for rgb, anns in records(shards[2]):
+        fields = derive_fields(rgb, anns, 3)
+        for row, index in enumerate(sorted(range(len(anns)),
+                                           key=lambda i: -anns[i].area)[:3]):
+            mask = np.ascontiguousarray(mask_utils.decode(anns[index].rle))
+            np.testing.assert_array_equal(
+                fields["masks"][row], cv2.resize(mask, (256, 256),
+                                                 interpolation=cv2.INTER_NEAREST))
