@@ -6,39 +6,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
-from pycocotools import mask as mask_utils
 
 from benchmarks.data import sa1b_like
+from benchmarks.derive import full_frame_derive
 from converters.sa1b.derive import MaskAccumulator, derive_fields
-from converters.sa1b.fields import EDGE_SIZES, MAP_SIZES
+from converters.sa1b.fields import MAP_SIZES
 from converters.sa1b.members import decode_jpeg, parse_annotations
 from converters.sa1b.shard_writer import ShardSample, write_shard
 from converters.sa1b.source import Sa1bTarSource
 
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "sa1b_sample.tar"
-
-
-def full_frame_maps(shape, rles, kernel_size: int) -> dict[str, np.ndarray]:
-    """The definition, whole image per mask: union, OR of MORPH_GRADIENT > 0, INTER_AREA."""
-    union = np.zeros(shape, np.uint8)
-    edge = np.zeros(shape, bool)
-    kernel = np.ones((kernel_size, kernel_size), np.uint8)
-    for rle in rles:
-        if isinstance(rle["counts"], list):
-            rle = mask_utils.frPyObjects(rle, *rle["size"])
-        mask = np.ascontiguousarray(mask_utils.decode(rle))
-        union |= mask
-        edge |= cv2.morphologyEx(mask, cv2.MORPH_GRADIENT, kernel) > 0
-    out = {f"edge_{s}x{s}": (cv2.resize(edge.astype(np.float32), (s, s),
-                                        interpolation=cv2.INTER_AREA) > 0).astype(np.uint8)
-           for s in EDGE_SIZES}
-    for s in MAP_SIZES:
-        out[f"fg_map_{s}"] = cv2.resize(union.astype(np.float32), (s, s),
-                                        interpolation=cv2.INTER_AREA)
-    return out
 
 
 def records(shard: Path):
@@ -81,20 +60,20 @@ def test_mask_maps_equal_the_full_frame_definition(shards, kernel_size) -> None:
             for annotation in anns:
                 accumulator.add_rle(annotation.rle)
             got = {**accumulator.edge_maps(), **accumulator.weight_maps()}
-            expected = full_frame_maps(rgb.shape[:2], [a.rle for a in anns], kernel_size)
-            for name, value in expected.items():
+            expected = full_frame_derive(rgb, anns, 1, kernel_size)
+            for name in ("edge_256x256", "edge_64x64", "edge_32x32", *(
+                    f"{kind}_map_{s}" for s in MAP_SIZES for kind in ("fg", "bg"))):
+                value = expected[name]
                 assert got[name].dtype == value.dtype, name
                 np.testing.assert_array_equal(got[name], value, err_msg=name)
             checked += 1
     assert checked >= 6 + 3 + 1
 
 
-def test_chosen_masks_are_the_decoded_masks(shards) -> None:
-    for rgb, anns in records(shards[2]):
-        fields = derive_fields(rgb, anns, 3)
-        for row, index in enumerate(sorted(range(len(anns)),
-                                           key=lambda i: -anns[i].area)[:3]):
-            mask = np.ascontiguousarray(mask_utils.decode(anns[index].rle))
-            np.testing.assert_array_equal(
-                fields["masks"][row], cv2.resize(mask, (256, 256),
-                                                 interpolation=cv2.INTER_NEAREST))
+def test_every_field_equals_the_full_frame_derive(shards) -> None:
+    for shard in shards:
+        for rgb, anns in records(shard):
+            got, expected = derive_fields(rgb, anns, 3), full_frame_derive(rgb, anns, 3)
+            for name, value in expected.items():
+                assert got[name].dtype == value.dtype, name
+                np.testing.assert_array_equal(got[name], value, err_msg=name)

@@ -82,11 +82,16 @@ class MaskAccumulator:
         return mask_t
 
     def edge_maps(self) -> dict[str, np.ndarray]:
-        """``resize(edge as float32, (s, s), INTER_AREA) > 0`` as uint8 for s in 256, 64, 32."""
-        edge = np.ascontiguousarray(self.edge_t.T, dtype=np.float32)
+        """``resize(edge as float32, (s, s), INTER_AREA) > 0`` as uint8 for s in 256, 64, 32.
+
+        Resized in the transposed frame and the small result transposed: an area average of a
+        non-negative image is > 0 exactly where some covered pixel is, whatever the order of
+        its sums, so this is the same test without turning the whole image around."""
+        edge_t = self.edge_t.astype(np.float32)
         return {
-            f"edge_{s}x{s}": (cv2.resize(edge, (s, s), interpolation=cv2.INTER_AREA) > 0)
-            .astype(np.uint8)
+            f"edge_{s}x{s}": np.ascontiguousarray(
+                (cv2.resize(edge_t, (s, s), interpolation=cv2.INTER_AREA) > 0).T
+            ).astype(np.uint8)
             for s in EDGE_SIZES
         }
 
