@@ -20,7 +20,7 @@ from pycocotools import mask as mask_utils
 
 from arraystore import ingest
 from benchmarks.data import sa1b_like
-from benchmarks.report import machine
+from benchmarks.report import command_line, machine, plot_bars, save_report
 from benchmarks.run import interleaved
 from converters.sa1b.derive import box_fields, derive_fields, encoded_rle, largest, resize_image
 from converters.sa1b.fields import EDGE_SIZES, MAP_SIZES
@@ -109,9 +109,7 @@ def main() -> None:
 
 def write_report(args: argparse.Namespace, rates: dict, ingests: dict, stem: Path) -> str:
     floor, now, before = (rates[k][0] for k in rates)
-    cmd = "python -m benchmarks.derive " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if v is not None and k != "workdir")
+    cmd = command_line("derive", vars(args))
     lines = [
         "# Derive benchmark: `sa1b` derive against its decode floor",
         "",
@@ -138,10 +136,14 @@ def write_report(args: argparse.Namespace, rates: dict, ingests: dict, stem: Pat
         "|---:|---:|---:|",
         *(f"| {w} | {rate:.2f} | {wait:.1f} s |" for w, (rate, wait) in ingests.items()),
         "",
+        f"![plot]({stem.name}.png)",
+        "",
     ]
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    text = "\n".join(lines)
-    stem.with_suffix(".md").write_text(text)
+    text = save_report(lines, stem)
+    plot_bars([("time per sample, relative to the decode floor",
+                {name: floor / rate for name, (rate, _) in rates.items()})],
+              stem.with_suffix(".png"), "× the floor's time (lower is faster; target ≤ 1.5)",
+              grey=[n for n in rates if n.startswith("floor")])
     return text
 
 

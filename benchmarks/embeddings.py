@@ -21,7 +21,7 @@ import numpy as np
 from arraystore import Layout, Store, ingest
 from arraystore.info import store_info
 from arraystore.store import COMMITTED_ARRAY, SAMPLE_ARRAY
-from benchmarks.report import machine
+from benchmarks.report import command_line, machine, plot_bars, save_report
 from converters.coco_panoptic.crops import crop_segment, segment_ids
 from converters.coco_panoptic.embedder import SiglipEmbedder, image_transform
 from converters.coco_panoptic.fields import embeddings_schema
@@ -170,9 +170,7 @@ def main() -> None:
 
 
 def write_report(args: argparse.Namespace, results: dict, stem: Path) -> str:
-    cmd = "python -m benchmarks.embeddings " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if v is not None and k != "workdir")
+    cmd = command_line("embeddings", vars(args))
     segments, loop_seconds = results["loop"]
     loop_rate = segments / loop_seconds
     rows = []
@@ -241,10 +239,14 @@ def write_report(args: argparse.Namespace, results: dict, stem: Path) -> str:
         *(f"| {name} | {b / 1e6:.1f} MB | {a / 1e6:.1f} MB | {f:,} |"
           for name, (b, a, f) in results["disk"].items()),
         "",
+        f"![plot]({stem.name}.png)",
+        "",
     ]
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    text = "\n".join(lines)
-    stem.with_suffix(".md").write_text(text)
+    text = save_report(lines, stem)
+    loop_name = "direct loop, batch 1"
+    bars = {loop_name: loop_rate, **{f"ingest, batch {b}": r for b, _, _, r, _, _ in rows}}
+    plot_bars([("segments/s once the model is loaded", bars)], stem.with_suffix(".png"),
+              "segments/s (higher is faster)", grey=(loop_name,), reference=None)
     return text
 
 

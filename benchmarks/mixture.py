@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from arraystore import Field, Layout, Schema, Store, ingest
 from arraystore.store import COMMITTED_ARRAY, SAMPLE_ARRAY
-from benchmarks.report import machine
+from benchmarks.report import command_line, machine, plot_bars, save_report
 from benchmarks.run import interleaved
 from converters.npz.examples import write_referring, write_sav_pairs
 from converters.npz.source import NpzDirectorySource
@@ -182,9 +182,7 @@ def main() -> None:
 
 def write_report(args: argparse.Namespace, rows: list, rates: dict, expected: dict,
                  stem: Path) -> str:
-    cmd = "python -m benchmarks.mixture " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if v is not None and k != "workdir")
+    cmd = command_line("mixture", vars(args))
     measured_mix = rates["mixture (random order)"][0]
     ratio = measured_mix / expected["expected"]
     shares = ", ".join(f"{n} {s:.0%}" for n, s in expected.items() if n != "expected")
@@ -226,30 +224,16 @@ def write_report(args: argparse.Namespace, rows: list, rates: dict, expected: di
         f"![plot]({stem.name}.png)",
         "",
     ]
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    text = "\n".join(lines)
-    stem.with_suffix(".md").write_text(text)
+    text = save_report(lines, stem)
     _plot(rates, expected["expected"], stem.with_suffix(".png"))
     return text
 
 
 def _plot(rates: dict, expected: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [*rates, "expected for the mixture"]
-    values = [rates[n][0] for n in rates] + [expected]
-    fig, ax = plt.subplots(figsize=(8, 3))
-    ax.barh(names, values, color=["tab:blue" if "mixture" in n else "grey" for n in names])
-    ax.invert_yaxis()
-    ax.set_xlabel("items/s through a DataLoader (2 workers)")
-    ax.tick_params(labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
+    values = {**{name: rate for name, (rate, _) in rates.items()},
+              "expected for the mixture": expected}
+    plot_bars([("", values)], path, "items/s through a DataLoader (2 workers)",
+              grey=[n for n in values if "mixture" not in n], reference=None)
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,11 +95,55 @@ def _where_the_time_goes(results: Results) -> list[str]:
     return [*lines, ""]
 
 
+def command_line(module: str, args: Mapping[str, Any]) -> str:
+    """The command that repeats a run: ``python -m benchmarks.<module>`` with its options (all
+    but the temporary ``workdir``)."""
+    return f"python -m benchmarks.{module} " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in args.items()
+        if v is not None and k != "workdir")
+
+
+def save_report(lines: Sequence[str], stem: Path) -> str:
+    """Write ``lines`` to ``<stem>.md``; return the text."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(lines)
+    stem.with_suffix(".md").write_text(text)
+    return text
+
+
+def plot_bars(panels: Sequence[tuple[str, Mapping[str, float]]], path: Path, xlabel: str,
+              grey: Collection[str] = (), log: bool = False,
+              reference: float | None = 1.0) -> None:
+    """Horizontal bars, a panel per (title, {name: value}); ``grey`` names are baselines;
+    ``reference`` draws a vertical line (1.0 for ratios)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heights = [len(values) for _, values in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 0.28 * sum(heights) + 2),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, (title, values) in zip(axes[:, 0], panels, strict=True):
+        names = list(values)
+        ax.barh(names, [values[n] for n in names],
+                color=["grey" if n in grey else "tab:blue" for n in names])
+        if log:
+            ax.set_xscale("log")
+        if reference is not None:
+            ax.axvline(reference, color="black", linewidth=0.8)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(labelsize=8)
+    axes[-1, 0].set_xlabel(xlabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(results: Results, stem: Path) -> str:
     s, dl = _rates(results)
-    cmd = "python -m benchmarks.run " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in results.args.items()
-        if v is not None and k not in ("workdir",))
+    cmd = command_line("run", results.args)
     lines = [
         "# arraystore read benchmark: `ZarrDistillDataset` vs `.bin` vs TAR+NPZ",
         "",
@@ -149,34 +194,10 @@ def write_report(results: Results, stem: Path) -> str:
         f"![plot]({stem.name}.png)",
         "",
     ]
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    text = "\n".join(lines)
-    stem.with_suffix(".md").write_text(text)
-    _plot(results, stem.with_suffix(".png"))
+    text = save_report(lines, stem)
+    plot_bars([(title, {n: r / rates[BIN][0] for n, (r, _) in rates.items()})
+               for title, rates in (("random access, single process", results.single),
+                                    ("DataLoader, 2 workers", results.loader))],
+              stem.with_suffix(".png"), "items/s relative to the .bin reader (higher is faster)",
+              grey=BASELINES)
     return text
-
-
-def _plot(results: Results, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = (("random access, single process",
-               {n: r for n, (r, _) in results.single.items()}),
-              ("DataLoader, 2 workers", {n: r for n, (r, _) in results.loader.items()}))
-    heights = [len(rates) for _, rates in panels]
-    fig, axes = plt.subplots(2, 1, figsize=(8, 0.28 * sum(heights) + 2),
-                             gridspec_kw={"height_ratios": heights})
-    for ax, (title, rates) in zip(axes, panels, strict=True):
-        names = list(rates)
-        ax.barh(names, [rates[n] / rates[BIN] for n in names],
-                color=["grey" if n in BASELINES else "tab:blue" for n in names])
-        ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.invert_yaxis()
-        ax.set_title(title, fontsize=10)
-        ax.tick_params(labelsize=8)
-    axes[-1].set_xlabel("items/s relative to the .bin reader (higher is faster)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from arraystore import Layout, ingest
 from arraystore.info import store_info
-from benchmarks.report import machine
+from benchmarks.report import command_line, machine, plot_bars, save_report
 from benchmarks.run import interleaved
 from benchmarks.spike_folder import FolderClipDataset
 from converters.gopro.source import GoproSpikeSource
@@ -141,9 +141,7 @@ def _targets(label: str, rates: dict[str, tuple[float, float]]) -> list[str]:
 
 def write_report(args: argparse.Namespace, single: dict, loader: dict,
                  disk: dict[str, tuple[int, int]], stem: Path) -> str:
-    cmd = "python -m benchmarks.spike " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if v is not None and k != "workdir")
+    cmd = command_line("spike", vars(args))
     folder_bytes = disk["folder tree (PNG + .dat)"][0]
     lines = [
         "# Spike-clip benchmark: `SpikeClipDataset` vs the seed's folder path",
@@ -188,35 +186,17 @@ def write_report(args: argparse.Namespace, single: dict, loader: dict,
         f"![plot]({stem.name}.png)",
         "",
     ]
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    text = "\n".join(lines)
-    stem.with_suffix(".md").write_text(text)
+    text = save_report(lines, stem)
     _plot(single, loader, stem.with_suffix(".png"))
     return text
 
 
 def _plot(single: dict, loader: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 1, figsize=(8, 4.5))
-    for ax, (title, rates) in zip(axes, (("single process", single),
-                                         ("DataLoader, 2 workers", loader)), strict=True):
-        names = list(rates)
-        ax.barh(names, [rates[n][0] / rates[FOLDER][0] for n in names],
-                color=["grey" if n == FOLDER else "tab:blue" for n in names])
-        ax.set_xscale("log")
-        ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.invert_yaxis()
-        ax.set_title(title, fontsize=10)
-        ax.tick_params(labelsize=8)
-    axes[-1].set_xlabel("clips/s relative to the seed's folder path (log scale, higher is faster)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
+    plot_bars([(title, {n: r / rates[FOLDER][0] for n, (r, _) in rates.items()})
+               for title, rates in (("single process", single),
+                                    ("DataLoader, 2 workers", loader))],
+              path, "clips/s relative to the seed's folder path (log scale, higher is faster)",
+              grey=(FOLDER,), log=True)
 
 if __name__ == "__main__":
     main()
