@@ -3,8 +3,8 @@
 A :class:`SampleReader` holds only the path, the settings and the committed index (built with
 zarr-python, which is fork-safe): it pickles cheaply into DataLoader workers and opens its backend
 handles lazily in the process that reads, reopening them after a fork. Sample ids are read on
-first use. Fields chunked in blocks
-(ids, flags, boxes) are read a block at a time and the last blocks cached.
+first use. Fields chunked in blocks (ids, flags, boxes) are read a block at a time and the last
+blocks cached; :meth:`SampleReader.read_region` reads a window of a sample.
 """
 
 from __future__ import annotations

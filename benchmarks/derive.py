@@ -86,12 +86,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--masks", type=int, default=100, help="annotations per image")
+    parser.add_argument("--small-fraction", type=float, default=0.9,
+                        help="share of the masks that are small blobs, as in SA-1B")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--name", default="derive")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="arraystore-derive-", dir=args.workdir) as tmp:
-        shard = write_shard(Path(tmp) / "shard.tar", sa1b_like(args.samples, args.masks))
+        shard = write_shard(Path(tmp) / "shard.tar", sa1b_like(args.samples, args.masks,
+                                                                small_fraction=args.small_fraction))
         members = sample_members(shard)
         rates = interleaved({"floor: JPEG + RLE decode": run_of("floor", members),
                              "derive (this version)": run_of("derive", members),
@@ -117,7 +120,8 @@ def write_report(args: argparse.Namespace, rates: dict, ingests: dict, stem: Pat
         f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
         f"- command: `{cmd}`",
         f"- data: {args.samples} SA-1B-like samples (1500×2250-class JPEGs, {args.masks} masks "
-        f"each); one process, rounds interleaved; per worker = per core",
+        f"each, {args.small_fraction:.0%} of them small blobs of 4-64 px radius, the rest large "
+        f"ellipses and polygons); one process, rounds interleaved; per worker = per core",
         "",
         "| step | samples/s per worker | ms per sample | × floor time | round spread |",
         "|---|---:|---:|---:|---:|",
