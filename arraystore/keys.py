@@ -1,4 +1,5 @@
-"""Where a chunk lives on disk: the Zarr v3 default chunk-key encoding (``c/<i>/<j>/...``).
+"""Where a chunk lives on disk: the Zarr v3 default chunk-key encoding (``c/<i>/<j>/...``),
+and what a writer needs to make its files durable.
 
 Shared by the writer (to fsync exactly the files it wrote) and the direct reader (to ``pread``
 them); both rely on arrays chunked along ``sample`` only, which is how every store is laid out.
@@ -6,6 +7,7 @@ them); both rely on arrays chunked along ``sample`` only, which is how every sto
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,6 +37,24 @@ def group_by_chunk(positions: Iterable[int], per_chunk: int) -> dict[int, list[i
     for position in positions:
         groups.setdefault(int(position) // per_chunk, []).append(int(position))
     return dict(sorted(groups.items()))
+
+
+def settle_pending_writes() -> None:
+    """Wait for every write zarr still has in flight.
+
+    zarr runs a selection's chunk writes as concurrent tasks (``asyncio.gather``): when one
+    fails (disk full), the error reaches the caller while its siblings may still be writing.
+    The writer lock waits for them before it is released, so nothing lands in the store after
+    its writer has stopped.
+    """
+    from zarr.core.sync import sync
+
+    async def others_done() -> None:
+        current = asyncio.current_task()
+        await asyncio.gather(*(t for t in asyncio.all_tasks() if t is not current),
+                             return_exceptions=True)
+
+    sync(others_done())
 
 
 def fsync_path(path: Path) -> None:

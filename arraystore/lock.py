@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 
 from arraystore.errors import ArrayStoreError
+from arraystore.keys import settle_pending_writes
 from arraystore.store import utc_now
 
 LOCK_SUFFIX = ".lock"
@@ -89,10 +90,13 @@ class StoreLock:
         _held[self.key] = (fd, 1)
 
     def release(self) -> None:
+        """Release the lock, once every write zarr still has in flight has landed (a failed
+        write's siblings may still be running): nothing reaches the store after this."""
         fd, depth = _held[self.key]
         if depth > 1:
             _held[self.key] = (fd, depth - 1)
             return
+        settle_pending_writes()
         del _held[self.key]
         os.ftruncate(fd, 0)  # a clean release leaves no holder to report
         self.path.unlink(missing_ok=True)

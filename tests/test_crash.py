@@ -91,18 +91,24 @@ def test_disk_full_leaves_a_consistent_resumable_store(tmp_path, twelve, monkeyp
                                                        writes_before_full) -> None:
     shard, reference = twelve
     out = tmp_path / "full.zarr"
-    real_put, calls = zarr_local._put, [0]
+    real_put, calls, finished = zarr_local._put, [0], []
 
     def put_until_full(path, value, exclusive=False):
         calls[0] += 1
         if calls[0] > writes_before_full:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_put(path, value, exclusive=exclusive)
+        time.sleep(0.02)  # slow writes: siblings are still in flight when one fails
+        written = real_put(path, value, exclusive=exclusive)
+        finished.append(time.monotonic())
+        return written
 
     monkeypatch.setattr(zarr_local, "_put", put_until_full)
     with pytest.raises(OSError, match="No space left") as caught:
         ingest(Sa1bTarSource(), [shard], out, layout=LAYOUT, workers=1)
+    stopped = time.monotonic()
+    time.sleep(0.2)  # a write still in flight would land now
     monkeypatch.setattr(zarr_local, "_put", real_put)
+    assert all(t <= stopped for t in finished), "a write landed after ingest had failed"
     if isinstance(caught.value, StoreWriteError):
         assert "re-run the same command" in str(caught.value)
         assert assert_committed_match(out, reference) < 12
