@@ -8,6 +8,7 @@ the xarray index; ``committed`` (bool) says which samples hold complete data.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import zarr
 
 from arraystore import __version__
+from arraystore.contract import disagreements, escapes
 from arraystore.errors import (
     IncompatibleStoreError,
     NotAStoreError,
@@ -106,8 +108,12 @@ class Store:
         return self.meta.setdefault("provenance", {})
 
     @classmethod
-    def open(cls, path: str | Path, mode: Literal["r", "r+"] = "r") -> Store:
-        """Open an existing, fully initialised store for reading (``r``) or updating (``r+``)."""
+    def open(cls, path: str | Path, mode: Literal["r", "r+"] = "r", *,
+             check_arrays: bool = True) -> Store:
+        """Open an existing, fully initialised store for reading (``r``) or updating (``r+``).
+
+        Its arrays are checked against its schema (:meth:`check_arrays`); ``verify``, which
+        reports each problem itself, opens without that check."""
         path = Path(path)
         meta = _read_meta(path)
         if not meta.get("initialized", False):
@@ -120,7 +126,29 @@ class Store:
                    if n not in store.group.array_keys()]
         if missing:
             raise StoreFormatError(f"{path}: arrays {missing} of the schema are missing")
+        if check_arrays:
+            store.check_arrays()
         return store
+
+    def check_arrays(self) -> None:
+        """Refuse a store whose arrays disagree with its schema and layout, or whose array
+        folders or metadata are links or lead outside it (see :mod:`arraystore.contract`)."""
+        for f in (*self.schema.fields, SAMPLE_FIELD, COMMITTED_FIELD):
+            folder = self.path / f.name
+            outside = escapes(self.path, folder) or escapes(self.path, folder / "zarr.json")
+            if outside:
+                raise StoreFormatError(f"{self.path}: array {f.name!r} refused: {outside}")
+            try:
+                meta = json.loads((folder / "zarr.json").read_text())
+            except (OSError, ValueError) as exc:
+                raise StoreFormatError(f"{self.path}: array {f.name!r}: metadata unreadable: "
+                                       f"{exc}") from exc
+            problems = disagreements(f, self.layout, meta)
+            if problems:
+                raise StoreFormatError(
+                    f"{self.path}: array {f.name!r} disagrees with the store's schema: "
+                    f"{'; '.join(problems)}. The store is damaged or was made by something "
+                    f"else; `arraystore verify` lists every problem")
 
     @classmethod
     def create(

@@ -3,8 +3,9 @@
 Checks, naming the field, sample and file of each problem:
 - the metadata of every array agrees with the schema and layout in the group attributes (shape,
   dtype, dimension names, chunk grid, codecs) and every array is long enough;
-- every committed sample's chunk (or its inner chunk in a shard) exists with the size an
-  uncompressed chunk must have, and its crc32c matches where the layout has one;
+- every committed sample's chunk (or its inner chunk in a shard) exists inside the store (no
+  link, nothing resolving outside it) with the size an uncompressed chunk must have, and its
+  crc32c matches where the layout has one;
 - with ``deep``, every committed sample of every field decodes through zarr-python (zstd too).
 """
 
@@ -20,11 +21,11 @@ from typing import Any
 import numpy as np
 import zarr
 
+from arraystore.contract import disagreements, escapes
 from arraystore.errors import ArrayStoreError
 from arraystore.keys import chunk_file, group_by_chunk
-from arraystore.layout import Layout
 from arraystore.readers.direct import CRC_BYTES, EMPTY, crc_matches, read_shard_index
-from arraystore.schema import SAMPLE_DIM, Field
+from arraystore.schema import Field
 from arraystore.store import COMMITTED_FIELD, SAMPLE_FIELD, Store
 
 
@@ -56,23 +57,6 @@ class VerifyReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def expected_codecs(f: Field, layout: Layout) -> list[Any]:
-    """Codec names a field's array has in ``layout``: ``[names]``, or a sharding codec's
-    ``["sharding_indexed", [inner names]]``."""
-    inner = ["vlen-utf8" if f.is_string else "bytes"]
-    inner += ["zstd"] if layout.compression == "zstd" else []
-    inner += ["crc32c"] if layout.checksum else []
-    if f.chunking == "sample" and layout.sharded:
-        return ["sharding_indexed", inner]
-    return inner
-
-
-def _codec_names(codecs: list[dict[str, Any]]) -> list[Any]:
-    if [c["name"] for c in codecs] == ["sharding_indexed"]:
-        return ["sharding_indexed", [c["name"] for c in codecs[0]["configuration"]["codecs"]]]
-    return [c["name"] for c in codecs]
-
-
 class _Checker:
     def __init__(self, store: Store, report: VerifyReport, deep: bool) -> None:
         self.store, self.report, self.deep = store, report, deep
@@ -93,7 +77,10 @@ class _Checker:
         per_file = self.layout.samples_per_file(f)
         for index, positions in group_by_chunk(self.positions, per_file).items():
             path = chunk_file(array_dir, index, 1 + len(f.shape))
-            if not path.is_file():
+            outside = escapes(self.store.path, path) if path.exists() else None
+            if outside:
+                self.problem(f, positions[0], path, f"refused: {outside}")
+            elif not path.is_file():
                 self.problem(f, positions[0], path, f"chunk file missing ({len(positions)} "
                                                     f"committed samples in it)")
             elif f.chunking == "sample" and self.layout.sharded:
@@ -109,30 +96,15 @@ class _Checker:
         except (OSError, ValueError) as exc:
             self.problem(f, None, array_dir / "zarr.json", f"array metadata unreadable: {exc}")
             return False
-        found = {
-            "shape": tuple(meta["shape"][1:]),
-            "data_type": meta["data_type"],
-            "dimension_names": tuple(meta.get("dimension_names") or ()),
-            "chunks": meta["chunk_grid"]["configuration"]["chunk_shape"][0],
-            "codecs": _codec_names(meta["codecs"]),
-        }
-        expected = {
-            "shape": f.shape,
-            "data_type": "string" if f.is_string else f.dtype,
-            "dimension_names": (SAMPLE_DIM, *f.dims),
-            "chunks": self.layout.samples_per_file(f),
-            "codecs": expected_codecs(f, self.layout),
-        }
-        for key, value in expected.items():
-            if found[key] != value:
-                self.problem(f, None, array_dir / "zarr.json",
-                             f"{key} is {found[key]!r}, the schema and layout say {value!r}")
+        problems = disagreements(f, self.layout, meta)
+        for message in problems:
+            self.problem(f, None, array_dir / "zarr.json", message)
         if meta["shape"][0] < self.extent:
             self.problem(f, None, array_dir / "zarr.json",
                          f"holds {meta['shape'][0]} samples; committed samples reach "
                          f"{self.extent}")
             return False
-        return found == expected
+        return not problems
 
     def _uncompressed_bytes(self, f: Field, samples: int) -> int | None:
         if f.is_string or self.layout.compression != "none":
@@ -193,7 +165,7 @@ def verify(path: str | os.PathLike[str], *, deep: bool = False) -> VerifyReport:
     """Check the store at ``path``; ``report.ok`` is True when no problem was found."""
     report = VerifyReport(store=str(path), deep=deep)
     try:
-        store = Store.open(path)
+        store = Store.open(path, check_arrays=False)  # each disagreement is reported below
     except ArrayStoreError as exc:
         report.problems.append(Problem("*", "*", str(path), str(exc)))
         return report

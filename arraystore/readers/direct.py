@@ -10,6 +10,7 @@ decode, so all three backends return identical arrays; the library overhead per 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections import OrderedDict
@@ -97,6 +98,21 @@ def _pread_into(fd: int, out: np.ndarray, offset: int, what: str) -> None:
                                f"wanted at byte {offset}")
 
 
+def open_chunk(path: str) -> int | None:
+    """A descriptor of a chunk (or shard) file, None when it was never written. A link is
+    refused: a store from elsewhere could point its chunks at any file (checked for free, by
+    the kernel: ``O_NOFOLLOW``)."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreFormatError(f"{path} is a symbolic link: chunks are never read through "
+                                   f"links (`arraystore verify` lists them)") from exc
+        raise
+
+
 def _check_crc(data: memoryview, stored: bytes, field: str, sample: int, path: str) -> None:
     if not crc_matches(data, stored):
         raise ChecksumMismatchError(
@@ -140,9 +156,8 @@ class ChunkFileReader(_DirectFieldReader):
         if self.checksum or self.per_chunk != 1:  # the crc covers the whole chunk
             return super().read_region(sample, region)
         path = self.paths.path(sample)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+        fd = open_chunk(path)
+        if fd is None:
             return np.zeros(region_shape(region), self.dtype)
         try:
             return read_window(fd, 0, self.field.shape, self.dtype, region,
@@ -152,9 +167,8 @@ class ChunkFileReader(_DirectFieldReader):
 
     def _read_chunk(self, index: int, out: np.ndarray) -> None:
         path = self.paths.path(index)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+        fd = open_chunk(path)
+        if fd is None:
             out[...] = 0  # a chunk never written holds the fill value
             return
         try:
@@ -195,9 +209,8 @@ class ShardReader(_DirectFieldReader):
             self._open.move_to_end(shard)
             return cached
         path = self.paths.path(shard)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+        fd = open_chunk(path)
+        if fd is None:
             return None
         try:
             index = read_shard_index(fd, self.shard_size, self.index_checksum, path)
