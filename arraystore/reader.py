@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from arraystore.errors import SampleNotCommittedError
+from arraystore.errors import IncompatibleStoreError, SampleNotCommittedError
 from arraystore.readers import Backend, FieldReader, backend_chain
 from arraystore.region import normalize_region
 from arraystore.sample_ids import SampleIds
@@ -71,7 +71,7 @@ class SampleReader:
         """The ids of the committed samples, in reader order; read on first use (a reader that
         never needs them, e.g. a mixture's source, never pays for them)."""
         if self._sample_ids is None:
-            ids = Store.open(self.path).sample_ids()
+            ids = self._store().sample_ids()
             self._sample_ids = SampleIds(ids[self.positions])
         return self._sample_ids
 
@@ -122,6 +122,18 @@ class SampleReader:
                 cache.popitem(last=False)
         return block[row]
 
+    def _store(self) -> Store:
+        """The store, reopened (zarr-python, fork-safe) without checking its arrays again:
+        they were checked when this reader was built."""
+        return Store.open(self.path, check_arrays=False)
+
+    def expect_kind(self, kind: str, reader: str) -> None:
+        """Refuse a store of another kind, naming ``reader`` (what needs ``kind``)."""
+        if self.kind != kind:
+            raise IncompatibleStoreError(
+                f"{self.path} holds kind {self.kind!r}; {reader} reads {kind!r} stores "
+                f"(arraystore.SampleReader reads any kind)")
+
     def read_region(self, index: int, name: str, region: Sequence[slice]) -> np.ndarray:
         """A window of one field of the ``index``-th committed sample: ``region`` holds one
         ``slice`` (step 1) per per-sample dimension, trailing ones may be left out.
@@ -151,7 +163,7 @@ class SampleReader:
         if not len(self.positions):
             return np.empty((0, *field.shape), field.numpy_dtype)
         extent = int(self.positions[-1]) + 1
-        values = np.asarray(Store.open(self.path).array(name)[:extent])
+        values = np.asarray(self._store().array(name)[:extent])
         return values if len(self.positions) == extent else values[self.positions]
 
     def read(self, index: int, fields: Sequence[str] | None = None) -> dict[str, Any]:

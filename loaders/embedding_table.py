@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from arraystore.errors import IncompatibleStoreError
 from arraystore.reader import SampleReader
 
 KIND = "mask_embeddings"
@@ -62,9 +61,7 @@ class EmbeddingTable:
     def __init__(self, path: str | os.PathLike[str], in_memory: bool | None = None,
                  backend: str = "auto") -> None:
         self.reader = SampleReader(path, backend=backend, fields=("embedding",))
-        if self.reader.kind != KIND:
-            raise IncompatibleStoreError(f"{path} holds kind {self.reader.kind!r}; "
-                                         f"EmbeddingTable reads {KIND!r} stores")
+        self.reader.expect_kind(KIND, "EmbeddingTable")
         self.image_ids = self.reader.column("image_id")
         self.segment_ids = self.reader.column("segment_id")
         self._keys = pair_keys(self.image_ids, self.segment_ids)
@@ -118,9 +115,7 @@ class MaskEmbeddingDataset(Dataset):
     def __init__(self, path: str | os.PathLike[str], backend: str = "auto") -> None:
         self.reader = SampleReader(path, backend=backend, fields=(
             "embedding", "image_id", "segment_id", "category_id", "bbox"))
-        if self.reader.kind != KIND:
-            raise IncompatibleStoreError(f"{path} holds kind {self.reader.kind!r}; "
-                                         f"MaskEmbeddingDataset reads {KIND!r} stores")
+        self.reader.expect_kind(KIND, "MaskEmbeddingDataset")
 
     def __len__(self) -> int:
         return len(self.reader)

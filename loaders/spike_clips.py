@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from arraystore.errors import ArrayStoreError, IncompatibleStoreError, OptionError
+from arraystore.errors import ArrayStoreError, OptionError
 from arraystore.reader import SampleReader
 from arraystore.region import Region, region_shape
 from loaders.frame_cache import ProcessLocalCache
@@ -98,9 +98,7 @@ class SpikeClipDataset(Dataset):
         self.spike_field = "spike" if voxels == "realtime" else "spike_vox"
         self.reader = SampleReader(path, backend=backend, fields=())  # reads name their field
         schema = self.reader.schema
-        if self.reader.kind != GOPRO_KIND:
-            raise IncompatibleStoreError(f"{path} holds kind {self.reader.kind!r}; "
-                                         f"SpikeClipDataset reads {GOPRO_KIND!r} stores")
+        self.reader.expect_kind(GOPRO_KIND, "SpikeClipDataset")
         self._check_voxels(path)
         self.image_hw = schema["blur"].shape[:2]
         self.spike_hw = schema[self.spike_field].shape[1:]

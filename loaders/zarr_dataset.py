@@ -14,7 +14,6 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from arraystore.errors import IncompatibleStoreError
 from arraystore.reader import SampleReader
 from loaders.distill_item import ALL_KEYS, collate_distill, distill_item, fields_for
 
@@ -37,12 +36,8 @@ class ZarrDistillDataset(Dataset):
     ) -> None:
         self.keys = tuple(keys)
         self.reader = SampleReader(path, backend=backend, fields=fields_for(self.keys))
+        self.reader.expect_kind(SA1B_KIND, "ZarrDistillDataset")
         self.sample_ids = self.reader.sample_ids  # every item names its id: read once, here
-        if self.reader.kind != SA1B_KIND:
-            raise IncompatibleStoreError(
-                f"{path} holds kind {self.reader.kind!r}; ZarrDistillDataset reads {SA1B_KIND!r} "
-                f"stores (use arraystore.SampleReader for other kinds)"
-            )
 
     @property
     def path(self) -> str:

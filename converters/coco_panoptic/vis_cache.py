@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from rich.progress import Progress
 
-from arraystore.errors import IncompatibleStoreError, SampleError, SourceError
+from arraystore.errors import SampleError, SourceError
 from arraystore.exporters import Exporter
 from arraystore.reader import SampleReader
 from arraystore.schema import Schema
@@ -149,9 +149,7 @@ class TsvExporter(Exporter):
     def export(self, store: str | os.PathLike[str], out: str | os.PathLike[str], *,
                overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
         reader = SampleReader(store, fields=("embedding",))
-        if reader.kind != KIND:
-            raise IncompatibleStoreError(f"{store} holds kind {reader.kind!r}; export tsv "
-                                         f"writes {KIND!r} stores")
+        reader.expect_kind(KIND, "export tsv")
         out = Path(out)
         if (out / INDEX).exists() and not overwrite:
             raise SourceError(str(out), f"{INDEX} exists; pass --overwrite to replace the cache")
