@@ -77,16 +77,16 @@ def show(store: str | os.PathLike[str], sample_ids: Sequence[str] = (), *,
     if unknown:
         raise UnknownFieldError(f"{store} has no fields {unknown}; it has "
                                 f"{reader.schema.names}")
-    if sample_ids:
+    view = view_for(reader.kind)
+    if not sample_ids:
+        indices = list(range(min(count or view.default_count, len(reader))))
+    else:
         try:
             indices = reader.sample_ids.index_of(list(sample_ids))
         except KeyError as exc:
             raise NothingToShowError(
                 f"{store} has no committed samples {exc.args[0]}; its ids look like "
                 f"{reader.sample_ids[:3]}") from None
-    view = view_for(reader.kind)
-    if not sample_ids:
-        indices = list(range(min(count or view.default_count, len(reader))))
     names = view.fields(reader.schema, fields)
     if view.per_sample:
         rows = [(reader.sample_ids[i], view.panels(reader.read(i, names), reader.schema, fields))

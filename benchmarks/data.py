@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from arraystore import Store
 from converters.sa1b.shard_writer import ShardSample, random_masks, write_shard
 
 # SA-1B images are about 1500 x 2250; some are portrait, a few smaller than 1024
@@ -48,3 +49,13 @@ def sa1b_like(num_samples: int, masks_per_image: int, seed: int = 0,
 def write_sa1b_shard(path: Path, num_samples: int, masks_per_image: int = 24,
                      seed: int = 0) -> Path:
     return write_shard(path, sa1b_like(num_samples, masks_per_image, seed))
+
+
+def fill_store(store: Store, columns: dict[str, np.ndarray]) -> Store:
+    """Write whole arrays of a new store in one go (``sample`` and ``committed`` included):
+    for benchmarks of what is read of a big store, without ingesting it sample by sample."""
+    for name, values in columns.items():
+        array = store.array(name)
+        array.resize((len(values), *array.shape[1:]))
+        array[:] = values
+    return store

@@ -21,6 +21,7 @@ import numpy as np
 from arraystore import Layout, Store, ingest
 from arraystore.info import store_info
 from arraystore.store import COMMITTED_ARRAY, SAMPLE_ARRAY
+from benchmarks.data import fill_store
 from benchmarks.report import command_line, machine, plot_bars, save_report
 from converters.coco_panoptic.crops import crop_segment, segment_ids
 from converters.coco_panoptic.embedder import SiglipEmbedder, image_transform
@@ -89,10 +90,7 @@ def big_table(path: Path, rows: int, width: int = 768) -> Path:
               "category_id": rng.integers(1, 200, rows).astype(np.int32),
               "area": rng.integers(1, 10_000, rows), "bbox": np.zeros((rows, 4), np.float32),
               "crop_box": np.zeros((rows, 4), np.int32)}
-    for name, value in values.items():
-        array = store.array(name)
-        array.resize((rows, *array.shape[1:]))
-        array[:] = value
+    fill_store(store, values)
     return path
 
 

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from arraystore import Field, Layout, Schema, Store, ingest
 from arraystore.store import COMMITTED_ARRAY, SAMPLE_ARRAY
+from benchmarks.data import fill_store
 from benchmarks.report import command_line, machine, plot_bars, save_report
 from benchmarks.run import interleaved
 from converters.npz.examples import write_referring, write_sav_pairs
@@ -63,12 +64,10 @@ def lengths_store(path: Path, count: int, seed: int) -> Path:
     store = Store.create(path, schema, Layout(block_size=1 << 16))
     lengths = np.random.default_rng(seed).integers(-64, 2048, count)
     lengths[lengths == 0] = 1
-    for name, values in ((SAMPLE_ARRAY, np.char.add("ref_", np.arange(count).astype(str))),
-                         (COMMITTED_ARRAY, np.ones(count, bool)),
-                         ("modality_length", lengths)):
-        array = store.array(name)
-        array.resize((count,))
-        array[:] = values.astype(np.dtypes.StringDType()) if name == SAMPLE_ARRAY else values
+    fill_store(store, {
+        SAMPLE_ARRAY: np.char.add("ref_", np.arange(count).astype(str)).astype(
+            np.dtypes.StringDType()),
+        COMMITTED_ARRAY: np.ones(count, bool), "modality_length": lengths})
     return path
 
 
