@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from arraystore import __version__
@@ -22,8 +23,9 @@ from arraystore.errors import ArrayStoreError
 from arraystore.exporters import Exporter
 from arraystore.fixes import Fix
 from arraystore.info import store_info
-from arraystore.ingest import ON_ERROR_CHOICES, ingest
+from arraystore.ingest import ON_ERROR_CHOICES, IngestReport, ingest
 from arraystore.layout import COMPRESSIONS, LAYOUT_NAMES, Layout
+from arraystore.location import parse_storage_options
 from arraystore.mix import describe_mix, read_mix_toml
 from arraystore.plugins import (
     EXPORTERS_GROUP,
@@ -56,6 +58,23 @@ def _run(action: Callable[[], Any]) -> Any:
         err.print("[bold red]interrupted[/]: committed samples are kept; re-run the same command "
                   "to resume")
         sys.exit(130)
+
+
+def _storage_options(ctx: click.Context, param: click.Parameter,
+                     pairs: tuple[str, ...]) -> dict[str, Any]:
+    try:
+        return parse_storage_options(pairs)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+STORAGE_OPTION_ARGS: tuple[list[str], dict[str, Any]] = (
+    ["--storage-option", "storage_options"],
+    dict(multiple=True, metavar="KEY=VALUE", callback=_storage_options,
+         help="an fsspec storage option of an object-store URL (repeatable; dotted keys nest: "
+              "client_kwargs.region_name=eu-west-1); AWS_* variables apply too"))
+STORAGE_OPTION = click.Option(STORAGE_OPTION_ARGS[0], **STORAGE_OPTION_ARGS[1])
+STORAGE_OPTION_DECORATOR = click.option(*STORAGE_OPTION_ARGS[0], **STORAGE_OPTION_ARGS[1])
 
 
 def _human(n: float) -> str:
@@ -131,15 +150,24 @@ def _ingest_command(name: str) -> click.Command:
 
     def run(inputs: tuple[str, ...], out_path: str, mode: str, overwrite: bool, layout: str | None,
             shard_size: int | None, compress: str | None, checksum: bool | None,
-            workers: int | None, on_error: str, progress: bool, **options: Any) -> None:
+            workers: int | None, on_error: str, progress: bool, scheduler: str,
+            dask_address: str | None, storage_options: dict[str, Any], break_lock: bool,
+            **options: Any) -> None:
         def body() -> None:
             source = source_cls(**options)
-            report = ingest(
-                source, list(inputs), out_path,
+            common: dict[str, Any] = dict(
                 mode="overwrite" if overwrite else mode,
                 layout=_layout_from_options(layout, shard_size, compress, checksum),
-                workers=workers, on_error=on_error, progress=progress,
-            )
+                on_error=on_error, storage_options=storage_options,
+                break_lock=break_lock)
+            if scheduler == "dask":
+                report = ingest_on_dask(source, list(inputs), out_path, dask_address, workers,
+                                        progress, common)
+            else:
+                if dask_address:
+                    raise click.UsageError("--dask-address needs --scheduler dask")
+                report = ingest(source, list(inputs), out_path, workers=workers,
+                                progress=progress, **common)
             out.print(
                 f"{report.ingested} samples ingested into {report.store}"
                 + (f", {report.already_stored} already stored" if report.already_stored else "")
@@ -168,7 +196,18 @@ def _ingest_command(name: str) -> click.Command:
         click.Option(["--checksum/--no-checksum"], default=None,
                      help="crc32c per chunk [no]"),
         click.Option(["--workers"], type=click.IntRange(1), default=None,
-                     help="decode processes [the number of cores]"),
+                     help="decode processes; with --scheduler dask and no --dask-address, the "
+                          "LocalCluster's worker processes [the number of cores]"),
+        click.Option(["--scheduler"], type=click.Choice(["local", "dask"]), default="local",
+                     show_default=True,
+                     help="local: this machine's processes; dask: a task per input on a Dask "
+                          "cluster, each worker writing its own region of the store"),
+        click.Option(["--dask-address"], default=None, metavar="ADDRESS",
+                     help="a running Dask scheduler (tcp://host:8786) [a LocalCluster]"),
+        STORAGE_OPTION,
+        click.Option(["--break-lock"], is_flag=True,
+                     help="take over an object store's stale writer lock (its writer stopped "
+                          "heartbeating; a live writer's lock is never broken)"),
         click.Option(["--on-error"], type=click.Choice(ON_ERROR_CHOICES), default="fail",
                      show_default=True,
                      help="fail on a broken sample, or skip it and list it in a JSON report"),
@@ -178,6 +217,32 @@ def _ingest_command(name: str) -> click.Command:
     params.extend(_plugin_options(source_cls.options))
     return click.Command(name, callback=run, params=params,
                          help=_doc_line(source_cls), short_help=_doc_line(source_cls))
+
+
+def ingest_on_dask(source: Source, inputs: list[str], out_path: str, address: str | None,
+                   workers: int | None, progress: bool, options: dict[str, Any]) -> IngestReport:
+    """``ingest --scheduler dask``: the dashboard's link, then a bar of samples, bytes and each
+    worker's throughput while the tasks run."""
+    from arraystore.distributed import ingest_distributed
+
+    columns = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                       TextColumn("{task.completed}/{task.total} inputs"),
+                       TextColumn("{task.fields[samples]} samples, {task.fields[size]}"),
+                       TextColumn("{task.fields[rates]}"), TimeElapsedColumn(),
+                       disable=not progress, console=err)
+    with columns as bar:
+        task = bar.add_task("dask ingest", total=None, samples=0, size="0 B", rates="")
+
+        def on_client(client: Any) -> None:
+            err.print(f"Dask dashboard: {client.dashboard_link}", highlight=False)
+
+        def on_progress(board: Any, report: IngestReport, left: int) -> None:
+            done = len(report.units_ingested)
+            bar.update(task, completed=done, total=done + left, samples=board.samples,
+                       size=_human(board.nbytes), rates=board.rates())
+
+        return ingest_distributed(source, inputs, out_path, address=address, workers=workers,
+                                  on_progress=on_progress, on_client=on_client, **options)
 
 
 class _PluginGroup(click.Group):
@@ -226,9 +291,10 @@ cli.add_command(_PluginGroup("fix", plugin_group=FIXES_GROUP, factory=_fix_comma
 @cli.command()
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
-def info(store: str, as_json: bool) -> None:
+@STORAGE_OPTION_DECORATOR
+def info(store: str, as_json: bool, storage_options: dict[str, Any]) -> None:
     """Kind, layout, samples committed and a table of arrays with their size on disk."""
-    summary = _run(lambda: store_info(store))
+    summary = _run(lambda: store_info(store, storage_options))
     if as_json:
         out.print_json(json.dumps(summary.to_json()))
         return
@@ -236,7 +302,13 @@ def info(store: str, as_json: bool) -> None:
               f"[bold]{summary.layout_label}[/]", highlight=False)
     out.print(" ".join(f"{k}={v}" for k, v in summary.layout.items()), highlight=False)
     out.print(f"samples: {summary.committed} committed of {summary.samples}; "
-              f"{_human(summary.bytes_on_disk)} in {summary.files} files")
+              f"{_human(summary.bytes_on_disk)} in {summary.files} files", highlight=False)
+    if summary.samples > summary.committed:
+        out.print(f"uncommitted positions: {summary.samples - summary.committed}"
+                  + (f" ({summary.reserved} reserved for a distributed ingest still running or "
+                     f"interrupted: re-run it to finish)" if summary.reserved else
+                     " (left by interrupted writes or unfilled ingest regions; invisible to "
+                     "readers)"), highlight=False)
     table = Table("array", "shape", "dtype", "chunk", "codecs", "on disk", "files")
     for a in summary.arrays:
         table.add_row(a.name, "×".join(map(str, a.shape)), a.dtype, "×".join(map(str, a.chunks)),
@@ -251,9 +323,11 @@ def info(store: str, as_json: bool) -> None:
 @click.argument("store")
 @click.option("--deep", is_flag=True, help="also decode every committed sample of every field")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def verify_command(store: str, deep: bool, as_json: bool) -> None:
+@STORAGE_OPTION_DECORATOR
+def verify_command(store: str, deep: bool, as_json: bool,
+                   storage_options: dict[str, Any]) -> None:
     """Check metadata, chunk presence, sizes and crc32c; exit status 1 on any problem."""
-    report = _run(lambda: verify(store, deep=deep))
+    report = _run(lambda: verify(store, deep=deep, storage_options=storage_options))
     if as_json:
         out.print_json(json.dumps(report.to_json()))
     else:

@@ -96,3 +96,7 @@ class WorkerDiedError(ArrayStoreError, RuntimeError):
 
 class SampleNotCommittedError(ArrayStoreError, IndexError):
     """A read asked for a sample whose data is not (yet) complete."""
+
+
+class MissingExtraError(ArrayStoreError, ImportError):
+    """An optional dependency of a command is not installed (the message names the extra)."""

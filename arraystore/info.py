@@ -4,12 +4,12 @@ bytes on disk and file count (``arraystore info``)."""
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from arraystore.store import COMMITTED_ARRAY, SAMPLE_ARRAY, Store
+from arraystore.regions import pending
+from arraystore.store import COMMITTED_ARRAY, SAMPLE_ARRAY, Store, StoreTarget
 
 
 @dataclass
@@ -30,8 +30,9 @@ class StoreInfo:
     kind: str
     layout: dict[str, Any]
     layout_label: str
-    samples: int
+    samples: int  # positions, committed or not
     committed: int
+    reserved: int  # positions reserved for units of a distributed ingest still running
     arrays: list[ArrayInfo]
     provenance: dict[str, Any]
 
@@ -59,22 +60,13 @@ def _codec_label(codecs: list[dict[str, Any]]) -> str:
     return " > ".join(parts)
 
 
-def disk_usage(directory: Path) -> tuple[int, int]:
-    """Bytes and number of files under ``directory``."""
-    total = count = 0
-    for root, _, files in os.walk(directory):
-        for name in files:
-            total += os.stat(os.path.join(root, name)).st_size
-            count += 1
-    return total, count
-
-
-def store_info(path: str | os.PathLike[str]) -> StoreInfo:
-    store = Store.open(path)
+def store_info(path: StoreTarget, storage_options: Mapping[str, Any] | None = None) -> StoreInfo:
+    """What the store at ``path`` (a local path or an object-store URL) holds."""
+    store = Store.open(path, storage_options=storage_options)
     arrays = []
     for name in [*store.schema.names, SAMPLE_ARRAY, COMMITTED_ARRAY]:
-        meta = json.loads((store.path / name / "zarr.json").read_text())
-        size, files = disk_usage(store.path / name)
+        meta = json.loads(store.location.read_bytes(f"{name}/zarr.json"))
+        size, files = store.location.usage(name)
         arrays.append(ArrayInfo(
             name=name,
             shape=meta["shape"],
@@ -92,6 +84,7 @@ def store_info(path: str | os.PathLike[str]) -> StoreInfo:
         layout_label=store.layout.label,
         samples=len(store),
         committed=store.num_committed(),
+        reserved=sum(r["stop"] - r["start"] for r in pending(store)),
         arrays=arrays,
         provenance=store.provenance,
     )

@@ -16,7 +16,7 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
@@ -33,9 +33,10 @@ from rich.progress import (
 
 from arraystore.errors import SampleError, SourceError, WorkerDiedError
 from arraystore.layout import Layout
+from arraystore.location import Location
 from arraystore.lock import StoreLock
 from arraystore.sources import BatchStage, Part, Record, Skip, Source, SourceUnit
-from arraystore.store import Store, WriteMode, open_for_writing, utc_now
+from arraystore.store import Store, StoreTarget, WriteMode, open_for_writing, utc_now
 from arraystore.writer import StoreWriter, sample_id_problem
 
 OnError = Literal["fail", "skip"]
@@ -77,7 +78,7 @@ def _init_worker(source: Source) -> None:
 Derived = tuple[dict[str, Any] | list[Part | Skip] | None, str, str]  # or None, where, why
 
 
-def _derive(record: Record, source: Source | None = None) -> Derived:
+def derive_record(record: Record, source: Source | None = None) -> Derived:
     """Derive one record; a failure comes back as where and why (exceptions may not pickle)."""
     source = source or _WORKER_SOURCE
     assert source is not None, "worker used before _init_worker"
@@ -120,13 +121,13 @@ class DerivePool:
         if self._pool is None:
             for item in items:
                 yield (item, None, item.where, item.reason) if isinstance(
-                    item, SampleError) else (item, *_derive(item, self.source))
+                    item, SampleError) else (item, *derive_record(item, self.source))
             return
         window: deque[tuple[Record | SampleError, Future | None]] = deque()
         try:
             for item in items:
                 pending = None if isinstance(item, SampleError) else self._pool.submit(
-                    _derive, item)
+                    derive_record, item)
                 window.append((item, pending))
                 if len(window) >= self.lookahead:
                     yield self._next(window)
@@ -165,7 +166,7 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-def _already_ingested(store: Store, unit: SourceUnit) -> bool:
+def already_ingested(store: Store, unit: SourceUnit) -> bool:
     identity = unit.identity()
     return any(
         {k: entry.get(k) for k in identity} == identity
@@ -176,27 +177,34 @@ def _already_ingested(store: Store, unit: SourceUnit) -> bool:
 def ingest(
     source: Source,
     inputs: Sequence[str | os.PathLike[str]],
-    out: str | os.PathLike[str],
+    out: StoreTarget,
     *,
     mode: WriteMode = "append",
     layout: Layout | None = None,
     workers: int | None = None,
     on_error: OnError = "fail",
     progress: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    break_lock: bool = False,
 ) -> IngestReport:
     """Ingest ``inputs`` through ``source`` into the store at ``out``; see the module docstring.
 
-    ``on_error="fail"`` stops at the first broken sample with a :class:`SampleError` (what was
-    written before it stays committed, and re-running resumes); ``"skip"`` leaves broken samples
-    out and lists each, with its reason, in the returned report and the JSON report file.
+    ``out`` is a local path or an object-store URL (``s3://bucket/x.zarr``, configured by
+    ``storage_options`` and the service's environment variables). ``on_error="fail"`` stops at
+    the first broken sample with a :class:`SampleError` (what was written before it stays
+    committed, and re-running resumes); ``"skip"`` leaves broken samples out and lists each,
+    with its reason, in the returned report and the JSON report file. ``break_lock`` takes over
+    an object store's stale writer lock (:mod:`arraystore.lock`).
     """
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     units = source.units(inputs)
     schema = source.schema(units)
-    with StoreLock(out):
-        store = open_for_writing(out, schema, layout, mode, extra_attrs=source.store_attrs(units))
+    location = Location.of(out, storage_options)
+    with StoreLock(location, break_lock=break_lock):
+        store = open_for_writing(location, schema, layout, mode,
+                                 extra_attrs=source.store_attrs(units))
         return _run(source, units, store, workers, on_error, progress)
 
 
@@ -213,7 +221,7 @@ def _run(source: Source, units: list[SourceUnit], store: Store, workers: int, on
                 _progress(progress) as bar:
             preexisting = set(writer.committed_ids)
             for unit in units:
-                if _already_ingested(store, unit):
+                if already_ingested(store, unit):
                     report.units_already_done.append(str(unit.path))
                     continue
                 skips_before = len(report.skipped)
@@ -229,7 +237,7 @@ def _run(source: Source, units: list[SourceUnit], store: Store, workers: int, on
     finally:
         report.finished = utc_now()
         if report.skipped:
-            _write_report(store, report)
+            write_report(store, report)
     return report
 
 
@@ -321,12 +329,10 @@ def _ingest_unit(
     bar.update(task, completed=unit.size)
 
 
-def _write_report(store: Store, report: IngestReport) -> None:
-    folder = store.path.with_name(store.path.name + REPORTS_SUFFIX)
-    folder.mkdir(exist_ok=True)
+def write_report(store: Store, report: IngestReport) -> None:
+    """Save ``report`` as JSON in ``<store>.reports/`` beside the store; sets its path."""
     stamp = report.started.replace(":", "").replace("+0000", "Z")
-    path = folder / f"ingest-{stamp}-{os.getpid()}.json"
-    report.report_path = str(path)
-    tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(report.to_json(), indent=2))
-    tmp.replace(path)
+    name = f"ingest-{stamp}-{os.getpid()}.json"
+    report.report_path = store.location.sibling_path(REPORTS_SUFFIX, name)
+    store.location.write_sibling(REPORTS_SUFFIX, name,
+                                 json.dumps(report.to_json(), indent=2).encode())

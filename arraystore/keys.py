@@ -19,6 +19,11 @@ def chunk_file(array_dir: Path, sample_chunk: int, rank: int) -> Path:
     return Path(ChunkPaths(array_dir, rank).path(sample_chunk))
 
 
+def chunk_key(array: str, sample_chunk: int, rank: int) -> str:
+    """The store key (``image/c/3/0/0``) of that chunk of the array named ``array``."""
+    return ChunkPaths(Path(array), rank).path(sample_chunk)
+
+
 class ChunkPaths:
     """Chunk paths of one array as plain strings, built without pathlib (a hot path of reads)."""
 

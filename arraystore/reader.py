@@ -11,33 +11,37 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from arraystore.errors import IncompatibleStoreError, SampleNotCommittedError
+from arraystore.location import Location
 from arraystore.readers import Backend, FieldReader, backend_chain
 from arraystore.region import normalize_region
 from arraystore.sample_ids import SampleIds
 from arraystore.schema import Field
-from arraystore.store import Store
+from arraystore.store import Store, StoreTarget
 
 CACHED_BLOCKS = 4
+# block-chunked field names; per backend: the backend, its field names, their readers
+ReadPlan = tuple[tuple[str, ...], tuple[tuple[Backend, tuple[str, ...], list[FieldReader]], ...]]
 
 
 class SampleReader:
     """Committed samples of the store at ``path``; ``reader[i]`` is the i-th committed sample."""
 
     def __init__(
-        self, path: str | os.PathLike[str], backend: str = "auto",
+        self, path: StoreTarget, backend: str = "auto",
         fields: Sequence[str] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.path = Path(path)
+        self.location = Location.of(path, storage_options)
+        self.path = self.location.path
         self.backend = backend
         self._chain = backend_chain(backend)
-        store = Store.open(self.path)
+        store = Store.open(self.location)
         self.schema, self.layout, self.kind = store.schema, store.layout, store.kind
         self.extra: dict[str, Any] = dict(store.meta.get("extra", {}))
         self.fields = tuple(fields) if fields is not None else tuple(self.schema.names)
@@ -52,10 +56,11 @@ class SampleReader:
         self._backends: dict[str, Backend] = {}
         self._readers: dict[str, tuple[FieldReader, str]] = {}
         self._blocks: dict[str, OrderedDict[int, np.ndarray]] = {}
+        self._plans: dict[tuple[str, ...], ReadPlan] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_backends", "_readers", "_blocks"):
+        for key in ("_backends", "_readers", "_blocks", "_plans"):
             state[key] = {}
         return state
 
@@ -81,10 +86,12 @@ class SampleReader:
             self._reset()
         if name not in self._readers:
             field = self.schema[name]
-            backend_cls = next(b for b in self._chain if b.supports(field, self.layout))
+            backend_cls = next(b for b in self._chain
+                               if b.supports(field, self.layout, self.location))
             backend = self._backends.get(backend_cls.name)
             if backend is None:
-                backend = self._backends[backend_cls.name] = backend_cls(self.path, self.layout)
+                backend = self._backends[backend_cls.name] = backend_cls(self.location,
+                                                                         self.layout)
             self._readers[name] = (backend.open_field(field), backend_cls.name)
         return self._readers[name]
 
@@ -125,7 +132,7 @@ class SampleReader:
     def _store(self) -> Store:
         """The store, reopened (zarr-python, fork-safe) without checking its arrays again:
         they were checked when this reader was built."""
-        return Store.open(self.path, check_arrays=False)
+        return Store.open(self.location, check_arrays=False)
 
     def expect_kind(self, kind: str, reader: str) -> None:
         """Refuse a store of another kind, naming ``reader`` (what needs ``kind``)."""
@@ -167,9 +174,31 @@ class SampleReader:
         return values if len(self.positions) == extent else values[self.positions]
 
     def read(self, index: int, fields: Sequence[str] | None = None) -> dict[str, Any]:
-        """The ``index``-th committed sample: field name -> array (or str)."""
+        """The ``index``-th committed sample: field name -> array (or str). Per-sample fields
+        served by one backend are read together (in an object store, concurrently)."""
         position = self.position(index)
-        return {name: self.read_field(name, position) for name in (fields or self.fields)}
+        names = tuple(fields or self.fields)
+        plan = self._plans.get(names) if self._pid == os.getpid() else None
+        if plan is None:
+            plan = self._plan(names)
+        values = {name: self.read_field(name, position) for name in plan[0]}
+        for backend, group, readers in plan[1]:
+            values.update(zip(group, backend.read_fields(readers, position), strict=True))
+        return {name: values[name] for name in names}
+
+    def _plan(self, names: tuple[str, ...]) -> ReadPlan:
+        """How :meth:`read` reads ``names``: the block-chunked ones one by one, the others
+        grouped by the backend serving them (built once per field set and process)."""
+        together: dict[str, list[str]] = {}
+        for name in names:
+            if self.schema[name].chunking == "sample":
+                together.setdefault(self.backend_of(name), []).append(name)
+        blocks = tuple(n for n in names if self.schema[n].chunking != "sample")
+        plan = (blocks, tuple((self._backends[b], tuple(group),
+                               [self.field_reader(n)[0] for n in group])
+                              for b, group in together.items()))
+        self._plans[names] = plan
+        return plan
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.read(index)

@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from arraystore.errors import ArrayStoreError, UnknownFieldError
+from arraystore.errors import ArrayStoreError, MissingExtraError, UnknownFieldError
 from arraystore.reader import SampleReader
 from arraystore.views import Panel, view_for
 
@@ -31,10 +31,6 @@ DPI = 100
 
 class NothingToShowError(ArrayStoreError, ValueError):
     """The store has no committed sample, or none of the ids asked for."""
-
-
-class MissingExtraError(ArrayStoreError, ImportError):
-    """An optional dependency of a command is not installed."""
 
 
 @dataclass

@@ -34,6 +34,14 @@ class SourceUnit:
     def label(self) -> str:
         return self.path.name
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A unit sent to another process (a Dask task) is read there from the start: its
+        checksum and progress start afresh (a hash object does not pickle)."""
+        return {**self.__dict__, "digest": None, "bytes_read": 0}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, digest=hashlib.sha256())
+
     def identity(self) -> dict[str, Any]:
         """What makes a re-run recognise this unit as already ingested."""
         return {"path": str(self.path.resolve()), "size": self.size}
@@ -156,6 +164,12 @@ class Source(ABC):
     def batch_stage(self) -> BatchStage | None:
         """An optional step run in the writer process on batches of derived samples, before
         they are written (e.g. a teacher model computing features). Default: none."""
+        return None
+
+    def max_samples(self, unit: SourceUnit) -> int | None:
+        """An upper bound of the samples ``unit`` yields, found cheaply (TAR member headers,
+        not their data), or None when the source cannot tell before reading. A distributed
+        ingest reserves that many store positions for the unit before a worker reads it."""
         return None
 
     def prepare_worker(self) -> None:  # noqa: B027 (an optional hook, not abstract)

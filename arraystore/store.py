@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import shutil
+import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import zarr
 
 from arraystore import __version__
-from arraystore.contract import disagreements, escapes
+from arraystore.contract import disagreements
 from arraystore.errors import (
     IncompatibleStoreError,
     NotAStoreError,
@@ -27,6 +26,7 @@ from arraystore.errors import (
     StoreNotFoundError,
 )
 from arraystore.layout import Layout
+from arraystore.location import Location
 from arraystore.schema import SAMPLE_DIM, Field, Schema
 
 FORMAT_VERSION = 1
@@ -45,36 +45,35 @@ def utc_now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def _vacant(path: Path) -> bool:
-    """Nothing there, or an empty directory (which a user may have made for the store)."""
-    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+StoreTarget = str | os.PathLike[str] | Location  # a local path, an object-store URL, a Location
 
 
-def is_store(path: str | Path) -> bool:
+def is_store(path: StoreTarget, storage_options: Mapping[str, Any] | None = None) -> bool:
     """Whether ``path`` is the root of an arraystore store."""
     try:
-        _read_meta(Path(path))
+        _read_meta(Location.of(path, storage_options))
     except (StoreNotFoundError, NotAStoreError):
         return False
     return True
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise StoreNotFoundError(f"no store at {path}")
-    if not (path / "zarr.json").is_file():
+def _read_meta(location: Location) -> dict[str, Any]:
+    if location.size("zarr.json") is None:
+        if not location.exists():
+            raise StoreNotFoundError(f"no store at {location}")
         raise NotAStoreError(
-            f"{path} exists but is not an arraystore store (it has no zarr.json); "
+            f"{location} exists but is not an arraystore store (it has no zarr.json); "
             f"choose another output path"
         )
     try:
-        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        group = zarr.open_group(location.zarr_store(read_only=True), mode="r", zarr_format=3)
     except Exception as exc:
-        raise NotAStoreError(f"{path} is not a Zarr v3 group: {exc}") from exc
+        raise NotAStoreError(f"{location} is not a Zarr v3 group: {exc}") from exc
     meta = group.attrs.asdict().get(ATTRS_KEY)
     if not isinstance(meta, dict):
         raise NotAStoreError(
-            f"{path} is a Zarr group but not an arraystore store (no {ATTRS_KEY!r} attribute)"
+            f"{location} is a Zarr group but not an arraystore store (no {ATTRS_KEY!r} "
+            f"attribute)"
         )
     return meta
 
@@ -82,14 +81,15 @@ def _read_meta(path: Path) -> dict[str, Any]:
 class Store:
     """An open store. Use :meth:`create`, :meth:`open` or :func:`open_for_writing`."""
 
-    def __init__(self, path: Path, group: zarr.Group, meta: dict[str, Any]) -> None:
-        self.path = path
+    def __init__(self, location: Location, group: zarr.Group, meta: dict[str, Any]) -> None:
+        self.location = location
+        self.path = location.path  # for messages: a Path, or the URL of an object store
         self.group = group
         self.meta = meta
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
             raise StoreFormatError(
-                f"{path}: store format version {version!r}; this arraystore ({__version__}) "
+                f"{location}: store format version {version!r}; this arraystore ({__version__}) "
                 f"reads version {FORMAT_VERSION}"
             )
         self.schema = Schema.from_json(meta["schema"])
@@ -108,24 +108,28 @@ class Store:
         return self.meta.setdefault("provenance", {})
 
     @classmethod
-    def open(cls, path: str | Path, mode: Literal["r", "r+"] = "r", *,
-             check_arrays: bool = True) -> Store:
+    def open(cls, path: StoreTarget, mode: Literal["r", "r+"] = "r", *,
+             check_arrays: bool = True,
+             storage_options: Mapping[str, Any] | None = None) -> Store:
         """Open an existing, fully initialised store for reading (``r``) or updating (``r+``).
 
         Its arrays are checked against its schema (:meth:`check_arrays`); ``verify``, which
-        reports each problem itself, opens without that check."""
-        path = Path(path)
-        meta = _read_meta(path)
+        reports each problem itself, opens without that check. ``path`` is a local path or an
+        object-store URL (``s3://bucket/store.zarr``) with its ``storage_options``."""
+        location = Location.of(path, storage_options)
+        meta = _read_meta(location)
         if not meta.get("initialized", False):
             raise StoreFormatError(
-                f"{path}: the store's creation was interrupted before its arrays existed; "
-                f"re-run the ingest command (it recreates the store) or delete {path}"
+                f"{location}: the store's creation was interrupted before its arrays existed; "
+                f"re-run the ingest command (it recreates the store) or delete {location}"
             )
-        store = cls(path, zarr.open_group(str(path), mode=mode, zarr_format=3), meta)
+        group = zarr.open_group(location.zarr_store(read_only=mode == "r"), mode=mode,
+                                zarr_format=3)
+        store = cls(location, group, meta)
         missing = [n for n in [*store.schema.names, SAMPLE_ARRAY, COMMITTED_ARRAY]
                    if n not in store.group.array_keys()]
         if missing:
-            raise StoreFormatError(f"{path}: arrays {missing} of the schema are missing")
+            raise StoreFormatError(f"{location}: arrays {missing} of the schema are missing")
         if check_arrays:
             store.check_arrays()
         return store
@@ -134,12 +138,12 @@ class Store:
         """Refuse a store whose arrays disagree with its schema and layout, or whose array
         folders or metadata are links or lead outside it (see :mod:`arraystore.contract`)."""
         for f in (*self.schema.fields, SAMPLE_FIELD, COMMITTED_FIELD):
-            folder = self.path / f.name
-            outside = escapes(self.path, folder) or escapes(self.path, folder / "zarr.json")
+            key = f"{f.name}/zarr.json"
+            outside = self.location.problem(f.name) or self.location.problem(key)
             if outside:
                 raise StoreFormatError(f"{self.path}: array {f.name!r} refused: {outside}")
             try:
-                meta = json.loads((folder / "zarr.json").read_text())
+                meta = json.loads(self.location.read_bytes(key))
             except (OSError, ValueError) as exc:
                 raise StoreFormatError(f"{self.path}: array {f.name!r}: metadata unreadable: "
                                        f"{exc}") from exc
@@ -153,7 +157,7 @@ class Store:
     @classmethod
     def create(
         cls,
-        path: str | Path,
+        path: StoreTarget,
         schema: Schema,
         layout: Layout,
         *,
@@ -161,17 +165,17 @@ class Store:
         extra_attrs: Mapping[str, Any] | None = None,
     ) -> Store:
         """Create an empty store (zero samples). ``overwrite`` replaces an existing *store* only."""
-        path = Path(path)
-        if not _vacant(path):
+        location = Location.of(path)
+        if not location.vacant():
             if not overwrite:
                 raise StoreExistsError(
-                    f"{path} already exists; use mode 'append' to add to it or 'overwrite' "
+                    f"{location} already exists; use mode 'append' to add to it or 'overwrite' "
                     f"(--overwrite) to replace it"
                 )
-            _read_meta(path)  # refuses to delete anything that is not a store
-            shutil.rmtree(path)
-        elif path.exists():
-            path.rmdir()
+            _read_meta(location)  # refuses to delete anything that is not a store
+            location.remove()
+        elif location.exists():
+            location.remove()  # an empty folder
         meta: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "initialized": False,
@@ -182,7 +186,8 @@ class Store:
                            "sources": []},
             "extra": dict(extra_attrs or {}),
         }
-        group = zarr.open_group(str(path), mode="w-", zarr_format=3, attributes={ATTRS_KEY: meta})
+        group = zarr.open_group(location.zarr_store(read_only=False), mode="w-", zarr_format=3,
+                                attributes={ATTRS_KEY: meta})
         for f in (*schema.fields, SAMPLE_FIELD, COMMITTED_FIELD):
             group.create_array(
                 f.name,
@@ -195,7 +200,7 @@ class Store:
             )
         meta["initialized"] = True
         group.attrs[ATTRS_KEY] = meta
-        return cls(path, group, meta)
+        return cls(location, group, meta)
 
     def array(self, name: str) -> zarr.Array:
         """The array of ``name``; writes store every chunk, zeros included, so that every
@@ -247,7 +252,7 @@ class Store:
 
 
 def open_for_writing(
-    path: str | Path,
+    path: StoreTarget,
     schema: Schema,
     layout: Layout | None,
     mode: WriteMode = "append",
@@ -260,20 +265,21 @@ def open_for_writing(
     otherwise resumes/extends it after checking kind, schema and layout; ``overwrite`` replaces an
     existing store (never a path that is not a store).
     """
-    path = Path(path)
+    location = Location.of(path)
     if mode not in WRITE_MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {WRITE_MODES}")
-    if mode == "overwrite" or _vacant(path):
-        return Store.create(path, schema, layout or Layout(), overwrite=True,
+    if mode == "overwrite" or location.vacant():
+        return Store.create(location, schema, layout or Layout(), overwrite=True,
                             extra_attrs=extra_attrs)
     if mode == "create":
         raise StoreExistsError(
-            f"{path} already exists; use --mode append to add to it or --overwrite to replace it"
+            f"{location} already exists; use --mode append to add to it or --overwrite to "
+            f"replace it"
         )
-    meta = _read_meta(path)
+    meta = _read_meta(location)
     if not meta.get("initialized", False):
-        return Store.create(path, schema, layout or Layout(), overwrite=True,
+        return Store.create(location, schema, layout or Layout(), overwrite=True,
                             extra_attrs=extra_attrs)
-    store = Store.open(path, mode="r+")
+    store = Store.open(location, mode="r+")
     store.check_compatible(schema, layout)
     return store

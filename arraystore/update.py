@@ -27,7 +27,7 @@ class StoreUpdater:
         if store.read_only:
             raise ValueError(f"{store.path}: opened read-only; open it with mode 'r+'")
         self.store = store
-        self._lock: StoreLock | None = StoreLock(store.path)
+        self._lock: StoreLock | None = StoreLock(store.location)
         self._lock.acquire()
         self.committed = store.committed_mask()
 
@@ -60,6 +60,7 @@ class StoreUpdater:
         try:
             for name, rows in values.items():
                 self._rewrite(name, positions, np.asarray(rows))
+            self._lock.ensure_held()
             for name, value in flags.items():
                 self._rewrite(name, positions, np.full(len(positions), value,
                                                        dtype=self.store.schema[name].numpy_dtype))
@@ -83,6 +84,7 @@ class StoreUpdater:
             for position in here:
                 current[position - start] = rows[row_of[position]]
             array[start:stop] = current  # the whole file, written once
-            path = chunk_file(self.store.path / name, index, 1 + len(field.shape))
-            fsync_path(path)
-            fsync_path(path.parent)
+            if self.store.location.is_local:  # an object's PUT is durable when it returns
+                path = chunk_file(self.store.path / name, index, 1 + len(field.shape))
+                fsync_path(path)
+                fsync_path(path.parent)

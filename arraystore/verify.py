@@ -12,21 +12,24 @@ Checks, naming the field, sample and file of each problem:
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
-from arraystore.contract import disagreements, escapes
+from arraystore.contract import disagreements
 from arraystore.errors import ArrayStoreError
-from arraystore.keys import chunk_file, group_by_chunk
-from arraystore.readers.direct import CRC_BYTES, EMPTY, crc_matches, read_shard_index
+from arraystore.keys import chunk_key, group_by_chunk
+from arraystore.readers.direct import (
+    CRC_BYTES,
+    EMPTY,
+    crc_matches,
+    parse_shard_index,
+    shard_index_bytes,
+)
 from arraystore.schema import Field
-from arraystore.store import COMMITTED_FIELD, SAMPLE_FIELD, Store
+from arraystore.store import COMMITTED_FIELD, SAMPLE_FIELD, Store, StoreTarget
 
 
 @dataclass
@@ -66,43 +69,45 @@ class _Checker:
         self.ids = store.sample_ids()
         self.extent = int(self.positions[-1]) + 1 if len(self.positions) else 0
 
-    def problem(self, f: Field, position: int | None, path: Path | str, message: str) -> None:
+    def problem(self, f: Field, position: int | None, key: str, message: str) -> None:
         sample = "*" if position is None else f"{self.ids[position]!s} (#{position})"
-        self.report.problems.append(Problem(f.name, sample, str(path), message))
+        self.report.problems.append(Problem(f.name, sample, self.store.location.where(key),
+                                            message))
 
     def check(self, f: Field) -> None:
-        array_dir = self.store.path / f.name
-        if not self._metadata_ok(f, array_dir):
+        location = self.store.location
+        if not self._metadata_ok(f):
             return
         per_file = self.layout.samples_per_file(f)
         for index, positions in group_by_chunk(self.positions, per_file).items():
-            path = chunk_file(array_dir, index, 1 + len(f.shape))
-            outside = escapes(self.store.path, path) if path.exists() else None
-            if outside:
-                self.problem(f, positions[0], path, f"refused: {outside}")
-            elif not path.is_file():
-                self.problem(f, positions[0], path, f"chunk file missing ({len(positions)} "
-                                                    f"committed samples in it)")
+            key = chunk_key(f.name, index, 1 + len(f.shape))
+            refused = location.problem(key)
+            size = None if refused else location.size(key)
+            if refused:
+                self.problem(f, positions[0], key, f"refused: {refused}")
+            elif size is None:
+                self.problem(f, positions[0], key, f"chunk file missing ({len(positions)} "
+                                                   f"committed samples in it)")
             elif f.chunking == "sample" and self.layout.sharded:
-                self._check_shard(f, path, positions)
+                self._check_shard(f, key, size, positions)
             else:
-                self._check_chunk(f, path, positions[0], self.layout.samples_per_chunk(f))
+                self._check_chunk(f, key, positions[0], self.layout.samples_per_chunk(f))
         if self.deep:
-            self._decode(f, array_dir)
+            self._decode(f)
 
-    def _metadata_ok(self, f: Field, array_dir: Path) -> bool:
+    def _metadata_ok(self, f: Field) -> bool:
+        key = f"{f.name}/zarr.json"
         try:
-            meta = json.loads((array_dir / "zarr.json").read_text())
+            meta = json.loads(self.store.location.read_bytes(key))
         except (OSError, ValueError) as exc:
-            self.problem(f, None, array_dir / "zarr.json", f"array metadata unreadable: {exc}")
+            self.problem(f, None, key, f"array metadata unreadable: {exc}")
             return False
         problems = disagreements(f, self.layout, meta)
         for message in problems:
-            self.problem(f, None, array_dir / "zarr.json", message)
+            self.problem(f, None, key, message)
         if meta["shape"][0] < self.extent:
-            self.problem(f, None, array_dir / "zarr.json",
-                         f"holds {meta['shape'][0]} samples; committed samples reach "
-                         f"{self.extent}")
+            self.problem(f, None, key, f"holds {meta['shape'][0]} samples; committed samples "
+                                       f"reach {self.extent}")
             return False
         return not problems
 
@@ -111,48 +116,48 @@ class _Checker:
             return None
         return samples * f.nbytes + (CRC_BYTES if self.layout.checksum else 0)
 
-    def _check_chunk(self, f: Field, path: Path, position: int, samples: int) -> None:
-        data = path.read_bytes()
+    def _check_chunk(self, f: Field, key: str, position: int, samples: int) -> None:
+        data = self.store.location.read_bytes(key)
         self.report.chunks_checked += 1
-        self._check_bytes(f, path, position, memoryview(data), self._uncompressed_bytes(f,
-                                                                                        samples))
+        self._check_bytes(f, key, position, memoryview(data), self._uncompressed_bytes(f,
+                                                                                       samples))
 
-    def _check_bytes(self, f: Field, path: Path, position: int, data: memoryview,
+    def _check_bytes(self, f: Field, key: str, position: int, data: memoryview,
                      expected: int | None) -> None:
         if expected is not None and len(data) != expected:
-            self.problem(f, position, path, f"chunk of {len(data)} bytes, expected {expected}")
+            self.problem(f, position, key, f"chunk of {len(data)} bytes, expected {expected}")
         elif self.layout.checksum and not crc_matches(data[:-CRC_BYTES],
                                                        bytes(data[-CRC_BYTES:])):
-            self.problem(f, position, path, "crc32c mismatch: the chunk is corrupt")
+            self.problem(f, position, key, "crc32c mismatch: the chunk is corrupt")
 
-    def _check_shard(self, f: Field, path: Path, positions: list[int]) -> None:
-        fd = os.open(path, os.O_RDONLY)
+    def _check_shard(self, f: Field, key: str, size: int, positions: list[int]) -> None:
+        location, shard_size = self.store.location, self.layout.shard_size
+        index_bytes = shard_index_bytes(shard_size, True)
         try:
-            try:
-                index = read_shard_index(fd, self.layout.shard_size, True, str(path))
-            except ArrayStoreError as exc:
-                self.problem(f, positions[0], path, str(exc))
-                return
-            for position in positions:
-                offset, nbytes = (int(v) for v in index[position % self.layout.shard_size])
-                if offset == int(EMPTY):
-                    self.problem(f, position, path, "committed, but its inner chunk is missing "
-                                                    "from the shard")
-                    continue
-                self.report.chunks_checked += 1
-                self._check_bytes(f, path, position, memoryview(os.pread(fd, nbytes, offset)),
-                                  self._uncompressed_bytes(f, 1))
-        finally:
-            os.close(fd)
+            raw = location.read_range(key, size - index_bytes, size) if size >= index_bytes \
+                else b""
+            index = parse_shard_index(raw, size, shard_size, True, location.where(key))
+        except ArrayStoreError as exc:
+            self.problem(f, positions[0], key, str(exc))
+            return
+        for position in positions:
+            offset, nbytes = (int(v) for v in index[position % shard_size])
+            if offset == int(EMPTY):
+                self.problem(f, position, key, "committed, but its inner chunk is missing "
+                                               "from the shard")
+                continue
+            self.report.chunks_checked += 1
+            data = location.read_range(key, offset, offset + nbytes)
+            self._check_bytes(f, key, position, memoryview(data), self._uncompressed_bytes(f, 1))
 
-    def _decode(self, f: Field, array_dir: Path) -> None:
-        array = zarr.open_array(str(array_dir), mode="r")
+    def _decode(self, f: Field) -> None:
+        array = self.store.array(f.name)
         for start, stop in _runs(self.positions, self.layout.samples_per_chunk(f)):
             try:
                 array[start:stop]
             except Exception as exc:  # any codec failure is this chunk's problem
-                self.problem(f, start, array_dir, f"does not decode: {type(exc).__name__}: "
-                                                  f"{exc}")
+                self.problem(f, start, f.name, f"does not decode: {type(exc).__name__}: "
+                                               f"{exc}")
 
 
 def _runs(positions: np.ndarray, per_chunk: int) -> Iterator[tuple[int, int]]:
@@ -161,11 +166,14 @@ def _runs(positions: np.ndarray, per_chunk: int) -> Iterator[tuple[int, int]]:
         yield members[0], members[-1] + 1
 
 
-def verify(path: str | os.PathLike[str], *, deep: bool = False) -> VerifyReport:
-    """Check the store at ``path``; ``report.ok`` is True when no problem was found."""
+def verify(path: StoreTarget, *, deep: bool = False,
+           storage_options: Mapping[str, Any] | None = None) -> VerifyReport:
+    """Check the store at ``path`` (a local path or an object-store URL); ``report.ok`` is True
+    when no problem was found."""
     report = VerifyReport(store=str(path), deep=deep)
     try:
-        store = Store.open(path, check_arrays=False)  # each disagreement is reported below
+        # each disagreement is reported below
+        store = Store.open(path, check_arrays=False, storage_options=storage_options)
     except ArrayStoreError as exc:
         report.problems.append(Problem("*", "*", str(path), str(exc)))
         return report

@@ -10,7 +10,7 @@ chunk never reads as data.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -19,6 +19,7 @@ import numpy as np
 from arraystore.errors import DuplicateSampleError, SampleValidationError, StoreWriteError
 from arraystore.keys import chunk_file, fsync_path
 from arraystore.lock import StoreLock
+from arraystore.regions import reserved_end
 from arraystore.schema import Field
 from arraystore.store import COMMITTED_ARRAY, COMMITTED_FIELD, SAMPLE_ARRAY, SAMPLE_FIELD, Store
 
@@ -66,18 +67,25 @@ def validate_sample(fields: tuple[Field, ...], sample_id: str, values: Mapping[s
             )
 
 
+def stack_column(f: Field, column: Sequence[Any]) -> np.ndarray:
+    """Values of ``f`` for consecutive samples as one array to assign to a slice of it."""
+    return np.array(column, dtype=f.numpy_dtype) if f.is_string else np.stack(column)
+
+
 class StoreWriter:
     """Append samples to a store opened for writing; use as a context manager.
 
     Resuming: slots after the last committed sample are reused (they hold data of a flush that a
     crash interrupted) and ids already committed are refused, so re-running an ingest fills
-    exactly what is missing. The writer holds the store's lock from construction to ``close``.
+    exactly what is missing. Regions reserved for a distributed ingest's unfinished units are
+    never reused (:mod:`arraystore.regions`). The writer holds the store's lock from
+    construction to ``close``.
     """
 
     def __init__(self, store: Store, flush_every: int | None = None) -> None:
         if store.read_only:
             raise ValueError(f"{store.path}: opened read-only; open it with mode 'r+'")
-        self._lock = StoreLock(store.path)
+        self._lock = StoreLock(store.location)
         self._lock.acquire()
         self.store = store
         self.fields = store.schema.fields
@@ -89,7 +97,9 @@ class StoreWriter:
         self._buffer: list[tuple[str, Mapping[str, Any]]] = []
         self._buffered_ids: set[str] = set()
         self._arrays = {f.name: store.array(f.name) for f in self.fields}
-        self._remove_partials()
+        self.position = max(self.position, reserved_end(store))
+        if store.location.is_local:
+            self._remove_partials()
 
     @staticmethod
     def _flush_unit(store: Store) -> int:
@@ -164,12 +174,38 @@ class StoreWriter:
                 array.resize((stop, *array.shape[1:]))
         for f in self.fields:
             column = [values[f.name] for _, values in self._buffer]
-            data = np.array(column, dtype=f.numpy_dtype) if f.is_string else np.stack(column)
-            self._arrays[f.name][start:stop] = data
+            self._arrays[f.name][start:stop] = stack_column(f, column)
+        self._commit(start, ids, np.ones(len(ids), bool), self.fields)
+
+    def _commit(self, start: int, ids: Sequence[str], keep: np.ndarray,
+                written: Sequence[Field]) -> None:
+        """Write the ids of ``[start, start + len(ids))``, make those samples' files of
+        ``written`` durable, then mark the ``keep`` ones committed."""
+        stop = start + len(ids)
         self.store.array(SAMPLE_ARRAY)[start:stop] = np.array(ids, dtype=SAMPLE_FIELD.numpy_dtype)
-        self._sync(start, stop)
-        self.store.array(COMMITTED_ARRAY)[start:stop] = True
+        self._sync(start, stop, written)
+        self._lock.ensure_held()
+        self.store.array(COMMITTED_ARRAY)[start:stop] = keep
         self._sync_field(COMMITTED_FIELD, start, stop)
+
+    def commit_region(self, start: int, ids: Sequence[str],
+                      blocks: Mapping[str, Sequence[Any]]) -> list[str]:
+        """Commit samples written elsewhere (a distributed ingest's worker wrote their
+        per-sample fields to ``[start, start + len(ids))``): write their block-chunked fields
+        ``blocks`` and ids, sync, mark them committed. Ids already committed (or repeated) are
+        left uncommitted and returned."""
+        if not ids:
+            return []
+        stop = start + len(ids)
+        keep = np.ones(len(ids), bool)
+        for i, sample_id in enumerate(ids):
+            keep[i] = sample_id not in self.committed_ids
+            self.committed_ids.add(sample_id)
+        for f in self.fields:
+            if f.chunking == "block":
+                self._arrays[f.name][start:stop] = stack_column(f, blocks[f.name])
+        self._commit(start, ids, keep, self.fields)
+        return [sample_id for sample_id, k in zip(ids, keep, strict=True) if not k]
 
     def _remove_partials(self) -> None:
         """Delete temporary files a killed write left (``*.partial`` beside the chunks and
@@ -188,12 +224,18 @@ class StoreWriter:
         for partial in self.store.path.glob("*.partial"):
             partial.unlink(missing_ok=True)
 
-    def _sync(self, start: int, stop: int) -> None:  # before the commit: data on stable storage
-        for f in (*self.fields, SAMPLE_FIELD):
+    def _sync(self, start: int, stop: int, written: Sequence[Field]) -> None:
+        """Before the commit: the data on stable storage (an object store has it durably once
+        its PUT returned)."""
+        if not self.store.location.is_local:
+            return
+        for f in (*written, SAMPLE_FIELD):
             self._sync_field(f, start, stop)
         fsync_path(self.store.path)
 
     def _sync_field(self, f: Field, start: int, stop: int) -> None:
+        if not self.store.location.is_local:
+            return
         per_file = self.store.layout.samples_per_file(f)
         array_dir = self.store.path / f.name
         directories = set()

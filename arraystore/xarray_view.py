@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import xarray as xr
 
-from arraystore.store import COMMITTED_ARRAY, Store
+from arraystore.store import COMMITTED_ARRAY, Store, StoreTarget
 
 
-def open_xarray(path: str | os.PathLike[str], *, committed_only: bool = True) -> xr.Dataset:
-    """Open the store at ``path`` lazily (dask arrays, one dask chunk per Zarr chunk).
+def open_xarray(path: StoreTarget, *, committed_only: bool = True,
+                storage_options: Mapping[str, Any] | None = None) -> xr.Dataset:
+    """Open the store at ``path`` (a local path, or an object-store URL with its
+    ``storage_options``) lazily (dask arrays, one dask chunk per Zarr chunk).
 
     Nothing is read but metadata, ``sample`` and ``committed``. With ``committed_only`` (the
     default) samples whose data is incomplete are left out, as every reader does.
     ``ds.sel(sample="sa_1")`` selects by id.
     """
-    store = Store.open(path)
-    ds = xr.open_zarr(os.fspath(path), zarr_format=3, consolidated=False, chunks={})
+    store = Store.open(path, storage_options=storage_options)
+    ds = xr.open_zarr(store.location.zarr_store(read_only=True), zarr_format=3,
+                      consolidated=False, chunks={})
     if committed_only:
         mask = store.committed_mask()
         if not mask.all():

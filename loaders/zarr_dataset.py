@@ -8,13 +8,13 @@ committed samples exist for it, and only the fields the item needs are read.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch.utils.data import Dataset
 
 from arraystore.reader import SampleReader
+from arraystore.store import StoreTarget
 from loaders.distill_item import ALL_KEYS, collate_distill, distill_item, fields_for
 
 SA1B_KIND = "sa1b"
@@ -25,17 +25,19 @@ class ZarrDistillDataset(Dataset):
 
     ``backend``: ``auto`` (direct ``pread`` for uncompressed layouts, TensorStore for compressed
     ones), ``direct``, ``tensorstore`` or ``zarr``. ``keys``: the item keys to return (default:
-    all of them); only the store fields those keys need are read.
+    all of them); only the store fields those keys need are read. ``path`` may be an
+    object-store URL (``s3://bucket/sa1b.zarr``) with its ``storage_options``.
     """
 
     collate_fn = staticmethod(collate_distill)  # how its items batch (a Mixture uses it)
 
     def __init__(
-        self, path: str | os.PathLike[str], backend: str = "auto",
-        keys: Sequence[str] = ALL_KEYS,
+        self, path: StoreTarget, backend: str = "auto",
+        keys: Sequence[str] = ALL_KEYS, storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.keys = tuple(keys)
-        self.reader = SampleReader(path, backend=backend, fields=fields_for(self.keys))
+        self.reader = SampleReader(path, backend=backend, fields=fields_for(self.keys),
+                                   storage_options=storage_options)
         self.reader.expect_kind(SA1B_KIND, "ZarrDistillDataset")
         self.sample_ids = self.reader.sample_ids  # every item names its id: read once, here
 

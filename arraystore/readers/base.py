@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from pathlib import Path
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
 
 from arraystore.layout import Layout
+from arraystore.location import Location
 from arraystore.region import Region
 from arraystore.schema import Field
 
@@ -33,15 +34,20 @@ class Backend(ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, store_path: Path, layout: Layout) -> None:
-        self.store_path = store_path
+    def __init__(self, location: Location, layout: Layout) -> None:
+        self.location = location
         self.layout = layout
 
     @classmethod
     @abstractmethod
-    def supports(cls, field: Field, layout: Layout) -> bool:
-        """Whether this backend can read ``field`` stored with ``layout``."""
+    def supports(cls, field: Field, layout: Layout, location: Location) -> bool:
+        """Whether this backend can read ``field`` stored with ``layout`` at ``location``."""
 
     @abstractmethod
     def open_field(self, field: Field) -> FieldReader:
         """A reader for ``field``; cheap to call, handles open lazily where possible."""
+
+    def read_fields(self, readers: Sequence[FieldReader], sample: int) -> list[np.ndarray]:
+        """Sample ``sample`` of the fields of ``readers`` (opened by this backend). This
+        default reads them one after the other; a backend that can overlap them does."""
+        return [reader.read(sample, sample + 1)[0] for reader in readers]

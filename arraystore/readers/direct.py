@@ -14,6 +14,7 @@ import errno
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from crc32c import crc32c
 from arraystore.errors import ChecksumMismatchError, StoreFormatError
 from arraystore.keys import ChunkPaths
 from arraystore.layout import Layout
+from arraystore.location import LocalLocation, Location
 from arraystore.readers.base import Backend, FieldReader
 from arraystore.region import Region, region_shape
 from arraystore.schema import Field
@@ -41,23 +43,38 @@ def crc_matches(data: Any, stored: bytes) -> bool:
     return crc32c(data) == int.from_bytes(stored, "little")
 
 
-def read_shard_index(fd: int, shard_size: int, checksum: bool, path: str) -> np.ndarray:
-    """The (offset, nbytes) of each inner chunk, from the index at the end of a shard file.
+def shard_index_bytes(shard_size: int, checksum: bool) -> int:
+    """Length of a shard's index: (offset, nbytes) as two uint64 per inner chunk [+ crc32c]."""
+    return shard_size * 16 + (CRC_BYTES if checksum else 0)
 
-    Raises :class:`StoreFormatError` for a file too short or an index whose crc32c is wrong.
-    """
-    index_bytes = shard_size * 16 + (CRC_BYTES if checksum else 0)
-    size = os.fstat(fd).st_size
-    raw = os.pread(fd, index_bytes, size - index_bytes) if size >= index_bytes else b""
-    if len(raw) != index_bytes:
-        raise StoreFormatError(f"shard {path} is {size} bytes, too short for its "
+
+def parse_shard_index(raw: bytes, size: int | None, shard_size: int, checksum: bool,
+                      path: str) -> np.ndarray:
+    """The (offset, nbytes) of each inner chunk from ``raw``, the last bytes of a shard of
+    ``size`` bytes (None when unknown: fetched as a suffix range; a chunk past the end then
+    reads short and is refused then). Raises :class:`StoreFormatError` for a shard too short or
+    an index pointing past the data, :class:`ChecksumMismatchError` for an index whose crc32c is
+    wrong."""
+    index_bytes = shard_index_bytes(shard_size, checksum)
+    if len(raw) != index_bytes or (size is not None and size < index_bytes):
+        raise StoreFormatError(f"shard {path} is {len(raw) if size is None else size} bytes, "
+                               f"too short for its "
                                f"{index_bytes}-byte index")
     if checksum and not crc_matches(raw[:-CRC_BYTES], raw[-CRC_BYTES:]):
         raise ChecksumMismatchError(f"shard {path}: crc32c mismatch in the shard index")
     index = np.frombuffer(raw, "<u8", shard_size * 2).reshape(shard_size, 2)
-    if ((index[:, 0] != EMPTY) & (index[:, 0] + index[:, 1] > size - index_bytes)).any():
+    if size is not None and ((index[:, 0] != EMPTY)
+                             & (index[:, 0] + index[:, 1] > size - index_bytes)).any():
         raise StoreFormatError(f"shard {path}: the index points past the end of the data")
     return index
+
+
+def read_shard_index(fd: int, shard_size: int, checksum: bool, path: str) -> np.ndarray:
+    """:func:`parse_shard_index` of the shard open as ``fd``."""
+    index_bytes = shard_index_bytes(shard_size, checksum)
+    size = os.fstat(fd).st_size
+    raw = os.pread(fd, index_bytes, size - index_bytes) if size >= index_bytes else b""
+    return parse_shard_index(raw, size, shard_size, checksum, path)
 
 
 def read_window(fd: int, base: int, shape: tuple[int, ...], dtype: np.dtype, region: Region,
@@ -113,7 +130,7 @@ def open_chunk(path: str) -> int | None:
         raise
 
 
-def _check_crc(data: memoryview, stored: bytes, field: str, sample: int, path: str) -> None:
+def check_crc(data: memoryview, stored: bytes, field: str, sample: int, path: str) -> None:
     if not crc_matches(data, stored):
         raise ChecksumMismatchError(
             f"crc32c mismatch in field {field!r}, sample {sample}, file {path}: the chunk is "
@@ -185,7 +202,7 @@ class ChunkFileReader(_DirectFieldReader):
                 f"{expected} (an uncompressed chunk of shape {out.shape})"
             )
         if self.checksum:
-            _check_crc(view, bytes(crc), self.field.name, index * self.per_chunk, path)
+            check_crc(view, bytes(crc), self.field.name, index * self.per_chunk, path)
 
 
 class ShardReader(_DirectFieldReader):
@@ -259,7 +276,7 @@ class ShardReader(_DirectFieldReader):
             raise StoreFormatError(f"field {self.field.name!r}, sample {sample}: shard {path} "
                                    f"ends inside the inner chunk")
         if self.checksum:
-            _check_crc(view, bytes(crc), self.field.name, sample, path)
+            check_crc(view, bytes(crc), self.field.name, sample, path)
 
     def read_region(self, sample: int, region: Region) -> np.ndarray:
         if self.checksum:  # the crc covers the whole inner chunk
@@ -273,16 +290,22 @@ class ShardReader(_DirectFieldReader):
 
 
 class DirectBackend(Backend):
+    """Uncompressed chunks read as bytes: ``pread`` on a disk, ranged GETs in an object
+    store (:mod:`arraystore.readers.ranged`)."""
+
     name = "direct"
 
     @classmethod
-    def supports(cls, field: Field, layout: Layout) -> bool:
+    def supports(cls, field: Field, layout: Layout, location: Location) -> bool:
         return not field.is_string and layout.compression == "none"
 
     def open_field(self, field: Field) -> FieldReader:
-        array_dir = self.store_path / field.name
-        meta = json.loads((array_dir / "zarr.json").read_text())
+        from arraystore.readers import ranged  # it builds on this module's helpers
+
+        where = self.location.where(field.name)
+        meta = json.loads(self.location.read_bytes(f"{field.name}/zarr.json"))
         codecs = meta["codecs"]
+        local = isinstance(self.location, LocalLocation)
         if _codec_names(codecs) == ["sharding_indexed"]:
             config = codecs[0]["configuration"]
             inner = _codec_names(config["codecs"])
@@ -290,12 +313,27 @@ class DirectBackend(Backend):
             if (config.get("index_location", "end") != "end" or inner[0] != "bytes"
                     or inner[1:] not in ([], ["crc32c"]) or index[1:] not in ([], ["crc32c"])
                     or config["chunk_shape"][0] != 1):
-                raise StoreFormatError(f"{array_dir}: unexpected sharding codecs {config}")
+                raise StoreFormatError(f"{where}: unexpected sharding codecs {config}")
             shard_size = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
-            return ShardReader(field, array_dir, shard_size, inner[1:] == ["crc32c"],
-                               index[1:] == ["crc32c"])
+            crcs = (inner[1:] == ["crc32c"], index[1:] == ["crc32c"])
+            if local:
+                return ShardReader(field, self.location.file(field.name), shard_size, *crcs)
+            return ranged.RangedShardReader(field, self.location, shard_size, *crcs)
         names = _codec_names(codecs)
         if names[0] != "bytes" or names[1:] not in ([], ["crc32c"]):
-            raise StoreFormatError(f"{array_dir}: codecs {names} are not an uncompressed layout")
+            raise StoreFormatError(f"{where}: codecs {names} are not an uncompressed layout")
         per_chunk = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
-        return ChunkFileReader(field, array_dir, per_chunk, names[1:] == ["crc32c"])
+        crc = names[1:] == ["crc32c"]
+        if local:
+            return ChunkFileReader(field, self.location.file(field.name), per_chunk, crc)
+        if per_chunk == 1:
+            return ranged.RangedFieldReader(field, self.location, crc)
+        return ranged.RangedBlockReader(field, self.location, per_chunk, crc)
+
+    def read_fields(self, readers: Sequence[FieldReader], sample: int) -> list[np.ndarray]:
+        """One sample of several fields; in an object store, all fetched concurrently."""
+        if isinstance(self.location, LocalLocation):
+            return super().read_fields(readers, sample)
+        from arraystore.readers.ranged import fetch_samples
+
+        return fetch_samples(self.location, [(r, sample) for r in readers])

@@ -6,6 +6,7 @@ import numpy as np
 import zarr
 
 from arraystore.layout import Layout
+from arraystore.location import Location
 from arraystore.readers.base import Backend, FieldReader
 from arraystore.region import Region
 from arraystore.schema import Field
@@ -26,9 +27,10 @@ class ZarrBackend(Backend):
     name = "zarr"
 
     @classmethod
-    def supports(cls, field: Field, layout: Layout) -> bool:
+    def supports(cls, field: Field, layout: Layout, location: Location) -> bool:
         return True
 
     def open_field(self, field: Field) -> FieldReader:
-        array = zarr.open_array(str(self.store_path / field.name), mode="r", zarr_format=3)
+        array = zarr.open_array(self.location.zarr_store(read_only=True), path=field.name,
+                                mode="r", zarr_format=3)
         return ZarrFieldReader(array)

@@ -64,7 +64,7 @@ def fix_features(store_path: str | os.PathLike[str], teacher: Any, *,
     with StoreUpdater(store) as updater:
         flags = np.asarray(store.array("feature_flag")[:])[: len(updater.committed)]
         todo = np.flatnonzero(updater.committed & ((flags == 0) | force))[:max_samples]
-        reader = SampleReader(store.path, fields=("image",))
+        reader = SampleReader(store.location, fields=("image",))
         groups = updater.file_groups(todo.tolist(), ("P4_S16", "P5_S32"))
         with Progress(disable=not progress) as bar:
             task = bar.add_task(f"fix features ({teacher.model_name})", total=len(todo))

@@ -17,7 +17,7 @@ from arraystore.sources import BatchStage, Record, Source, SourceUnit
 from converters.sa1b.derive import derive_fields
 from converters.sa1b.fields import DEFAULT_MAX_BOXES, KIND, sa1b_schema
 from converters.sa1b.members import decode_jpeg, load_features, parse_annotations
-from converters.sa1b.tar_shard import read_groups
+from converters.sa1b.tar_shard import count_sample_keys, read_groups
 from converters.sa1b.teacher_models import SAM2_CONFIGS
 
 TAR_PATTERNS = ("*.tar", "*.tar.gz", "*.tgz")
@@ -88,6 +88,10 @@ class Sa1bTarSource(Source):
             payload["where"] = {role: f"{unit.path}:{name}"
                                 for role, (name, _) in group.members.items()}
             yield Record(group.sample_id, where, payload, unit.bytes_read)
+
+    def max_samples(self, unit: SourceUnit) -> int:
+        """The sample keys among the shard's member headers (data skipped, not read)."""
+        return count_sample_keys(unit.path)
 
     def derive(self, record: Record) -> dict[str, Any]:
         payload, where, sid = record.payload, record.payload["where"], record.sample_id

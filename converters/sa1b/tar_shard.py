@@ -9,6 +9,7 @@ that are absolute or climb out with ``..`` are refused, and links and devices ar
 from __future__ import annotations
 
 import lzma
+import os
 import posixpath
 import tarfile
 import zlib
@@ -138,3 +139,20 @@ def _groups(archive: tarfile.TarFile, label: str) -> Iterator[MemberGroup | Samp
         yield current
     if count == 0:
         raise SourceError(label, "empty shard: the archive holds no members")
+
+
+def count_sample_keys(path: os.PathLike[str] | str) -> int:
+    """How many sample keys the member headers of the TAR at ``path`` name: an upper bound of
+    its samples, found by seeking from header to header (an uncompressed shard's data is never
+    read). A truncated archive counts the keys before the damage (its samples stop there too).
+    """
+    keys: set[str] = set()
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            for member in archive:
+                key, suffix = split_name(member.name)
+                if member.isfile() and member_role(suffix) is not None:
+                    keys.add(key)
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError):
+        pass
+    return len(keys)

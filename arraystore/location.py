@@ -1,0 +1,328 @@
+"""Where a store lives: a local folder, or a prefix of an object store named by a URL.
+
+A local store keeps what a disk gives: an ``flock`` writer lock, ``fsync`` before a commit,
+chunk files ``pread`` without following links. A URL (``s3://bucket/sa1b.zarr``, ``gs://``,
+``az://``, ``file://``; anything fsspec knows) is reached through fsspec with the caller's
+storage options and the service's standard environment variables (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ...): zarr reads and writes through its ``FsspecStore``, the direct reader
+issues ranged GETs, and the writer lock is an object created with a conditional write. Every
+other module asks its location instead of assuming a disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from arraystore.errors import MissingExtraError
+
+SIBLING_SEPARATOR = "."  # ``<store>.lock``, ``<store>.reports``: beside the store, never in it
+
+
+def is_url(target: str | os.PathLike[str]) -> bool:
+    """Whether ``target`` names an object store (``scheme://...``) rather than a local path."""
+    return isinstance(target, str) and "://" in target
+
+
+def parse_storage_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (the CLI's ``--storage-option``) as fsspec storage options.
+
+    Values that read as JSON (``true``, ``3``, ``{"a": 1}``) become that value, others stay
+    strings; dotted keys nest (``client_kwargs.region_name=x`` -> ``{"client_kwargs":
+    {"region_name": "x"}}``)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"storage option {pair!r}: expected KEY=VALUE")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        *parents, leaf = key.split(".")
+        target = options
+        for parent in parents:
+            target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"storage option {pair!r}: {parent!r} is already a value")
+        target[leaf] = value
+    return options
+
+
+class Location(ABC):
+    """A store's root; keys are ``/``-separated paths inside it (``image/c/0/0/0/0``)."""
+
+    is_local: bool
+    path: Path | str  # what the user named: a Path, or the URL
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @staticmethod
+    def of(target: str | os.PathLike[str] | Location,
+           storage_options: Mapping[str, Any] | None = None) -> Location:
+        """The location ``target`` names; ``storage_options`` configure an object store."""
+        if isinstance(target, Location):
+            return target
+        if is_url(target):
+            return ObjectLocation(str(target), storage_options)
+        if storage_options:
+            raise ValueError(f"{target}: storage options are for object-store URLs "
+                             f"(s3://...), not local paths")
+        return LocalLocation(Path(target))
+
+    @abstractmethod
+    def where(self, key: str) -> str:
+        """``key`` as a user can find it: a file path, or a URL."""
+
+    @abstractmethod
+    def zarr_store(self, read_only: bool) -> Any:
+        """What ``zarr.open_group`` / ``zarr.open_array`` take for this root."""
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes:
+        """The whole object ``key``; FileNotFoundError when there is none."""
+
+    @abstractmethod
+    def read_range(self, key: str, start: int, stop: int) -> bytes:
+        """Bytes ``start`` to ``stop`` of ``key`` (fewer at its end)."""
+
+    @abstractmethod
+    def size(self, key: str) -> int | None:
+        """The size of ``key`` in bytes, None when it does not exist."""
+
+    @abstractmethod
+    def exists(self) -> bool:
+        """Something is there (a folder, or objects under the prefix)."""
+
+    @abstractmethod
+    def vacant(self) -> bool:
+        """Nothing there yet (or an empty folder a user made for the store)."""
+
+    @abstractmethod
+    def remove(self) -> None:
+        """Delete the store (the caller has checked that it is one)."""
+
+    @abstractmethod
+    def usage(self, prefix: str) -> tuple[int, int]:
+        """Bytes and number of files (objects) under ``prefix``."""
+
+    @abstractmethod
+    def sibling_path(self, suffix: str, name: str) -> str:
+        """Where ``<store><suffix>/<name>``, beside the store, is (reports)."""
+
+    @abstractmethod
+    def write_sibling(self, suffix: str, name: str, data: bytes) -> None:
+        """Write ``data`` to :meth:`sibling_path`, whole or not at all."""
+
+    @abstractmethod
+    def problem(self, key: str) -> str | None:
+        """Why ``key`` must not be read as part of this store, or None."""
+
+
+class LocalLocation(Location):
+    is_local = True
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def file(self, key: str) -> Path:
+        return self.path / key
+
+    def where(self, key: str) -> str:
+        return str(self.file(key))
+
+    def zarr_store(self, read_only: bool) -> str:
+        return str(self.path)
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.file(key).read_bytes()
+
+    def read_range(self, key: str, start: int, stop: int) -> bytes:
+        fd = os.open(self.file(key), os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            return os.pread(fd, stop - start, start)
+        finally:
+            os.close(fd)
+
+    def size(self, key: str) -> int | None:
+        try:
+            return self.file(key).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def vacant(self) -> bool:
+        return not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir()))
+
+    def remove(self) -> None:
+        if self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
+        else:
+            shutil.rmtree(self.path)
+
+    def usage(self, prefix: str) -> tuple[int, int]:
+        total = count = 0
+        for root, _, files in os.walk(self.file(prefix)):
+            for name in files:
+                total += os.stat(os.path.join(root, name)).st_size
+                count += 1
+        return total, count
+
+    def sibling_path(self, suffix: str, name: str) -> str:
+        return str(self.path.with_name(self.path.name + suffix) / name)
+
+    def write_sibling(self, suffix: str, name: str, data: bytes) -> None:
+        path = Path(self.sibling_path(suffix, name))
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+
+    def problem(self, key: str) -> str | None:
+        from arraystore.contract import escapes
+
+        path = self.file(key)
+        return escapes(self.path, path) if path.exists() or path.is_symlink() else None
+
+
+class ObjectLocation(Location):
+    """A prefix of an object store, through fsspec; pickles as its URL and options and opens
+    its client again in each process (a client is not fork-safe)."""
+
+    is_local = False
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.path = self.url
+        self.storage_options = dict(storage_options or {})
+        self._client: tuple[int, Any, str] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    def _fs(self) -> tuple[Any, str]:
+        if self._client is None or self._client[0] != os.getpid():
+            import fsspec
+
+            try:
+                fs, root = fsspec.url_to_fs(self.url, **self.storage_options)
+            except ImportError as exc:
+                raise MissingExtraError(
+                    f"{self.url}: {exc}. Object stores need the 'scale' extra: pip install "
+                    f"'arraystore[scale]' (s3fs; gcsfs or adlfs for gs:// and az://)") from exc
+            self._client = (os.getpid(), fs, root.rstrip("/"))
+        return self._client[1], self._client[2]
+
+    @property
+    def fs(self) -> Any:
+        return self._fs()[0]
+
+    @property
+    def root(self) -> str:
+        return self._fs()[1]
+
+    @property
+    def scheme(self) -> str:
+        return self.url.split("://", 1)[0]
+
+    def key_path(self, key: str) -> str:
+        return f"{self.root}/{key}" if key else self.root
+
+    def where(self, key: str) -> str:
+        return f"{self.url}/{key}"
+
+    def zarr_store(self, read_only: bool) -> Any:
+        from zarr.storage import FsspecStore
+
+        return FsspecStore.from_url(self.url, storage_options=self.storage_options or None,
+                                    read_only=read_only)
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.fs.cat_file(self.key_path(key))
+
+    def read_range(self, key: str, start: int, stop: int) -> bytes:
+        return self.fs.cat_file(self.key_path(key), start=start, end=stop)
+
+    def read_ranges(self, keys: Sequence[str], starts: Sequence[int],
+                    stops: Sequence[int | None]) -> list[bytes | None]:
+        """Many ranges at once (concurrent requests); None where the object does not exist. A
+        negative start with a stop of None asks for the object's last ``-start`` bytes."""
+        got = self.fs.cat_ranges([self.key_path(k) for k in keys], list(starts), list(stops),
+                                 on_error="return")
+        out: list[bytes | None] = []
+        for key, value in zip(keys, got, strict=True):
+            if isinstance(value, FileNotFoundError):
+                out.append(None)
+            elif isinstance(value, BaseException):
+                raise OSError(f"{self.url}/{key}: {value}") from value
+            else:
+                out.append(value)
+        return out
+
+    def size(self, key: str) -> int | None:
+        try:
+            return int(self.fs.size(self.key_path(key)))
+        except FileNotFoundError:
+            return None
+
+    def exists(self) -> bool:
+        return not self.vacant()
+
+    def vacant(self) -> bool:
+        self.fs.invalidate_cache(self.root)  # another process may have written since
+        try:
+            return not self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return True
+
+    def remove(self) -> None:
+        self.fs.rm(self.root, recursive=True)
+        self.fs.invalidate_cache()
+
+    def usage(self, prefix: str) -> tuple[int, int]:
+        found = self.fs.find(self.key_path(prefix), detail=True)
+        return sum(int(v.get("size") or 0) for v in found.values()), len(found)
+
+    def sibling_path(self, suffix: str, name: str) -> str:
+        return f"{self.url}{suffix}/{name}"
+
+    def write_sibling(self, suffix: str, name: str, data: bytes) -> None:
+        self.fs.pipe_file(f"{self.root}{suffix}/{name}", data)  # one PUT: whole or nothing
+
+    def sibling(self, suffix: str) -> str:
+        """The object path ``<store><suffix>`` beside the store (the lock)."""
+        return f"{self.root}{suffix}"
+
+    def problem(self, key: str) -> str | None:
+        return None  # object keys are plain names: the schema's field names are identifiers
+
+    def tensorstore_kvstore(self, key: str) -> dict[str, Any] | None:
+        """TensorStore's kvstore spec for ``key``, for the services it speaks natively (S3 and
+        GCS); None for the others (the reader then falls back to zarr-python)."""
+        bucket, _, prefix = f"{self.root}/{key}".partition("/")
+        if self.scheme == "s3":
+            spec: dict[str, Any] = {"driver": "s3", "bucket": bucket, "path": f"{prefix}/",
+                                    "aws_credentials": {"type": "environment"}}
+            options = self.storage_options
+            endpoint = (options.get("endpoint_url")
+                        or options.get("client_kwargs", {}).get("endpoint_url")
+                        or os.environ.get("AWS_ENDPOINT_URL_S3")
+                        or os.environ.get("AWS_ENDPOINT_URL"))
+            region = (options.get("client_kwargs", {}).get("region_name")
+                      or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
+            if endpoint:
+                spec["endpoint"] = endpoint
+            if region:
+                spec["aws_region"] = region
+            return spec
+        if self.scheme in ("gs", "gcs"):
+            return {"driver": "gcs", "bucket": bucket, "path": f"{prefix}/"}
+        return None

@@ -1,0 +1,176 @@
+"""The direct read path in an object store: ranged GETs where a disk has ``pread``.
+
+The same bytes as :mod:`arraystore.readers.direct` reads, fetched over HTTP: a per-sample chunk
+is one GET of its object; in the sharded layout a shard's index (the last bytes of the shard
+object, one suffix-range GET) is fetched once and cached, then each sample is one ranged GET of
+its inner chunk. Every request of one item (all its fields, and the indexes of shards not seen
+yet) is issued at once, concurrently (:func:`fetch_samples`), so an item costs about
+one round trip, not one per field. A chunk's declared size comes from the schema, never from the
+store: a shard index pointing elsewhere yields an error, not a large allocation.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from arraystore.errors import StoreFormatError
+from arraystore.keys import ChunkPaths
+from arraystore.location import ObjectLocation
+from arraystore.readers.base import FieldReader
+from arraystore.readers.direct import (
+    CRC_BYTES,
+    EMPTY,
+    check_crc,
+    parse_shard_index,
+    shard_index_bytes,
+)
+from arraystore.schema import Field
+
+CACHED_INDEXES = 256
+
+Request = tuple[str, int, int]  # key, start, stop (start < 0: the last -start bytes)
+
+
+class RangedFieldReader(FieldReader):
+    """One field of a store in an object store, read by ranged GETs.
+
+    Reading one sample is two steps, so that :class:`RangedBackend` can batch the requests of
+    several fields: :meth:`request` (what to fetch; None for a chunk never written, which holds
+    the fill value) and :meth:`decode` (the fetched bytes as the sample's array)."""
+
+    def __init__(self, field: Field, location: ObjectLocation, checksum: bool) -> None:
+        self.field = field
+        self.location = location
+        self.checksum = checksum
+        self.dtype = np.dtype(field.dtype).newbyteorder("<")
+        self.keys = ChunkPaths(Path(field.name), 1 + len(field.shape))
+        self.chunk_bytes = field.nbytes + (CRC_BYTES if checksum else 0)
+
+    def missing_indexes(self, sample: int) -> list[tuple[int, Request]]:
+        """Shard indexes :meth:`request` needs that are not cached: (shard, request)."""
+        return []
+
+    def store_index(self, shard: int, raw: bytes | None) -> None:
+        """Cache a shard index fetched for :meth:`missing_indexes`."""
+
+    def request(self, sample: int) -> Request | None:
+        return self.keys.path(sample), 0, self.chunk_bytes
+
+    def decode(self, sample: int, data: bytes | None) -> np.ndarray:
+        out = np.zeros(self.field.shape, self.dtype)
+        if data is None:
+            return out
+        where = f"field {self.field.name!r}, sample {sample}"
+        if len(data) != self.chunk_bytes:
+            raise StoreFormatError(f"{where}: {len(data)} bytes fetched, expected "
+                                   f"{self.chunk_bytes} (an uncompressed chunk)")
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        view[:] = memoryview(data)[: out.nbytes]
+        if self.checksum:
+            check_crc(view, bytes(data[-CRC_BYTES:]), self.field.name, sample,
+                      self.location.where(self.keys.path(sample)))
+        return out
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        samples = list(range(start, stop))
+        return np.stack(fetch_samples(self.location, [(self, s) for s in samples]))
+
+
+class RangedBlockReader(RangedFieldReader):
+    """A field chunked in blocks of ``per_chunk`` samples (ids, flags): whole chunks fetched."""
+
+    def __init__(self, field: Field, location: ObjectLocation, per_chunk: int,
+                 checksum: bool) -> None:
+        super().__init__(field, location, checksum)
+        self.per_chunk = per_chunk
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        first, last = start // self.per_chunk, (stop - 1) // self.per_chunk
+        keys = [self.keys.path(i) for i in range(first, last + 1)]
+        nbytes = self.per_chunk * self.field.nbytes + (CRC_BYTES if self.checksum else 0)
+        got = self.location.read_ranges(keys, [0] * len(keys), [nbytes] * len(keys))
+        chunks = []
+        for key, data in zip(keys, got, strict=True):
+            chunk = np.zeros((self.per_chunk, *self.field.shape), self.dtype)
+            if data is not None:
+                if len(data) != nbytes:
+                    raise StoreFormatError(f"{self.location.where(key)}: {len(data)} bytes, "
+                                           f"expected {nbytes}")
+                view = memoryview(chunk.reshape(-1).view(np.uint8))
+                view[:] = memoryview(data)[: chunk.nbytes]
+                if self.checksum:
+                    check_crc(view, bytes(data[-CRC_BYTES:]), self.field.name,
+                              first * self.per_chunk, self.location.where(key))
+            chunks.append(chunk)
+        offset = start - first * self.per_chunk
+        return np.concatenate(chunks)[offset: offset + stop - start]
+
+
+class RangedShardReader(RangedFieldReader):
+    """Per-sample inner chunks in shard objects; shard indexes cached (LRU)."""
+
+    def __init__(self, field: Field, location: ObjectLocation, shard_size: int, checksum: bool,
+                 index_checksum: bool) -> None:
+        super().__init__(field, location, checksum)
+        self.shard_size = shard_size
+        self.index_checksum = index_checksum
+        self._indexes: OrderedDict[int, np.ndarray | None] = OrderedDict()
+
+    def missing_indexes(self, sample: int) -> list[tuple[int, Request]]:
+        shard = sample // self.shard_size
+        if shard in self._indexes:
+            self._indexes.move_to_end(shard)
+            return []
+        size = shard_index_bytes(self.shard_size, self.index_checksum)
+        return [(shard, (self.keys.path(shard), -size, 0))]
+
+    def store_index(self, shard: int, raw: bytes | None) -> None:
+        key = self.location.where(self.keys.path(shard))
+        self._indexes[shard] = None if raw is None else parse_shard_index(
+            raw, None, self.shard_size, self.index_checksum, key)
+        if len(self._indexes) > CACHED_INDEXES:
+            self._indexes.popitem(last=False)
+
+    def request(self, sample: int) -> Request | None:
+        index = self._indexes[sample // self.shard_size]
+        if index is None:
+            return None
+        offset, nbytes = index[sample % self.shard_size]
+        if offset == EMPTY and nbytes == EMPTY:
+            return None
+        if nbytes != self.chunk_bytes:
+            raise StoreFormatError(
+                f"field {self.field.name!r}, sample {sample}, shard "
+                f"{self.location.where(self.keys.path(sample // self.shard_size))}: inner chunk "
+                f"of {int(nbytes)} bytes, expected {self.chunk_bytes} (uncompressed)")
+        return self.keys.path(sample // self.shard_size), int(offset), int(offset + nbytes)
+
+
+def fetch_samples(location: ObjectLocation,
+                  wanted: Sequence[tuple[RangedFieldReader, int]]) -> list[np.ndarray]:
+    """The samples ``wanted`` (reader, sample) as arrays: first the shard indexes none of them
+    has cached (one concurrent batch of requests), then every chunk (a second)."""
+    needed: dict[tuple[int, int], tuple[RangedFieldReader, int, Request]] = {}
+    for reader, sample in wanted:
+        for shard, req in reader.missing_indexes(sample):
+            needed.setdefault((id(reader), shard), (reader, shard, req))
+    if needed:
+        got = _get(location, [req for _, _, req in needed.values()])
+        for (reader, shard, _), raw in zip(needed.values(), got, strict=True):
+            reader.store_index(shard, raw)
+    requests = [reader.request(sample) for reader, sample in wanted]
+    fetched = iter(_get(location, [r for r in requests if r is not None]))
+    return [reader.decode(sample, None if req is None else next(fetched))
+            for (reader, sample), req in zip(wanted, requests, strict=True)]
+
+
+def _get(location: ObjectLocation, requests: Sequence[Request]) -> list[bytes | None]:
+    if not requests:
+        return []
+    return location.read_ranges([k for k, _, _ in requests],
+                                [s for _, s, _ in requests],
+                                [e if s >= 0 else None for _, s, e in requests])
