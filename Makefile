@@ -21,7 +21,7 @@ $(VENV)/.setup: pyproject.toml constraints.txt $(SOURCES)
 # the pinned CPU torch instead of pulling a CUDA torch; SAM2_BUILD_CUDA=0 skips its CUDA kernels
 $(VENV)/.setup-test: $(VENV)/.setup
 	rm -rf build
-	$(PY) -m pip install -q -c constraints.txt ".[dev,sam2,siglip]"
+	$(PY) -m pip install -q -c constraints.txt ".[dev,sam2,siglip,scale]"
 	touch $@
 
 setup: $(VENV)/.setup

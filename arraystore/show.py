@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from arraystore.errors import ArrayStoreError, MissingExtraError, UnknownFieldError
+from arraystore.location import is_url
 from arraystore.reader import SampleReader
 from arraystore.views import Panel, view_for
 
@@ -56,7 +57,15 @@ class ShowResult:
     panels: list[PanelBox] = field(default_factory=list)
 
 
+def store_name(store: str | os.PathLike[str]) -> str:
+    """The last component of a store's path or URL (``sa1b.zarr``)."""
+    return os.fspath(store).rstrip("/").rsplit("/", 1)[-1]
+
+
 def default_output(store: str | os.PathLike[str]) -> Path:
+    """``<store>.show.png`` beside a local store; in the current folder for an object store."""
+    if is_url(store):
+        return Path(f"{store_name(store)}.show.png")
     return Path(f"{os.fspath(store).rstrip('/')}.show.png")
 
 
@@ -88,7 +97,7 @@ def show(store: str | os.PathLike[str], sample_ids: Sequence[str] = (), *,
         rows = [(reader.sample_ids[i], view.panels(reader.read(i, names), reader.schema, fields))
                 for i in indices]
     else:
-        rows = [(f"{len(indices)} of the {len(reader)} samples of {Path(store).name}",
+        rows = [(f"{len(indices)} of the {len(reader)} samples of {store_name(store)}",
                  view.summary([reader.read(i, names) for i in indices], reader.schema))]
     return render(rows, Path(out) if out is not None else default_output(store))
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -85,13 +89,23 @@ def shard(tmp_path_factory: pytest.TempPathFactory, samples: list[ShardSample]) 
     return write_shard(tmp_path_factory.mktemp("shard") / "shard_00000.tar", samples)
 
 
+_LAYOUT_STORES: dict[str, Path] = {}
+
+
+def _layout_store(layout: str, tmp_path_factory: pytest.TempPathFactory, shard: Path) -> Path:
+    """The known shard ingested once per layout and session (read-only after)."""
+    if layout not in _LAYOUT_STORES:
+        out = tmp_path_factory.mktemp(layout) / "sa1b.zarr"
+        ingest(Sa1bTarSource(max_boxes=2), [shard], out, layout=LAYOUTS[layout], workers=1)
+        _LAYOUT_STORES[layout] = out
+    return _LAYOUT_STORES[layout]
+
+
 @pytest.fixture(scope="session", params=list(LAYOUTS))
 def layout_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
                  shard: Path) -> tuple[str, Path]:
-    """The known shard ingested once per layout (session-scoped: stores are read-only after)."""
-    out = tmp_path_factory.mktemp(request.param) / "sa1b.zarr"
-    ingest(Sa1bTarSource(max_boxes=2), [shard], out, layout=LAYOUTS[request.param], workers=1)
-    return request.param, out
+    """The known shard ingested once per layout: (layout name, path)."""
+    return request.param, _layout_store(request.param, tmp_path_factory, shard)
 
 
 def write_bin_dataset(root: Path, num_samples: int, seed: int = 0, max_boxes: int = 1,
@@ -117,3 +131,77 @@ def write_bin_dataset(root: Path, num_samples: int, seed: int = 0, max_boxes: in
         config or {"model_type": "sam2.1_hiera_b+", "total_samples": num_samples}, indent=2))
     (root / KEYS_FILE).write_text("".join(f"sa_{100 + i}\n" for i in range(num_samples)))
     return root
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """An S3-compatible server (moto's) on loopback for the session, with credentials and a
+    region in the standard AWS variables, as a user would configure access."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "arraystore-test",
+           "AWS_SECRET_ACCESS_KEY": "arraystore-test-secret", "AWS_REGION": "us-east-1",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield env["AWS_ENDPOINT_URL"]
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str) -> str:
+    """A new, empty bucket: ``s3://<name>``."""
+    import boto3
+
+    name = f"arraystore-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def s3_copy(local: Path, url: str) -> str:
+    """Upload the local store ``local`` to ``url`` (byte for byte, as ingest would write it)."""
+    import fsspec
+
+    fs, root = fsspec.url_to_fs(url)
+    fs.put(str(local), root, recursive=True)
+    return url
+
+
+@pytest.fixture(scope="session")
+def layouts_bucket(s3_endpoint: str) -> dict[str, str]:
+    """A bucket holding copies of the layout stores: layout name -> URL (filled on first use)."""
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="arraystore-layouts")
+    return {}
+
+
+S3_LAYOUTS = ("raw", "raw+zstd", "sharded+crc32c")  # a request costs ~5 ms on loopback
+
+
+@pytest.fixture(params=[*((name, "local") for name in LAYOUTS),
+                        *((name, "s3") for name in S3_LAYOUTS)],
+                ids=lambda p: f"{p[0]}@{p[1]}")
+def located_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                  shard: Path) -> tuple[str, str | Path]:
+    """Every layout store on the local disk, and three of them (uncompressed, compressed,
+    sharded with checksums: every read path) in the S3 bucket: (label, path or URL)."""
+    layout, where = request.param
+    path = _layout_store(layout, tmp_path_factory, shard)
+    if where == "local":
+        return layout, path
+    copies = request.getfixturevalue("layouts_bucket")
+    if layout not in copies:
+        copies[layout] = s3_copy(path, f"s3://arraystore-layouts/{layout}.zarr")
+    return f"{layout}@s3", copies[layout]

@@ -34,8 +34,8 @@ def assert_same(got: dict, expected: dict, where: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_every_backend_reads_what_was_derived(layout_store, backend: str, derived: dict) -> None:
-    layout, path = layout_store
+def test_every_backend_reads_what_was_derived(located_store, backend: str, derived: dict) -> None:
+    layout, path = located_store
     reader = SampleReader(path, backend=backend)
     assert list(reader.sample_ids) == list(derived)
     for index, sample_id in enumerate(reader.sample_ids):

@@ -20,8 +20,8 @@ WINDOWS = {
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_region_equals_the_sliced_sample(layout_store, backend: str) -> None:
-    layout, path = layout_store
+def test_region_equals_the_sliced_sample(located_store, backend: str) -> None:
+    layout, path = located_store
     reader = SampleReader(path, backend=backend)
     for index in range(len(reader)):
         sample = reader.read(index)

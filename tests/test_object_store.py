@@ -1,0 +1,219 @@
+"""Stores in an S3-compatible object store: moto's server on loopback, a real bucket, the standard
+AWS variables. Every CLI command and both loaders give what the same ingest gives on a local
+disk; the writer lock is an object with a heartbeat, broken only when stale and asked; crafted
+stores are refused as they are locally."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import xarray as xr
+from click.testing import CliRunner
+from crc32c import crc32c
+
+from arraystore import SampleReader, Store, open_xarray
+from arraystore.cli import cli
+from arraystore.errors import SchemaError, StoreFormatError
+from arraystore.location import parse_storage_options
+from arraystore.lock import StoreLock, StoreLockedError
+from loaders import ZarrDistillDataset
+
+LAYOUT_OPTIONS = {"raw": ["--layout", "raw"],
+                  "sharded": ["--layout", "sharded", "--shard-size", "2"]}
+
+
+def invoke(*args: str) -> str:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def assert_items_equal(a, b, where: str) -> None:
+    assert len(a) == len(b), where
+    for index in range(len(a)):
+        x, y = a[index], b[index]
+        assert x.keys() == y.keys(), where
+        for key, value in x.items():
+            if hasattr(value, "shape"):
+                np.testing.assert_array_equal(np.asarray(y[key]), np.asarray(value),
+                                              err_msg=f"{where}: {key}")
+            else:
+                assert y[key] == value, f"{where}: {key}"
+
+
+@pytest.fixture(params=list(LAYOUT_OPTIONS))
+def twins(request, tmp_path, shard, bucket) -> tuple[Path, str]:
+    """The same shard ingested by the CLI to a local folder and to the bucket."""
+    local, url = tmp_path / "s.zarr", f"{bucket}/sa1b.zarr"
+    for out in (local, url):
+        invoke("ingest", "sa1b", shard, "--out", out, "--workers", "1",
+               *LAYOUT_OPTIONS[request.param])
+    return local, url
+
+
+def test_every_command_and_loader_on_s3_equals_local(twins, tmp_path) -> None:
+    local, url = twins
+    ours, theirs = (json.loads(invoke("info", where, "--json")) for where in (url, local))
+    assert ours["committed"] == theirs["committed"] == 5
+    assert ours["files"] == theirs["files"] and ours["layout"] == theirs["layout"]
+    assert [a["shape"] for a in ours["arrays"]] == [a["shape"] for a in theirs["arrays"]]
+    assert "ok: 5 committed samples" in invoke("verify", url, "--deep")
+    for backend in ("auto", "direct", "tensorstore", "zarr"):
+        assert_items_equal(ZarrDistillDataset(local), ZarrDistillDataset(url, backend=backend),
+                           f"ZarrDistillDataset {backend}")
+    assert_items_equal(SampleReader(local), SampleReader(url), "SampleReader")
+    xr.testing.assert_equal(open_xarray(url).load(), open_xarray(local).load())  # attrs: times
+    invoke("show", url, "-o", tmp_path / "s3.png")
+    assert (tmp_path / "s3.png").stat().st_size > 0
+    invoke("export", "bin", url, tmp_path / "from_s3")
+    invoke("export", "bin", local, tmp_path / "from_local")
+    for exported in sorted((tmp_path / "from_local").iterdir()):
+        assert (tmp_path / "from_s3" / exported.name).read_bytes() == exported.read_bytes()
+
+
+def test_plain_xarray_reads_the_s3_store_with_storage_options(twins, s3_endpoint) -> None:
+    local, url = twins
+    options = {"endpoint_url": s3_endpoint, "key": "arraystore-test",
+               "secret": "arraystore-test-secret"}
+    plain = xr.open_zarr(url, storage_options=options, consolidated=False, zarr_format=3)
+    np.testing.assert_array_equal(plain["image"].values,
+                                  xr.open_zarr(local, consolidated=False)["image"].values)
+
+
+def test_storage_options_reach_the_client(twins, s3_endpoint) -> None:
+    _, url = twins
+    out = invoke("info", url, "--storage-option", f"endpoint_url={s3_endpoint}",
+                 "--storage-option", "client_kwargs.region_name=us-east-1")
+    assert "5 committed of 5" in out
+    assert parse_storage_options(["a.b=1", "c=true", "d=x"]) == {"a": {"b": 1}, "c": True,
+                                                                  "d": "x"}
+    result = CliRunner().invoke(cli, ["info", url, "--storage-option", "nonsense"])
+    assert result.exit_code == 2 and "expected KEY=VALUE" in result.output
+
+
+def test_direct_reads_are_ranged_gets_with_cached_shard_indexes(tmp_path, shard, bucket,
+                                                                monkeypatch) -> None:
+    url = f"{bucket}/s.zarr"
+    invoke("ingest", "sa1b", shard, "--out", url, "--workers", "1", *LAYOUT_OPTIONS["sharded"])
+    reader = SampleReader(url, backend="direct", fields=("image", "masks"))
+    location = reader.location
+    calls: list[list[tuple[int, int | None]]] = []
+    real = location.read_ranges
+
+    def counting(keys, starts, stops):
+        calls.append(list(zip(starts, stops, strict=True)))
+        return real(keys, starts, stops)
+
+    monkeypatch.setattr(location, "read_ranges", counting)
+    reader.read(0)
+    assert len(calls) == 2  # the two shard indexes at once (suffix ranges), then both chunks
+    assert all(start < 0 and stop is None for start, stop in calls[0])
+    reader.read(1)  # same shard: indexes cached, one round of two ranged GETs
+    assert len(calls) == 3 and len(calls[2]) == 2
+    assert all(stop - start == reader.schema[n].nbytes
+               for (start, stop), n in zip(calls[2], ("image", "masks"), strict=True))
+
+
+def put_lock(url: str, **record) -> None:
+    fs, root = fsspec.url_to_fs(url)
+    fs.pipe_file(f"{root}.lock", json.dumps(record).encode())
+
+
+def ago(seconds: float) -> str:
+    return (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds)).isoformat()
+
+
+def test_lock_refuses_a_second_writer_process(shard, bucket) -> None:
+    url = f"{bucket}/s.zarr"
+    with StoreLock(url):
+        run = subprocess.run([sys.executable, "-m", "arraystore", "ingest", "sa1b", str(shard),
+                              "--out", url, "--workers", "1"], capture_output=True, text=True)
+    assert run.returncode == 1
+    assert f"is being written by pid {__import__('os').getpid()}" in run.stderr
+    assert not fsspec.url_to_fs(url)[0].exists(fsspec.url_to_fs(url)[1] + ".lock")
+
+
+def test_stale_lock_is_taken_over_only_with_break_lock(shard, bucket) -> None:
+    url = f"{bucket}/s.zarr"
+    put_lock(url, pid=4242, host="gone", command="arraystore ingest", since=ago(3600),
+             heartbeat=ago(3600), token="theirs")
+    refused = CliRunner().invoke(cli, ["ingest", "sa1b", str(shard), "--out", url])
+    assert refused.exit_code == 1
+    assert "pid 4242 on gone" in refused.output and "--break-lock" in refused.output
+    invoke("ingest", "sa1b", shard, "--out", url, "--workers", "1", "--break-lock")
+    assert Store.open(url).num_committed() == 5
+
+
+def test_live_lock_is_never_broken(shard, bucket) -> None:
+    url = f"{bucket}/s.zarr"
+    put_lock(url, pid=4242, host="busy", heartbeat=ago(1), token="theirs")
+    refused = CliRunner().invoke(cli, ["ingest", "sa1b", str(shard), "--out", url,
+                                       "--break-lock"])
+    assert refused.exit_code == 1 and "last heartbeat 1 s ago" in refused.output
+
+
+def test_heartbeat_runs_and_a_broken_lock_stops_its_writer(bucket) -> None:
+    url = f"{bucket}/s.zarr"
+    fs, root = fsspec.url_to_fs(url)
+    lock = StoreLock(url, stale_after_s=2.0)  # a beat every 0.2 s
+    lock.acquire()
+    first = json.loads(fs.cat_file(f"{root}.lock"))["heartbeat"]
+    time.sleep(1.5)
+    assert json.loads(fs.cat_file(f"{root}.lock"))["heartbeat"] > first
+    lock.ensure_held()
+    put_lock(url, pid=4242, host="other", heartbeat=ago(0), token="theirs")  # broken by another
+    time.sleep(0.6)
+    with pytest.raises(StoreLockedError, match="lock was broken and taken by pid 4242"):
+        lock.ensure_held()
+    lock.release()
+    assert json.loads(fs.cat_file(f"{root}.lock"))["token"] == "theirs"  # theirs is left alone
+
+
+def edit(url: str, key: str, change) -> None:
+    fs, root = fsspec.url_to_fs(url)
+    document = json.loads(fs.cat_file(f"{root}/{key}"))
+    change(document)
+    fs.pipe_file(f"{root}/{key}", json.dumps(document).encode())
+
+
+def test_crafted_stores_on_s3_are_refused(twins) -> None:
+    _, url = twins
+
+    def absurd(doc):
+        doc["attributes"]["arraystore"]["schema"]["fields"]["image"]["shape"] = [
+            1_000_000, 1_000_000, 3]
+    edit(url, "zarr.json", absurd)
+    with pytest.raises(StoreFormatError, match="array 'image' disagrees"):
+        ZarrDistillDataset(url)
+    result = CliRunner().invoke(cli, ["verify", url])
+    assert result.exit_code == 1 and "shape" in result.output
+
+    def climbing(doc):
+        fields = doc["attributes"]["arraystore"]["schema"]["fields"]
+        fields["../escape"] = fields.pop("image")
+    edit(url, "zarr.json", climbing)
+    with pytest.raises(SchemaError, match="not a valid identifier"):
+        Store.open(url)
+
+
+def test_shard_index_asking_for_a_huge_chunk_is_refused_on_s3(tmp_path, shard, bucket) -> None:
+    url = f"{bucket}/s.zarr"
+    invoke("ingest", "sa1b", shard, "--out", url, "--workers", "1", *LAYOUT_OPTIONS["sharded"])
+    fs, root = fsspec.url_to_fs(url)
+    key = f"{root}/image/c/0/0/0/0"
+    data = bytearray(fs.cat_file(key))  # ends with the index (2 x 2 uint64) and its crc32c
+    index = np.frombuffer(data, "<u8", 4, len(data) - 36).copy().reshape(2, 2)
+    index[0, 1] = 2**40  # nbytes of sample 0
+    data[-36:] = index.tobytes() + crc32c(index.tobytes()).to_bytes(4, "little")
+    fs.pipe_file(key, bytes(data))
+    reader = SampleReader(url, backend="direct", fields=("image",))
+    with pytest.raises(StoreFormatError, match="inner chunk of 1099511627776 bytes, expected"):
+        reader.read(0)
