@@ -26,13 +26,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from arraystore.errors import ArrayStoreError, MissingExtraError, SampleError, SourceError
-from arraystore.ingest import IngestReport, already_ingested, derive_record, write_report
+from arraystore.ingest import (
+    IngestReport,
+    already_ingested,
+    derive_record,
+    write_report,
+    writing,
+)
 from arraystore.layout import Layout
 from arraystore.location import Location
-from arraystore.lock import StoreLock
 from arraystore.regions import file_unit, release, reserve
 from arraystore.sources import BatchStage, Part, Skip, Source, SourceUnit
-from arraystore.store import Store, StoreTarget, WriteMode, open_for_writing, utc_now
+from arraystore.store import Store, StoreTarget, WriteMode, utc_now
 from arraystore.writer import StoreWriter, sample_id_problem, stack_column, validate_sample
 
 PROGRESS_TOPIC = "arraystore-progress"
@@ -245,12 +250,7 @@ def ingest_distributed(
     units_left)`` is called as workers report; ``on_client(client)`` once the cluster is up
     (the CLI prints the dashboard link). Other arguments as :func:`arraystore.ingest.ingest`.
     """
-    units = source.units(inputs)
-    schema = source.schema(units)
-    location = Location.of(out, storage_options)
-    with StoreLock(location, break_lock=break_lock):
-        store = open_for_writing(location, schema, layout, mode,
-                                 extra_attrs=source.store_attrs(units))
+    with writing(source, inputs, out, mode, layout, storage_options, break_lock) as (units, store):
         report = IngestReport(store=str(store.path), source=source.name, started=utc_now())
         todo = []
         for unit in units:

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -199,13 +200,22 @@ def ingest(
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+    with writing(source, inputs, out, mode, layout, storage_options, break_lock) as (units, store):
+        return _run(source, units, store, workers, on_error, progress)
+
+
+@contextmanager
+def writing(source: Source, inputs: Sequence[str | os.PathLike[str]], out: StoreTarget,
+            mode: WriteMode, layout: Layout | None, storage_options: Mapping[str, Any] | None,
+            break_lock: bool) -> Iterator[tuple[list[SourceUnit], Store]]:
+    """The units of ``inputs``, and the store at ``out`` opened (or created) for them, with
+    its writer lock held: how every ingest, local or distributed, begins."""
     units = source.units(inputs)
     schema = source.schema(units)
     location = Location.of(out, storage_options)
     with StoreLock(location, break_lock=break_lock):
-        store = open_for_writing(location, schema, layout, mode,
-                                 extra_attrs=source.store_attrs(units))
-        return _run(source, units, store, workers, on_error, progress)
+        yield units, open_for_writing(location, schema, layout, mode,
+                                      extra_attrs=source.store_attrs(units))
 
 
 def _run(source: Source, units: list[SourceUnit], store: Store, workers: int, on_error: OnError,

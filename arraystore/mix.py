@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from arraystore.errors import ArrayStoreError
+from arraystore.location import Location, is_url
 from arraystore.store import Store, is_store
 
 
@@ -88,8 +89,8 @@ def read_mix_toml(path: str | os.PathLike[str]) -> list[MixEntry]:
         if "path" not in table or "dataset_type" not in table:
             raise MixSpecError(f"{path}: source {n + 1} needs 'path' and 'dataset_type'")
         settings: dict[str, Any] = dict(table)
-        settings["path"] = str((path.parent / settings["path"]).resolve()
-                               if not Path(settings["path"]).is_absolute() else settings["path"])
+        if not is_url(settings["path"]) and not Path(settings["path"]).is_absolute():
+            settings["path"] = str((path.parent / settings["path"]).resolve())
         if settings.get("fields") is not None:
             settings["fields"] = tuple(settings["fields"])
         entries.append(MixEntry(**settings))
@@ -117,7 +118,7 @@ def describe_mix(entries: list[MixEntry]) -> list[SourceSummary]:
     summaries = []
     for entry in entries:
         present = is_store(entry.path)
-        if not present and Path(entry.path).exists():
+        if not present and Location.of(entry.path).exists():
             Store.open(entry.path)  # raises: something is there, but not a store
         store = Store.open(entry.path) if present else None
         summaries.append(SourceSummary(

@@ -8,7 +8,6 @@ Usage: python -m benchmarks.derive [--samples 8] [--masks 100] [-h for the rest]
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pycocotools import mask as mask_utils
 
 from arraystore import ingest
 from benchmarks.data import sa1b_like
-from benchmarks.report import command_line, machine, plot_bars, save_report
+from benchmarks.report import header, plot_bars, save_report
 from benchmarks.run import interleaved
 from converters.sa1b.derive import box_fields, derive_fields, encoded_rle, largest, resize_image
 from converters.sa1b.fields import EDGE_SIZES, MAP_SIZES
@@ -112,13 +111,8 @@ def main() -> None:
 
 def write_report(args: argparse.Namespace, rates: dict, ingests: dict, stem: Path) -> str:
     floor, now, before = (rates[k][0] for k in rates)
-    cmd = command_line("derive", vars(args))
     lines = [
-        "# Derive benchmark: `sa1b` derive against its decode floor",
-        "",
-        f"- machine: {machine()}",
-        f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
-        f"- command: `{cmd}`",
+        *header("Derive benchmark: `sa1b` derive against its decode floor", "derive", vars(args)),
         f"- data: {args.samples} SA-1B-like samples (1500×2250-class JPEGs, {args.masks} masks "
         f"each, {args.small_fraction:.0%} of them small blobs of 4-64 px radius, the rest large "
         f"ellipses and polygons); one process, rounds interleaved; per worker = per core",

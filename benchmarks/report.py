@@ -103,6 +103,14 @@ def command_line(module: str, args: Mapping[str, Any]) -> str:
         if v is not None and k != "workdir")
 
 
+def header(title: str, module: str, args: Mapping[str, Any]) -> list[str]:
+    """A report's first lines: its title, the machine, the date and the command that repeats
+    the run."""
+    return [f"# {title}", "", f"- machine: {machine()}",
+            f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
+            f"- command: `{command_line(module, args)}`"]
+
+
 def save_report(lines: Sequence[str], stem: Path) -> str:
     """Write ``lines`` to ``<stem>.md``; return the text."""
     stem.parent.mkdir(parents=True, exist_ok=True)

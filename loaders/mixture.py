@@ -15,12 +15,12 @@ import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
 
+from arraystore.location import Location
 from arraystore.mix import (
     MissingSourceError,
     MixEntry,
@@ -139,8 +139,8 @@ class Mixture(Dataset):
     def _open(self, source: MixSource) -> Any | None:
         if not isinstance(source.source, str | os.PathLike):
             return source.source
-        path = Path(source.source)
-        if not path.exists():
+        path = source.source  # a local path or an object-store URL
+        if not Location.of(path).exists():
             if source.required:
                 raise MissingSourceError(f"mixture source {source.dataset_type!r}: no store at "
                                          f"{path} (mark it required=False to train without it)")
