@@ -59,7 +59,7 @@ def twins(request, tmp_path, shard, bucket) -> tuple[Path, str]:
     return local, url
 
 
-def test_every_command_and_loader_on_s3_equals_local(twins, tmp_path) -> None:
+def test_every_command_and_loader_on_s3_equals_local(twins, tmp_path, shard) -> None:
     local, url = twins
     ours, theirs = (json.loads(invoke("info", where, "--json")) for where in (url, local))
     assert ours["committed"] == theirs["committed"] == 5
@@ -73,6 +73,13 @@ def test_every_command_and_loader_on_s3_equals_local(twins, tmp_path) -> None:
     xr.testing.assert_equal(open_xarray(url).load(), open_xarray(local).load())  # attrs: times
     invoke("show", url, "-o", tmp_path / "s3.png")
     assert (tmp_path / "s3.png").stat().st_size > 0
+    for where in (url, local):  # an in-place fix: read, rewrite whole files, set flags
+        assert "recomputed" in invoke("fix", "edges", where, "--annotations", shard, "--force")
+    np.testing.assert_array_equal(SampleReader(url).column("edge_flag"), 1)
+    (tmp_path / "mix.toml").write_text(
+        f'[[source]]\npath = "{url}"\ndataset_type = "sa1b"\nrepeats = 2\n')
+    assert "epoch with repeats: 10 samples from 1 sources" in invoke(
+        "mix", "describe", tmp_path / "mix.toml")
     invoke("export", "bin", url, tmp_path / "from_s3")
     invoke("export", "bin", local, tmp_path / "from_local")
     for exported in sorted((tmp_path / "from_local").iterdir()):
