@@ -186,6 +186,16 @@ class SampleReader:
             values.update(zip(group, backend.read_fields(readers, position), strict=True))
         return {name: values[name] for name in names}
 
+    def read_into(self, index: int, name: str, out: np.ndarray) -> None:
+        """Field ``name`` of the ``index``-th committed sample written into ``out`` (its shape
+        and dtype): a slot of a batch buffer, filled without an intermediate array where the
+        backend can (the direct backend ``preadv`` s into it)."""
+        position = self.position(index)
+        if self.schema[name].chunking == "block":
+            out[...] = self.read_field(name, position)
+        else:
+            self.field_reader(name)[0].read_into(position, out)
+
     def _plan(self, names: tuple[str, ...]) -> ReadPlan:
         """How :meth:`read` reads ``names``: the block-chunked ones one by one, the others
         grouped by the backend serving them (built once per field set and process)."""

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
+from loaders.batched import Batched, Slot
+
 Values = Mapping[str, np.ndarray]
 
 
@@ -76,6 +78,15 @@ def distill_item(values: Values, image_id: str, keys: Sequence[str] = ALL_KEYS) 
 
 
 _STACKED = ("image", "teacher_features", "edge_256x256", "fg_map", "bg_map", "edge_map")
+# the stacked keys as slots of a batch buffer: the same values as stacking the items' tensors
+STACKED_SLOTS: dict[str, Slot] = {
+    "image": Slot("image", "image", torch.uint8, lambda t: t.permute(0, 3, 1, 2)),
+    "teacher_features": Slot("teacher_features", "P4_S16", torch.float32),
+    "edge_256x256": Slot("edge_256x256", "edge_256x256", torch.float32),
+    "fg_map": Slot("fg_map", "fg_map_64", torch.float32, lambda t: t.unsqueeze(1)),
+    "bg_map": Slot("bg_map", "bg_map_64", torch.float32, lambda t: t.unsqueeze(1)),
+    "edge_map": Slot("edge_map", "edge_64x64", torch.float32, lambda t: t.unsqueeze(1)),
+}
 _LISTED = ("box_prompts_xyxy", "box_prompts_masks_orig", "box_prompts_meta", "image_id")
 _COUNTS = ("box_prompts_count", "box_prompts_flag", "geometry_color_flag", "num_bboxes")
 
@@ -85,8 +96,11 @@ def collate_distill(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     (their first dimension varies with the number of boxes), scalars as tensors.
 
     Stacking goes through ``default_collate``, which in a DataLoader worker stacks straight into
-    shared memory: the batch then crosses to the main process without another copy.
+    shared memory: the batch then crosses to the main process without another copy. A batch
+    that ``ZarrDistillDataset.__getitems__`` already read into one buffer is returned as is.
     """
+    if isinstance(items, Batched):
+        return items.batch
     present = items[0].keys()
     batch: dict[str, Any] = {k: default_collate([i[k] for i in items]) for k in _STACKED
                              if k in present}

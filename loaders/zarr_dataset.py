@@ -11,11 +11,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset
 
 from arraystore.reader import SampleReader
 from arraystore.store import StoreTarget
-from loaders.distill_item import ALL_KEYS, collate_distill, distill_item, fields_for
+from loaders.batched import Batched, Slot, allocate, fill
+from loaders.distill_item import (
+    ALL_KEYS,
+    ITEM_KEYS,
+    STACKED_SLOTS,
+    collate_distill,
+    distill_item,
+    fields_for,
+)
 
 SA1B_KIND = "sa1b"
 
@@ -54,3 +63,30 @@ class ZarrDistillDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return distill_item(self.reader.read(index), self.sample_ids[index], self.keys)
+
+    def batch_slots(self) -> list[Slot]:
+        """The item keys batched by stacking, as slots of a batch buffer."""
+        return [STACKED_SLOTS[k] for k in self.keys if k in STACKED_SLOTS]
+
+    def __getitems__(self, indices: Sequence[int]) -> Batched:
+        """A batch of the ``indices``-th items, read straight into one buffer (shared memory
+        in a DataLoader worker; see :mod:`loaders.batched`). Equals per-item reads +
+        :func:`collate_distill`, which hands it on unchanged; any other ``collate_fn`` gets
+        the items."""
+        slots = self.batch_slots()
+        return self.fill_batch(indices, allocate(self.reader, slots, len(indices)))
+
+    def fill_batch(self, indices: Sequence[int],
+                   buffers: Mapping[str, torch.Tensor]) -> Batched:
+        """:meth:`__getitems__` into ``buffers`` given (from :func:`loaders.batched.allocate`,
+        at least ``len(indices)`` rows): how :class:`~loaders.BatchLoader` reuses them."""
+        stacked = fill(self.reader, self.batch_slots(), buffers, indices)
+        rest = [k for k in self.keys if k not in stacked]
+        fields = fields_for(rest)
+        items = [distill_item(self.reader.read(int(i), fields) if fields else {},
+                              self.sample_ids[int(i)], rest) for i in indices]
+        batch = {**stacked, **(collate_distill(items) if rest else {})}
+        order = [k for k in ITEM_KEYS if k in self.keys] + ["image_id"] * ("image_id" in rest)
+        views = [{k: stacked[k][row] if k in stacked else item[k] for k in order}
+                 for row, item in enumerate(items)]
+        return Batched(views, batch)

@@ -1,9 +1,12 @@
-"""The interface of a reader backend."""
+"""The interface of a reader backend, and the per-process pool of threads that read fields
+concurrently."""
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import numpy as np
@@ -13,6 +16,18 @@ from arraystore.location import Location
 from arraystore.region import Region
 from arraystore.schema import Field
 
+READ_THREADS = 4
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def read_pool() -> ThreadPoolExecutor:
+    """This process's reading threads, started on first use and again after a fork (a forked
+    DataLoader worker inherits the pool object but none of its threads)."""
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(READ_THREADS, thread_name_prefix="arraystore"))
+    return _pool[1]
+
 
 class FieldReader(ABC):
     """Reads samples of one field of one store."""
@@ -20,6 +35,12 @@ class FieldReader(ABC):
     @abstractmethod
     def read(self, start: int, stop: int) -> np.ndarray:
         """Samples ``start`` to ``stop`` (exclusive), shape ``(stop - start, *field.shape)``."""
+
+    def read_into(self, sample: int, out: np.ndarray) -> None:
+        """Sample ``sample`` written into ``out`` (the field's shape and dtype, C-contiguous):
+        a batch buffer's slot, in shared memory when filled in a DataLoader worker. This
+        default reads and copies; the direct backend ``preadv`` s straight into ``out``."""
+        out[...] = self.read(sample, sample + 1)[0]
 
     def read_region(self, sample: int, region: Region) -> np.ndarray:
         """The window ``region`` (normalised, see :mod:`arraystore.region`) of one sample.

@@ -25,7 +25,7 @@ from arraystore.errors import ChecksumMismatchError, StoreFormatError
 from arraystore.keys import ChunkPaths
 from arraystore.layout import Layout
 from arraystore.location import LocalLocation, Location
-from arraystore.readers.base import Backend, FieldReader
+from arraystore.readers.base import Backend, FieldReader, read_pool
 from arraystore.region import Region, region_shape
 from arraystore.schema import Field
 
@@ -115,6 +115,11 @@ def _pread_into(fd: int, out: np.ndarray, offset: int, what: str) -> None:
                                f"wanted at byte {offset}")
 
 
+def fits(out: np.ndarray, dtype: np.dtype) -> bool:
+    """Whether the bytes of a chunk of ``dtype`` can be read straight into ``out``."""
+    return out.dtype == dtype and out.flags.c_contiguous
+
+
 def open_chunk(path: str) -> int | None:
     """A descriptor of a chunk (or shard) file, None when it was never written. A link is
     refused: a store from elsewhere could point its chunks at any file (checked for free, by
@@ -168,6 +173,12 @@ class ChunkFileReader(_DirectFieldReader):
             a, b = max(lo, start), min(hi, stop)
             out[a - start: b - start] = chunk[a - lo: b - lo]
         return out
+
+    def read_into(self, sample: int, out: np.ndarray) -> None:
+        if self.per_chunk != 1 or not fits(out, self.dtype):
+            super().read_into(sample, out)
+        else:
+            self._read_chunk(sample, out)
 
     def read_region(self, sample: int, region: Region) -> np.ndarray:
         if self.checksum or self.per_chunk != 1:  # the crc covers the whole chunk
@@ -278,6 +289,12 @@ class ShardReader(_DirectFieldReader):
         if self.checksum:
             check_crc(view, bytes(crc), self.field.name, sample, path)
 
+    def read_into(self, sample: int, out: np.ndarray) -> None:
+        if fits(out, self.dtype):
+            self._read_sample(sample, out)
+        else:
+            super().read_into(sample, out)
+
     def read_region(self, sample: int, region: Region) -> np.ndarray:
         if self.checksum:  # the crc covers the whole inner chunk
             return super().read_region(sample, region)
@@ -331,9 +348,15 @@ class DirectBackend(Backend):
         return ranged.RangedBlockReader(field, self.location, per_chunk, crc)
 
     def read_fields(self, readers: Sequence[FieldReader], sample: int) -> list[np.ndarray]:
-        """One sample of several fields; in an object store, all fetched concurrently."""
-        if isinstance(self.location, LocalLocation):
-            return super().read_fields(readers, sample)
-        from arraystore.readers.ranged import fetch_samples
+        """One sample of several fields, read concurrently: from a disk by the threads of
+        :func:`read_pool` (``preadv`` releases the GIL, so the page-cache copies of an item's
+        fields overlap), from an object store as one batch of concurrent ranged GETs."""
+        if not isinstance(self.location, LocalLocation):
+            from arraystore.readers.ranged import fetch_samples
 
-        return fetch_samples(self.location, [(r, sample) for r in readers])
+            return fetch_samples(self.location, [(r, sample) for r in readers])
+        if len(readers) < 2:
+            return super().read_fields(readers, sample)
+        others = [read_pool().submit(r.read, sample, sample + 1) for r in readers[1:]]
+        first = readers[0].read(sample, sample + 1)[0]  # this thread reads one of them too
+        return [first, *(f.result()[0] for f in others)]

@@ -1,0 +1,102 @@
+"""Batches read straight into one buffer: no per-item arrays, no collate copy.
+
+A batch's fixed-shape fields are *slots* of one buffer (64-byte aligned views; in shared memory
+when allocated in a DataLoader worker, pinned when asked): every sample's chunk is ``preadv`` d
+into its slot by the direct backend, the fields of a batch in parallel threads. A slot whose
+batch dtype differs from the stored one (edge maps: uint8 stored, float32 in the batch) is read
+into a scratch array and converted once, as the per-item path does. The result equals per-item
+reads + collate, value for value.
+
+``Batched`` is what a dataset's ``__getitems__`` returns: a list of the items (views into the
+batch buffer, so any ``collate_fn`` sees ordinary items) that also carries the collated batch,
+which the project's collate functions hand on unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import get_worker_info
+
+from arraystore.reader import SampleReader
+from arraystore.readers.base import read_pool
+
+ALIGN = 64
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One batched key: the store field read into it, the batch's dtype, and how the stored
+    layout ``(n, *field.shape)`` becomes the batch's (a permute, an added axis)."""
+
+    key: str
+    field: str
+    dtype: torch.dtype
+    view: Callable[[torch.Tensor], torch.Tensor] = _same
+
+
+class Batched(list):
+    """The items of a batch (a list, for any ``collate_fn``) and the batch already collated
+    (``.batch``, for the collate functions that know it)."""
+
+    def __init__(self, items: Sequence[Mapping[str, Any]], batch: dict[str, Any]) -> None:
+        super().__init__(items)
+        self.batch = batch
+
+
+def allocate(reader: SampleReader, slots: Sequence[Slot], n: int, *, pin: bool = False,
+             shared: bool | None = None) -> dict[str, torch.Tensor]:
+    """Buffers for ``n`` samples of each slot, ``(n, *field.shape)`` in the slot's dtype, all
+    views of one allocation: shared memory inside a DataLoader worker (``shared`` None: decide
+    from ``get_worker_info``), page-locked with ``pin``, else ordinary memory."""
+    layout, total = [], 0
+    for slot in slots:
+        shape = reader.schema[slot.field].shape
+        nbytes = n * int(np.prod(shape, dtype=np.int64)) * slot.dtype.itemsize
+        layout.append((slot, shape, total, nbytes))
+        total += -(-nbytes // ALIGN) * ALIGN
+    if shared if shared is not None else get_worker_info() is not None:
+        buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
+    else:
+        buffer = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+    return {slot.key: buffer[start:start + nbytes].view(slot.dtype).view(n, *shape)
+            for slot, shape, start, nbytes in layout}
+
+
+def fill(reader: SampleReader, slots: Sequence[Slot], buffers: Mapping[str, torch.Tensor],
+         indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Read the ``indices``-th committed samples of every slot's field into ``buffers`` (their
+    first ``len(indices)`` rows); returns each slot's batch tensor in the batch's layout.
+
+    Per-sample fields are read in parallel, a field per thread (each field's reader is used
+    by one thread only); block-chunked ones here, from the reader's block cache."""
+    for slot in slots:
+        reader.field_reader(slot.field)  # opened in this thread: the threads only read
+
+    def one(slot: Slot) -> torch.Tensor:
+        target = buffers[slot.key][: len(indices)]
+        stored = reader.schema[slot.field].numpy_dtype
+        if torch.from_numpy(np.empty(0, stored)).dtype == slot.dtype:
+            rows = target.numpy()
+            for row, index in enumerate(indices):
+                reader.read_into(int(index), slot.field, rows[row])
+        else:
+            scratch = np.empty((len(indices), *reader.schema[slot.field].shape), stored)
+            for row, index in enumerate(indices):
+                reader.read_into(int(index), slot.field, scratch[row])
+            target.copy_(torch.from_numpy(scratch))
+        return slot.view(target)
+
+    per_sample = [s for s in slots if reader.schema[s.field].chunking == "sample"]
+    running = {s.key: read_pool().submit(one, s) for s in per_sample[1:]}
+    done = {s.key: one(s) for s in slots if s not in per_sample[1:]}
+    done.update({key: future.result() for key, future in running.items()})
+    return {slot.key: done[slot.key] for slot in slots}

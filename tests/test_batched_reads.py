@@ -1,0 +1,100 @@
+"""Concurrent and batched reads return exactly the per-item values: an item's fields read by
+several threads, ``__getitems__`` straight into one buffer, in DataLoader workers under fork,
+spawn and forkserver, on every layout and backend (and from S3)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import BACKENDS
+
+from arraystore import SampleReader
+from loaders import ZarrDistillDataset, collate_distill
+from loaders.batched import Batched
+
+
+def assert_batches_equal(got: dict, expected: dict, where: str) -> None:
+    assert list(got) == list(expected), where
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            assert got[key].dtype == value.dtype and got[key].shape == value.shape, (where, key)
+            assert torch.equal(got[key], value), (where, key)
+        elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            assert all(torch.equal(a, b) for a, b in zip(got[key], value, strict=True)), key
+        else:
+            assert got[key] == value, (where, key)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_getitems_equals_per_item_reads_and_collate(located_store, backend: str) -> None:
+    layout, path = located_store
+    dataset = ZarrDistillDataset(path, backend=backend)
+    indices = [4, 0, 2, 2, 3]
+    batched = dataset.__getitems__(indices)
+    expected = collate_distill([dataset[i] for i in indices])
+    assert_batches_equal(collate_distill(batched), expected, f"{layout}/{backend}")
+    for item, index in zip(batched, indices, strict=True):  # any collate_fn sees real items
+        assert_batches_equal(collate_distill([item]), collate_distill([dataset[index]]),
+                             f"{layout}/{backend} item {index}")
+
+
+def test_concurrent_fields_equal_one_by_one(located_store) -> None:
+    layout, path = located_store
+    reader = SampleReader(path)
+    for index in range(len(reader)):
+        together = reader.read(index)
+        for name, value in together.items():
+            alone = reader.read_field(name, reader.position(index))
+            np.testing.assert_array_equal(value, alone, err_msg=f"{layout}: {name}")
+
+
+def test_a_subset_of_keys_batches_too(layout_store) -> None:
+    _, path = layout_store
+    keys = ("image", "edge_map", "num_bboxes", "image_id")
+    dataset = ZarrDistillDataset(path, keys=keys)
+    batch = collate_distill(dataset.__getitems__([1, 3]))
+    assert_batches_equal(batch, collate_distill([dataset[1], dataset[3]]), "subset")
+    assert batch["image_id"] == [dataset.sample_ids[1], dataset.sample_ids[3]]
+    only_stacked = ZarrDistillDataset(path, keys=("teacher_features",))
+    assert isinstance(only_stacked.__getitems__([0]), Batched)
+
+
+LOADER_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    from torch.utils.data import DataLoader
+    from loaders import ZarrDistillDataset, collate_distill
+
+    path, context = sys.argv[1:]
+    dataset = ZarrDistillDataset(path)
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, multiprocessing_context=context,
+                        collate_fn=collate_distill)
+    got = list(loader)  # workers call __getitems__; the reference is read after, here
+    for start, batch in zip(range(0, len(dataset), 2), got, strict=True):
+        expected = collate_distill([dataset[i] for i in range(start, min(start + 2,
+                                                                           len(dataset)))])
+        assert list(batch) == list(expected)
+        for key, value in expected.items():
+            same = (torch.equal(batch[key], value) if isinstance(value, torch.Tensor) else
+                    all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+                        for a, b in zip(batch[key], value, strict=True)))
+            assert same, key
+    print(len(got))
+""")
+
+
+@pytest.mark.parametrize("layout_store", ["raw", "sharded+zstd+crc32c"], indirect=True)
+@pytest.mark.parametrize("context", ["fork", "spawn", "forkserver"])
+def test_getitems_in_dataloader_workers(layout_store, context: str) -> None:
+    """In a fresh interpreter, as a training script runs (TensorStore, used by this pytest
+    process elsewhere, forbids a later fork)."""
+    _, path = layout_store
+    result = subprocess.run([sys.executable, "-c", LOADER_SCRIPT, str(path), context],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "3"
