@@ -12,6 +12,7 @@ from typing import Any
 
 _EXPORTS = {
     "ZarrDistillDataset": "loaders.zarr_dataset",
+    "BatchLoader": "loaders.batch_loader",
     "BinaryDistillDataset": "loaders.binary_dataset",
     "DISTILL_FIELDS": "loaders.distill_item",
     "ALL_KEYS": "loaders.distill_item",

@@ -83,16 +83,14 @@ def fill(reader: SampleReader, slots: Sequence[Slot], buffers: Mapping[str, torc
 
     def one(slot: Slot) -> torch.Tensor:
         target = buffers[slot.key][: len(indices)]
-        stored = reader.schema[slot.field].numpy_dtype
-        if torch.from_numpy(np.empty(0, stored)).dtype == slot.dtype:
-            rows = target.numpy()
-            for row, index in enumerate(indices):
-                reader.read_into(int(index), slot.field, rows[row])
-        else:
-            scratch = np.empty((len(indices), *reader.schema[slot.field].shape), stored)
-            for row, index in enumerate(indices):
-                reader.read_into(int(index), slot.field, scratch[row])
-            target.copy_(torch.from_numpy(scratch))
+        field = reader.schema[slot.field]
+        same = torch.from_numpy(np.empty(0, field.numpy_dtype)).dtype == slot.dtype
+        rows = target.numpy() if same else np.empty((len(indices), *field.shape),
+                                                    field.numpy_dtype)
+        for row, index in enumerate(indices):  # a 0-d view for scalars, not a copy
+            reader.read_into(int(index), slot.field, rows[row:row + 1].reshape(field.shape))
+        if not same:
+            target.copy_(torch.from_numpy(rows))
         return slot.view(target)
 
     per_sample = [s for s in slots if reader.schema[s.field].chunking == "sample"]

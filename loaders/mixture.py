@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from arraystore.location import Location
@@ -29,6 +30,7 @@ from arraystore.mix import (
     read_mix_toml,
 )
 from arraystore.reader import SampleReader
+from loaders.batched import Batched, Slot, fill
 from loaders.packed_collate import collate_packed
 
 MODALITY_FIELD = "modality_length"
@@ -76,6 +78,23 @@ class StoreItems(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.reader.read(index)
+
+    def batch_slots(self) -> list[Slot]:
+        """Every numeric field as a slot of a batch buffer (strings are listed)."""
+        return [Slot(name, name, torch.from_numpy(np.empty(0, self.reader.schema[name]
+                                                          .numpy_dtype)).dtype)
+                for name in self.reader.fields if not self.reader.schema[name].is_string]
+
+    def fill_batch(self, indices: Sequence[int],
+                   buffers: Mapping[str, torch.Tensor]) -> Batched:
+        """The ``indices``-th items batched into ``buffers`` (:func:`loaders.batched.allocate`):
+        numeric fields stacked, strings listed, as ``default_collate`` batches the items."""
+        stacked = fill(self.reader, self.batch_slots(), buffers, indices)
+        strings = [n for n in self.reader.fields if n not in stacked]
+        listed = {n: [self.reader.read(int(i), (n,))[n] for i in indices] for n in strings}
+        batch = {n: stacked[n] if n in stacked else listed[n] for n in self.reader.fields}
+        views = [{n: batch[n][row] for n in self.reader.fields} for row in range(len(indices))]
+        return Batched(views, batch)
 
 
 def _modality_lengths(dataset: Any, source: MixSource) -> np.ndarray:

@@ -1,0 +1,106 @@
+"""``BatchLoader``: batches from reader threads into a ring of reused buffers, no worker processes.
+
+A torch DataLoader reads in worker processes, each batch collated into fresh shared memory and
+handed to the main process; on a machine with few cores that hand-off, not the reading, is the
+limit. Here reader threads (``preadv`` releases the GIL) fill batch buffers allocated once and
+reused round-robin -- FFCV's model -- so a batch costs one copy of its bytes, out of the page
+cache into its slot, and nothing else. Buffers are page-locked with ``pin_memory`` for fast
+copies to a GPU.
+
+The reuse contract: a batch's tensors are views of a ring buffer, valid until ``prefetch + 1``
+more batches have been drawn; then that buffer is filled again. Keep a batch longer (or hold
+on to its tensors across steps) with ``copy=True``, which hands out owned tensors. Batches
+equal a DataLoader's with ``collate_distill`` (or ``default_collate`` for
+:class:`~loaders.StoreItems`) over the same index sequence.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch.utils.data import BatchSampler, RandomSampler, Sampler, SequentialSampler
+
+from loaders.batched import Batched, allocate
+
+
+class BatchLoader:
+    """``for batch in BatchLoader(dataset, batch_size, ...)``: see the module docstring.
+
+    ``dataset``: a :class:`~loaders.ZarrDistillDataset` or :class:`~loaders.StoreItems` (any
+    store kind): anything with ``batch_slots()`` and ``fill_batch(indices, buffers)``.
+    ``sampler`` or ``shuffle`` (with ``seed``) choose the index sequence, as in a DataLoader.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, *, sampler: Sampler | Iterable[int] |
+                 None = None, shuffle: bool = False, drop_last: bool = False, threads: int = 2,
+                 prefetch: int = 2, pin_memory: bool = False, copy: bool = False,
+                 seed: int | None = None) -> None:
+        if not hasattr(dataset, "fill_batch") or not hasattr(dataset, "batch_slots"):
+            raise TypeError(f"BatchLoader reads stores: {type(dataset).__name__} has no "
+                            f"fill_batch/batch_slots (use ZarrDistillDataset or StoreItems, or "
+                            f"a torch DataLoader)")
+        if sampler is not None and shuffle:
+            raise ValueError("give a sampler or shuffle=True, not both")
+        if batch_size < 1 or threads < 1 or prefetch < 1:
+            raise ValueError("batch_size, threads and prefetch must be >= 1")
+        if pin_memory and not torch.cuda.is_available():
+            warnings.warn("pin_memory=True but no CUDA device: batches are not pinned",
+                          stacklevel=2)
+            pin_memory = False
+        if sampler is None:
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            sampler = RandomSampler(dataset, generator=generator) if shuffle \
+                else SequentialSampler(dataset)
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.batch_sampler = BatchSampler(sampler, batch_size, drop_last)
+        self.threads, self.prefetch = threads, prefetch
+        self.pin_memory, self.copy = pin_memory, copy
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # 2 * prefetch + 1 buffers: prefetch batches in flight, prefetch + 1 still valid
+        slots = self.dataset.batch_slots()
+        ring = [allocate(self.dataset.reader, slots, self.batch_size, pin=self.pin_memory,
+                         shared=False) for _ in range(2 * self.prefetch + 1)]
+        own = threading.local()  # each thread reads through its own copy: no shared handles
+        blueprint = pickle.dumps(self.dataset)
+
+        def read(indices: Sequence[int], number: int) -> Batched:
+            if not hasattr(own, "dataset"):
+                own.dataset = pickle.loads(blueprint)
+            return own.dataset.fill_batch(indices, ring[number % len(ring)])
+
+        batches = iter(self.batch_sampler)
+        pending: deque[Future] = deque()
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="BatchLoader") as pool:
+            try:
+                for number in range(self.prefetch):
+                    indices = next(batches, None)
+                    if indices is None:
+                        break
+                    pending.append(pool.submit(read, indices, number))
+                number = len(pending)
+                while pending:
+                    batch = pending.popleft().result().batch
+                    indices = next(batches, None)
+                    if indices is not None:
+                        pending.append(pool.submit(read, indices, number))
+                        number += 1
+                    yield _owned(batch) if self.copy else batch
+            finally:
+                for future in pending:
+                    future.cancel()
+
+
+def _owned(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

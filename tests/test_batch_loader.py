@@ -1,0 +1,83 @@
+"""``BatchLoader``: the same batches as a DataLoader over the same index sequence, for an
+``sa1b`` store and an NPZ-kind store; the ring never overwrites a batch within its contract."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, RandomSampler, default_collate
+
+from arraystore import Layout, ingest
+from converters.npz.source import NpzDirectorySource
+from loaders import BatchLoader, StoreItems, ZarrDistillDataset, collate_distill
+
+
+def equal(a, b) -> bool:
+    if isinstance(b, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(b, dict):
+        return list(a) == list(b) and all(equal(a[k], b[k]) for k in b)
+    if isinstance(b, list | tuple):
+        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def npz_store(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("npz")
+    rng = np.random.default_rng(3)
+    for i in range(11):
+        np.savez(folder / f"s{i:02d}.npz", feat=rng.normal(size=(3, 5)).astype(np.float32),
+                 label=np.int64(i), mask=rng.integers(0, 2, (4, 4)).astype(bool))
+    out = folder.parent / "npz.zarr"
+    ingest(NpzDirectorySource(), [folder], out, layout=Layout("sharded", shard_size=4),
+           workers=1)
+    return str(out)
+
+
+@pytest.mark.parametrize("layout_store", ["raw", "sharded+crc32c", "raw+zstd"], indirect=True)
+def test_sa1b_batches_equal_a_dataloaders(layout_store) -> None:
+    _, path = layout_store
+    dataset = ZarrDistillDataset(path)
+    sampler = list(RandomSampler(dataset, generator=torch.Generator().manual_seed(0)))
+    expected = list(DataLoader(dataset, batch_size=2, sampler=sampler,
+                               collate_fn=collate_distill))
+    got = list(BatchLoader(dataset, 2, sampler=sampler, copy=True))
+    assert len(got) == len(expected) == 3
+    assert all(equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_any_store_kind_batches_like_default_collate(npz_store) -> None:
+    dataset = StoreItems(npz_store)
+    expected = list(DataLoader(dataset, batch_size=4, collate_fn=default_collate))
+    loader = BatchLoader(dataset, 4, threads=3, prefetch=1, copy=True)
+    got = list(loader)
+    assert len(loader) == len(got) == 3
+    assert all(equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert len(list(BatchLoader(dataset, 4, drop_last=True))) == 2
+
+
+@pytest.mark.parametrize("prefetch", [1, 2, 3])
+def test_ring_keeps_a_batch_until_prefetch_plus_one_more_are_drawn(npz_store,
+                                                                   prefetch: int) -> None:
+    dataset = StoreItems(npz_store)
+    expected = list(DataLoader(dataset, batch_size=1, collate_fn=default_collate))
+    held: list[tuple[int, dict]] = []
+    for number, batch in enumerate(BatchLoader(dataset, 1, prefetch=prefetch, threads=2)):
+        held.append((number, batch))
+        for earlier, kept in held[-(prefetch + 1):]:  # within the contract: intact
+            assert equal(kept, expected[earlier]), (number, earlier)
+    reused = [equal(kept, expected[n]) for n, kept in held[:-(prefetch + 1)]]
+    assert not all(reused)  # beyond it, buffers were reused (copy=False)
+
+
+def test_shuffle_is_seeded_and_bad_datasets_are_refused(npz_store) -> None:
+    dataset = StoreItems(npz_store)
+    first = [b["label"].tolist() for b in BatchLoader(dataset, 4, shuffle=True, seed=1,
+                                                       copy=True)]
+    again = [b["label"].tolist() for b in BatchLoader(dataset, 4, shuffle=True, seed=1,
+                                                       copy=True)]
+    assert first == again and sorted(x for b in first for x in b) == list(range(11))
+    with pytest.raises(TypeError, match="fill_batch"):
+        BatchLoader([1, 2, 3], 2)
