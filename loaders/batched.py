@@ -2,7 +2,7 @@
 
 A batch's fixed-shape fields are *slots* of one buffer (64-byte aligned views; in shared memory
 when allocated in a DataLoader worker, pinned when asked): every sample's chunk is ``preadv`` d
-into its slot by the direct backend, the fields of a batch in parallel threads. A slot whose
+into its slot by the direct backend. A slot whose
 batch dtype differs from the stored one (edge maps: uint8 stored, float32 in the batch) is read
 into a scratch array and converted once, as the per-item path does. The result equals per-item
 reads + collate, value for value.
@@ -23,7 +23,6 @@ import torch
 from torch.utils.data import get_worker_info
 
 from arraystore.reader import SampleReader
-from arraystore.readers.base import read_pool
 
 ALIGN = 64
 
@@ -76,11 +75,8 @@ def fill(reader: SampleReader, slots: Sequence[Slot], buffers: Mapping[str, torc
     """Read the ``indices``-th committed samples of every slot's field into ``buffers`` (their
     first ``len(indices)`` rows); returns each slot's batch tensor in the batch's layout.
 
-    Per-sample fields are read in parallel, a field per thread (each field's reader is used
-    by one thread only); block-chunked ones here, from the reader's block cache."""
-    for slot in slots:
-        reader.field_reader(slot.field)  # opened in this thread: the threads only read
-
+    One thread fills a batch: the parallelism is across batches (DataLoader workers,
+    BatchLoader threads); splitting a batch's fields over threads too was no faster here."""
     def one(slot: Slot) -> torch.Tensor:
         target = buffers[slot.key][: len(indices)]
         field = reader.schema[slot.field]
@@ -93,8 +89,4 @@ def fill(reader: SampleReader, slots: Sequence[Slot], buffers: Mapping[str, torc
             target.copy_(torch.from_numpy(rows))
         return slot.view(target)
 
-    per_sample = [s for s in slots if reader.schema[s.field].chunking == "sample"]
-    running = {s.key: read_pool().submit(one, s) for s in per_sample[1:]}
-    done = {s.key: one(s) for s in slots if s not in per_sample[1:]}
-    done.update({key: future.result() for key, future in running.items()})
-    return {slot.key: done[slot.key] for slot in slots}
+    return {slot.key: one(slot) for slot in slots}

@@ -1,6 +1,6 @@
-"""Concurrent and batched reads return exactly the per-item values: an item's fields read by
-several threads, ``__getitems__`` straight into one buffer, in DataLoader workers under fork,
-spawn and forkserver, on every layout and backend (and from S3)."""
+"""Batched and grouped reads return exactly the per-item values: an item's fields read together
+(from S3: concurrently), ``__getitems__`` straight into one buffer, in DataLoader workers under
+fork, spawn and forkserver, on every layout and backend (and from S3)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_getitems_equals_per_item_reads_and_collate(located_store, backend: str)
                              f"{layout}/{backend} item {index}")
 
 
-def test_concurrent_fields_equal_one_by_one(located_store) -> None:
+def test_item_reads_equal_field_by_field_reads(located_store) -> None:
     layout, path = located_store
     reader = SampleReader(path)
     for index in range(len(reader)):

@@ -1,12 +1,9 @@
-"""The interface of a reader backend, and the per-process pool of threads that read fields
-concurrently."""
+"""The interface of a reader backend."""
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import numpy as np
@@ -15,18 +12,6 @@ from arraystore.layout import Layout
 from arraystore.location import Location
 from arraystore.region import Region
 from arraystore.schema import Field
-
-READ_THREADS = 4
-_pool: tuple[int, ThreadPoolExecutor] | None = None
-
-
-def read_pool() -> ThreadPoolExecutor:
-    """This process's reading threads, started on first use and again after a fork (a forked
-    DataLoader worker inherits the pool object but none of its threads)."""
-    global _pool
-    if _pool is None or _pool[0] != os.getpid():
-        _pool = (os.getpid(), ThreadPoolExecutor(READ_THREADS, thread_name_prefix="arraystore"))
-    return _pool[1]
 
 
 class FieldReader(ABC):

@@ -25,7 +25,7 @@ from arraystore.errors import ChecksumMismatchError, StoreFormatError
 from arraystore.keys import ChunkPaths
 from arraystore.layout import Layout
 from arraystore.location import LocalLocation, Location
-from arraystore.readers.base import Backend, FieldReader, read_pool
+from arraystore.readers.base import Backend, FieldReader
 from arraystore.region import Region, region_shape
 from arraystore.schema import Field
 
@@ -348,15 +348,12 @@ class DirectBackend(Backend):
         return ranged.RangedBlockReader(field, self.location, per_chunk, crc)
 
     def read_fields(self, readers: Sequence[FieldReader], sample: int) -> list[np.ndarray]:
-        """One sample of several fields, read concurrently: from a disk by the threads of
-        :func:`read_pool` (``preadv`` releases the GIL, so the page-cache copies of an item's
-        fields overlap), from an object store as one batch of concurrent ranged GETs."""
-        if not isinstance(self.location, LocalLocation):
-            from arraystore.readers.ranged import fetch_samples
-
-            return fetch_samples(self.location, [(r, sample) for r in readers])
-        if len(readers) < 2:
+        """One sample of several fields: from an object store as one batch of concurrent ranged
+        GETs; from a disk one after the other (measured on 2 cores: reading an item's fields
+        in two threads made items slower, 0.54× against 0.74× of the lean ``.bin`` reader;
+        ``benchmarks/results/batches.md``)."""
+        if isinstance(self.location, LocalLocation):
             return super().read_fields(readers, sample)
-        others = [read_pool().submit(r.read, sample, sample + 1) for r in readers[1:]]
-        first = readers[0].read(sample, sample + 1)[0]  # this thread reads one of them too
-        return [first, *(f.result()[0] for f in others)]
+        from arraystore.readers.ranged import fetch_samples
+
+        return fetch_samples(self.location, [(r, sample) for r in readers])

@@ -1,0 +1,238 @@
+"""Batch benchmark: items and batches of an ``sa1b`` store at memory speed, against the leanest
+``.bin`` reader, the same store read one field at a time, a no-I/O ceiling and this machine's
+memory-copy bandwidth, all measured in one run, readers interleaved round by round.
+
+Single process: ``ZarrDistillDataset[i]`` against
+a ``.bin`` reader doing one ``os.pread`` + ``np.frombuffer`` per field and nothing else, and
+against ``BinaryDistillDataset[i]`` (the same reads, and the item dict). Batches of 8: a torch
+DataLoader with 2 workers over the ``.bin`` reader + ``collate_distill``, the same over the store
+(``__getitems__`` reads straight into shared memory), and ``BatchLoader`` (2 threads, a ring of
+reused buffers), against the same batches copied from RAM by 2 threads (the ceiling).
+
+Usage: python -m benchmarks.batches [--samples 48] [--rounds 7] [-h for the rest]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from arraystore import Layout, Store
+from benchmarks.data import fill_store
+from benchmarks.report import header, plot_bars, save_report
+from benchmarks.run import interleaved, loader_run, read_run
+from converters.sa1b.fields import sa1b_schema
+from converters.sa1b_bin.exporter import BinExporter
+from loaders import BatchLoader, BinaryDistillDataset, ZarrDistillDataset
+from loaders.distill_item import STACKED_SLOTS
+
+BATCH = 8
+
+
+class LeanBinReader:
+    """The leanest ``.bin`` read of an item: one ``os.pread`` + ``np.frombuffer`` per field it
+    needs, no item dict."""
+
+    def __init__(self, dataset: BinaryDistillDataset) -> None:
+        self.parts = [(dataset._fd(spec.name), spec.item_size, offset, part.nbytes, part.dtype,
+                       part.shape) for spec, part, offset in dataset._parts]
+
+    def __getitem__(self, index: int) -> list[np.ndarray]:
+        return [np.frombuffer(os.pread(fd, nbytes, index * size + offset), dtype).reshape(shape)
+                for fd, size, offset, nbytes, dtype, shape in self.parts]
+
+
+class SampleReads:
+    """``SampleReader.read``: the store's read of an item's fields, without the item dict (the
+    counterpart of the lean ``.bin`` reader)."""
+
+    def __init__(self, reader: Any) -> None:
+        self.reader = reader
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return self.reader.read(index)
+
+
+def random_columns(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Valid values of every ``sa1b`` field for ``n`` samples (one box each)."""
+    rng = np.random.default_rng(seed)
+    columns: dict[str, np.ndarray] = {}
+    for f in sa1b_schema().fields:
+        if f.is_string:
+            columns[f.name] = np.array([f"sa_{i}" if f.name == "image_id" else "B_v1"
+                                        for i in range(n)], dtype=f.numpy_dtype)
+        elif f.numpy_dtype.kind == "f":
+            columns[f.name] = rng.random((n, *f.shape), np.float32).astype(f.numpy_dtype)
+        else:
+            columns[f.name] = rng.integers(0, 2 if f.shape == () else 256, (n, *f.shape)
+                                           ).astype(f.numpy_dtype)
+    columns["metadata"][:] = [1, 1, 1024, 1024, 3]
+    columns["box_annotation_ids"][:] = np.arange(n)[:, None]
+    columns["sample"] = np.array([f"sa_{i}" for i in range(n)], dtype=object).astype(
+        columns["image_id"].dtype)
+    columns["committed"] = np.ones(n, bool)
+    return columns
+
+
+def batches_run(loader: Any) -> Callable[[], int]:
+    def run() -> int:
+        return sum(len(batch["image_id"]) for batch in loader)
+    return run
+
+
+def no_io_run(columns: dict[str, np.ndarray], indices: np.ndarray) -> Callable[[], int]:
+    """The batches' stacked fields copied from RAM into reused buffers by 2 threads, a batch
+    per thread as BatchLoader's threads read them: the ceiling of any batch reader here."""
+    fields = [s.field for s in STACKED_SLOTS.values()]
+    buffers = [{f: np.empty((BATCH, *columns[f].shape[1:]), np.float32
+                            if columns[f].dtype == np.uint8 and f != "image"
+                            else columns[f].dtype) for f in fields} for _ in range(2)]
+    own = threading.local()
+
+    def copy(batch: np.ndarray) -> None:
+        if not hasattr(own, "buffers"):
+            own.buffers = buffers.pop()
+        for field in fields:
+            for row, index in enumerate(batch):
+                np.copyto(own.buffers[field][row], columns[field][index], casting="unsafe")
+
+    pool = ThreadPoolExecutor(2)  # two threads for the whole run, each with its buffers
+
+    def run() -> int:
+        batches = [indices[s:s + BATCH] for s in range(0, len(indices), BATCH)]
+        list(pool.map(copy, batches))
+        return len(indices)
+    return run
+
+
+def copy_bandwidth(nbytes: int = 1 << 29) -> dict[str, float]:
+    """GB/s of ``np.copyto`` of a large buffer with 1 and 2 threads (median of 5)."""
+    src, dst = np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)
+    rates = {}
+    for threads in (1, 2):
+        parts = np.array_split(np.arange(nbytes), threads)
+        bounds = [(int(p[0]), int(p[-1]) + 1) for p in parts]
+        times = []
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in range(5):
+                start = time.perf_counter()
+                list(pool.map(lambda b: np.copyto(dst[b[0]:b[1]], src[b[0]:b[1]]), bounds))
+                times.append(time.perf_counter() - start)
+        rates[f"{threads} thread{'s' * (threads > 1)}"] = nbytes / float(np.median(times)) / 1e9
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser.add_argument("--samples", type=int, default=48)
+    parser.add_argument("--reads", type=int, default=192, help="random items per reader a round")
+    parser.add_argument("--loader-items", type=int, default=192, help="batched items a round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--name", default="batches")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="arraystore-batches-", dir=args.workdir) as tmp:
+        root = Path(tmp)
+        columns = random_columns(args.samples)
+        for name, layout in (("raw", Layout("raw")), ("sharded", Layout("sharded"))):
+            fill_store(Store.create(root / f"{name}.zarr", sa1b_schema(), layout), columns)
+        BinExporter().export(root / "raw.zarr", root / "bin")
+        binary = BinaryDistillDataset(root / "bin")
+        raw, sharded = ZarrDistillDataset(root / "raw.zarr"), ZarrDistillDataset(
+            root / "sharded.zarr")
+        singles = {
+            ".bin lean (pread + frombuffer per field)": LeanBinReader(binary),
+            ".bin BinaryDistillDataset[i] (item dict)": binary,
+            "raw, ZarrDistillDataset[i]": raw,
+            "sharded, ZarrDistillDataset[i]": sharded,
+            "raw, SampleReader.read (fields, no item dict)": SampleReads(raw.reader),
+        }
+        for reader in singles.values():  # page cache and handles warm
+            read_run(reader, np.arange(args.samples))()
+        single = interleaved({n: read_run(r, rng.integers(0, args.samples, args.reads))
+                              for n, r in singles.items()}, args.rounds, seed=1)
+        indices = rng.integers(0, args.samples, args.loader_items)
+        order = indices.tolist()
+        batched = {
+            "DataLoader, .bin per item + collate_distill": loader_run(binary, indices, BATCH),
+            "DataLoader, raw store (__getitems__ into shared memory)":
+                loader_run(raw, indices, BATCH),
+            "BatchLoader, raw store, 2 threads": batches_run(
+                BatchLoader(raw, BATCH, sampler=order, threads=2)),
+            "BatchLoader, sharded store, 2 threads": batches_run(
+                BatchLoader(sharded, BATCH, sampler=order, threads=2)),
+            "no I/O: the batches copied from RAM, 2 threads": no_io_run(columns, indices),
+        }
+        batches = interleaved(batched, args.rounds, seed=2)
+        bandwidth = copy_bandwidth()
+        item_bytes = sum(a.nbytes for a in singles[".bin lean (pread + frombuffer per "
+                                                   "field)"][0])
+    print(write_report(args, single, batches, bandwidth, item_bytes,
+                       Path(__file__).parent / "results" / args.name))
+
+
+def write_report(args: argparse.Namespace, single: dict, batches: dict, bandwidth: dict,
+                 item_bytes: int, stem: Path) -> str:
+    lean, full = (single[k][0] for k in list(single)[:2])
+    default = single["raw, ZarrDistillDataset[i]"][0]
+    names = list(batches)
+    dl_bin, dl_store, ring = (batches[n][0] for n in names[:3])
+    ceiling = batches[names[-1]][0]
+    verdict = lambda got, goal: "met" if got >= goal else "missed"  # noqa: E731
+    lines = [
+        *header("Batch benchmark: items and batches at memory speed", "batches", vars(args)),
+        f"- data: {args.samples} `sa1b` samples of random values (every field, "
+        f"{item_bytes / 1e6:.1f} MB per item as the training item reads it), in the page cache; "
+        f"random indices; batches of {BATCH}; torch {torch.__version__}",
+        "",
+        "## Single process",
+        "",
+        "| reader | items/s | GB/s | × lean .bin | round spread |",
+        "|---|---:|---:|---:|---:|",
+        *(f"| {n} | {r:.0f} | {r * item_bytes / 1e9:.2f} | {r / lean:.2f} | ±{s / 2:.0%} |"
+          for n, (r, s) in single.items()),
+        "",
+        f"Targets: the default ≥ 1.3× the lean `.bin` reader: **{default / lean:.2f}×** "
+        f"({verdict(default / lean, 1.3)}); ≥ 1.2× the `.bin` item dict reader: "
+        f"**{default / full:.2f}×** ({verdict(default / full, 1.2)}).",
+        "",
+        "## Batches",
+        "",
+        "| reader | items/s | GB/s | × DataLoader over .bin | × no-I/O ceiling | spread |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(f"| {n} | {r:.0f} | {r * item_bytes / 1e9:.2f} | {r / dl_bin:.2f} | "
+          f"{r / ceiling:.2f} | ±{s / 2:.0%} |" for n, (r, s) in batches.items()),
+        "",
+        "Memory-copy bandwidth (`np.copyto`, 512 MiB): "
+        + ", ".join(f"{k}: {v:.1f} GB/s" for k, v in bandwidth.items()) + ".",
+        "",
+        f"Targets: DataLoader over the store ≥ 1.5× the DataLoader over `.bin`: "
+        f"**{dl_store / dl_bin:.2f}×** ({verdict(dl_store / dl_bin, 1.5)}); BatchLoader ≥ 3× "
+        f"the DataLoader over `.bin`: **{ring / dl_bin:.2f}×** ({verdict(ring / dl_bin, 3)}).",
+        "",
+        f"![plot]({stem.name}.png)",
+        "",
+    ]
+    text = save_report(lines, stem)
+    plot_bars([("single process, × the lean .bin reader",
+                {n: r / lean for n, (r, _) in single.items()}),
+               ("batches of 8, × a DataLoader (2 workers) over .bin",
+                {n: r / dl_bin for n, (r, _) in batches.items()})],
+              stem.with_suffix(".png"), "× the baseline (grey)",
+              grey=[next(iter(single)), names[0], names[-1]])
+    return text
+
+
+if __name__ == "__main__":
+    main()
