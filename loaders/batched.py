@@ -85,8 +85,8 @@ def fill(reader: SampleReader, slots: Sequence[Slot], buffers: Mapping[str, torc
                                                     field.numpy_dtype)
         for row, index in enumerate(indices):  # a 0-d view for scalars, not a copy
             reader.read_into(int(index), slot.field, rows[row:row + 1].reshape(field.shape))
-        if not same:
-            target.copy_(torch.from_numpy(rows))
+        if not same:  # converted by NumPy: torch's intra-op threads cost more than this
+            np.copyto(target.numpy(), rows, casting="unsafe")
         return slot.view(target)
 
     return {slot.key: one(slot) for slot in slots}

