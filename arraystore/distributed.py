@@ -62,6 +62,7 @@ class UnitResult:
     worker: str
     seconds: float
     nbytes: int
+    failure: Skip | None = None  # with on_error "fail": the broken sample; nothing written
 
 
 @dataclass
@@ -174,9 +175,35 @@ def ingest_unit(source: Source, unit: SourceUnit, location: Location, start: int
 
     def fail_or_skip(error: SampleError) -> None:
         if on_error == "fail":
-            raise error
+            raise _Failed(Skip(error.where, error.sample_id, error.reason))
         result.skipped.append(Skip(error.where, error.sample_id, error.reason))
 
+    try:
+        _read_unit(source, unit, add, fail_or_skip, result)
+    except _Failed as stop:  # returned, not raised: the driver raises it (and commits none)
+        result.ids.clear()
+        result.failure = stop.skip
+        return result
+    write_pending()
+    flush()
+    report(force=True)
+    result.sha256 = unit.digest.hexdigest()
+    result.seconds = time.perf_counter() - started
+    result.nbytes = unit.bytes_read
+    return result
+
+
+class _Failed(Exception):
+    """A unit stops at a broken sample (``on_error="fail"``)."""
+
+    def __init__(self, skip: Skip) -> None:
+        super().__init__(skip.reason)
+        self.skip = skip
+
+
+def _read_unit(source: Source, unit: SourceUnit, add: Callable[[str, dict[str, Any], str], None],
+               fail_or_skip: Callable[[SampleError], None], result: UnitResult) -> None:
+    """Derive every record of ``unit`` in this process, handing each sample to ``add``."""
     try:
         for item in source.records(unit):
             if isinstance(item, SampleError):
@@ -198,16 +225,7 @@ def ingest_unit(source: Source, unit: SourceUnit, location: Location, start: int
             else:
                 add(item.sample_id, values, item.where)
     except SourceError as exc:
-        if on_error == "fail":
-            raise
-        result.skipped.append(Skip(exc.path, "*", f"rest of the input unreadable: {exc.reason}"))
-    write_pending()
-    flush()
-    report(force=True)
-    result.sha256 = unit.digest.hexdigest()
-    result.seconds = time.perf_counter() - started
-    result.nbytes = unit.bytes_read
-    return result
+        fail_or_skip(SampleError(exc.path, "*", f"rest of the input unreadable: {exc.reason}"))
 
 
 @contextmanager
@@ -304,6 +322,9 @@ def _run(source: Source, todo: list[SourceUnit], store: Store, report: IngestRep
             for future in as_completed(list(futures)):
                 result: UnitResult = future.result()
                 del futures[future]
+                if result.failure is not None:  # the shards committed so far stay committed
+                    failure = result.failure
+                    raise SampleError(failure.where, failure.sample_id, failure.reason)
                 _commit_unit(writer, store, result, report)
                 if on_progress is not None:
                     on_progress(board, report, len(futures))

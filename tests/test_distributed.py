@@ -17,9 +17,10 @@ import pytest
 
 from arraystore import Layout, SampleReader, Store, ingest, open_xarray
 from arraystore.distributed import ingest_distributed
+from arraystore.errors import SampleError
 from arraystore.info import store_info
 from arraystore.verify import verify
-from converters.sa1b.shard_writer import ShardSample, write_shard
+from converters.sa1b.shard_writer import ShardSample, write_members, write_shard
 from converters.sa1b.source import Sa1bTarSource
 
 LAYOUT = Layout("sharded", shard_size=2)
@@ -145,3 +146,14 @@ def test_progress_events_reach_the_driver(cluster, shards, tmp_path) -> None:
     samples, nbytes, rates = boards[-1]
     assert samples == 12 and 0 < nbytes <= sum(p.stat().st_size for p in shards)
     assert "/s" in rates
+
+
+def test_a_broken_sample_fails_or_is_skipped(cluster, shards, tmp_path) -> None:
+    broken = write_members(tmp_path / "broken.tar", [("lonely.jpg", b"not even a JPEG")])
+    with pytest.raises(SampleError, match="lonely"):
+        ingest_distributed(Sa1bTarSource(), [shards[1], broken], tmp_path / "fail.zarr",
+                           layout=LAYOUT, address=cluster)
+    report = ingest_distributed(Sa1bTarSource(), [shards[1], broken], tmp_path / "skip.zarr",
+                                layout=LAYOUT, address=cluster, on_error="skip")
+    assert report.ingested == 4 and [s.sample_id for s in report.skipped] == ["lonely"]
+    assert Path(report.report_path).is_file()
