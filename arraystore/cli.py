@@ -188,7 +188,7 @@ def _ingest_command(name: str) -> click.Command:
         click.Option(["--overwrite"], is_flag=True,
                      help="replace an existing store at --out (never a path that is not a store)"),
         click.Option(["--layout"], type=click.Choice(LAYOUT_NAMES), default=None,
-                     help="chunk files: raw (one per sample) or sharded [new store: raw]"),
+                     help="chunk files: raw (one per sample) or sharded [new store: sharded]"),
         click.Option(["--shard-size"], type=click.IntRange(1), default=None,
                      help=f"samples per shard in the sharded layout [{Layout().shard_size}]"),
         click.Option(["--compress"], type=click.Choice(COMPRESSIONS), default=None,

@@ -45,7 +45,7 @@ LAYOUTS = {
 }
 BACKENDS = ("auto", "direct", "tensorstore", "zarr")
 BATCH = 8
-LOADER_READERS = (NO_IO, BIN, DEFAULT, "sharded / auto", "sharded+zstd / auto", TAR)
+LOADER_READERS = (NO_IO, BIN, DEFAULT, "raw / auto", "sharded+zstd / auto", TAR)
 
 
 def interleaved(runs: dict[str, Callable[[], int]], rounds: int,

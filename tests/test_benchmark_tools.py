@@ -52,7 +52,7 @@ def test_in_memory_items_are_fresh_copies() -> None:
 
 
 def test_report_has_targets_ceiling_and_profile(tmp_path: Path) -> None:
-    readers = (BIN, TAR, DEFAULT, "sharded / direct", NO_IO)
+    readers = (BIN, TAR, DEFAULT, "raw / direct", NO_IO)
     single = dict(zip(readers, [(800.0, 0.2), (4.0, 0.1), (960.0, 0.3), (900.0, 0.2),
                                 (1600.0, 0.2)], strict=True))
     loader = {BIN: (160.0, 0.1), DEFAULT: (150.0, 0.1), NO_IO: (165.0, 0.1), TAR: (6.0, 0.1)}
@@ -61,9 +61,10 @@ def test_report_has_targets_ceiling_and_profile(tmp_path: Path) -> None:
                       item_bytes=8_000_000, batch_size=8,
                       profiles={DEFAULT: [("posix.preadv", 0.75), ("x.py:1 f", 0.1)]})
     text = write_report(results, tmp_path / "report")
-    assert "| defaults (raw / auto), single process | ≥ 1× | 1.20× | met |" in text
+    assert "| defaults (sharded / auto), single process | ≥ 1× | 1.20× | met |" in text
     assert "**missed by 6%**" in text  # the DataLoader target: 150 / 160 = 0.94
     assert "## Where the time goes" in text and "(`preadv`) is 75% of the time" in text
     assert "runs at 0.50× of that" in text  # .bin against the no-I/O ceiling
     assert (tmp_path / "report.md").read_text() == text
     assert (tmp_path / "report.png").stat().st_size > 0
+

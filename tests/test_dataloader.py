@@ -43,7 +43,7 @@ LOADER_SCRIPT = textwrap.dedent("""
 @pytest.fixture(scope="module", params=["raw", "sharded+zstd"])
 def store(request, tmp_path_factory, shard):
     layout = Layout("sharded", shard_size=2, compression="zstd") if request.param != "raw" \
-        else Layout()
+        else Layout("raw")
     out = tmp_path_factory.mktemp("dl") / "sa1b.zarr"
     ingest(Sa1bTarSource(), [shard], out, layout=layout, workers=1)
     return out

@@ -114,7 +114,7 @@ def test_errors_name_what_is_wrong(sa1b_store, tmp_path) -> None:
     with pytest.raises(UnknownFieldError, match=r"no fields \['imag'\].*'image'"):
         show(sa1b_store, fields=["imag"])
     empty = tmp_path / "empty.zarr"
-    Store.create(empty, Schema("toy", (Field("x", (4, 4), "float32", ("a", "b")),)), Layout())
+    Store.create(empty, Schema("toy", (Field("x", (4, 4), "float32", ("a", "b")),)), Layout("raw"))
     with pytest.raises(NothingToShowError, match="has no committed samples to show"):
         show(empty)
     result = CliRunner().invoke(cli, ["show", str(empty)])

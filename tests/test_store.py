@@ -83,7 +83,7 @@ def test_modes(tmp_path, shard) -> None:
     with pytest.raises(IncompatibleStoreError, match="max-boxes"):
         ingest(Sa1bTarSource(max_boxes=3), [shard], out, workers=1)
     with pytest.raises(IncompatibleStoreError, match="layout"):
-        ingest(Sa1bTarSource(), [shard], out, layout=Layout("sharded"), workers=1)
+        ingest(Sa1bTarSource(), [shard], out, layout=Layout("raw"), workers=1)
     with pytest.raises(IncompatibleStoreError, match="kind"):
         open_for_writing(out, TOY, None)
     report = ingest(Sa1bTarSource(), [shard], out, mode="overwrite", workers=1)

@@ -32,11 +32,11 @@ def flip(path, at: int = 100) -> None:
 
 
 FAULTS = {
-    "missing chunk": (Layout(), lambda s: (s / "masks/c/2/0/0/0").unlink(),
+    "missing chunk": (Layout("raw"), lambda s: (s / "masks/c/2/0/0/0").unlink(),
                       "masks", "tall", "chunk file missing"),
-    "truncated chunk": (Layout(), lambda s: (s / "image/c/1/0/0/0").write_bytes(b"\0" * 10),
+    "truncated chunk": (Layout("raw"), lambda s: (s / "image/c/1/0/0/0").write_bytes(b"\0" * 10),
                         "image", "small", "expected 3145728"),
-    "flipped byte": (Layout(checksum=True), lambda s: flip(s / "P4_S16/c/3/0/0/0"),
+    "flipped byte": (Layout("raw", checksum=True), lambda s: flip(s / "P4_S16/c/3/0/0/0"),
                      "P4_S16", "empty", "crc32c mismatch"),
     "flipped byte in shard": (Layout("sharded", shard_size=4, checksum=True),
                               lambda s: flip(s / "edge_64x64/c/1/0/0"), "edge_64x64", "ties",
@@ -44,10 +44,10 @@ FAULTS = {
     "emptied shard slot": (Layout("sharded", shard_size=4),
                            lambda s: _empty_slot(s / "image/c/0/0/0/0", 4, 1), "image", "small",
                            "inner chunk is missing"),
-    "dimension names": (Layout(), lambda s: _edit_meta(s / "fg_map_64/zarr.json",
+    "dimension names": (Layout("raw"), lambda s: _edit_meta(s / "fg_map_64/zarr.json",
                                                        dimension_names=["sample", "y", "x"]),
                         "fg_map_64", "*", "dimension_names"),
-    "undecodable zstd": (Layout(compression="zstd"),
+    "undecodable zstd": (Layout("raw", compression="zstd"),
                          lambda s: (s / "edge_256x256/c/0/0/0").write_bytes(b"garbage"),
                          "edge_256x256", "big", "does not decode"),
 }
@@ -84,7 +84,7 @@ def test_faults_are_reported(tmp_path, shard, fault: str) -> None:
 
 
 def test_cli_exit_status(tmp_path, shard) -> None:
-    out = make(tmp_path, shard, Layout())
+    out = make(tmp_path, shard, Layout("raw"))
     result = CliRunner().invoke(cli, ["verify", str(out)])
     assert result.exit_code == 0 and "ok" in result.output
     result = CliRunner().invoke(cli, ["verify", str(tmp_path / "nothing")])
