@@ -25,8 +25,8 @@ from arraystore.schema import Field
 from arraystore.store import Store, StoreTarget
 
 CACHED_BLOCKS = 4
-# block-chunked field names; per backend: the backend, its field names, their readers
-ReadPlan = tuple[tuple[str, ...], tuple[tuple[Backend, tuple[str, ...], list[FieldReader]], ...]]
+# block-chunked fields; per backend: the backend, its field names, their readers
+ReadPlan = tuple[tuple[Field, ...], tuple[tuple[Backend, tuple[str, ...], list[FieldReader]], ...]]
 
 
 class SampleReader:
@@ -110,15 +110,17 @@ class SampleReader:
         """One field of the sample in store slot ``position`` (a ``str`` for string fields)."""
         field = self.schema[name]
         if field.chunking == "block":
-            value = self._block_row(field, position)
-        else:
-            value = self.field_reader(name)[0].read(position, position + 1)[0]
+            return self._block_value(field, position)
+        value = self.field_reader(name)[0].read_sample(position)
         return str(value) if field.is_string else value
 
-    def _block_row(self, field: Field, position: int) -> np.ndarray:
+    def _block_value(self, field: Field, position: int) -> Any:
+        """A block-chunked field's value in slot ``position``, from the cached block."""
         size = self.layout.block_size
         block_index, row = divmod(position, size)
-        cache = self._blocks.setdefault(field.name, OrderedDict())
+        cache = self._blocks.get(field.name)
+        if cache is None:
+            cache = self._blocks[field.name] = OrderedDict()
         block = cache.get(block_index)
         if block is None or row >= len(block):
             start = block_index * size
@@ -127,7 +129,7 @@ class SampleReader:
             cache[block_index] = block
             if len(cache) > CACHED_BLOCKS:
                 cache.popitem(last=False)
-        return block[row]
+        return str(block[row]) if field.is_string else block[row]
 
     def _store(self) -> Store:
         """The store, reopened (zarr-python, fork-safe) without checking its arrays again:
@@ -181,7 +183,7 @@ class SampleReader:
         plan = self._plans.get(names) if self._pid == os.getpid() else None
         if plan is None:
             plan = self._plan(names)
-        values = {name: self.read_field(name, position) for name in plan[0]}
+        values = {field.name: self._block_value(field, position) for field in plan[0]}
         for backend, group, readers in plan[1]:
             values.update(zip(group, backend.read_fields(readers, position), strict=True))
         return {name: values[name] for name in names}
@@ -203,7 +205,7 @@ class SampleReader:
         for name in names:
             if self.schema[name].chunking == "sample":
                 together.setdefault(self.backend_of(name), []).append(name)
-        blocks = tuple(n for n in names if self.schema[n].chunking != "sample")
+        blocks = tuple(self.schema[n] for n in names if self.schema[n].chunking != "sample")
         plan = (blocks, tuple((self._backends[b], tuple(group),
                                [self.field_reader(n)[0] for n in group])
                               for b, group in together.items()))

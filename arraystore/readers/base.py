@@ -21,18 +21,23 @@ class FieldReader(ABC):
     def read(self, start: int, stop: int) -> np.ndarray:
         """Samples ``start`` to ``stop`` (exclusive), shape ``(stop - start, *field.shape)``."""
 
+    def read_sample(self, sample: int) -> np.ndarray:
+        """Sample ``sample`` as a fresh array of the field's shape: the hot path of an item's
+        read. This default slices :meth:`read`; the direct backend reads straight into it."""
+        return self.read(sample, sample + 1)[0]
+
     def read_into(self, sample: int, out: np.ndarray) -> None:
         """Sample ``sample`` written into ``out`` (the field's shape and dtype, C-contiguous):
         a batch buffer's slot, in shared memory when filled in a DataLoader worker. This
         default reads and copies; the direct backend ``preadv`` s straight into ``out``."""
-        out[...] = self.read(sample, sample + 1)[0]
+        out[...] = self.read_sample(sample)
 
     def read_region(self, sample: int, region: Region) -> np.ndarray:
         """The window ``region`` (normalised, see :mod:`arraystore.region`) of one sample.
 
         This default reads the whole sample and slices it; backends that can read less do.
         """
-        return self.read(sample, sample + 1)[0][region]
+        return self.read_sample(sample)[region]
 
 
 class Backend(ABC):
@@ -56,4 +61,4 @@ class Backend(ABC):
     def read_fields(self, readers: Sequence[FieldReader], sample: int) -> list[np.ndarray]:
         """Sample ``sample`` of the fields of ``readers`` (opened by this backend). This
         default reads them one after the other; a backend that can overlap them does."""
-        return [reader.read(sample, sample + 1)[0] for reader in readers]
+        return [reader.read_sample(sample) for reader in readers]

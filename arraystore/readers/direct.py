@@ -31,6 +31,9 @@ from arraystore.schema import Field
 
 CRC_BYTES = 4
 EMPTY = np.uint64(2**64 - 1)
+EMPTY_INT = 2**64 - 1
+# an open shard: descriptor, (offset, nbytes) of each inner chunk, path
+ShardHandle = tuple[int, list[tuple[int, int]], str]
 OPEN_SHARDS = 32
 
 
@@ -150,6 +153,7 @@ class _DirectFieldReader(FieldReader):
         self.field = field
         self.checksum = checksum
         self.dtype = np.dtype(field.dtype).newbyteorder("<")
+        self.shape = field.shape
         self.paths = ChunkPaths(array_dir, 1 + len(field.shape))
 
 
@@ -172,6 +176,13 @@ class ChunkFileReader(_DirectFieldReader):
             lo, hi = index * self.per_chunk, (index + 1) * self.per_chunk
             a, b = max(lo, start), min(hi, stop)
             out[a - start: b - start] = chunk[a - lo: b - lo]
+        return out
+
+    def read_sample(self, sample: int) -> np.ndarray:
+        if self.per_chunk != 1:
+            return super().read_sample(sample)
+        out = np.empty(self.shape, self.dtype)
+        self._read_chunk(sample, out)
         return out
 
     def read_into(self, sample: int, out: np.ndarray) -> None:
@@ -199,21 +210,20 @@ class ChunkFileReader(_DirectFieldReader):
         if fd is None:
             out[...] = 0  # a chunk never written holds the fill value
             return
-        try:
-            view = memoryview(out.reshape(-1).view(np.uint8))
-            crc = bytearray(CRC_BYTES)
-            buffers = [view, crc] if self.checksum else [view]
-            got = os.preadv(fd, buffers, 0)
+        crc = bytearray(CRC_BYTES) if self.checksum else None
+        try:  # a C-contiguous array is itself the buffer preadv fills
+            got = os.preadv(fd, [out, crc] if crc else [out], 0)
         finally:
             os.close(fd)
-        expected = out.nbytes + (CRC_BYTES if self.checksum else 0)
+        expected = out.nbytes + (CRC_BYTES if crc else 0)
         if got != expected:
             raise StoreFormatError(
                 f"field {self.field.name!r}, chunk {index}, file {path}: {got} bytes, expected "
                 f"{expected} (an uncompressed chunk of shape {out.shape})"
             )
-        if self.checksum:
-            check_crc(view, bytes(crc), self.field.name, index * self.per_chunk, path)
+        if crc:
+            check_crc(memoryview(out.reshape(-1).view(np.uint8)), bytes(crc), self.field.name,
+                      index * self.per_chunk, path)
 
 
 class ShardReader(_DirectFieldReader):
@@ -225,16 +235,20 @@ class ShardReader(_DirectFieldReader):
         self.shard_size = shard_size
         self.index_checksum = index_checksum
         self.chunk_bytes = field.nbytes + (CRC_BYTES if checksum else 0)
-        self._open: OrderedDict[int, tuple[int, np.ndarray, str]] = OrderedDict()
+        # shard -> (fd, [(offset, nbytes) per inner chunk] as Python ints, path), LRU; the
+        # shard read last is also kept apart, so a run of samples in one shard skips the LRU
+        self._open: OrderedDict[int, ShardHandle] = OrderedDict()
+        self._last: tuple[int, ShardHandle] | None = None
 
     def __del__(self) -> None:
         for fd, _, _ in self._open.values():
             os.close(fd)
 
-    def _shard(self, shard: int) -> tuple[int, np.ndarray, str] | None:
+    def _shard(self, shard: int) -> ShardHandle | None:
         cached = self._open.get(shard)
         if cached is not None:
             self._open.move_to_end(shard)
+            self._last = (shard, cached)
             return cached
         path = self.paths.path(shard)
         fd = open_chunk(path)
@@ -246,33 +260,41 @@ class ShardReader(_DirectFieldReader):
             os.close(fd)
             raise type(exc)(f"field {self.field.name!r}, samples from "
                             f"{shard * self.shard_size}: {exc}") from exc
-        self._open[shard] = (fd, index, path)
+        handle = self._open[shard] = (fd, [tuple(row) for row in index.tolist()], path)
+        self._last = (shard, handle)  # the newest: never the one evicted below
         if len(self._open) > OPEN_SHARDS:
             old_fd, _, _ = self._open.popitem(last=False)[1]
             os.close(old_fd)
-        return self._open[shard]
+        return handle
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        out = np.empty((stop - start, *self.field.shape), self.dtype)
+        out = np.empty((stop - start, *self.shape), self.dtype)
         for sample in range(start, stop):
             self._read_sample(sample, out[sample - start])
         return out
 
+    def read_sample(self, sample: int) -> np.ndarray:
+        out = np.empty(self.shape, self.dtype)
+        self._read_sample(sample, out)
+        return out
+
     def _locate(self, sample: int) -> tuple[int, int, str] | None:
         """(fd, byte offset, shard path) of the sample's inner chunk; None if never written."""
-        shard = self._shard(sample // self.shard_size)
-        if shard is None:
+        shard, slot = divmod(sample, self.shard_size)
+        last = self._last
+        handle = last[1] if last is not None and last[0] == shard else self._shard(shard)
+        if handle is None:
             return None
-        fd, index, path = shard
-        offset, nbytes = index[sample % self.shard_size]
-        if offset == EMPTY and nbytes == EMPTY:
+        fd, index, path = handle
+        offset, nbytes = index[slot]
+        if offset == EMPTY_INT and nbytes == EMPTY_INT:
             return None
         if nbytes != self.chunk_bytes:
             raise StoreFormatError(
                 f"field {self.field.name!r}, sample {sample}, shard {path}: inner chunk of "
-                f"{int(nbytes)} bytes, expected {self.chunk_bytes} (uncompressed)"
+                f"{nbytes} bytes, expected {self.chunk_bytes} (uncompressed)"
             )
-        return fd, int(offset), path
+        return fd, offset, path
 
     def _read_sample(self, sample: int, out: np.ndarray) -> None:
         located = self._locate(sample)
@@ -280,14 +302,15 @@ class ShardReader(_DirectFieldReader):
             out[...] = 0
             return
         fd, offset, path = located
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        crc = bytearray(CRC_BYTES)
-        got = os.preadv(fd, [view, crc] if self.checksum else [view], offset)
+        crc = bytearray(CRC_BYTES) if self.checksum else None
+        # a C-contiguous array is itself the buffer preadv fills
+        got = os.preadv(fd, [out, crc] if crc else [out], offset)
         if got != self.chunk_bytes:
             raise StoreFormatError(f"field {self.field.name!r}, sample {sample}: shard {path} "
                                    f"ends inside the inner chunk")
-        if self.checksum:
-            check_crc(view, bytes(crc), self.field.name, sample, path)
+        if crc:
+            check_crc(memoryview(out.reshape(-1).view(np.uint8)), bytes(crc), self.field.name,
+                      sample, path)
 
     def read_into(self, sample: int, out: np.ndarray) -> None:
         if fits(out, self.dtype):
