@@ -8,7 +8,7 @@ SOURCES := $(shell git ls-files 'arraystore/*.py' 'converters/*.py' 'loaders/*.p
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export SAM2_BUILD_CUDA := 0
 
-.PHONY: setup setup-test demo test bench clean
+.PHONY: setup setup-test demo test bench bench-peers clean
 
 $(VENV)/.setup: pyproject.toml constraints.txt $(SOURCES)
 	python3 -m venv $(VENV)
@@ -41,6 +41,14 @@ test: setup-test
 
 bench: setup-test
 	$(PY) -m benchmarks.run
+
+# the peers (MDS, LitData, Lance) in a venv of their own: mosaicml-streaming pins numpy<2.2
+BENCH_VENV := .venv-bench
+bench-peers:
+	python3 -m venv $(BENCH_VENV)
+	rm -rf build
+	$(BENCH_VENV)/bin/python -m pip install -q -c constraints.txt ".[bench]"
+	$(BENCH_VENV)/bin/python -m benchmarks.peers
 
 clean:
 	rm -rf demo .pytest_cache

@@ -68,3 +68,23 @@ def test_report_has_targets_ceiling_and_profile(tmp_path: Path) -> None:
     assert (tmp_path / "report.md").read_text() == text
     assert (tmp_path / "report.png").stat().st_size > 0
 
+
+def test_peers_flat_file_and_byte_check(tmp_path: Path) -> None:
+    """The peers benchmark's floor reader returns the items it was written from, also after
+    pickling (LitData's workers), and its byte check refuses an item that differs."""
+    import pickle
+
+    import pytest
+
+    from benchmarks.batches import random_columns
+    from benchmarks.peers import FlatFile, check_same, numeric_fields
+
+    names = numeric_fields()
+    columns = random_columns(3, seed=5)
+    flat = FlatFile(tmp_path / "items.flat", columns, names)
+    check_same("flat", flat, columns, names)
+    check_same("flat, pickled", pickle.loads(pickle.dumps(flat)), columns, names)
+    assert flat.stride == sum(columns[n][0].nbytes for n in names)
+    columns["image"][1, 0, 0, 0] ^= 1
+    with pytest.raises(AssertionError, match="item 1, field 'image'"):
+        check_same("flat", flat, columns, names)
