@@ -155,8 +155,9 @@ def main() -> None:
             ".bin lean (pread + frombuffer per field)": LeanBinReader(binary),
             ".bin BinaryDistillDataset[i] (item dict)": binary,
             "raw, ZarrDistillDataset[i]": raw,
-            "sharded, ZarrDistillDataset[i]": sharded,
+            "sharded (default), ZarrDistillDataset[i]": sharded,
             "raw, SampleReader.read (fields, no item dict)": SampleReads(raw.reader),
+            "sharded, SampleReader.read (fields, no item dict)": SampleReads(sharded.reader),
         }
         for reader in singles.values():  # page cache and handles warm
             read_run(reader, np.arange(args.samples))()
@@ -166,12 +167,12 @@ def main() -> None:
         order = indices.tolist()
         batched = {
             "DataLoader, .bin per item + collate_distill": loader_run(binary, indices, BATCH),
-            "DataLoader, raw store (__getitems__ into shared memory)":
-                loader_run(raw, indices, BATCH),
-            "BatchLoader, raw store, 2 threads": batches_run(
-                BatchLoader(raw, BATCH, sampler=order, threads=2)),
+            "DataLoader, sharded store (__getitems__ into shared memory)":
+                loader_run(sharded, indices, BATCH),
             "BatchLoader, sharded store, 2 threads": batches_run(
                 BatchLoader(sharded, BATCH, sampler=order, threads=2)),
+            "BatchLoader, raw store, 2 threads": batches_run(
+                BatchLoader(raw, BATCH, sampler=order, threads=2)),
             "no I/O: the batches copied from RAM, 2 threads": no_io_run(columns, indices),
         }
         batches = interleaved(batched, args.rounds, seed=2)
@@ -185,7 +186,7 @@ def main() -> None:
 def write_report(args: argparse.Namespace, single: dict, batches: dict, bandwidth: dict,
                  item_bytes: int, stem: Path) -> str:
     lean, full = (single[k][0] for k in list(single)[:2])
-    default = single["raw, ZarrDistillDataset[i]"][0]
+    default = single["sharded (default), ZarrDistillDataset[i]"][0]
     names = list(batches)
     dl_bin, dl_store, ring = (batches[n][0] for n in names[:3])
     ceiling = batches[names[-1]][0]
