@@ -4,6 +4,7 @@ fork, spawn and forkserver, on every layout and backend (and from S3)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,7 @@ import torch
 from conftest import BACKENDS
 
 from arraystore import SampleReader
+from arraystore.errors import StoreFormatError
 from loaders import ZarrDistillDataset, collate_distill
 from loaders.batched import Batched
 
@@ -98,3 +100,75 @@ def test_getitems_in_dataloader_workers(layout_store, context: str) -> None:
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "3"
+
+
+def test_split_by_size_balances_bytes_and_skips_small_items() -> None:
+    from arraystore.readers.halves import MIN_SPLIT_BYTES, split_by_size
+
+    sizes = [4 << 20, 3 << 20, 1 << 20, 64, 16, 1 << 20]
+    split = split_by_size(sizes)
+    if len(os.sched_getaffinity(0)) < 2:
+        assert split is None  # one core: in turn
+        return
+    assert split is not None and sorted(split[0] + split[1]) == list(range(len(sizes)))
+    totals = [sum(sizes[i] for i in group) for group in split]
+    assert abs(totals[0] - totals[1]) <= max(sizes)  # greedy: within the largest field
+    assert split_by_size([MIN_SPLIT_BYTES // 4] * 3) is None  # too small to pay
+    assert split_by_size([8 << 20]) is None  # one field: nothing to share
+
+
+FORKED_HALVES = textwrap.dedent("""
+    import multiprocessing as mp
+    import sys
+    import numpy as np
+    from arraystore import SampleReader
+
+    reader = SampleReader(sys.argv[1], backend="direct")
+
+    def check(indices):
+        for index in indices:
+            item = reader.read(index)
+            for name, value in item.items():
+                alone = reader.read_field(name, reader.position(index))
+                assert np.array_equal(value, alone), name
+        return len(indices)
+
+    check([0])
+    splits = reader._backends["direct"]._splits.values()
+    assert any(s is not None for s in splits), "the halves were not used"
+    with mp.get_context("fork").Pool(2) as pool:  # the children start their own helper
+        print(sum(pool.map(check, [[1, 2], [3, 4]])) + 1)
+""")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="halves need two cores")
+@pytest.mark.parametrize("layout_store", ["raw", "sharded+crc32c"], indirect=True)
+def test_halves_read_the_same_before_and_after_fork(layout_store) -> None:
+    """An item read in two halves (this process's helper thread) equals its fields read one
+    by one, and forked children, where the parent's thread does not exist, read the same."""
+    _, path = layout_store
+    result = subprocess.run([sys.executable, "-c", FORKED_HALVES, str(path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "5"
+
+
+def test_a_failure_in_the_helper_half_reaches_the_caller(tmp_path, shard) -> None:
+    from arraystore import Layout, ingest
+    from converters.sa1b.source import Sa1bTarSource
+
+    path = tmp_path / "s.zarr"
+    ingest(Sa1bTarSource(), [shard], path, layout=Layout("raw"), progress=False)
+    reader = SampleReader(path, backend="direct")
+    reader.read(0)
+    split = next(iter(reader._backends["direct"]._splits.values()))
+    if split is None:
+        pytest.skip("one core: no helper half")
+    names = [n for n in reader.fields if reader.schema[n].chunking == "sample"]
+    helper_field = names[split[1][0]]
+    chunk = next((path / helper_field / "c" / "1").rglob("*"))
+    while chunk.is_dir():
+        chunk = next(chunk.iterdir())
+    chunk.write_bytes(b"\0" * 10)
+    with pytest.raises(StoreFormatError, match=helper_field):
+        reader.read(1)
