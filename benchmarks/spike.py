@@ -34,6 +34,7 @@ REALTIME, PRECOMPUTED = "store, realtime voxels", "store, precomputed voxels"
 REALTIME_CACHE, PRECOMPUTED_CACHE = f"{REALTIME}, RAM cache warm", f"{PRECOMPUTED}, RAM cache warm"
 LAYOUTS = {"raw": Layout("raw"), "sharded": Layout("sharded", shard_size=16),
            "raw+zstd": Layout("raw", compression="zstd")}
+READ_FROM = Layout().name  # the clips are read from the store in the default layout
 CLIP = {"split": "train", "clip_len": 5, "crop_size": 256, "bins": 5, "seed": 0}
 SPIKE_SHAPE = (10, 396, 640)
 
@@ -90,7 +91,7 @@ def main() -> None:
             disk[f"store, {label}"] = (info.bytes_on_disk, info.files)
             disk[f"store, {label}, without spike_vox"] = (info.bytes_on_disk - vox.bytes_on_disk,
                                                           info.files - vox.files)
-        store = root / "raw.zarr"
+        store = root / f"{READ_FROM}.zarr"
         datasets: dict[str, Any] = {
             FOLDER: FolderClipDataset(tree, "train", CLIP["clip_len"], CLIP["crop_size"],
                                       CLIP["bins"], SPIKE_SHAPE),
@@ -152,7 +153,7 @@ def write_report(args: argparse.Namespace, single: dict, loader: dict,
         f"- data: {args.sequences} sequences × {args.frames} frames, 720×1280 PNGs (textured, "
         f"as large as photographs'), 10×396×640 spike `.dat`s; clips of "
         f"{CLIP['clip_len']} frames, {CLIP['crop_size']}² crops, {CLIP['bins']} voxel bins; "
-        f"store layout raw (the default)",
+        f"store layout {READ_FROM} (the default)",
         "- method: readers take turns within each round in a random order; the median round "
         "gives clips/s; *round spread* is half the range of a reader's round times over their "
         "median. Without a cache the store reads only each crop's rows; with it (4 GB, warmed "
