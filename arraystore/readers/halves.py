@@ -1,11 +1,11 @@
 """Read an item's fields from a disk in two halves at once.
 
 The calling thread reads one half of an item's bytes while a helper thread reads the other:
-``preadv`` releases the GIL, and two threads copy out of the page cache faster than one (on the
-2-core VM of ``benchmarks/results/batches.md``: 16.6 against 9.3 GB/s). The fields are split by
-size, not one task per field: handing work to a thread costs tens of microseconds, more than
-reading a small field, so an item makes one hand-off. Items under :data:`MIN_SPLIT_BYTES`, and
-machines with one core, read their fields in turn.
+``preadv`` releases the GIL, and two threads copy memory faster than one (on the 2-core VM of
+``benchmarks/results/batches.md``: 13.5-16.6 against 9.3-9.8 GB/s over its runs). The fields
+are split by size, not one task per field: handing work to a thread costs tens of
+microseconds, more than reading a small field, so an item makes one hand-off. Items under
+:data:`MIN_SPLIT_BYTES`, and machines with one core, read their fields in turn.
 
 One helper thread per process, started on first use and again in a forked child (threads do not
 survive ``fork``).
