@@ -31,8 +31,8 @@ from arraystore.region import Region, region_shape
 from arraystore.schema import Field
 
 CRC_BYTES = 4
-EMPTY = np.uint64(2**64 - 1)
-EMPTY_INT = 2**64 - 1
+EMPTY_INT = 2**64 - 1  # an inner chunk never written: offset and nbytes both
+EMPTY = np.uint64(EMPTY_INT)
 # an open shard: descriptor, (offset, nbytes) of each inner chunk, path
 ShardHandle = tuple[int, list[tuple[int, int]], str]
 OPEN_SHARDS = 32
