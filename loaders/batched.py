@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from arraystore.reader import SampleReader
+from loaders.shared_ring import shippable, worker_buffer
 
 ALIGN = 64
 
@@ -48,14 +49,15 @@ class Batched(list):
 
     def __init__(self, items: Sequence[Mapping[str, Any]], batch: dict[str, Any]) -> None:
         super().__init__(items)
-        self.batch = batch
+        self.batch = shippable(batch)
 
 
 def allocate(reader: SampleReader, slots: Sequence[Slot], n: int, *, pin: bool = False,
              shared: bool | None = None) -> dict[str, torch.Tensor]:
     """Buffers for ``n`` samples of each slot, ``(n, *field.shape)`` in the slot's dtype, all
     views of one allocation: shared memory inside a DataLoader worker (``shared`` None: decide
-    from ``get_worker_info``), page-locked with ``pin``, else ordinary memory."""
+    from ``get_worker_info``; a segment the worker reuses, see :mod:`loaders.shared_ring`),
+    page-locked with ``pin``, else ordinary memory."""
     layout, total = [], 0
     for slot in slots:
         shape = reader.schema[slot.field].shape
@@ -63,7 +65,7 @@ def allocate(reader: SampleReader, slots: Sequence[Slot], n: int, *, pin: bool =
         layout.append((slot, shape, total, nbytes))
         total += -(-nbytes // ALIGN) * ALIGN
     if shared if shared is not None else get_worker_info() is not None:
-        buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
+        buffer = worker_buffer(total)
     else:
         buffer = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
     return {slot.key: buffer[start:start + nbytes].view(slot.dtype).view(n, *shape)

@@ -32,6 +32,7 @@ from arraystore.mix import (
 from arraystore.reader import SampleReader
 from loaders.batched import Batched, Slot, fill
 from loaders.packed_collate import collate_packed
+from loaders.shared_ring import shippable
 
 MODALITY_FIELD = "modality_length"
 DEFAULT_MODALITY_LENGTH = 1
@@ -225,7 +226,8 @@ class Mixture(Dataset):
             if isinstance(batches[name], dict):
                 batches[name]["dataset_type"] = [i["dataset_type"] for i in members]
                 batches[name][MODALITY_FIELD] = [i[MODALITY_FIELD] for i in members]
-        return batches[next(iter(groups))] if single else {n: batches[n] for n in groups}
+        return shippable(batches[next(iter(groups))] if single
+                         else {n: batches[n] for n in groups})
 
     def _own_collate(self, dataset_type: str) -> Callable[[list[Any]], Any] | None:
         """The collate a source brings (``MixSource.collate``, else the dataset's

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate, get_worker_info
 
+from loaders.shared_ring import shippable, worker_buffer
+
 ALIGN = 64
 
 
@@ -52,8 +54,8 @@ def collate_packed(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[st
             if tensors is not None:
                 plans.append((name, key, tensors, total))
                 total += -(-len(tensors) * tensors[0].nbytes // ALIGN) * ALIGN
-    if get_worker_info() is not None:  # one segment for the whole batch, as default_collate
-        buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
+    if get_worker_info() is not None:  # one segment for the whole batch, reused by the worker
+        buffer = worker_buffer(total)
     else:
         buffer = torch.empty(total, dtype=torch.uint8)
     for name, key, tensors, offset in plans:
@@ -67,4 +69,4 @@ def collate_packed(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[st
 def packed_default_collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """``default_collate`` of dict items, every stacked field a view of one buffer: a drop-in
     ``collate_fn`` whose batches cross from a worker as one shared-memory segment."""
-    return collate_packed({"": items})[""]
+    return shippable(collate_packed({"": items})[""])

@@ -1,0 +1,134 @@
+"""The batch buffers DataLoader workers reuse (``loaders.shared_ring``): a batch crosses as a
+reference into its segment and comes back as the same tensors; a segment is reused only once
+the main process let go of every tensor of its batch, so a batch kept by the training loop is
+never overwritten; without the ring (no memfd) a batch goes into fresh shared memory."""
+
+from __future__ import annotations
+
+import gc
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from loaders import shared_ring
+
+
+@pytest.fixture(autouse=True)
+def own_ring(monkeypatch) -> None:
+    """Each test starts with an empty ring of its own."""
+    monkeypatch.setattr(shared_ring, "_ring", None)
+
+
+def ring_batch(nbytes: int = 4096, fill: int = 7) -> dict:
+    """A batch of views of one ring buffer, as a collate builds it in a worker."""
+    buffer = shared_ring.worker_buffer(nbytes)
+    floats = buffer[:1024].view(torch.float32).view(16, 16)
+    floats.copy_(torch.arange(256, dtype=torch.float32).view(16, 16) * fill)
+    image = buffer[1024:1024 + 2 * 3 * 4 * 5].view(2, 4, 5, 3).permute(0, 3, 1, 2)
+    image.copy_(torch.full((2, 3, 4, 5), fill, dtype=torch.uint8))
+    return shared_ring.shippable({"features": floats, "image": image, "ids": ["a", "b"],
+                                  "masks": [floats[0], torch.ones(3)], "count": 2})
+
+
+def test_a_batch_crosses_as_references_and_comes_back_equal() -> None:
+    batch = ring_batch()
+    assert isinstance(batch, shared_ring.RingBatch)
+    expected = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    received = pickle.loads(pickle.dumps(batch))
+    assert type(received) is dict and list(received) == list(batch)
+    for key in ("features", "image"):
+        assert torch.equal(received[key], expected[key]), key
+        assert received[key].stride() == batch[key].stride(), key
+    assert torch.equal(received["masks"][0], batch["masks"][0])
+    assert torch.equal(received["masks"][1], torch.ones(3))
+    assert received["ids"] == ["a", "b"] and received["count"] == 2
+
+
+def test_a_segment_is_reused_only_after_both_sides_let_go() -> None:
+    batch = ring_batch(fill=1)
+    segment = batch.segments[0]
+    received = pickle.loads(pickle.dumps(batch))
+    del batch
+    gc.collect()
+    assert not segment.free()  # the "main process" still holds its batch
+    other = ring_batch(fill=2)  # so the next batch goes elsewhere
+    assert other.segments[0] is not segment
+    assert torch.equal(received["features"],
+                       torch.arange(256, dtype=torch.float32).view(16, 16))
+    del received
+    gc.collect()
+    assert segment.free()
+    again = ring_batch(fill=3)
+    assert again.segments[0] is segment  # released on both sides: reused
+
+
+def test_a_replaced_or_vanished_segment_is_a_clear_error() -> None:
+    batch = ring_batch()
+    message = pickle.dumps(batch)
+    batch.segments[0].map[shared_ring.TOKEN] = bytes(16)
+    with pytest.raises(RuntimeError, match="replaced before its batch was received"):
+        pickle.loads(message)
+    _, (_, segments, shipped) = batch.__reduce__()
+    with pytest.raises(RuntimeError, match="cannot map the batch buffer"):
+        shared_ring._rebuild(2**22 + 1, segments, shipped)  # above any pid_max: no process
+
+
+def test_without_memfd_batches_go_into_fresh_shared_memory(monkeypatch) -> None:
+    monkeypatch.setattr(shared_ring, "SUPPORTED", False)
+    buffer = shared_ring.worker_buffer(256)
+    assert buffer.is_shared()
+    batch = {"x": buffer[:16]}
+    assert shared_ring.shippable(batch) is batch
+
+
+HOLDING_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    from torch.utils.data import DataLoader
+    from loaders import ZarrDistillDataset, collate_distill, shared_ring
+
+    class CountingSegments(ZarrDistillDataset):
+        def __getitems__(self, indices):
+            batched = super().__getitems__(indices)
+            batched.batch["segments"] = len(shared_ring._this_ring().segments)
+            return batched
+
+    path, context, hold = sys.argv[1], sys.argv[2], sys.argv[3] == "hold"
+    dataset = CountingSegments(path)
+    loader = DataLoader(dataset, batch_size=1, num_workers=1, multiprocessing_context=context,
+                        collate_fn=collate_distill, persistent_workers=True, prefetch_factor=2)
+    expected = [collate_distill([dataset[i]]) for i in range(len(dataset))]
+    held, most = [], 0
+    for epoch in range(4):
+        for index, batch in enumerate(loader):
+            most = max(most, batch["segments"])
+            if hold:
+                held.append((index, batch))
+            else:
+                assert torch.equal(batch["image"], expected[index]["image"]), index
+    for index, batch in held:  # every kept batch still holds its own values
+        for key in ("image", "teacher_features", "edge_256x256", "edge_map"):
+            assert torch.equal(batch[key], expected[index][key]), (index, key)
+    print(most)
+""")
+
+
+@pytest.mark.parametrize("layout_store", ["sharded"], indirect=True)
+@pytest.mark.parametrize("hold", ["hold", "release"])
+def test_dataloader_batches_reuse_segments_and_kept_batches_stay_intact(
+        layout_store, hold: str) -> None:
+    """20 batches from one worker: released as the loop goes on, a few segments serve them
+    all; all kept, the ring fills up (then fresh shared memory) and none is overwritten."""
+    _, path = layout_store
+    result = subprocess.run([sys.executable, "-c", HOLDING_SCRIPT, str(path), "fork", hold],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    most = int(result.stdout.strip())
+    if hold == "hold":
+        assert most == shared_ring.MAX_SEGMENTS
+    else:
+        assert 1 <= most <= 4
