@@ -9,18 +9,20 @@ reads + collate, value for value.
 
 ``Batched`` is what a dataset's ``__getitems__`` returns: a list of the items (views into the
 batch buffer, so any ``collate_fn`` sees ordinary items) that also carries the collated batch,
-which the project's collate functions hand on unchanged.
+which the project's collate functions hand on unchanged -- and so does ``default_collate`` when
+the batch is in its format (``default_format``: :class:`PrebatchedItem`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
+from torch.utils.data._utils.collate import collate, default_collate_fn_map
 
 from arraystore.reader import SampleReader
 from loaders.shared_ring import shippable, worker_buffer
@@ -45,31 +47,59 @@ class Slot:
 
 class Batched(list):
     """The items of a batch (a list, for any ``collate_fn``) and the batch already collated
-    (``.batch``, for the collate functions that know it)."""
+    (``.batch``, for the collate functions that know it).
 
-    def __init__(self, items: Sequence[Mapping[str, Any]], batch: dict[str, Any]) -> None:
-        super().__init__(items)
+    ``default_format``: the batch is exactly what ``default_collate`` makes of the items; the
+    items are then :class:`PrebatchedItem` s, and ``default_collate`` (a DataLoader's default
+    ``collate_fn``) hands the batch on instead of stacking the items again."""
+
+    def __init__(self, items: Sequence[Mapping[str, Any]], batch: dict[str, Any],
+                 default_format: bool = False) -> None:
+        super().__init__([PrebatchedItem(i) for i in items] if default_format else items)
         self.batch = shippable(batch)
 
 
-def allocate(reader: SampleReader, slots: Sequence[Slot], n: int, *, pin: bool = False,
-             shared: bool | None = None) -> dict[str, torch.Tensor]:
-    """Buffers for ``n`` samples of each slot, ``(n, *field.shape)`` in the slot's dtype, all
-    views of one allocation: shared memory inside a DataLoader worker (``shared`` None: decide
-    from ``get_worker_info``; a segment the worker reuses, see :mod:`loaders.shared_ring`),
+class PrebatchedItem(dict):
+    """An item of a :class:`Batched` whose batch is ``default_collate``'s own."""
+
+
+def _collate_prebatched(items: Sequence[PrebatchedItem], *,
+                        collate_fn_map: dict | None = None) -> Any:
+    """``default_collate`` of :class:`PrebatchedItem` s: the batch already built when ``items``
+    is the :class:`Batched` itself, else the items collated as plain dicts."""
+    if isinstance(items, Batched):
+        return items.batch
+    return collate([dict(item) for item in items], collate_fn_map=collate_fn_map)
+
+
+default_collate_fn_map[PrebatchedItem] = _collate_prebatched  # torch's documented extension
+
+
+def allocate_arrays(shapes: Mapping[Hashable, tuple[tuple[int, ...], torch.dtype]], *,
+                    pin: bool = False, shared: bool | None = None) -> dict[Any, torch.Tensor]:
+    """Tensors of the given shapes and dtypes, all views (64-byte aligned) of one allocation:
+    shared memory inside a DataLoader worker (``shared`` None: decide from
+    ``get_worker_info``; a segment the worker reuses, see :mod:`loaders.shared_ring`),
     page-locked with ``pin``, else ordinary memory."""
     layout, total = [], 0
-    for slot in slots:
-        shape = reader.schema[slot.field].shape
-        nbytes = n * int(np.prod(shape, dtype=np.int64)) * slot.dtype.itemsize
-        layout.append((slot, shape, total, nbytes))
+    for key, (shape, dtype) in shapes.items():
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        layout.append((key, shape, dtype, total, nbytes))
         total += -(-nbytes // ALIGN) * ALIGN
     if shared if shared is not None else get_worker_info() is not None:
         buffer = worker_buffer(total)
     else:
         buffer = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
-    return {slot.key: buffer[start:start + nbytes].view(slot.dtype).view(n, *shape)
-            for slot, shape, start, nbytes in layout}
+    return {key: buffer[start:start + nbytes].view(dtype).view(shape)
+            for key, shape, dtype, start, nbytes in layout}
+
+
+def allocate(reader: SampleReader, slots: Sequence[Slot], n: int, *, pin: bool = False,
+             shared: bool | None = None) -> dict[str, torch.Tensor]:
+    """Buffers for ``n`` samples of each slot, ``(n, *field.shape)`` in the slot's dtype, all
+    views of one allocation (see :func:`allocate_arrays`)."""
+    return allocate_arrays({slot.key: ((n, *reader.schema[slot.field].shape), slot.dtype)
+                            for slot in slots}, pin=pin, shared=shared)
 
 
 def fill(reader: SampleReader, slots: Sequence[Slot], buffers: Mapping[str, torch.Tensor],

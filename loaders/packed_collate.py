@@ -15,11 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import default_collate, get_worker_info
+from torch.utils.data import default_collate
 
-from loaders.shared_ring import shippable, worker_buffer
-
-ALIGN = 64
+from loaders.batched import allocate_arrays
+from loaders.shared_ring import shippable
 
 
 def _tensors(values: Sequence[Any]) -> list[torch.Tensor] | None:
@@ -43,26 +42,19 @@ def collate_packed(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[st
     """Each group of dict items collated like ``default_collate``, every stacked field of every
     group a view of one buffer (in shared memory inside a DataLoader worker); other values
     (strings, ragged fields) go through ``default_collate`` on their own."""
-    plans: list[tuple[str, str, list[torch.Tensor], int]] = []
+    stacked: dict[tuple[str, str], list[torch.Tensor]] = {}
     batches: dict[str, dict[str, Any]] = {name: {} for name in groups}
-    total = 0
     for name, items in groups.items():
         for key in items[0]:
             values = [item[key] for item in items]
             tensors = _tensors(values)
             batches[name][key] = default_collate(values) if tensors is None else None
             if tensors is not None:
-                plans.append((name, key, tensors, total))
-                total += -(-len(tensors) * tensors[0].nbytes // ALIGN) * ALIGN
-    if get_worker_info() is not None:  # one segment for the whole batch, reused by the worker
-        buffer = worker_buffer(total)
-    else:
-        buffer = torch.empty(total, dtype=torch.uint8)
-    for name, key, tensors, offset in plans:
-        first = tensors[0]
-        nbytes = len(tensors) * first.nbytes
-        out = buffer[offset:offset + nbytes].view(first.dtype).view(len(tensors), *first.shape)
-        batches[name][key] = torch.stack(tensors, out=out)
+                stacked[name, key] = tensors
+    buffers = allocate_arrays({where: ((len(tensors), *tensors[0].shape), tensors[0].dtype)
+                               for where, tensors in stacked.items()})
+    for (name, key), tensors in stacked.items():
+        batches[name][key] = torch.stack(tensors, out=buffers[name, key])
     return batches
 
 

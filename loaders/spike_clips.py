@@ -27,16 +27,18 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from arraystore.errors import ArrayStoreError, OptionError
 from arraystore.reader import SampleReader
 from arraystore.region import Region, region_shape
+from loaders.batched import Batched, allocate_arrays
 from loaders.frame_cache import ProcessLocalCache
 from loaders.spike_voxels import check_bins, spike_to_voxel
 
@@ -207,7 +209,22 @@ class SpikeClipDataset(Dataset):
 
         return cache.get_or_load(("voxels", frame), whole)[window]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def _clip_arrays(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of each tensor of an item (the same for every clip)."""
+        if self.crop_size is None:
+            (ch, cw), (sh, sw) = self.image_hw, self.spike_hw
+        else:
+            image_region, spike_region = crop_windows(self.image_hw, self.spike_hw,
+                                                      self.crop_size, 0, 0)
+            (ch, cw), (sh, sw) = region_shape(image_region), region_shape(spike_region)
+        t = self.clip_len
+        return {"blur": ((t, 3, ch, cw), torch.float32), "sharp": ((t, 3, ch, cw), torch.float32),
+                "spike_vox": ((t, self.bins, sh, sw), torch.float32),
+                "crop_yx": ((2,), torch.int64)}
+
+    def _fill(self, index: int, out: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """Clip ``index`` written into the tensors ``out`` (see :meth:`_clip_arrays`), each
+        window straight into its slot; returns the item's other values."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"clip {index} out of range: {len(self)} clips")
         index %= len(self)
@@ -219,28 +236,47 @@ class SpikeClipDataset(Dataset):
         else:
             image_region, spike_region = crop_windows(self.image_hw, self.spike_hw,
                                                       self.crop_size, y, x)
-        (ch, cw), (sh, sw) = region_shape(image_region), region_shape(spike_region)
-        t = len(frames)
-        images = {name: torch.empty((t, 3, ch, cw)) for name in ("blur", "sharp")}
-        voxels = np.empty((t, self.bins, sh, sw), np.float32)
+        voxels = out["spike_vox"].numpy()
         any_spike = False
-        for k, frame in enumerate(frames):  # each window lands in its slot: no stacking copy
-            for name, out in images.items():
-                self._image_into(out[k], name, frame, image_region)
+        for k, frame in enumerate(frames):
+            for name in ("blur", "sharp"):
+                self._image_into(out[name][k], name, frame, image_region)
             window = self._voxel_window(frame, spike_region)
             any_spike = any_spike or bool(window.any())
             voxels[k] = window
+        out["blur"].div_(255.0)  # ToTensor's scaling to [0, 1]
+        out["sharp"].div_(255.0)
+        out["crop_yx"][0], out["crop_yx"][1] = y, x
         self.stats["clips"] += 1
         if not any_spike:
             self.stats["all_zero_voxels"] += 1
             log.warning("clip %d (%s, frames %s): the spike voxels are all zero", index,
                         self._sequences[frames[0]], list(self._stems[frames]))
-        return {
-            "blur": images["blur"].div_(255.0),  # ToTensor's scaling to [0, 1]
-            "sharp": images["sharp"].div_(255.0),
-            "spike_vox": torch.from_numpy(voxels),
-            "sequence": str(self._sequences[frames[0]]),
-            "frames": [str(s) for s in self._stems[frames]],
-            "crop_yx": torch.tensor([y, x], dtype=torch.int64),
-        }
+        return {"sequence": str(self._sequences[frames[0]]),
+                "frames": [str(s) for s in self._stems[frames]]}
 
+    @staticmethod
+    def _item(tensors: Mapping[str, Any], others: Mapping[str, Any]) -> dict[str, Any]:
+        return {"blur": tensors["blur"], "sharp": tensors["sharp"],
+                "spike_vox": tensors["spike_vox"], "sequence": others["sequence"],
+                "frames": others["frames"], "crop_yx": tensors["crop_yx"]}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        out = {name: torch.empty(shape, dtype=dtype)
+               for name, (shape, dtype) in self._clip_arrays().items()}
+        return self._item(out, self._fill(index, out))
+
+    def __getitems__(self, indices: Sequence[int]) -> Batched:
+        """The clips ``indices`` written straight into one batch buffer (in a DataLoader
+        worker a shared segment it reuses: :mod:`loaders.shared_ring`). The batch equals
+        ``default_collate`` of the items, which hands it on unchanged (a DataLoader's default
+        ``collate_fn``); any other ``collate_fn`` gets the items."""
+        buffers = allocate_arrays({name: ((len(indices), *shape), dtype)
+                                   for name, (shape, dtype) in self._clip_arrays().items()})
+        items = []
+        for row, index in enumerate(indices):
+            out = {name: buffer[row] for name, buffer in buffers.items()}
+            items.append(self._item(out, self._fill(int(index), out)))
+        others = default_collate([{"sequence": i["sequence"], "frames": i["frames"]}
+                                  for i in items])
+        return Batched(items, self._item(buffers, others), default_format=True)
