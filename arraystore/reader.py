@@ -9,9 +9,10 @@ blocks cached; :meth:`SampleReader.read_region` reads a window of a sample.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -175,17 +176,30 @@ class SampleReader:
         values = np.asarray(self._store().array(name)[:extent])
         return values if len(self.positions) == extent else values[self.positions]
 
-    def read(self, index: int, fields: Sequence[str] | None = None) -> dict[str, Any]:
+    def read(self, index: int, fields: Sequence[str] | None = None,
+             while_waiting: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """The ``index``-th committed sample: field name -> array (or str). Per-sample fields
-        served by one backend are read together (in an object store, concurrently)."""
+        served by one backend are read together (in an object store, concurrently; from a
+        disk in two halves at once). ``while_waiting``: work on what has been read while a
+        helper thread still reads the rest (building an item from some of its fields), called
+        at most once with the values read so far; not called when nothing overlaps."""
         position = self.position(index)
         names = tuple(fields or self.fields)
         plan = self._plans.get(names) if self._pid == os.getpid() else None
         if plan is None:
             plan = self._plan(names)
         values = {field.name: self._block_value(field, position) for field in plan[0]}
+        called = while_waiting is None
+
+        def early(group: tuple[str, ...], got: dict[int, np.ndarray]) -> None:
+            nonlocal called
+            if not called:
+                called = True
+                while_waiting({**values, **{group[i]: v for i, v in got.items()}})
+
         for backend, group, readers in plan[1]:
-            values.update(zip(group, backend.read_fields(readers, position), strict=True))
+            hook = None if called else functools.partial(early, group)
+            values.update(zip(group, backend.read_fields(readers, position, hook), strict=True))
         return {name: values[name] for name in names}
 
     def read_into(self, index: int, name: str, out: np.ndarray) -> None:

@@ -21,6 +21,7 @@ from loaders.distill_item import (
     ALL_KEYS,
     ITEM_KEYS,
     STACKED_SLOTS,
+    buildable_part,
     collate_distill,
     distill_item,
     fields_for,
@@ -62,7 +63,12 @@ class ZarrDistillDataset(Dataset):
         return len(self.reader)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return distill_item(self.reader.read(index), self.sample_ids[index], self.keys)
+        """The item; the keys whose fields arrive first are built while the rest is still
+        being read (the reader's helper thread reads the larger half of the item)."""
+        early: dict[str, Any] = {}
+        values = self.reader.read(
+            index, while_waiting=lambda got: early.update(buildable_part(got, self.keys)))
+        return distill_item(values, self.sample_ids[index], self.keys, early)
 
     def batch_slots(self) -> list[Slot]:
         """The item keys batched by stacking, as slots of a batch buffer."""

@@ -25,7 +25,7 @@ from arraystore.errors import ChecksumMismatchError, StoreFormatError
 from arraystore.keys import ChunkPaths
 from arraystore.layout import Layout
 from arraystore.location import LocalLocation, Location
-from arraystore.readers.base import Backend, FieldReader
+from arraystore.readers.base import Backend, FieldReader, WhileWaiting
 from arraystore.readers.halves import Split, read_in_halves, split_by_size
 from arraystore.region import Region, region_shape
 from arraystore.schema import Field
@@ -375,7 +375,8 @@ class DirectBackend(Backend):
             return ranged.RangedFieldReader(field, self.location, crc)
         return ranged.RangedBlockReader(field, self.location, per_chunk, crc)
 
-    def read_fields(self, readers: Sequence[FieldReader], sample: int) -> list[np.ndarray]:
+    def read_fields(self, readers: Sequence[FieldReader], sample: int,
+                    while_waiting: WhileWaiting | None = None) -> list[np.ndarray]:
         """One sample of several fields: from an object store as one batch of concurrent ranged
         GETs; from a disk in two halves of the item's bytes at once (:mod:`.halves`; a thread
         per field made items slower on 2 cores, one hand-off per item makes them faster)."""
@@ -384,7 +385,7 @@ class DirectBackend(Backend):
             if key not in self._splits:
                 self._splits[key] = split_by_size(
                     [r.field.nbytes for r in readers])  # type: ignore[attr-defined]
-            return read_in_halves(readers, sample, self._splits[key])
+            return read_in_halves(readers, sample, self._splits[key], while_waiting)
         from arraystore.readers.ranged import fetch_samples
 
         return fetch_samples(self.location, [(r, sample) for r in readers])

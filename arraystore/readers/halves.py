@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from arraystore.readers.base import FieldReader
+from arraystore.readers.base import FieldReader, WhileWaiting
 
 MIN_SPLIT_BYTES = 1 << 20
 Split = tuple[tuple[int, ...], tuple[int, ...]] | None
@@ -43,8 +43,8 @@ def usable_cores() -> int:
 
 def split_by_size(sizes: Sequence[int]) -> Split:
     """Indices of ``sizes`` in two groups of nearly equal total (largest first, each to the
-    lighter group), or None when splitting does not pay: under :data:`MIN_SPLIT_BYTES` in all,
-    one core, or a group that would be empty."""
+    lighter group), the heavier group first; or None when splitting does not pay: under
+    :data:`MIN_SPLIT_BYTES` in all, one core, or a group that would be empty."""
     if sum(sizes) < MIN_SPLIT_BYTES or usable_cores() < 2:
         return None
     groups: tuple[list[int], list[int]] = ([], [])
@@ -55,22 +55,27 @@ def split_by_size(sizes: Sequence[int]) -> Split:
         totals[lighter] += sizes[i]
     if not groups[1]:
         return None
-    return tuple(groups[0]), tuple(groups[1])
+    heavier = int(totals[1] > totals[0])
+    return tuple(groups[heavier]), tuple(groups[1 - heavier])
 
 
-def read_in_halves(readers: Sequence[FieldReader], sample: int, split: Split
-                   ) -> list[np.ndarray]:
-    """Sample ``sample`` of each of ``readers``, in order: the second group of ``split`` read
-    on the helper thread while this one reads the first (all in turn when ``split`` is None)."""
+def read_in_halves(readers: Sequence[FieldReader], sample: int, split: Split,
+                   while_waiting: WhileWaiting | None = None) -> list[np.ndarray]:
+    """Sample ``sample`` of each of ``readers``, in order: the heavier group of ``split`` read
+    on the helper thread while this one reads the lighter group and then calls
+    ``while_waiting`` with what it read (index in ``readers`` -> value), work that overlaps
+    the helper's reads (all read in turn, and no call, when ``split`` is None)."""
     if split is None:
         return [reader.read_sample(sample) for reader in readers]
-    mine, helpers = split
+    helpers, mine = split
     pending = _helper_thread().submit(
         lambda: [readers[i].read_sample(sample) for i in helpers])
     out: list[np.ndarray | None] = [None] * len(readers)
     try:
         for i in mine:
             out[i] = readers[i].read_sample(sample)
+        if while_waiting is not None:
+            while_waiting({i: out[i] for i in mine})
     finally:
         theirs = pending.result()  # waited for even when this half failed
     for i, value in zip(helpers, theirs, strict=True):
