@@ -23,6 +23,7 @@ before.
 
 from __future__ import annotations
 
+import copy
 import mmap
 import os
 import secrets
@@ -68,6 +69,7 @@ class Segment:
         self.local_views = False
 
     def close(self) -> None:
+        """Unmap and close; the memory goes once the main process has unmapped it too."""
         self.map.close()
         os.close(self.fd)
 
@@ -83,12 +85,12 @@ class _Ring:
         fitting = [s for s in self.segments if s.nbytes >= nbytes and s.free()]
         if fitting:
             return min(fitting, key=lambda s: s.nbytes).payload()
-        if len(self.segments) >= MAX_SEGMENTS:
-            smaller = [s for s in self.segments if s.free()]
-            if not smaller:
+        if len(self.segments) >= MAX_SEGMENTS:  # make room: drop a free (too small) one
+            smaller = next((s for s in self.segments if s.free()), None)
+            if smaller is None:
                 return None
-            self.segments.remove(smaller[0])
-            smaller[0].close()
+            self.segments.remove(smaller)
+            smaller.close()
         segment = Segment(nbytes)
         self.segments.append(segment)
         return segment.payload()
@@ -152,6 +154,12 @@ class RingBatch(dict):
     def __init__(self, batch: dict[str, Any], segments: list[Segment]) -> None:
         super().__init__(batch)
         self.segments = segments
+
+    def __copy__(self) -> RingBatch:  # a copy in this process: the same views
+        return RingBatch(dict(self), self.segments)
+
+    def __deepcopy__(self, memo: dict) -> dict:  # owned copies of every value
+        return copy.deepcopy(dict(self), memo)
 
     def __reduce__(self) -> tuple:
         pointers = {s.data_ptr: number for number, s in enumerate(self.segments)}

@@ -5,6 +5,7 @@ never overwritten; without the ring (no memfd) a batch goes into fresh shared me
 
 from __future__ import annotations
 
+import copy
 import gc
 import pickle
 import subprocess
@@ -132,3 +133,13 @@ def test_dataloader_batches_reuse_segments_and_kept_batches_stay_intact(
         assert most == shared_ring.MAX_SEGMENTS
     else:
         assert 1 <= most <= 4
+
+
+def test_copies_in_the_worker_do_not_go_through_the_main_process_path() -> None:
+    batch = ring_batch(fill=4)
+    shallow = copy.copy(batch)
+    assert isinstance(shallow, shared_ring.RingBatch) and shallow["image"] is batch["image"]
+    deep = copy.deepcopy(batch)
+    assert type(deep) is dict and torch.equal(deep["features"], batch["features"])
+    assert deep["features"].untyped_storage().data_ptr() != batch.segments[0].data_ptr
+    assert batch.segments[0].map[0] == 0  # not marked as sent
