@@ -57,6 +57,7 @@ class Batched(list):
                  default_format: bool = False) -> None:
         super().__init__([PrebatchedItem(i) for i in items] if default_format else items)
         self.batch = shippable(batch)
+        self.default_format = default_format
 
 
 class PrebatchedItem(dict):

@@ -30,7 +30,7 @@ from arraystore.mix import (
     read_mix_toml,
 )
 from arraystore.reader import SampleReader
-from loaders.batched import Batched, Slot, fill
+from loaders.batched import Batched, Slot, allocate, fill
 from loaders.packed_collate import collate_packed
 from loaders.shared_ring import shippable
 
@@ -94,8 +94,15 @@ class StoreItems(Dataset):
         strings = [n for n in self.reader.fields if n not in stacked]
         listed = {n: [self.reader.read(int(i), (n,))[n] for i in indices] for n in strings}
         batch = {n: stacked[n] if n in stacked else listed[n] for n in self.reader.fields}
-        views = [{n: batch[n][row] for n in self.reader.fields} for row in range(len(indices))]
-        return Batched(views, batch)
+        views = [{n: batch[n][row].numpy() if n in stacked else batch[n][row]
+                  for n in self.reader.fields} for row in range(len(indices))]
+        return Batched(views, batch, default_format=True)
+
+    def __getitems__(self, indices: Sequence[int]) -> Batched:
+        """The items ``indices`` read straight into one batch buffer (a reused shared one in a
+        DataLoader worker), which ``default_collate`` hands on; the items are NumPy views of
+        it, as :meth:`__getitem__` returns them."""
+        return self.fill_batch(indices, allocate(self.reader, self.batch_slots(), len(indices)))
 
 
 def _modality_lengths(dataset: Any, source: MixSource) -> np.ndarray:
@@ -198,6 +205,46 @@ class Mixture(Dataset):
         return {**item, "dataset_type": self.sources[source].dataset_type,
                 MODALITY_FIELD: int(self.lengths[index])}
 
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """The items ``indices``, each source's read together (its own ``__getitems__``, as
+        the store datasets have: straight into batch buffers). Where :meth:`collate` would
+        batch them by type, the batch is built from those buffers and handed on by it (a
+        :class:`Batched`, equal to :meth:`collate` of the items); otherwise the items."""
+        located = [self.locate(int(i)) for i in indices]
+        rows: dict[int, list[int]] = {}
+        for row, (source, _) in enumerate(located):
+            rows.setdefault(source, []).append(row)
+        if any(not hasattr(self.datasets[s], "__getitems__") for s in rows):
+            return [self[int(i)] for i in indices]
+        reads = {s: self.datasets[s].__getitems__([located[r][1] for r in members])
+                 for s, members in rows.items()}
+        items: list[dict[str, Any]] = [{}] * len(indices)
+        for source, members in rows.items():
+            for row, item in zip(members, reads[source], strict=True):
+                items[row] = {**item, "dataset_type": self.sources[source].dataset_type,
+                              MODALITY_FIELD: int(self.lengths[int(indices[row])])}
+        one_batch = len(rows) > 1 and len({frozenset(i) for i in items}) == 1
+        if self.collate_fn is not None or one_batch or not all(
+                isinstance(r, Batched) for r in reads.values()):
+            return items  # collated item by item
+        batches = {}
+        for source, members in rows.items():
+            name, read = self.sources[source].dataset_type, reads[source]
+            own = self._own_collate(name)
+            stripped = read if not any(k in read[0] for k in ADDED_KEYS) else [
+                {k: v for k, v in i.items() if k not in ADDED_KEYS} for i in read]
+            if own is not None:
+                batch = own(stripped)
+            elif read.default_format:  # the mixture's own values replace stored ones
+                batch = {k: v for k, v in read.batch.items() if k not in ADDED_KEYS}
+            else:
+                batch = collate_packed({"": list(stripped)})[""]
+            if isinstance(batch, dict):
+                batch["dataset_type"] = [name] * len(members)
+                batch[MODALITY_FIELD] = [items[r][MODALITY_FIELD] for r in members]
+            batches[name] = batch
+        return Batched(items, next(iter(batches.values())) if len(batches) == 1 else batches)
+
     def collate(self, items: list[Mapping[str, Any]]) -> Any:
         """Batch items: one batch when they share their keys, else a dict of per-type
         sub-batches (SA-1B and SAV dicts in one batch). A type whose source has a collate of
@@ -207,6 +254,8 @@ class Mixture(Dataset):
         gets ``dataset_type`` and ``modality_length`` as lists."""
         if self.collate_fn is not None:
             return self.collate_fn(items)
+        if isinstance(items, Batched):  # built by __getitems__
+            return items.batch
         groups: dict[str, list[Mapping[str, Any]]] = {}
         for item in items:
             groups.setdefault(item["dataset_type"], []).append(item)
