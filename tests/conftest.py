@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from arraystore import Layout, ingest
 from converters.sa1b.shard_writer import ShardSample, write_shard
@@ -205,3 +206,24 @@ def located_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     if layout not in copies:
         copies[layout] = s3_copy(path, f"s3://arraystore-layouts/{layout}.zarr")
     return f"{layout}@s3", copies[layout]
+
+
+def assert_same_values(got, expected, where: str = "") -> None:
+    """Equal values in the same structure: dict keys in the same order, tensors and arrays of
+    one dtype, lists and tuples of one type, nested in any of them."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.dtype == expected.dtype, where
+        assert torch.equal(got, expected), where
+    elif isinstance(expected, np.ndarray):
+        assert isinstance(got, np.ndarray) and got.dtype == expected.dtype, where
+        np.testing.assert_array_equal(got, expected, err_msg=where)
+    elif isinstance(expected, dict):
+        assert isinstance(got, dict) and list(got) == list(expected), where
+        for key in expected:
+            assert_same_values(got[key], expected[key], f"{where}/{key}")
+    elif isinstance(expected, list | tuple):
+        assert type(got) is type(expected) and len(got) == len(expected), where
+        for number, (a, b) in enumerate(zip(got, expected, strict=True)):
+            assert_same_values(a, b, f"{where}[{number}]")
+    else:
+        assert type(got) is type(expected) and got == expected, where

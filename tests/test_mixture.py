@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import assert_same_values
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from arraystore import ingest
@@ -283,26 +284,6 @@ def test_packed_collate_equals_default_collate_in_workers(mix) -> None:
                                               if i["dataset_type"] == name]
 
 
-def assert_equal_batches(got, expected, where: str = "") -> None:
-    """The same values in the same structure (dict keys in order, tensors of one dtype)."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(got, torch.Tensor) and got.dtype == expected.dtype, where
-        assert torch.equal(got, expected), where
-    elif isinstance(expected, np.ndarray):
-        assert isinstance(got, np.ndarray) and got.dtype == expected.dtype, where
-        np.testing.assert_array_equal(got, expected, err_msg=where)
-    elif isinstance(expected, dict):
-        assert list(got) == list(expected), where
-        for key in expected:
-            assert_equal_batches(got[key], expected[key], f"{where}/{key}")
-    elif isinstance(expected, list | tuple):
-        assert len(got) == len(expected), where
-        for number, (a, b) in enumerate(zip(got, expected, strict=True)):
-            assert_equal_batches(a, b, f"{where}[{number}]")
-    else:
-        assert got == expected, where
-
-
 @pytest.mark.parametrize("indices", [[0, 1, 2], [3, 4, 5, 0], [38, 3, 9, 1, 4, 20],
                                      [9, 10, 11]])
 def test_batches_read_together_equal_collate_of_the_items(mix, stores, indices) -> None:
@@ -311,13 +292,13 @@ def test_batches_read_together_equal_collate_of_the_items(mix, stores, indices) 
     expected = mix.collate([mix[i] for i in indices])
     read = mix.__getitems__(indices)
     assert isinstance(read, Batched)
-    assert_equal_batches(mix.collate(read), expected, str(indices))
-    assert_equal_batches(list(read), [mix[i] for i in indices], "items")
+    assert_same_values(mix.collate(read), expected, str(indices))
+    assert_same_values(list(read), [mix[i] for i in indices], "items")
     twins = Mixture([MixSource(stores["sav"], dataset_type="a"),  # the same keys: one batch
                      MixSource(stores["sav"], dataset_type="b")])
     both = twins.__getitems__([0, 7, 1])
     assert not isinstance(both, Batched)
-    assert_equal_batches(twins.collate(both), twins.collate([twins[i] for i in (0, 7, 1)]))
+    assert_same_values(twins.collate(both), twins.collate([twins[i] for i in (0, 7, 1)]))
 
 
 def test_toml_and_describe(stores, tmp_path) -> None:

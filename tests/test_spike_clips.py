@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import LAYOUTS
+from conftest import LAYOUTS, assert_same_values
 from test_gopro import GEOMETRY, IMAGE, SPIKE, reference_voxels
 from torch.utils.data import DataLoader, default_collate
 
@@ -190,23 +190,6 @@ def test_the_budget_is_split_across_dataloader_workers() -> None:
     assert shares == [500, 500]
 
 
-def assert_same(got, expected, where: str = "") -> None:
-    """Equal values of equal types, nested in dicts, lists and tuples."""
-    assert type(got) is type(expected), where
-    if isinstance(expected, torch.Tensor):
-        assert got.dtype == expected.dtype and torch.equal(got, expected), where
-    elif isinstance(expected, dict):
-        assert list(got) == list(expected), where
-        for key in expected:
-            assert_same(got[key], expected[key], f"{where}/{key}")
-    elif isinstance(expected, list | tuple):
-        assert len(got) == len(expected), where
-        for number, (a, b) in enumerate(zip(got, expected, strict=True)):
-            assert_same(a, b, f"{where}[{number}]")
-    else:
-        assert got == expected, where
-
-
 @pytest.mark.parametrize("options", [{}, {"crop_size": None}, {"voxels": "precomputed"},
                                      {"ram_cache_gb": 0.01}])
 def test_a_batch_read_at_once_equals_default_collate_of_its_items(store, options) -> None:
@@ -215,10 +198,10 @@ def test_a_batch_read_at_once_equals_default_collate_of_its_items(store, options
     batched = ds.__getitems__(indices)
     expected = default_collate([ds[i] for i in indices])
     assert default_collate(batched) is batched.batch  # a DataLoader's default collate_fn
-    assert_same(batched.batch, expected, str(options))
-    assert_same(default_collate(list(batched)), expected, "the items, collated again")
+    assert_same_values(batched.batch, expected, str(options))
+    assert_same_values(default_collate(list(batched)), expected, "the items, collated again")
     for item, index in zip(batched, indices, strict=True):
-        assert_same(dict(item), ds[index], f"item {index}")
+        assert_same_values(dict(item), ds[index], f"item {index}")
 
 
 def test_dataloader_with_workers_and_timed(store) -> None:
@@ -233,7 +216,7 @@ def test_dataloader_with_workers_and_timed(store) -> None:
     assert batch["blur"].shape == (2, 3, 3, 32, 32) and data_time >= 0
     assert batch["crop_yx"].shape == (2, 2) and batch["sequence"] == ["A", "A"]
     for number, (got, _) in enumerate(steps):  # read in the workers, the same as here
-        assert_same(got, default_collate([ds[i] for i in range(2 * number,
+        assert_same_values(got, default_collate([ds[i] for i in range(2 * number,
                                                                min(2 * number + 2, len(ds)))]))
     assert len(pickle.dumps(ds)) < 20_000
 
