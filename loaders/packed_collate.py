@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from loaders.batched import allocate_arrays
+from loaders.batched import Batched, allocate_arrays
 from loaders.shared_ring import shippable
 
 
@@ -60,5 +60,8 @@ def collate_packed(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[st
 
 def packed_default_collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """``default_collate`` of dict items, every stacked field a view of one buffer: a drop-in
-    ``collate_fn`` whose batches cross from a worker as one shared-memory segment."""
+    ``collate_fn`` whose batches cross from a worker as one shared-memory segment. A batch a
+    dataset's ``__getitems__`` already built in ``default_collate``'s format is handed on."""
+    if isinstance(items, Batched) and items.default_format:
+        return items.batch
     return shippable(collate_packed({"": items})[""])

@@ -10,7 +10,13 @@ from torch.utils.data import DataLoader, RandomSampler, default_collate
 
 from arraystore import Layout, ingest
 from converters.npz.source import NpzDirectorySource
-from loaders import BatchLoader, StoreItems, ZarrDistillDataset, collate_distill
+from loaders import (
+    BatchLoader,
+    StoreItems,
+    ZarrDistillDataset,
+    collate_distill,
+    packed_default_collate,
+)
 
 
 def equal(a, b) -> bool:
@@ -50,7 +56,16 @@ def test_sa1b_batches_equal_a_dataloaders(layout_store) -> None:
 
 def test_any_store_kind_batches_like_default_collate(npz_store) -> None:
     dataset = StoreItems(npz_store)
-    expected = list(DataLoader(dataset, batch_size=4, collate_fn=default_collate))
+    expected = [default_collate([dataset[i] for i in range(start, min(start + 4, len(dataset)))])
+                for start in range(0, len(dataset), 4)]  # item by item: the reference
+    assert all(equal(a, b) for a, b in zip(
+        DataLoader(dataset, batch_size=4), expected, strict=True))  # __getitems__, handed on
+    batched = dataset.__getitems__([3, 0, 3])
+    reference = default_collate([dataset[i] for i in (3, 0, 3)])
+    assert default_collate(batched) is batched.batch
+    assert packed_default_collate(batched) is batched.batch
+    assert equal(batched.batch, reference)
+    assert equal(packed_default_collate(list(batched)), reference)  # items: collated again
     loader = BatchLoader(dataset, 4, threads=3, prefetch=1, copy=True)
     got = list(loader)
     assert len(loader) == len(got) == 3
