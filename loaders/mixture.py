@@ -198,7 +198,11 @@ class Mixture(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         source, local = self.locate(int(index))
-        item = self.datasets[source][local]
+        return self._mixture_item(source, self.datasets[source][local], int(index))
+
+    def _mixture_item(self, source: int, item: Any, index: int) -> dict[str, Any]:
+        """A source's item as the mixture's: with its ``dataset_type`` and
+        ``modality_length``."""
         if not isinstance(item, Mapping):
             raise TypeError(f"mixture source {self.sources[source].dataset_type!r} returned a "
                             f"{type(item).__name__}; mixture sources return dicts")
@@ -221,8 +225,7 @@ class Mixture(Dataset):
         items: list[dict[str, Any]] = [{}] * len(indices)
         for source, members in rows.items():
             for row, item in zip(members, reads[source], strict=True):
-                items[row] = {**item, "dataset_type": self.sources[source].dataset_type,
-                              MODALITY_FIELD: int(self.lengths[int(indices[row])])}
+                items[row] = self._mixture_item(source, item, int(indices[row]))
         one_batch = len(rows) > 1 and len({frozenset(i) for i in items}) == 1
         if self.collate_fn is not None or one_batch or not all(
                 isinstance(r, Batched) for r in reads.values()):

@@ -301,6 +301,27 @@ def test_batches_read_together_equal_collate_of_the_items(mix, stores, indices) 
     assert_same_values(twins.collate(both), twins.collate([twins[i] for i in (0, 7, 1)]))
 
 
+class Pairs(Dataset):
+    """Items that are not dicts, one at a time or several at once."""
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, index: int) -> tuple:
+        return (index, index)
+
+    def __getitems__(self, indices) -> list:
+        return [self[i] for i in indices]
+
+
+def test_a_source_of_non_dict_items_is_a_clear_error() -> None:
+    mixture = Mixture([MixSource(Pairs(), dataset_type="pairs")])
+    with pytest.raises(TypeError, match="'pairs' returned a tuple; mixture sources return"):
+        mixture[0]
+    with pytest.raises(TypeError, match="'pairs' returned a tuple"):
+        mixture.__getitems__([0, 1])
+
+
 def test_toml_and_describe(stores, tmp_path) -> None:
     toml = tmp_path / "mix.toml"
     toml.write_text(f"""
