@@ -209,14 +209,18 @@ class SpikeClipDataset(Dataset):
 
         return cache.get_or_load(("voxels", frame), whole)[window]
 
-    def _clip_arrays(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Shape and dtype of each tensor of an item (the same for every clip)."""
+    def _windows(self, y: int, x: int) -> tuple[Region, Region]:
+        """The image and spike windows of a crop at ``(y, x)``; whole frames without crops."""
         if self.crop_size is None:
-            (ch, cw), (sh, sw) = self.image_hw, self.spike_hw
-        else:
-            image_region, spike_region = crop_windows(self.image_hw, self.spike_hw,
-                                                      self.crop_size, 0, 0)
-            (ch, cw), (sh, sw) = region_shape(image_region), region_shape(spike_region)
+            return ((slice(0, self.image_hw[0]), slice(0, self.image_hw[1])),
+                    (slice(0, self.spike_hw[0]), slice(0, self.spike_hw[1])))
+        return crop_windows(self.image_hw, self.spike_hw, self.crop_size, y, x)
+
+    def _clip_arrays(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of each tensor of an item (the same for every clip: a window's
+        size does not depend on where it is)."""
+        image_region, spike_region = self._windows(0, 0)
+        (ch, cw), (sh, sw) = region_shape(image_region), region_shape(spike_region)
         t = self.clip_len
         return {"blur": ((t, 3, ch, cw), torch.float32), "sharp": ((t, 3, ch, cw), torch.float32),
                 "spike_vox": ((t, self.bins, sh, sw), torch.float32),
@@ -230,12 +234,7 @@ class SpikeClipDataset(Dataset):
         index %= len(self)
         frames = self.clip_frames(index)
         y, x = self.crop_origin(index)
-        if self.crop_size is None:
-            image_region = (slice(0, self.image_hw[0]), slice(0, self.image_hw[1]))
-            spike_region = (slice(0, self.spike_hw[0]), slice(0, self.spike_hw[1]))
-        else:
-            image_region, spike_region = crop_windows(self.image_hw, self.spike_hw,
-                                                      self.crop_size, y, x)
+        image_region, spike_region = self._windows(y, x)
         voxels = out["spike_vox"].numpy()
         any_spike = False
         for k, frame in enumerate(frames):
