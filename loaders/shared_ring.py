@@ -28,6 +28,7 @@ import mmap
 import os
 import secrets
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -147,6 +148,17 @@ def _replace(value: Any, swap: Any) -> Any:
     return swap(value)
 
 
+def _leaves(value: Any) -> Iterator[Any]:
+    """Every leaf inside dicts, lists and tuples, as :func:`_replace` visits them."""
+    if isinstance(value, dict):
+        value = value.values()
+    elif type(value) not in (list, tuple):
+        yield value
+        return
+    for item in value:
+        yield from _leaves(item)
+
+
 class RingBatch(dict):
     """A batch dict some of whose tensors are views of ring segments; pickled for the main
     process as references into the segments, unpickled there as a plain dict."""
@@ -184,16 +196,8 @@ def shippable(batch: dict[str, Any]) -> dict[str, Any]:
     ring = _ring if _ring is not None and _ring.pid == os.getpid() else None
     if ring is None or not ring.segments:
         return batch
-    found: list[Segment] = []
-
-    def look(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            segment = ring.owner(value)
-            if segment is not None and segment not in found:
-                found.append(segment)
-        return value
-
-    _replace(batch, look)
+    owners = (ring.owner(v) for v in _leaves(batch) if isinstance(v, torch.Tensor))
+    found = list(dict.fromkeys(s for s in owners if s is not None))  # each once, in order
     return RingBatch(batch, found) if found else batch
 
 
