@@ -177,25 +177,32 @@ class SpikeClipDataset(Dataset):
         return (int(rng.integers(0, height - self.crop_size + 1)),
                 int(rng.integers(0, width - self.crop_size + 1)))
 
-    def _image_into(self, out: torch.Tensor, name: str, frame: int, region: Region) -> None:
-        """Convert the ``region`` of one frame's image into ``out`` (3, c, c) float32 (not yet
-        scaled). From the RAM cache when there is one: cached frames are kept channels-first,
-        read once, so a window converts with contiguous rows; else read straight from the
-        store, channels split by OpenCV (both several times faster than a permuted copy)."""
+    def _image_into(self, out: torch.Tensor, name: str, frame: int, region: Region,
+                    staging: torch.Tensor) -> None:
+        """The ``region`` of one frame's image into ``out`` (3, c, c) as float32 in [0, 1]
+        (ToTensor's ``/ 255``, fused with the conversion: one pass over the output). From the
+        RAM cache when there is one: cached frames are kept channels-first, and a window is
+        first copied into ``staging``, a contiguous uint8 buffer of ``out``'s shape (row
+        copies from a frame in RAM run far faster than converting straight from it); else read
+        straight from the store, channels split by OpenCV (both several times faster than a
+        permuted copy)."""
         cache = self.cache.get()
         if cache is None:
             window = self.reader.read_region(frame, name, region)
             for channel, plane in enumerate(cv2.split(window)):
-                out[channel].copy_(torch.from_numpy(plane))
+                torch.div(torch.from_numpy(plane), 255.0, out=out[channel])
             return
         channels_first = cache.get_or_load((name, frame), lambda: np.ascontiguousarray(
             self.reader.read(frame, (name,))[name].transpose(2, 0, 1)))
-        out.copy_(torch.from_numpy(channels_first[(slice(None), *region)]))
+        staging.copy_(torch.from_numpy(channels_first[(slice(None), *region)]))
+        torch.div(staging, 255.0, out=out)
 
     def _voxel_window(self, frame: int, region: Region) -> np.ndarray:
         """(bins, h', w') uint16 voxels of the spike ``region`` (rows, columns) of one frame.
         Without a cache, the window alone is read (and, realtime, summed); with one, a frame's
-        voxels are read (and summed) once, whole, and kept."""
+        voxels are read (and summed) once, whole, and kept, and the window is copied out of
+        them contiguous (gathering its rows first makes the conversion to float32 ~25%
+        cheaper than converting straight from the frame)."""
         name = "spike_vox" if self.voxels == "precomputed" else "spike"
         window = (slice(None), *region)
         cache = self.cache.get()
@@ -207,7 +214,7 @@ class SpikeClipDataset(Dataset):
             stored = self.reader.read(frame, (name,))[name]
             return stored if name == "spike_vox" else spike_to_voxel(stored, self.bins)
 
-        return cache.get_or_load(("voxels", frame), whole)[window]
+        return np.ascontiguousarray(cache.get_or_load(("voxels", frame), whole)[window])
 
     def _windows(self, y: int, x: int) -> tuple[Region, Region]:
         """The image and spike windows of a crop at ``(y, x)``; whole frames without crops."""
@@ -236,15 +243,14 @@ class SpikeClipDataset(Dataset):
         y, x = self.crop_origin(index)
         image_region, spike_region = self._windows(y, x)
         voxels = out["spike_vox"].numpy()
+        staging = torch.empty(out["blur"].shape[1:], dtype=torch.uint8)
         any_spike = False
         for k, frame in enumerate(frames):
             for name in ("blur", "sharp"):
-                self._image_into(out[name][k], name, frame, image_region)
+                self._image_into(out[name][k], name, frame, image_region, staging)
             window = self._voxel_window(frame, spike_region)
             any_spike = any_spike or bool(window.any())
             voxels[k] = window
-        out["blur"].div_(255.0)  # ToTensor's scaling to [0, 1]
-        out["sharp"].div_(255.0)
         out["crop_yx"][0], out["crop_yx"][1] = y, x
         self.stats["clips"] += 1
         if not any_spike:
