@@ -160,14 +160,19 @@ def s3_endpoint() -> Iterator[str]:
                 os.environ[key] = value
 
 
-@pytest.fixture
-def bucket(s3_endpoint: str) -> str:
-    """A new, empty bucket: ``s3://<name>``."""
+def new_bucket() -> str:
+    """Create a new, empty bucket on the session's S3 server: ``s3://<name>``."""
     import boto3
 
     name = f"arraystore-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str) -> str:
+    """A new, empty bucket: ``s3://<name>``."""
+    return new_bucket()
 
 
 def s3_copy(local: Path, url: str) -> str:

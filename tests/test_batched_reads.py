@@ -73,34 +73,36 @@ LOADER_SCRIPT = textwrap.dedent("""
     from torch.utils.data import DataLoader
     from loaders import ZarrDistillDataset, collate_distill
 
-    path, context = sys.argv[1:]
+    path, *contexts = sys.argv[1:]
     dataset = ZarrDistillDataset(path)
-    loader = DataLoader(dataset, batch_size=2, num_workers=2, multiprocessing_context=context,
-                        collate_fn=collate_distill)
-    got = list(loader)  # workers call __getitems__; the reference is read after, here
-    for start, batch in zip(range(0, len(dataset), 2), got, strict=True):
-        expected = collate_distill([dataset[i] for i in range(start, min(start + 2,
-                                                                           len(dataset)))])
-        assert list(batch) == list(expected)
-        for key, value in expected.items():
-            same = (torch.equal(batch[key], value) if isinstance(value, torch.Tensor) else
-                    all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
-                        for a, b in zip(batch[key], value, strict=True)))
-            assert same, key
-    print(len(got))
+    for context in contexts:
+        loader = DataLoader(dataset, batch_size=2, num_workers=2,
+                            multiprocessing_context=context, collate_fn=collate_distill)
+        got = list(loader)  # workers call __getitems__; the reference is read after, here
+        for start, batch in zip(range(0, len(dataset), 2), got, strict=True):
+            expected = collate_distill([dataset[i] for i in range(start, min(start + 2,
+                                                                               len(dataset)))])
+            assert list(batch) == list(expected), context
+            for key, value in expected.items():
+                same = (torch.equal(batch[key], value) if isinstance(value, torch.Tensor) else
+                        all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+                            for a, b in zip(batch[key], value, strict=True)))
+                assert same, (context, key)
+        print(context, len(got))
 """)
 
 
 @pytest.mark.parametrize("layout_store", ["raw", "sharded+zstd+crc32c"], indirect=True)
-@pytest.mark.parametrize("context", ["fork", "spawn", "forkserver"])
-def test_getitems_in_dataloader_workers(layout_store, context: str) -> None:
-    """In a fresh interpreter, as a training script runs (TensorStore, used by this pytest
-    process elsewhere, forbids a later fork)."""
+def test_getitems_in_dataloader_workers(layout_store) -> None:
+    """Under fork, spawn and forkserver in turn, in a fresh interpreter, as a training script
+    runs (TensorStore, used by this pytest process elsewhere, forbids a later fork); the
+    reference items are read in that parent after each DataLoader's workers have read."""
     _, path = layout_store
-    result = subprocess.run([sys.executable, "-c", LOADER_SCRIPT, str(path), context],
+    contexts = ("fork", "spawn", "forkserver")  # fork first: before the parent has read
+    result = subprocess.run([sys.executable, "-c", LOADER_SCRIPT, str(path), *contexts],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "3"
+    assert result.stdout.splitlines() == [f"{c} 3" for c in contexts]
 
 
 def test_split_by_size_balances_bytes_and_skips_small_items() -> None:

@@ -14,7 +14,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from arraystore import Layout, ingest
 from converters.sa1b.source import Sa1bTarSource
@@ -26,18 +26,20 @@ LOADER_SCRIPT = textwrap.dedent("""
     from torch.utils.data import DataLoader
     from loaders import ZarrDistillDataset, collate_distill
 
-    path, backend, context = sys.argv[1:]
-    dataset = ZarrDistillDataset(path, backend=backend)
-    assert len(dataset) == 5
-    loader = DataLoader(dataset, batch_size=2, num_workers=2, multiprocessing_context=context,
-                        collate_fn=collate_distill)
-    seen = []
-    for batch in loader:
-        assert tuple(batch["image"].shape[1:]) == (3, 1024, 1024)
-        assert tuple(batch["teacher_features"].shape[1:]) == (256, 64, 64)
-        seen.extend(batch["image_id"])
-    print(",".join(seen))
+    path, context, *backends = sys.argv[1:]
+    for backend in backends:
+        dataset = ZarrDistillDataset(path, backend=backend)
+        assert len(dataset) == 5
+        loader = DataLoader(dataset, batch_size=2, num_workers=2,
+                            multiprocessing_context=context, collate_fn=collate_distill)
+        seen = []
+        for batch in loader:
+            assert tuple(batch["image"].shape[1:]) == (3, 1024, 1024)
+            assert tuple(batch["teacher_features"].shape[1:]) == (256, 64, 64)
+            seen.extend(batch["image_id"])
+        print(backend, ",".join(seen))
 """)
+BACKENDS = ("auto", "tensorstore", "zarr")
 
 
 @pytest.fixture(scope="module", params=["raw", "sharded+zstd"])
@@ -49,25 +51,30 @@ def store(request, tmp_path_factory, shard):
     return out
 
 
-@pytest.mark.parametrize("backend", ["auto", "tensorstore", "zarr"])
-def test_dataloader_fork_workers(store, backend: str) -> None:
-    result = subprocess.run([sys.executable, "-c", LOADER_SCRIPT, str(store), backend, "fork"],
-                            capture_output=True, text=True, timeout=300)
+def test_dataloader_fork_workers(store) -> None:
+    """Every backend in turn, in one fresh interpreter (each a DataLoader of its own)."""
+    result = subprocess.run([sys.executable, "-c", LOADER_SCRIPT, str(store), "fork",
+                             *BACKENDS], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "big,small,tall,empty,ties"
+    assert result.stdout.splitlines() == [f"{b} big,small,tall,empty,ties" for b in BACKENDS]
 
 
 @pytest.mark.parametrize("context", ["spawn", "forkserver"])
-@pytest.mark.parametrize("backend", ["auto", "tensorstore", "zarr"])
-def test_dataloader_spawn_and_forkserver_workers(store, backend: str, context: str) -> None:
-    dataset = ZarrDistillDataset(store, backend=backend)
-    expected = [dataset[i] for i in range(len(dataset))]  # reading in the parent is fine
-    loader = DataLoader(dataset, batch_size=2, num_workers=2, multiprocessing_context=context,
-                        collate_fn=collate_distill)
+def test_dataloader_spawn_and_forkserver_workers(store, context: str) -> None:
+    """One DataLoader over the store read through every backend (a ``ConcatDataset``: the
+    workers start once, each backend's dataset is pickled to them)."""
+    datasets = [ZarrDistillDataset(store, backend=backend) for backend in BACKENDS]
+    loader = DataLoader(ConcatDataset(datasets), batch_size=2, num_workers=2,
+                        multiprocessing_context=context, collate_fn=collate_distill)
     batches = list(loader)
     images = np.concatenate([b["image"].numpy() for b in batches])
-    np.testing.assert_array_equal(images, np.stack([e["image"].numpy() for e in expected]))
-    assert [i for b in batches for i in b["image_id"]] == [e["image_id"] for e in expected]
+    ids = [i for b in batches for i in b["image_id"]]
+    for n, (backend, dataset) in enumerate(zip(BACKENDS, datasets, strict=True)):
+        expected = [dataset[i] for i in range(len(dataset))]  # reading in the parent is fine
+        rows = slice(n * len(dataset), (n + 1) * len(dataset))
+        np.testing.assert_array_equal(images[rows], np.stack([e["image"].numpy()
+                                                              for e in expected]), backend)
+        assert ids[rows] == [e["image_id"] for e in expected], backend
 
 
 def test_dataset_pickles_without_handles(store) -> None:

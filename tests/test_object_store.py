@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import xarray as xr
 from click.testing import CliRunner
+from conftest import new_bucket
 from crc32c import crc32c
 
 from arraystore import SampleReader, Store, open_xarray
@@ -49,13 +50,27 @@ def assert_items_equal(a, b, where: str) -> None:
                 assert y[key] == value, f"{where}: {key}"
 
 
+def ingest_to(shard: Path, layout: str, *outs: Path | str) -> None:
+    """The same shard ingested by the CLI to each of ``outs`` (folders, bucket URLs)."""
+    for out in outs:
+        invoke("ingest", "sa1b", shard, "--out", out, "--workers", "1",
+               *LAYOUT_OPTIONS[layout])
+
+
 @pytest.fixture(params=list(LAYOUT_OPTIONS))
 def twins(request, tmp_path, shard, bucket) -> tuple[Path, str]:
-    """The same shard ingested by the CLI to a local folder and to the bucket."""
+    """The same shard ingested to a local folder and to the bucket, for a test that changes
+    them."""
     local, url = tmp_path / "s.zarr", f"{bucket}/sa1b.zarr"
-    for out in (local, url):
-        invoke("ingest", "sa1b", shard, "--out", out, "--workers", "1",
-               *LAYOUT_OPTIONS[request.param])
+    ingest_to(shard, request.param, local, url)
+    return local, url
+
+
+@pytest.fixture(scope="module", params=list(LAYOUT_OPTIONS))
+def read_only_twins(request, tmp_path_factory, shard, s3_endpoint) -> tuple[Path, str]:
+    """:func:`twins` shared by the tests of this module that only read them."""
+    local, url = tmp_path_factory.mktemp("twins") / "s.zarr", f"{new_bucket()}/sa1b.zarr"
+    ingest_to(shard, request.param, local, url)
     return local, url
 
 
@@ -86,8 +101,9 @@ def test_every_command_and_loader_on_s3_equals_local(twins, tmp_path, shard) -> 
         assert (tmp_path / "from_s3" / exported.name).read_bytes() == exported.read_bytes()
 
 
-def test_plain_xarray_reads_the_s3_store_with_storage_options(twins, s3_endpoint) -> None:
-    local, url = twins
+def test_plain_xarray_reads_the_s3_store_with_storage_options(read_only_twins,
+                                                              s3_endpoint) -> None:
+    local, url = read_only_twins
     options = {"endpoint_url": s3_endpoint, "key": "arraystore-test",
                "secret": "arraystore-test-secret"}
     plain = xr.open_zarr(url, storage_options=options, consolidated=False, zarr_format=3)
@@ -95,8 +111,8 @@ def test_plain_xarray_reads_the_s3_store_with_storage_options(twins, s3_endpoint
                                   xr.open_zarr(local, consolidated=False)["image"].values)
 
 
-def test_storage_options_reach_the_client(twins, s3_endpoint) -> None:
-    _, url = twins
+def test_storage_options_reach_the_client(read_only_twins, s3_endpoint) -> None:
+    _, url = read_only_twins
     out = invoke("info", url, "--storage-option", f"endpoint_url={s3_endpoint}",
                  "--storage-option", "client_kwargs.region_name=us-east-1")
     assert "5 committed of 5" in out
@@ -198,8 +214,10 @@ def edit(url: str, key: str, change) -> None:
     fs.pipe_file(f"{root}/{key}", json.dumps(document).encode())
 
 
-def test_crafted_stores_on_s3_are_refused(twins) -> None:
-    _, url = twins
+@pytest.mark.parametrize("layout", list(LAYOUT_OPTIONS))
+def test_crafted_stores_on_s3_are_refused(layout, shard, bucket) -> None:
+    url = f"{bucket}/sa1b.zarr"
+    ingest_to(shard, layout, url)
 
     def absurd(doc):
         doc["attributes"]["arraystore"]["schema"]["fields"]["image"]["shape"] = [
