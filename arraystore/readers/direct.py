@@ -279,8 +279,9 @@ class ShardReader(_DirectFieldReader):
         self._read_sample(sample, out)
         return out
 
-    def _locate(self, sample: int) -> tuple[int, int, str] | None:
-        """(fd, byte offset, shard path) of the sample's inner chunk; None if never written."""
+    def _locate_chunk(self, sample: int) -> tuple[int, int, int, str] | None:
+        """(fd, byte offset, byte count, shard path) of the sample's inner chunk; None if
+        never written."""
         shard, slot = divmod(sample, self.shard_size)
         last = self._last
         handle = last[1] if last is not None and last[0] == shard else self._shard(shard)
@@ -290,6 +291,15 @@ class ShardReader(_DirectFieldReader):
         offset, nbytes = index[slot]
         if offset == EMPTY_INT and nbytes == EMPTY_INT:
             return None
+        return fd, offset, nbytes, path
+
+    def _locate(self, sample: int) -> tuple[int, int, str] | None:
+        """(fd, byte offset, shard path) of the sample's inner chunk, which must be one
+        uncompressed sample; None if never written."""
+        located = self._locate_chunk(sample)
+        if located is None:
+            return None
+        fd, offset, nbytes, path = located
         if nbytes != self.chunk_bytes:
             raise StoreFormatError(
                 f"field {self.field.name!r}, sample {sample}, shard {path}: inner chunk of "
@@ -342,35 +352,40 @@ class DirectBackend(Backend):
 
     @classmethod
     def supports(cls, field: Field, layout: Layout, location: Location) -> bool:
-        return not field.is_string and layout.compression == "none"
+        """Uncompressed layouts; string fields on a local disk (:mod:`.strings`)."""
+        return layout.compression == "none" and (not field.is_string
+                                                 or isinstance(location, LocalLocation))
 
     def open_field(self, field: Field) -> FieldReader:
-        from arraystore.readers import ranged  # it builds on this module's helpers
+        from arraystore.readers import ranged, strings  # they build on this module's helpers
 
         where = self.location.where(field.name)
         meta = json.loads(self.location.read_bytes(f"{field.name}/zarr.json"))
         codecs = meta["codecs"]
         local = isinstance(self.location, LocalLocation)
+        encoding = "vlen-utf8" if field.is_string else "bytes"
         if _codec_names(codecs) == ["sharding_indexed"]:
             config = codecs[0]["configuration"]
             inner = _codec_names(config["codecs"])
             index = _codec_names(config["index_codecs"])
-            if (config.get("index_location", "end") != "end" or inner[0] != "bytes"
+            if (config.get("index_location", "end") != "end" or inner[0] != encoding
                     or inner[1:] not in ([], ["crc32c"]) or index[1:] not in ([], ["crc32c"])
                     or config["chunk_shape"][0] != 1):
                 raise StoreFormatError(f"{where}: unexpected sharding codecs {config}")
             shard_size = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
             crcs = (inner[1:] == ["crc32c"], index[1:] == ["crc32c"])
             if local:
-                return ShardReader(field, self.location.file(field.name), shard_size, *crcs)
+                shards = strings.StringShardReader if field.is_string else ShardReader
+                return shards(field, self.location.file(field.name), shard_size, *crcs)
             return ranged.RangedShardReader(field, self.location, shard_size, *crcs)
         names = _codec_names(codecs)
-        if names[0] != "bytes" or names[1:] not in ([], ["crc32c"]):
+        if names[0] != encoding or names[1:] not in ([], ["crc32c"]):
             raise StoreFormatError(f"{where}: codecs {names} are not an uncompressed layout")
         per_chunk = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
         crc = names[1:] == ["crc32c"]
         if local:
-            return ChunkFileReader(field, self.location.file(field.name), per_chunk, crc)
+            files = strings.StringChunkFileReader if field.is_string else ChunkFileReader
+            return files(field, self.location.file(field.name), per_chunk, crc)
         if per_chunk == 1:
             return ranged.RangedFieldReader(field, self.location, crc)
         return ranged.RangedBlockReader(field, self.location, per_chunk, crc)

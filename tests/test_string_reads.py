@@ -1,0 +1,106 @@
+"""String fields through the direct backend: ``vlen-utf8`` chunks decoded from their bytes give
+zarr-python's values on every uncompressed layout, per-sample and block-chunked; a chunk never
+written reads as the fill value, as in zarr; bytes that do not fit the encoding are a clear
+error naming the field, sample and file."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import LAYOUTS
+
+from arraystore import SampleReader, Store
+from arraystore.errors import ChecksumMismatchError, StoreFormatError
+from arraystore.keys import ChunkPaths
+from arraystore.readers.strings import decode_vlen_utf8
+from arraystore.schema import Field, Schema
+from arraystore.writer import StoreWriter
+
+SCHEMA = Schema("texts", (Field("caption", (), "str", ()),
+                          Field("tag", (), "str", (), "block"),
+                          Field("x", (2,), "int32", ("n",))))
+TEXTS = ["", "a", "bild_ä", "画像 with 🎉", "x" * 5000, "line\nbreak\0nul", "last"]
+UNCOMPRESSED = [name for name in LAYOUTS if "zstd" not in name]
+
+
+def chunk_file(store: Path, field: str, index: int) -> Path:
+    return Path(ChunkPaths(store / field, 1).path(index))
+
+
+def write_texts(path, layout: str) -> None:
+    with StoreWriter(Store.create(path, SCHEMA, LAYOUTS[layout])) as writer:
+        for i, text in enumerate(TEXTS):
+            writer.append(f"s{i}", {"caption": text, "tag": f"tag {i} {text[:3]}",
+                                    "x": np.array([i, -i], np.int32)})
+
+
+@pytest.mark.parametrize("layout", UNCOMPRESSED)
+def test_direct_string_reads_equal_zarr(tmp_path, layout: str) -> None:
+    path = tmp_path / "t.zarr"
+    write_texts(path, layout)
+    direct, reference = SampleReader(path, backend="auto"), SampleReader(path, backend="zarr")
+    assert direct.backend_of("caption") == direct.backend_of("tag") == "direct"
+    for index, text in enumerate(TEXTS):
+        got, expected = direct.read(index), reference.read(index)
+        assert got["caption"] == expected["caption"] == text
+        assert got["tag"] == expected["tag"] and isinstance(got["tag"], str)
+        np.testing.assert_array_equal(got["x"], expected["x"])
+    for name in ("caption", "tag"):
+        ours = direct.field_reader(name)[0].read(1, len(TEXTS))
+        theirs = reference.field_reader(name)[0].read(1, len(TEXTS))
+        assert ours.dtype == theirs.dtype and ours.tolist() == theirs.tolist()
+
+
+@pytest.mark.parametrize("layout", ["raw", "sharded"])
+def test_a_chunk_never_written_reads_as_the_fill_value(tmp_path, layout: str) -> None:
+    path = tmp_path / "t.zarr"
+    write_texts(path, layout)
+    reader = SampleReader(path, backend="direct")
+    if layout == "raw":  # a per-sample chunk file gone: zarr's fill value, ""
+        chunk_file(path, "caption", 2).unlink()
+        assert reader.read(2)["caption"] == SampleReader(path, backend="zarr").read(2)[
+            "caption"] == ""
+    else:  # the second shard's last slot was never written
+        shard_size = LAYOUTS[layout].shard_size
+        last = 2 * shard_size - 1
+        assert last >= len(TEXTS)
+        assert reader.field_reader("caption")[0].read(last, last + 1).tolist() == [""]
+
+
+def test_crafted_string_chunks_are_clear_errors(tmp_path) -> None:
+    path = tmp_path / "t.zarr"
+    write_texts(path, "raw")
+    chunk = chunk_file(path, "caption", 3)
+    chunk.write_bytes(struct.pack("<II", 1, 400) + b"short")
+    with pytest.raises(StoreFormatError, match=r"'caption', chunk 3, file .*runs past"):
+        SampleReader(path, backend="direct").read(3)
+    what = "field 'caption', sample 0"
+    one = struct.pack("<II", 1, 2) + b"ok"
+    assert decode_vlen_utf8(one, 1, what) == ["ok"]
+    with pytest.raises(StoreFormatError, match="of 2 items, expected 1"):
+        decode_vlen_utf8(struct.pack("<II", 2, 2) + b"ok", 1, what)
+    with pytest.raises(StoreFormatError, match="no items"):
+        decode_vlen_utf8(b"\x01", 1, what)
+    with pytest.raises(StoreFormatError, match="inside an item's length"):
+        decode_vlen_utf8(struct.pack("<I", 1) + b"\x02", 1, what)
+    with pytest.raises(StoreFormatError, match="not valid UTF-8"):
+        decode_vlen_utf8(struct.pack("<II", 1, 2) + b"\xff\xfe", 1, what)
+    with pytest.raises(StoreFormatError, match="3 bytes after"):
+        decode_vlen_utf8(one + b"end", 1, what)
+
+
+@pytest.mark.parametrize("layout", ["raw+crc32c", "sharded+crc32c"])
+def test_a_string_chunk_with_a_wrong_checksum_is_refused(tmp_path, layout: str) -> None:
+    path = tmp_path / "t.zarr"
+    write_texts(path, layout)
+    file = chunk_file(path, "caption",
+                      3 if layout.startswith("raw") else 3 // LAYOUTS[layout].shard_size)
+    data = bytearray(file.read_bytes())
+    at = data.find("画像".encode())
+    data[at] ^= 0xFF  # one byte of the string, its crc left as it was
+    file.write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatchError, match=r"'caption', sample 3"):
+        SampleReader(path, backend="direct").read(3)
