@@ -49,6 +49,24 @@ def test_a_batch_crosses_as_references_and_comes_back_equal() -> None:
     assert received["ids"] == ["a", "b"] and received["count"] == 2
 
 
+def test_small_tensors_outside_the_ring_cross_by_value() -> None:
+    """Counts and per-sample boxes a collate makes outside the ring ride inside the pickle
+    (no shared-memory file and descriptor each); large ones are left to torch."""
+    large = torch.zeros(shared_ring.INLINE_BYTES // 4 + 1)
+    counts, flags = torch.tensor([3, 1], dtype=torch.int64), torch.tensor([True, False])
+    boxes = torch.arange(12, dtype=torch.float32).view(3, 4).t()  # a non-contiguous view
+    batch = ring_batch()
+    batch.update({"counts": counts, "flags": flags, "boxes": [boxes], "large": large})
+    _, (_, _, shipped) = batch.__reduce__()
+    assert isinstance(shipped["counts"], shared_ring._Inline)
+    assert isinstance(shipped["boxes"][0], shared_ring._Inline)
+    assert isinstance(shipped["large"], torch.Tensor)
+    received = pickle.loads(pickle.dumps(batch))
+    for got, sent in ((received["counts"], counts), (received["flags"], flags),
+                      (received["boxes"][0], boxes), (received["large"], large)):
+        assert got.dtype == sent.dtype and torch.equal(got, sent)
+
+
 def test_a_segment_is_reused_only_after_both_sides_let_go() -> None:
     batch = ring_batch(fill=1)
     segment = batch.segments[0]
