@@ -150,8 +150,11 @@ class _Inline:
 
     @staticmethod
     def fits(tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` can cross as a NumPy array: a small, plain CPU tensor (no
+        autograd, no lazy conjugate or negation) of a dtype NumPy has."""
         return (tensor.device.type == "cpu" and tensor.layout == torch.strided
                 and not tensor.requires_grad and tensor.dtype in _NUMPY_DTYPES
+                and not tensor.is_conj() and not tensor.is_neg()
                 and tensor.numel() * tensor.element_size() <= INLINE_BYTES)
 
 

@@ -56,14 +56,18 @@ def test_small_tensors_outside_the_ring_cross_by_value() -> None:
     counts, flags = torch.tensor([3, 1], dtype=torch.int64), torch.tensor([True, False])
     boxes = torch.arange(12, dtype=torch.float32).view(3, 4).t()  # a non-contiguous view
     batch = ring_batch()
-    batch.update({"counts": counts, "flags": flags, "boxes": [boxes], "large": large})
+    lazy = torch.tensor([1 + 2j]).conj()  # a conjugate view: torch's own way
+    batch.update({"counts": counts, "flags": flags, "boxes": [boxes], "large": large,
+                  "lazy": lazy})
     _, (_, _, shipped) = batch.__reduce__()
     assert isinstance(shipped["counts"], shared_ring._Inline)
     assert isinstance(shipped["boxes"][0], shared_ring._Inline)
     assert isinstance(shipped["large"], torch.Tensor)
+    assert isinstance(shipped["lazy"], torch.Tensor)
     received = pickle.loads(pickle.dumps(batch))
     for got, sent in ((received["counts"], counts), (received["flags"], flags),
-                      (received["boxes"][0], boxes), (received["large"], large)):
+                      (received["boxes"][0], boxes), (received["large"], large),
+                      (received["lazy"], lazy)):
         assert got.dtype == sent.dtype and torch.equal(got, sent)
 
 
