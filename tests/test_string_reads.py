@@ -6,7 +6,6 @@ error naming the field, sample and file."""
 from __future__ import annotations
 
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from conftest import LAYOUTS
 
 from arraystore import SampleReader, Store
 from arraystore.errors import ChecksumMismatchError, StoreFormatError
-from arraystore.keys import ChunkPaths
+from arraystore.keys import chunk_file
 from arraystore.readers.strings import decode_vlen_utf8
 from arraystore.schema import Field, Schema
 from arraystore.writer import StoreWriter
@@ -24,10 +23,6 @@ SCHEMA = Schema("texts", (Field("caption", (), "str", ()),
                           Field("x", (2,), "int32", ("n",))))
 TEXTS = ["", "a", "bild_ä", "画像 with 🎉", "x" * 5000, "line\nbreak\0nul", "last"]
 UNCOMPRESSED = [name for name in LAYOUTS if "zstd" not in name]
-
-
-def chunk_file(store: Path, field: str, index: int) -> Path:
-    return Path(ChunkPaths(store / field, 1).path(index))
 
 
 def write_texts(path, layout: str) -> None:
@@ -60,7 +55,7 @@ def test_a_chunk_never_written_reads_as_the_fill_value(tmp_path, layout: str) ->
     write_texts(path, layout)
     reader = SampleReader(path, backend="direct")
     if layout == "raw":  # a per-sample chunk file gone: zarr's fill value, ""
-        chunk_file(path, "caption", 2).unlink()
+        chunk_file(path / "caption", 2, 1).unlink()
         assert reader.read(2)["caption"] == SampleReader(path, backend="zarr").read(2)[
             "caption"] == ""
     else:  # the second shard's last slot was never written
@@ -73,7 +68,7 @@ def test_a_chunk_never_written_reads_as_the_fill_value(tmp_path, layout: str) ->
 def test_crafted_string_chunks_are_clear_errors(tmp_path) -> None:
     path = tmp_path / "t.zarr"
     write_texts(path, "raw")
-    chunk = chunk_file(path, "caption", 3)
+    chunk = chunk_file(path / "caption", 3, 1)
     chunk.write_bytes(struct.pack("<II", 1, 400) + b"short")
     with pytest.raises(StoreFormatError, match=r"'caption', chunk 3, file .*runs past"):
         SampleReader(path, backend="direct").read(3)
@@ -96,8 +91,8 @@ def test_crafted_string_chunks_are_clear_errors(tmp_path) -> None:
 def test_a_string_chunk_with_a_wrong_checksum_is_refused(tmp_path, layout: str) -> None:
     path = tmp_path / "t.zarr"
     write_texts(path, layout)
-    file = chunk_file(path, "caption",
-                      3 if layout.startswith("raw") else 3 // LAYOUTS[layout].shard_size)
+    file = chunk_file(path / "caption",
+                      3 if layout.startswith("raw") else 3 // LAYOUTS[layout].shard_size, 1)
     data = bytearray(file.read_bytes())
     at = data.find("画像".encode())
     data[at] ^= 0xFF  # one byte of the string, its crc left as it was
