@@ -149,6 +149,18 @@ def test_crops_are_reproducible_per_seed_epoch_and_index(store) -> None:
     assert torch.equal(b[2]["blur"], make(store, seed=1)[2]["blur"])
 
 
+def test_crop_origins_are_uniform_over_the_frame(store) -> None:
+    ds = make(store, seed=3)
+    draws = np.array([ds.crop_origin(i) for i in range(20000)])
+    for axis, size in enumerate(ds.image_hw):
+        span = size - ds.crop_size + 1
+        assert draws[:, axis].min() == 0 and draws[:, axis].max() == span - 1
+        counts = np.bincount(draws[:, axis], minlength=span)
+        chi2 = np.sum((counts - counts.mean()) ** 2 / counts.mean())
+        assert chi2 < (span - 1) + 4 * np.sqrt(2 * (span - 1)), counts  # ~4 sigma
+    assert abs(np.corrcoef(draws[:, 0], draws[:, 1])[0, 1]) < 0.05  # y and x independent
+
+
 def test_cache_never_exceeds_its_bound_and_serves_the_same_items(store) -> None:
     frame_bytes = 2 * IMAGE[0] * IMAGE[1] * 3 + int(np.prod(SPIKE))
     bound = 4 * frame_bytes  # fewer frames than a clip pass touches: evictions happen
