@@ -1,6 +1,9 @@
 # The README's quick start. `make demo`: set up and run the main job on the bundled sample.
 # `make test`: set up and run the tests (what .ci/run runs).
 VENV ?= .venv
+# test processes (pytest-xdist; a test file stays in one process, so its fixtures are built once):
+# two keep this 2-core machine busy while one waits on a subprocess, a socket or a kill
+TEST_WORKERS ?= 2
 PY := $(VENV)/bin/python
 # a regular (not editable) install, redone when the sources change: setuptools warns on every
 # editable mode; the tests import the working tree first (pytest's pythonpath)
@@ -37,7 +40,7 @@ demo: setup
 
 test: setup-test
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup-test
 	$(PY) -m benchmarks.run
