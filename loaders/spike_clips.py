@@ -182,8 +182,8 @@ class SpikeClipDataset(Dataset):
         return self._order[start:start + self.clip_len]
 
     def crop_origin(self, index: int) -> tuple[int, int]:
-        """The crop's ``(y, x)`` in image pixels for clip ``index`` (0 <= index < len) in
-        this epoch: uniform over the origins that keep the crop inside the frame."""
+        """The crop's ``(y, x)`` in image pixels for item ``index`` in this epoch: uniform
+        over the origins that keep the crop inside the frame."""
         if self.crop_size is None:
             return 0, 0
         height, width = self.image_hw
