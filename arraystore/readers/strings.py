@@ -25,7 +25,6 @@ from arraystore.readers.direct import (
     check_crc,
     open_chunk,
 )
-from arraystore.region import Region
 
 FILL = ""  # what a chunk never written holds (the arrays' fill_value)
 _U32 = struct.Struct("<I")
@@ -63,16 +62,12 @@ def _strings(values: list[str], shape: tuple[int, ...]) -> np.ndarray:
 
 class _StringSamples(FieldReader):
     """One sample of a string field, sliced from ``read``: a string's size is not known before
-    it is read, so there is no buffer to ``preadv`` into."""
+    it is read, so there is no buffer to ``preadv`` into. The interface's defaults, in place of
+    the numeric readers' ``preadv`` paths this class comes before in the MRO."""
 
-    def read_sample(self, sample: int) -> np.ndarray:
-        return self.read(sample, sample + 1)[0]
-
-    def read_into(self, sample: int, out: np.ndarray) -> None:
-        out[...] = self.read_sample(sample)
-
-    def read_region(self, sample: int, region: Region) -> np.ndarray:
-        return self.read_sample(sample)[region]
+    read_sample = FieldReader.read_sample
+    read_into = FieldReader.read_into
+    read_region = FieldReader.read_region
 
 
 class StringChunkFileReader(_StringSamples, ChunkFileReader):
