@@ -38,8 +38,10 @@ def test_every_backend_reads_what_was_derived(located_store, backend: str, deriv
     layout, path = located_store
     reader = SampleReader(path, backend=backend)
     assert list(reader.sample_ids) == list(derived)
-    for index, sample_id in enumerate(reader.sample_ids):
-        assert_same(reader.read(index), derived[sample_id], f"{layout}/{backend}/{sample_id}")
+    for read in ("first read", "read again"):  # again: out of the shard's mapping where mapped
+        for index, sample_id in enumerate(reader.sample_ids):
+            assert_same(reader.read(index), derived[sample_id],
+                        f"{layout}/{backend}/{sample_id}, {read}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

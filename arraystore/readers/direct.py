@@ -27,14 +27,15 @@ from arraystore.layout import Layout
 from arraystore.location import LocalLocation, Location
 from arraystore.readers.base import Backend, FieldReader, WhileWaiting
 from arraystore.readers.halves import Split, read_in_halves, split_by_size
+from arraystore.readers.mapped import MappedShard
 from arraystore.region import Region, region_shape
 from arraystore.schema import Field
 
 CRC_BYTES = 4
 EMPTY_INT = 2**64 - 1  # an inner chunk never written: offset and nbytes both
 EMPTY = np.uint64(EMPTY_INT)
-# an open shard: descriptor, (offset, nbytes) of each inner chunk, path
-ShardHandle = tuple[int, list[tuple[int, int]], str]
+# an open shard: descriptor, (offset, nbytes) of each inner chunk, path, its mapping if any
+ShardHandle = tuple[int, list[tuple[int, int]], str, MappedShard | None]
 OPEN_SHARDS = 32
 
 
@@ -236,14 +237,14 @@ class ShardReader(_DirectFieldReader):
         self.shard_size = shard_size
         self.index_checksum = index_checksum
         self.chunk_bytes = field.nbytes + (CRC_BYTES if checksum else 0)
-        # shard -> (fd, [(offset, nbytes) per inner chunk] as Python ints, path), LRU; the
-        # shard read last is also kept apart, so a run of samples in one shard skips the LRU
+        # shard -> (fd, [(offset, nbytes) per inner chunk] as Python ints, path, mapping), LRU;
+        # the shard read last is also kept apart, so a run of samples in one shard skips the LRU
         self._open: OrderedDict[int, ShardHandle] = OrderedDict()
         self._last: tuple[int, ShardHandle] | None = None
 
     def __del__(self) -> None:
-        for fd, _, _ in self._open.values():
-            os.close(fd)
+        for handle in self._open.values():
+            _close(handle)
 
     def _shard(self, shard: int) -> ShardHandle | None:
         cached = self._open.get(shard)
@@ -261,11 +262,11 @@ class ShardReader(_DirectFieldReader):
             os.close(fd)
             raise type(exc)(f"field {self.field.name!r}, samples from "
                             f"{shard * self.shard_size}: {exc}") from exc
-        handle = self._open[shard] = (fd, [tuple(row) for row in index.tolist()], path)
+        handle = self._open[shard] = (fd, [tuple(row) for row in index.tolist()], path,
+                                      MappedShard.open(fd, self.shard_size))
         self._last = (shard, handle)  # the newest: never the one evicted below
         if len(self._open) > OPEN_SHARDS:
-            old_fd, _, _ = self._open.popitem(last=False)[1]
-            os.close(old_fd)
+            _close(self._open.popitem(last=False)[1])
         return handle
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -279,48 +280,63 @@ class ShardReader(_DirectFieldReader):
         self._read_sample(sample, out)
         return out
 
-    def _locate_chunk(self, sample: int) -> tuple[int, int, int, str] | None:
-        """(fd, byte offset, byte count, shard path) of the sample's inner chunk; None if
-        never written."""
+    def _chunk_of(self, sample: int) -> tuple[ShardHandle, int, int, int] | None:
+        """(shard handle, byte offset, byte count, slot in the shard) of the sample's inner
+        chunk; None if never written."""
         shard, slot = divmod(sample, self.shard_size)
         last = self._last
         handle = last[1] if last is not None and last[0] == shard else self._shard(shard)
         if handle is None:
             return None
-        fd, index, path = handle
-        offset, nbytes = index[slot]
+        offset, nbytes = handle[1][slot]
         if offset == EMPTY_INT and nbytes == EMPTY_INT:
             return None
-        return fd, offset, nbytes, path
+        return handle, offset, nbytes, slot
 
-    def _locate(self, sample: int) -> tuple[int, int, str] | None:
-        """(fd, byte offset, shard path) of the sample's inner chunk, which must be one
-        uncompressed sample; None if never written."""
-        located = self._locate_chunk(sample)
-        if located is None:
+    def _locate_chunk(self, sample: int) -> tuple[int, int, int, str] | None:
+        """(fd, byte offset, byte count, shard path) of the sample's inner chunk; None if
+        never written."""
+        chunk = self._chunk_of(sample)
+        if chunk is None:
             return None
-        fd, offset, nbytes, path = located
+        handle, offset, nbytes, _ = chunk
+        return handle[0], offset, nbytes, handle[2]
+
+    def _uncompressed_chunk(self, sample: int) -> tuple[ShardHandle, int, int] | None:
+        """(shard handle, byte offset, slot) of the sample's inner chunk, which must be one
+        uncompressed sample; None if never written."""
+        chunk = self._chunk_of(sample)
+        if chunk is None:
+            return None
+        handle, offset, nbytes, slot = chunk
         if nbytes != self.chunk_bytes:
             raise StoreFormatError(
-                f"field {self.field.name!r}, sample {sample}, shard {path}: inner chunk of "
-                f"{nbytes} bytes, expected {self.chunk_bytes} (uncompressed)"
+                f"field {self.field.name!r}, sample {sample}, shard {handle[2]}: inner chunk "
+                f"of {nbytes} bytes, expected {self.chunk_bytes} (uncompressed)"
             )
-        return fd, offset, path
+        return handle, offset, slot
 
     def _read_sample(self, sample: int, out: np.ndarray) -> None:
-        located = self._locate(sample)
+        """The sample's chunk into ``out`` (C-contiguous, the field's dtype): copied out of
+        the shard's mapping from its second read on (:mod:`.mapped`), else ``preadv``."""
+        located = self._uncompressed_chunk(sample)
         if located is None:
             out[...] = 0
             return
-        fd, offset, path = located
-        crc = bytearray(CRC_BYTES) if self.checksum else None
-        # a C-contiguous array is itself the buffer preadv fills
-        got = os.preadv(fd, [out, crc] if crc else [out], offset)
-        if got != self.chunk_bytes:
-            raise StoreFormatError(f"field {self.field.name!r}, sample {sample}: shard {path} "
-                                   f"ends inside the inner chunk")
-        if crc:
-            check_crc(memoryview(out.reshape(-1).view(np.uint8)), bytes(crc), self.field.name,
+        (fd, _, path, mapped), offset, slot = located
+        stored = None if mapped is None else mapped.chunk(slot, offset, self.chunk_bytes)
+        if stored is not None:
+            np.copyto(out.reshape(-1).view(np.uint8), stored[:out.nbytes])
+            crc = stored[out.nbytes:].tobytes()
+        else:  # a C-contiguous array is itself the buffer preadv fills
+            crc_buffer = bytearray(CRC_BYTES if self.checksum else 0)
+            got = os.preadv(fd, [out, crc_buffer] if self.checksum else [out], offset)
+            if got != self.chunk_bytes:
+                raise StoreFormatError(f"field {self.field.name!r}, sample {sample}: shard "
+                                       f"{path} ends inside the inner chunk")
+            crc = bytes(crc_buffer)
+        if self.checksum:
+            check_crc(memoryview(out.reshape(-1).view(np.uint8)), crc, self.field.name,
                       sample, path)
 
     def read_into(self, sample: int, out: np.ndarray) -> None:
@@ -332,12 +348,20 @@ class ShardReader(_DirectFieldReader):
     def read_region(self, sample: int, region: Region) -> np.ndarray:
         if self.checksum:  # the crc covers the whole inner chunk
             return super().read_region(sample, region)
-        located = self._locate(sample)
+        located = self._uncompressed_chunk(sample)
         if located is None:
             return np.zeros(region_shape(region), self.dtype)
-        fd, offset, path = located
+        (fd, _, path, _), offset, _ = located
         return read_window(fd, offset, self.field.shape, self.dtype, region,
                            f"field {self.field.name!r}, sample {sample}, shard {path}")
+
+
+def _close(handle: ShardHandle) -> None:
+    """Close an open shard: its mapping, then its descriptor."""
+    fd, _, _, mapped = handle
+    if mapped is not None:
+        mapped.close()
+    os.close(fd)
 
 
 class DirectBackend(Backend):
