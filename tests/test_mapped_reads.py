@@ -144,3 +144,4 @@ def test_dataloader_workers_after_the_parent_mapped(sharded: Path, context: str)
                 np.testing.assert_array_equal(image, parent[rows + row]["image"])
             rows += len(batch["image"])
         assert rows == len(dataset)
+

@@ -49,6 +49,17 @@ def test_direct_string_reads_equal_zarr(tmp_path, layout: str) -> None:
         assert ours.dtype == theirs.dtype and ours.tolist() == theirs.tolist()
 
 
+def test_string_shards_are_read_with_pread_not_mapped(tmp_path) -> None:
+    path = tmp_path / "t.zarr"
+    write_texts(path, "sharded")
+    reader = SampleReader(path, backend="direct")
+    for _ in range(2):  # a numeric chunk read again would come out of a mapping
+        assert reader.read(3)["caption"] == TEXTS[3]
+    strings, numbers = (reader.field_reader(name)[0] for name in ("caption", "x"))
+    assert [h[3] for h in strings._open.values()] == [None]
+    assert numbers._open and all(h[3] is not None for h in numbers._open.values())
+
+
 @pytest.mark.parametrize("layout", ["raw", "sharded"])
 def test_a_chunk_never_written_reads_as_the_fill_value(tmp_path, layout: str) -> None:
     path = tmp_path / "t.zarr"

@@ -231,6 +231,8 @@ class ChunkFileReader(_DirectFieldReader):
 class ShardReader(_DirectFieldReader):
     """Per-sample inner chunks packed ``shard_size`` to a shard file with an index at its end."""
 
+    maps_shards = True  # copy chunks read again out of a mapping (:mod:`.mapped`)
+
     def __init__(self, field: Field, array_dir: Path, shard_size: int, checksum: bool,
                  index_checksum: bool) -> None:
         super().__init__(field, array_dir, checksum)
@@ -263,7 +265,8 @@ class ShardReader(_DirectFieldReader):
             raise type(exc)(f"field {self.field.name!r}, samples from "
                             f"{shard * self.shard_size}: {exc}") from exc
         handle = self._open[shard] = (fd, [tuple(row) for row in index.tolist()], path,
-                                      MappedShard.open(fd, self.shard_size))
+                                      MappedShard.open(fd, self.shard_size)
+                                      if self.maps_shards else None)
         self._last = (shard, handle)  # the newest: never the one evicted below
         if len(self._open) > OPEN_SHARDS:
             _close(self._open.popitem(last=False)[1])

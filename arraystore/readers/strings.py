@@ -102,6 +102,8 @@ class StringChunkFileReader(_StringSamples, ChunkFileReader):
 class StringShardReader(_StringSamples, ShardReader):
     """One-sample string chunks packed in shards (the sharded layout)."""
 
+    maps_shards = False  # a few bytes a sample, read whole with one pread: nothing to gain
+
     def read(self, start: int, stop: int) -> np.ndarray:
         items = int(np.prod(self.shape, dtype=np.int64))
         values: list[str] = []
