@@ -92,6 +92,17 @@ class Location(ABC):
     def read_range(self, key: str, start: int, stop: int) -> bytes:
         """Bytes ``start`` to ``stop`` of ``key`` (fewer at its end)."""
 
+    def read_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The whole objects ``keys``, None for each that does not exist (an object store
+        fetches them all at once)."""
+        out: list[bytes | None] = []
+        for key in keys:
+            try:
+                out.append(self.read_bytes(key))
+            except FileNotFoundError:
+                out.append(None)
+        return out
+
     @abstractmethod
     def size(self, key: str) -> int | None:
         """The size of ``key`` in bytes, None when it does not exist."""
@@ -266,6 +277,9 @@ class ObjectLocation(Location):
             else:
                 out.append(value)
         return out
+
+    def read_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return self.read_ranges(keys, [0] * len(keys), [None] * len(keys))
 
     def size(self, key: str) -> int | None:
         try:

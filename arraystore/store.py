@@ -126,25 +126,43 @@ class Store:
         group = zarr.open_group(location.zarr_store(read_only=mode == "r"), mode=mode,
                                 zarr_format=3)
         store = cls(location, group, meta)
-        present = set(store.group.array_keys())  # one listing (in an object store: requests)
-        missing = [n for n in [*store.schema.names, SAMPLE_ARRAY, COMMITTED_ARRAY]
-                   if n not in present]
+        metadata = store.array_metadata()
+        missing = [name for name, raw in metadata.items() if raw is None]
         if missing:
             raise StoreFormatError(f"{location}: arrays {missing} of the schema are missing")
         if check_arrays:
-            store.check_arrays()
+            store.check_arrays(metadata)
         return store
 
-    def check_arrays(self) -> None:
+    def array_metadata(self) -> dict[str, bytes | str | None]:
+        """Each array's ``zarr.json`` by array name, fetched at once (an object store sends
+        the requests together; listing the group cost a request per array, one after
+        another): its bytes, None where the array is missing, or why it must not be read
+        (a link, or a path out of the store: :meth:`Location.problem`; never read)."""
+        names = [f.name for f in (*self.schema.fields, SAMPLE_FIELD, COMMITTED_FIELD)]
+        refused = {n: self.location.problem(n) or self.location.problem(f"{n}/zarr.json")
+                   for n in names}
+        readable = [n for n in names if not refused[n]]
+        try:
+            raw = self.location.read_many([f"{n}/zarr.json" for n in readable])
+        except OSError as exc:
+            raise StoreFormatError(f"{self.path}: array metadata unreadable: {exc}") from exc
+        fetched = dict(zip(readable, raw, strict=True))
+        return {n: refused[n] or fetched[n] for n in names}
+
+    def check_arrays(self, metadata: Mapping[str, bytes | str | None] | None = None) -> None:
         """Refuse a store whose arrays disagree with its schema and layout, or whose array
-        folders or metadata are links or lead outside it (see :mod:`arraystore.contract`)."""
+        folders or metadata are links or lead outside it (see :mod:`arraystore.contract`).
+        ``metadata``: :meth:`array_metadata`, when the caller has it already."""
+        metadata = self.array_metadata() if metadata is None else metadata
         for f in (*self.schema.fields, SAMPLE_FIELD, COMMITTED_FIELD):
-            key = f"{f.name}/zarr.json"
-            outside = self.location.problem(f.name) or self.location.problem(key)
-            if outside:
-                raise StoreFormatError(f"{self.path}: array {f.name!r} refused: {outside}")
+            raw = metadata[f.name]
+            if isinstance(raw, str):
+                raise StoreFormatError(f"{self.path}: array {f.name!r} refused: {raw}")
             try:
-                meta = json.loads(self.location.read_bytes(key))
+                if raw is None:
+                    raise FileNotFoundError(f"{f.name}/zarr.json does not exist")
+                meta = json.loads(raw)
             except (OSError, ValueError) as exc:
                 raise StoreFormatError(f"{self.path}: array {f.name!r}: metadata unreadable: "
                                        f"{exc}") from exc

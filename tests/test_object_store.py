@@ -23,7 +23,7 @@ from crc32c import crc32c
 from arraystore import SampleReader, Store, open_xarray
 from arraystore.cli import cli
 from arraystore.errors import SchemaError, StoreFormatError
-from arraystore.location import parse_storage_options
+from arraystore.location import Location, parse_storage_options
 from arraystore.lock import StoreLock, StoreLockedError
 from loaders import ZarrDistillDataset
 
@@ -99,6 +99,25 @@ def test_every_command_and_loader_on_s3_equals_local(twins, tmp_path, shard) -> 
     invoke("export", "bin", local, tmp_path / "from_local")
     for exported in sorted((tmp_path / "from_local").iterdir()):
         assert (tmp_path / "from_s3" / exported.name).read_bytes() == exported.read_bytes()
+
+
+def test_opening_fetches_every_array_metadata_at_once(read_only_twins, monkeypatch) -> None:
+    """Opening checks each array's metadata: one batch of concurrent GETs, no listing (which
+    cost a request per array, one after another)."""
+    local, url = read_only_twins
+    location = Location.of(url)
+    batches: list[list[str]] = []
+    real = location.read_many
+
+    def recording(keys):
+        batches.append(list(keys))
+        return real(keys)
+
+    monkeypatch.setattr(location, "read_many", recording)
+    store = Store.open(location)
+    arrays = [*store.schema.names, "sample", "committed"]
+    assert batches == [[f"{name}/zarr.json" for name in arrays]]
+    assert store.array_metadata().keys() == Store.open(local).array_metadata().keys()
 
 
 def test_plain_xarray_reads_the_s3_store_with_storage_options(read_only_twins,

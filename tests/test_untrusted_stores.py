@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -90,3 +91,13 @@ def test_array_folder_or_metadata_linked_elsewhere_is_refused(store, tmp_path) -
     os.symlink(tmp_path / "meta.json", meta)
     with pytest.raises(StoreFormatError, match="array 'bboxes' refused"):
         Store.open(store)
+
+
+def test_a_missing_array_is_named(store) -> None:
+    (store / "masks" / "zarr.json").unlink()
+    missing = r"arrays \['masks'\] of the schema are missing"
+    for open_store in (Store.open, SampleReader):
+        with pytest.raises(StoreFormatError, match=missing):
+            open_store(store)
+    (problem,) = verify(store).problems
+    assert re.search(missing, problem.message)
