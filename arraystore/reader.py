@@ -49,6 +49,7 @@ class SampleReader:
         for name in self.fields:
             self.schema[name]  # raises KeyError naming the known fields
         self.positions = np.flatnonzero(store.committed_mask())
+        self._array_json = store.array_json  # backends open fields without fetching it again
         self._sample_ids: SampleIds | None = None
         self._reset()
 
@@ -91,8 +92,8 @@ class SampleReader:
                                if b.supports(field, self.layout, self.location))
             backend = self._backends.get(backend_cls.name)
             if backend is None:
-                backend = self._backends[backend_cls.name] = backend_cls(self.location,
-                                                                         self.layout)
+                backend = self._backends[backend_cls.name] = backend_cls(
+                    self.location, self.layout, self._array_json)
             self._readers[name] = (backend.open_field(field), backend_cls.name)
         return self._readers[name]
 

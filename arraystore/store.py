@@ -86,6 +86,7 @@ class Store:
         self.path = location.path  # for messages: a Path, or the URL of an object store
         self.group = group
         self.meta = meta
+        self.array_json: dict[str, bytes] = {}  # each array's zarr.json, as :meth:`open` read it
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
             raise StoreFormatError(
@@ -127,6 +128,7 @@ class Store:
                                 zarr_format=3)
         store = cls(location, group, meta)
         metadata = store.array_metadata()
+        store.array_json = {n: raw for n, raw in metadata.items() if isinstance(raw, bytes)}
         missing = [name for name, raw in metadata.items() if raw is None]
         if missing:
             raise StoreFormatError(f"{location}: arrays {missing} of the schema are missing")

@@ -103,7 +103,8 @@ def test_every_command_and_loader_on_s3_equals_local(twins, tmp_path, shard) -> 
 
 def test_opening_fetches_every_array_metadata_at_once(read_only_twins, monkeypatch) -> None:
     """Opening checks each array's metadata: one batch of concurrent GETs, no listing (which
-    cost a request per array, one after another)."""
+    cost a request per array, one after another); the direct reader's fields then open from
+    those bytes, without a GET each."""
     local, url = read_only_twins
     location = Location.of(url)
     batches: list[list[str]] = []
@@ -118,6 +119,13 @@ def test_opening_fetches_every_array_metadata_at_once(read_only_twins, monkeypat
     arrays = [*store.schema.names, "sample", "committed"]
     assert batches == [[f"{name}/zarr.json" for name in arrays]]
     assert store.array_metadata().keys() == Store.open(local).array_metadata().keys()
+    reader = SampleReader(location, backend="direct")
+    fetched: list[str] = []
+    real_bytes = location.read_bytes
+    monkeypatch.setattr(location, "read_bytes", lambda key: fetched.append(key) or
+                        real_bytes(key))
+    assert_items_equal(SampleReader(local), reader, "direct reads after one open")
+    assert not [key for key in fetched if key.endswith("zarr.json")]  # fields reuse the open's
 
 
 def test_plain_xarray_reads_the_s3_store_with_storage_options(read_only_twins,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from typing import ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -48,9 +49,18 @@ class Backend(ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, location: Location, layout: Layout) -> None:
+    def __init__(self, location: Location, layout: Layout,
+                 array_json: Mapping[str, bytes] | None = None) -> None:
         self.location = location
         self.layout = layout
+        self.array_json = dict(array_json or {})  # name -> zarr.json bytes the opener read
+
+    def array_meta(self, name: str) -> dict[str, Any]:
+        """The ``zarr.json`` of array ``name``: the bytes the store's opener already fetched
+        (and checked), else read now."""
+        raw = self.array_json.get(name)
+        return json.loads(raw if raw is not None
+                          else self.location.read_bytes(f"{name}/zarr.json"))
 
     @classmethod
     @abstractmethod

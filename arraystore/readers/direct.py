@@ -11,10 +11,9 @@ decode, so all three backends return identical arrays; the library overhead per 
 from __future__ import annotations
 
 import errno
-import json
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -373,8 +372,9 @@ class DirectBackend(Backend):
 
     name = "direct"
 
-    def __init__(self, location: Location, layout: Layout) -> None:
-        super().__init__(location, layout)
+    def __init__(self, location: Location, layout: Layout,
+                 array_json: Mapping[str, bytes] | None = None) -> None:
+        super().__init__(location, layout, array_json)
         self._splits: dict[tuple[int, ...], Split] = {}  # by the ids of the readers
 
     @classmethod
@@ -387,7 +387,7 @@ class DirectBackend(Backend):
         from arraystore.readers import ranged, strings  # they build on this module's helpers
 
         where = self.location.where(field.name)
-        meta = json.loads(self.location.read_bytes(f"{field.name}/zarr.json"))
+        meta = self.array_meta(field.name)
         codecs = meta["codecs"]
         local = isinstance(self.location, LocalLocation)
         encoding = "vlen-utf8" if field.is_string else "bytes"
