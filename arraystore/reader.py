@@ -49,7 +49,9 @@ class SampleReader:
         for name in self.fields:
             self.schema[name]  # raises KeyError naming the known fields
         self.positions = np.flatnonzero(store.committed_mask())
-        self._array_json = store.array_json  # backends open fields without fetching it again
+        # in an object store, backends open fields from the metadata the open fetched (a
+        # request each saved); on a disk reading it again is cheaper than pickling it
+        self._array_json = {} if self.location.is_local else store.array_json
         self._sample_ids: SampleIds | None = None
         self._reset()
 
