@@ -101,3 +101,11 @@ def test_a_missing_array_is_named(store) -> None:
             open_store(store)
     (problem,) = verify(store).problems
     assert re.search(missing, problem.message)
+
+
+def test_unreadable_array_metadata_is_a_clear_error(store) -> None:
+    metadata = store / "masks" / "zarr.json"
+    metadata.unlink()
+    metadata.mkdir()  # there, but no file to read
+    with pytest.raises(StoreFormatError, match=r"could not read the arrays' metadata: .*zarr"):
+        Store.open(store)
