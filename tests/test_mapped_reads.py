@@ -77,7 +77,7 @@ def test_switched_off_by_the_environment(sharded: Path, monkeypatch: pytest.Monk
         reader.read(0, ("image",))
     assert len(calls) == 2
     field_reader = reader.field_reader("image")[0]
-    assert all(handle[3] is None for handle in field_reader._open.values())
+    assert all(handle.mapped is None for handle in field_reader._open.values())
 
 
 def test_a_chunk_corrupted_after_mapping_is_still_caught(tmp_path: Path, shard: Path) -> None:
@@ -120,9 +120,9 @@ def test_evicted_shards_unmap(sharded: Path, monkeypatch: pytest.MonkeyPatch) ->
         for i in range(len(reader)):
             np.testing.assert_array_equal(reader.read(i, ("image",))["image"],
                                           reference.read(i, ("image",))["image"])
-            mappings.extend(handle[3] for handle in field_reader._open.values())
+            mappings.extend(handle.mapped for handle in field_reader._open.values())
     assert len(field_reader._open) == 1
-    live = {id(handle[3]) for handle in field_reader._open.values()}
+    live = {id(handle.mapped) for handle in field_reader._open.values()}
     closed = [m for m in mappings if id(m) not in live]
     assert closed and all(m._map.closed for m in closed)
 

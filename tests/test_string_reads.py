@@ -56,8 +56,8 @@ def test_string_shards_are_read_with_pread_not_mapped(tmp_path) -> None:
     for _ in range(2):  # a numeric chunk read again would come out of a mapping
         assert reader.read(3)["caption"] == TEXTS[3]
     strings, numbers = (reader.field_reader(name)[0] for name in ("caption", "x"))
-    assert [h[3] for h in strings._open.values()] == [None]
-    assert numbers._open and all(h[3] is not None for h in numbers._open.values())
+    assert [h.mapped for h in strings._open.values()] == [None]
+    assert numbers._open and all(h.mapped is not None for h in numbers._open.values())
 
 
 @pytest.mark.parametrize("layout", ["raw", "sharded"])

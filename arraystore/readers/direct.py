@@ -15,7 +15,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from crc32c import crc32c
@@ -33,9 +33,23 @@ from arraystore.schema import Field
 CRC_BYTES = 4
 EMPTY_INT = 2**64 - 1  # an inner chunk never written: offset and nbytes both
 EMPTY = np.uint64(EMPTY_INT)
-# an open shard: descriptor, (offset, nbytes) of each inner chunk, path, its mapping if any
-ShardHandle = tuple[int, list[tuple[int, int]], str, MappedShard | None]
 OPEN_SHARDS = 32
+
+
+class OpenShard(NamedTuple):
+    """A shard a reader keeps open: its descriptor, (offset, nbytes) of each inner chunk as
+    Python ints, its path, and its mapping where shards are mapped (:mod:`.mapped`)."""
+
+    fd: int
+    index: list[tuple[int, int]]
+    path: str
+    mapped: MappedShard | None
+
+    def close(self) -> None:
+        """The mapping, then the descriptor."""
+        if self.mapped is not None:
+            self.mapped.close()
+        os.close(self.fd)
 
 
 def _codec_names(codecs: list[dict[str, Any]]) -> list[str]:
@@ -238,16 +252,16 @@ class ShardReader(_DirectFieldReader):
         self.shard_size = shard_size
         self.index_checksum = index_checksum
         self.chunk_bytes = field.nbytes + (CRC_BYTES if checksum else 0)
-        # shard -> (fd, [(offset, nbytes) per inner chunk] as Python ints, path, mapping), LRU;
-        # the shard read last is also kept apart, so a run of samples in one shard skips the LRU
-        self._open: OrderedDict[int, ShardHandle] = OrderedDict()
-        self._last: tuple[int, ShardHandle] | None = None
+        # shard -> its OpenShard, LRU; the shard read last is also kept apart, so a run of
+        # samples in one shard skips the LRU
+        self._open: OrderedDict[int, OpenShard] = OrderedDict()
+        self._last: tuple[int, OpenShard] | None = None
 
     def __del__(self) -> None:
         for handle in self._open.values():
-            _close(handle)
+            handle.close()
 
-    def _shard(self, shard: int) -> ShardHandle | None:
+    def _shard(self, shard: int) -> OpenShard | None:
         cached = self._open.get(shard)
         if cached is not None:
             self._open.move_to_end(shard)
@@ -263,12 +277,12 @@ class ShardReader(_DirectFieldReader):
             os.close(fd)
             raise type(exc)(f"field {self.field.name!r}, samples from "
                             f"{shard * self.shard_size}: {exc}") from exc
-        handle = self._open[shard] = (fd, [tuple(row) for row in index.tolist()], path,
-                                      MappedShard.open(fd, self.shard_size)
-                                      if self.maps_shards else None)
+        handle = self._open[shard] = OpenShard(
+            fd, [tuple(row) for row in index.tolist()], path,
+            MappedShard.open(fd, self.shard_size) if self.maps_shards else None)
         self._last = (shard, handle)  # the newest: never the one evicted below
         if len(self._open) > OPEN_SHARDS:
-            _close(self._open.popitem(last=False)[1])
+            self._open.popitem(last=False)[1].close()
         return handle
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -282,30 +296,21 @@ class ShardReader(_DirectFieldReader):
         self._read_sample(sample, out)
         return out
 
-    def _chunk_of(self, sample: int) -> tuple[ShardHandle, int, int, int] | None:
-        """(shard handle, byte offset, byte count, slot in the shard) of the sample's inner
+    def _chunk_of(self, sample: int) -> tuple[OpenShard, int, int, int] | None:
+        """(its open shard, byte offset, byte count, slot in the shard) of the sample's inner
         chunk; None if never written."""
         shard, slot = divmod(sample, self.shard_size)
         last = self._last
         handle = last[1] if last is not None and last[0] == shard else self._shard(shard)
         if handle is None:
             return None
-        offset, nbytes = handle[1][slot]
+        offset, nbytes = handle.index[slot]
         if offset == EMPTY_INT and nbytes == EMPTY_INT:
             return None
         return handle, offset, nbytes, slot
 
-    def _locate_chunk(self, sample: int) -> tuple[int, int, int, str] | None:
-        """(fd, byte offset, byte count, shard path) of the sample's inner chunk; None if
-        never written."""
-        chunk = self._chunk_of(sample)
-        if chunk is None:
-            return None
-        handle, offset, nbytes, _ = chunk
-        return handle[0], offset, nbytes, handle[2]
-
-    def _uncompressed_chunk(self, sample: int) -> tuple[ShardHandle, int, int] | None:
-        """(shard handle, byte offset, slot) of the sample's inner chunk, which must be one
+    def _uncompressed_chunk(self, sample: int) -> tuple[OpenShard, int, int] | None:
+        """(its open shard, byte offset, slot) of the sample's inner chunk, which must be one
         uncompressed sample; None if never written."""
         chunk = self._chunk_of(sample)
         if chunk is None:
@@ -313,7 +318,7 @@ class ShardReader(_DirectFieldReader):
         handle, offset, nbytes, slot = chunk
         if nbytes != self.chunk_bytes:
             raise StoreFormatError(
-                f"field {self.field.name!r}, sample {sample}, shard {handle[2]}: inner chunk "
+                f"field {self.field.name!r}, sample {sample}, shard {handle.path}: inner chunk "
                 f"of {nbytes} bytes, expected {self.chunk_bytes} (uncompressed)"
             )
         return handle, offset, slot
@@ -356,14 +361,6 @@ class ShardReader(_DirectFieldReader):
         (fd, _, path, _), offset, _ = located
         return read_window(fd, offset, self.field.shape, self.dtype, region,
                            f"field {self.field.name!r}, sample {sample}, shard {path}")
-
-
-def _close(handle: ShardHandle) -> None:
-    """Close an open shard: its mapping, then its descriptor."""
-    fd, _, _, mapped = handle
-    if mapped is not None:
-        mapped.close()
-    os.close(fd)
 
 
 class DirectBackend(Backend):

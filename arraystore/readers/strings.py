@@ -112,10 +112,10 @@ class StringShardReader(_StringSamples, ShardReader):
         return _strings(values, (stop - start, *self.shape))
 
     def _sample_strings(self, sample: int, count: int) -> list[str]:
-        located = self._locate_chunk(sample)
+        located = self._chunk_of(sample)
         if located is None:
             return [FILL] * count
-        fd, offset, nbytes, path = located
+        (fd, _, path, _), offset, nbytes, _ = located
         data = os.pread(fd, nbytes, offset)
         if len(data) != nbytes:
             raise StoreFormatError(f"field {self.field.name!r}, sample {sample}: shard {path} "
