@@ -3,9 +3,10 @@
 Why: a chunk in the page cache copies out of a mapping whose pages are already mapped at
 user-space ``memcpy`` speed, while ``preadv`` walks the page cache and copies in the kernel.
 Measured on the 2-core VM of ``benchmarks/results/batches.md`` (4 MB inner chunks, page cache
-warm): ``preadv`` 520-690 µs, a copy out of a mapping already touched 450-520 µs; read by two
-threads at once, the fields of an SA-1B item 1.8x the lean ``.bin`` reader against 1.45x with
-``preadv``. FFCV reads its files the same way.
+warm): ``preadv`` 520-690 µs, a copy out of a mapping already touched 450-520 µs. Timed by
+hand, an SA-1B item's fields read by two threads came to 1.8-2.1x the lean ``.bin`` reader
+against 1.45-1.76x with ``preadv``; in the interleaved benchmark the whole item gained only
+1.04x. FFCV reads its files the same way.
 
 Why not always: the first touch of a mapped page costs a page fault, which made a first copy
 ~30% slower than ``preadv`` (735-840 µs). So a shard's chunk is read with ``preadv`` the first
