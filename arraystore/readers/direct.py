@@ -279,7 +279,8 @@ class ShardReader(_DirectFieldReader):
                             f"{shard * self.shard_size}: {exc}") from exc
         handle = self._open[shard] = OpenShard(
             fd, [tuple(row) for row in index.tolist()], path,
-            MappedShard.open(fd, self.shard_size) if self.maps_shards else None)
+            MappedShard.open(fd, self.shard_size, self.chunk_bytes) if self.maps_shards
+            else None)
         self._last = (shard, handle)  # the newest: never the one evicted below
         if len(self._open) > OPEN_SHARDS:
             self._open.popitem(last=False)[1].close()
