@@ -7,6 +7,12 @@ this size on this machine; a reader close to it has little left to gain. The sam
 distinct (together larger than the CPU caches), so the copies come from RAM as the page-cache
 copies of the real readers do. Values are NumPy arrays: they pickle into DataLoader workers
 without one shared-memory file descriptor per tensor.
+
+``halves=True`` copies an item the way the direct backend reads one from a disk: its fields in
+two halves by size at once (:mod:`arraystore.readers.halves`, the same code), the keys of the
+calling thread's half built while the helper thread still copies. That is the ceiling of
+``ZarrDistillDataset[i]``: the same threads and the same dict, with memory copies in place of
+``preadv`` and mapped copies.
 """
 
 from __future__ import annotations
@@ -16,21 +22,48 @@ from typing import Any
 
 import numpy as np
 
-from loaders.distill_item import distill_item
+from arraystore.readers.base import FieldReader
+from arraystore.readers.halves import read_in_halves, split_by_size
+from loaders.distill_item import ALL_KEYS, buildable_part, distill_item
+
+
+class HeldField(FieldReader):
+    """One field's values held in memory, one array per sample; a read is a fresh copy."""
+
+    def __init__(self, values: Sequence[np.ndarray]) -> None:
+        self.values = values
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return np.stack(self.values[start:stop])
+
+    def read_sample(self, sample: int) -> np.ndarray:
+        return self.values[sample].copy()
 
 
 class InMemoryDataset:
-    """Items built from copies of in-memory field values (``values[i]``, ``ids[i]``)."""
+    """Items built from copies of in-memory field values (``values[i]``, ``ids[i]``), one
+    field after another, or with ``halves`` two halves of the fields at once."""
 
-    def __init__(self, values: Sequence[Mapping[str, np.ndarray]], ids: Sequence[str]) -> None:
+    def __init__(self, values: Sequence[Mapping[str, np.ndarray]], ids: Sequence[str],
+                 halves: bool = False) -> None:
         if len(values) != len(ids):
             raise ValueError(f"{len(values)} samples of values but {len(ids)} ids")
         self.values = [dict(v) for v in values]
         self.ids = list(ids)
+        self.names = list(self.values[0]) if self.values else []
+        self.fields = [HeldField([v[name] for v in self.values]) for name in self.names]
+        self.split = (split_by_size([v.nbytes for v in self.values[0].values()])
+                      if halves and self.values else None)
 
     def __len__(self) -> int:
         return len(self.values)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        fresh = {name: value.copy() for name, value in self.values[index].items()}
-        return distill_item(fresh, self.ids[index])
+        if self.split is None:
+            fresh = {name: value.copy() for name, value in self.values[index].items()}
+            return distill_item(fresh, self.ids[index])
+        early: dict[str, Any] = {}
+        copies = read_in_halves(self.fields, index, self.split, lambda got: early.update(
+            buildable_part({self.names[i]: v for i, v in got.items()}, ALL_KEYS)))
+        return distill_item(dict(zip(self.names, copies, strict=True)), self.ids[index],
+                            ALL_KEYS, early)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from arraystore.readers.halves import usable_cores
 from benchmarks.in_memory import InMemoryDataset
 from benchmarks.profile import copy_share, time_shares
 from benchmarks.report import BIN, DEFAULT, NO_IO, TAR, Results, write_report
@@ -49,6 +50,25 @@ def test_in_memory_items_are_fresh_copies() -> None:
     assert first["image"].data_ptr() != again["image"].data_ptr()  # a new copy per read
     assert not np.shares_memory(values[1]["image"], first["image"].numpy())
     assert torch.equal(first["teacher_features"], torch.from_numpy(values[1]["P4_S16"]))
+
+
+def test_in_memory_items_in_two_halves_equal_the_plain_ones() -> None:
+    """The concurrent ceiling copies the fields in two halves (both non-empty) and builds the
+    same item, from fresh copies."""
+    values = [field_values(0), field_values(1)]
+    plain, halves = InMemoryDataset(values, ["a", "b"]), InMemoryDataset(values, ["a", "b"],
+                                                                          halves=True)
+    assert usable_cores() < 2 or (halves.split is not None and all(halves.split))
+    got, expected = halves[1], plain[1]
+    assert set(got) == set(expected) == set(ALL_KEYS)
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(got[key], value), key
+        elif isinstance(value, np.ndarray):
+            assert np.array_equal(got[key], value), key
+        else:
+            assert got[key] == value, key
+    assert not np.shares_memory(values[1]["P4_S16"], got["teacher_features"].numpy())
 
 
 def test_report_has_targets_ceiling_and_profile(tmp_path: Path) -> None:
