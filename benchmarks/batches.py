@@ -261,8 +261,9 @@ def write_report(args: argparse.Namespace, single: dict, batches: dict, bandwidt
         f"Ceiling: the same item built from memory copies instead of reads (the same two "
         f"threads, the same dict, no system call) runs at **{item_ceiling / lean:.2f}×** the "
         f"lean `.bin` reader; the default reaches **{default / item_ceiling:.2f}×** of it. "
-        f"No reader of this item can pass that ceiling on this machine: where it is under a "
-        f"target, the target is out of reach here.",
+        f"It is what this way of reading an item reaches with reads costing no more than "
+        f"memory copies: a target above it needs another way of building the item, not "
+        f"faster reads.",
         "",
         "## Batches",
         "",
