@@ -14,6 +14,7 @@ from conftest import LAYOUTS
 from arraystore import SampleReader, Store
 from arraystore.errors import ChecksumMismatchError, StoreFormatError
 from arraystore.keys import chunk_file
+from arraystore.readers import mapped
 from arraystore.readers.strings import decode_vlen_utf8
 from arraystore.schema import Field, Schema
 from arraystore.writer import StoreWriter
@@ -49,11 +50,12 @@ def test_direct_string_reads_equal_zarr(tmp_path, layout: str) -> None:
         assert ours.dtype == theirs.dtype and ours.tolist() == theirs.tolist()
 
 
-def test_string_shards_are_read_with_pread_not_mapped(tmp_path) -> None:
+def test_string_shards_are_read_with_pread_not_mapped(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(mapped, "MIN_MAPPED_CHUNK", 1)  # map "x"'s 8-byte chunks too
     path = tmp_path / "t.zarr"
     write_texts(path, "sharded")
     reader = SampleReader(path, backend="direct")
-    for _ in range(2):  # a numeric chunk read again would come out of a mapping
+    for _ in range(2):  # a numeric chunk read again comes out of a mapping
         assert reader.read(3)["caption"] == TEXTS[3]
     strings, numbers = (reader.field_reader(name)[0] for name in ("caption", "x"))
     assert [h.mapped for h in strings._open.values()] == [None]
