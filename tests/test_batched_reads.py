@@ -4,9 +4,12 @@ fork, spawn and forkserver, on every layout and backend (and from S3)."""
 
 from __future__ import annotations
 
+import gc
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +20,7 @@ from arraystore import SampleReader
 from arraystore.errors import StoreFormatError
 from arraystore.readers.halves import usable_cores
 from loaders import ZarrDistillDataset, collate_distill
-from loaders.batched import Batched
+from loaders.batched import Batched, allocate_arrays
 from loaders.distill_item import distill_item
 
 
@@ -197,3 +200,35 @@ def test_a_failure_in_the_helper_half_reaches_the_caller(tmp_path, shard) -> Non
     chunk.write_bytes(b"\0" * 10)
     with pytest.raises(StoreFormatError, match=helper_field):
         reader.read(1)
+
+
+def _mapping_of(address: int) -> tuple[str, list[str]]:
+    """The ``/proc/self/smaps`` range holding ``address`` and its ``VmFlags``."""
+    found = ""
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, stop = (int(part, 16) for part in head.split("-"))
+            found = head if start <= address < stop else ""
+        elif line.startswith("VmFlags:") and found:
+            return found, line.split()[1:]
+    return "", []
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel/mm/transparent_hugepage"),
+                    reason="a Linux kernel with transparent huge pages")
+def test_main_process_batches_are_advised_huge_pages_and_unmapped_when_dropped() -> None:
+    buffers = allocate_arrays({"a": ((3, 1000, 1000), torch.float32), "b": ((3, 7), torch.uint8)})
+    assert buffers["a"].shape == (3, 1000, 1000) and buffers["b"].shape == (3, 7)
+    rng, flags = _mapping_of(buffers["a"].data_ptr())
+    assert rng and "hg" in flags  # MADV_HUGEPAGE: first writes fault 2 MiB at a time
+    assert _mapping_of(buffers["b"].data_ptr())[0] == rng  # one allocation for the batch
+    view = buffers["b"][1]
+    del buffers
+    gc.collect()
+    view.fill_(9)  # a view alone keeps the memory
+    assert view.tolist() == [9] * 7 and _mapping_of(view.data_ptr())[0] == rng
+    del view
+    gc.collect()
+    assert _mapping_of(int(rng.split("-")[0], 16))[0] != rng
+    assert allocate_arrays({"none": ((0, 5), torch.float32)})["none"].shape == (0, 5)
