@@ -10,7 +10,8 @@ kept for the run, and the item's ceiling (the same item dict from memory copies 
 threads, no system call). Batches of 8: a torch
 DataLoader with 2 workers over the ``.bin`` reader + ``collate_distill``, the same over the store
 (``__getitems__`` reads straight into shared memory), and ``BatchLoader`` (2 threads, a ring of
-reused buffers), against the same batches copied from RAM by 2 threads (the ceiling).
+reused buffers), against the same batches copied from RAM by 2 threads (the ceiling); and
+the two DataLoaders without workers (batches built in this process).
 
 Usage: python -m benchmarks.batches [--samples 48] [--rounds 7] [-h for the rest]
 """
@@ -44,6 +45,8 @@ from loaders.distill_item import DISTILL_FIELDS, STACKED_SLOTS
 
 BATCH = 8
 ITEM_CEILING = "no I/O: the item dict from RAM copies, two halves at once (ceiling)"
+NO_WORKERS_BIN = "DataLoader without workers, .bin per item + collate_distill"
+NO_WORKERS_STORE = "DataLoader without workers, sharded store (__getitems__ into huge pages)"
 
 
 class LeanBinReader:
@@ -217,6 +220,8 @@ def main() -> None:
                 BatchLoader(sharded, BATCH, sampler=order, threads=2)),
             "BatchLoader, raw store, 2 threads": batches_run(
                 BatchLoader(raw, BATCH, sampler=order, threads=2)),
+            NO_WORKERS_BIN: loader_run(binary, indices, BATCH, workers=0),
+            NO_WORKERS_STORE: loader_run(sharded, indices, BATCH, workers=0),
             "no I/O: the batches copied from RAM, 2 threads": no_io_run(columns, indices),
         }
         batches = interleaved(batched, args.rounds, seed=2)
@@ -237,6 +242,7 @@ def write_report(args: argparse.Namespace, single: dict, batches: dict, bandwidt
     names = list(batches)
     dl_bin, dl_store, ring = (batches[n][0] for n in names[:3])
     ceiling = batches[names[-1]][0]
+    in_process = batches[NO_WORKERS_STORE][0] / batches[NO_WORKERS_BIN][0]
     verdict = lambda got, goal: "met" if got >= goal else "missed"  # noqa: E731
     lines = [
         *header("Batch benchmark: items and batches at memory speed", "batches", vars(args)),
@@ -274,6 +280,10 @@ def write_report(args: argparse.Namespace, single: dict, batches: dict, bandwidt
         "",
         "Memory-copy bandwidth (`np.copyto`, 512 MiB): "
         + ", ".join(f"{k}: {v:.1f} GB/s" for k, v in bandwidth.items()) + ".",
+        "",
+        f"Without workers (no target; the batches are new memory each time, the store's "
+        f"in 2 MiB pages): the store's DataLoader is **{in_process:.2f}×** "
+        f"the one over `.bin`.",
         "",
         f"Targets: DataLoader over the store ≥ 1.5× the DataLoader over `.bin`: "
         f"**{dl_store / dl_bin:.2f}×** ({verdict(dl_store / dl_bin, 1.5)}); BatchLoader ≥ 3× "

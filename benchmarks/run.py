@@ -72,10 +72,14 @@ def read_run(dataset: Any, indices: np.ndarray) -> Callable[[], int]:
     return run
 
 
-def loader_run(dataset: Any, indices: np.ndarray, batch_size: int) -> Callable[[], int]:
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices.tolist(), num_workers=2,
-                        collate_fn=collate_distill, multiprocessing_context="forkserver",
-                        prefetch_factor=4, persistent_workers=True)
+def loader_run(dataset: Any, indices: np.ndarray, batch_size: int,
+               workers: int = 2) -> Callable[[], int]:
+    """Items per round of a DataLoader with ``collate_distill`` (``workers`` 0: in this
+    process)."""
+    parallel = {"multiprocessing_context": "forkserver", "prefetch_factor": 4,
+                "persistent_workers": True} if workers else {}
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices.tolist(),
+                        num_workers=workers, collate_fn=collate_distill, **parallel)
     for _ in loader:  # start the workers outside the timed rounds
         pass
 
