@@ -87,7 +87,7 @@ def fresh_buffer(nbytes: int) -> torch.Tensor:
     write is a fault, and a batch of 8 SA-1B items (60 MB) takes 15,000 of them. Measured here
     in the main process (a DataLoader without workers): ``__getitems__`` 4.3-4.5 ms an item
     into ``torch.empty``, 1.0 ms into huge pages. The size is rounded up to whole huge pages,
-    as the kernel aligns only such mappings to them; the pages past ``nbytes`` are never
+    as recent kernels align only such mappings to them; the pages past ``nbytes`` are never
     touched."""
     if not nbytes or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(nbytes, dtype=torch.uint8)

@@ -220,15 +220,15 @@ def _mapping_of(address: int) -> tuple[str, list[str]]:
 def test_main_process_batches_are_advised_huge_pages_and_unmapped_when_dropped() -> None:
     buffers = allocate_arrays({"a": ((3, 1000, 1000), torch.float32), "b": ((3, 7), torch.uint8)})
     assert buffers["a"].shape == (3, 1000, 1000) and buffers["b"].shape == (3, 7)
-    rng, flags = _mapping_of(buffers["a"].data_ptr())
-    assert rng and "hg" in flags  # MADV_HUGEPAGE: first writes fault 2 MiB at a time
-    assert _mapping_of(buffers["b"].data_ptr())[0] == rng  # one allocation for the batch
+    mapping, flags = _mapping_of(buffers["a"].data_ptr())
+    assert mapping and "hg" in flags  # MADV_HUGEPAGE: first writes fault 2 MiB at a time
+    assert _mapping_of(buffers["b"].data_ptr())[0] == mapping  # one allocation for the batch
     view = buffers["b"][1]
     del buffers
     gc.collect()
     view.fill_(9)  # a view alone keeps the memory
-    assert view.tolist() == [9] * 7 and _mapping_of(view.data_ptr())[0] == rng
+    assert view.tolist() == [9] * 7 and _mapping_of(view.data_ptr())[0] == mapping
     del view
     gc.collect()
-    assert _mapping_of(int(rng.split("-")[0], 16))[0] != rng
+    assert _mapping_of(int(mapping.split("-")[0], 16))[0] != mapping
     assert allocate_arrays({"none": ((0, 5), torch.float32)})["none"].shape == (0, 5)
