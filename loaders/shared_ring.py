@@ -10,8 +10,10 @@ Each worker keeps a small ring of segments (``memfd``s, so nothing is left in ``
 process dies). A batch's tensors are views of one segment's payload; the batch dict is wrapped
 as a :class:`RingBatch`, which pickles the tensors as (offset, shape, stride) into the segment
 instead of sharing their storage. The main process maps the segment (``/proc/<worker>/fd/<n>``)
-and rebuilds the same dict of ordinary tensors. Small tensors of the batch that are not in the
-segment (counts, flags, a sample's boxes) travel by value inside the same pickle.
+and rebuilds the same dict of ordinary tensors; it keeps the mapping for the segment's next
+batches (:class:`_KeptMappings`), so their pages are not faulted in again. Small tensors of
+the batch that are not in the segment (counts, flags, a sample's boxes) travel by value inside
+the same pickle.
 
 Reuse is safe by a flag in the segment's header: the worker sets it when it pickles a batch
 for the main process, the main process clears it once every tensor of that batch is gone
@@ -29,6 +31,7 @@ import mmap
 import os
 import secrets
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -239,9 +242,12 @@ def shippable(batch: dict[str, Any]) -> dict[str, Any]:
     return RingBatch(batch, found) if found else batch
 
 
-def _map(pid: int, fd: int, token: bytes, nbytes: int) -> torch.UntypedStorage:
-    """In the main process: a worker's segment mapped here, as a storage whose last user
-    releases the segment back to the worker."""
+KEPT_MAPPINGS = 64  # segment mappings the main process keeps between batches, all workers'
+SWEEP_EVERY = 32  # batches between checks that the kept segments still belong to their workers
+
+
+def _open_segment(pid: int, fd: int, token: bytes, nbytes: int) -> tuple[mmap.mmap, tuple]:
+    """A worker's segment mapped in this process, and its file's identity (device, inode)."""
     try:
         handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
     except OSError as error:
@@ -251,11 +257,77 @@ def _map(pid: int, fd: int, token: bytes, nbytes: int) -> torch.UntypedStorage:
             "this user cannot be opened here") from error
     try:
         mapping = mmap.mmap(handle, HEADER + nbytes)
+        status = os.fstat(handle)
     finally:
         os.close(handle)
     if mapping[TOKEN] != token:
         raise RuntimeError(f"the batch buffer of DataLoader worker {pid} was replaced "
                            "before its batch was received")
+    return mapping, (status.st_dev, status.st_ino)
+
+
+class _KeptMappings:
+    """The main process's mappings of worker segments, kept from one batch of a segment to the
+    next: its page-table entries stay, so reading a batch (a pinning copy, a ``.to(device)``)
+    does not fault its pages in again. Measured through a DataLoader of the SA-1B benchmark
+    store (2 workers, batch 8, interleaved rounds), the main process reading one byte of every
+    page of each batch: mapped anew per batch 611 items/s and 117 minor faults an item, kept
+    730 items/s and 13; copying each batch into a reused buffer (what pinning does) 373 -> 404;
+    not reading it 719 -> 756.
+
+    A kept mapping holds its segment's memory alive, so mappings of segments their worker has
+    dropped (closed, or the worker exited) are let go: checked on every new segment and every
+    ``SWEEP_EVERY`` batches, by whether ``/proc/<worker>/fd/<n>`` is still the same file; at
+    most ``KEPT_MAPPINGS`` are kept (least recently used go first)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.kept: OrderedDict[tuple[int, int, bytes], tuple[mmap.mmap, tuple]] = OrderedDict()
+        self.calls = 0
+
+    def mapping(self, pid: int, fd: int, token: bytes, nbytes: int) -> mmap.mmap:
+        """The mapping of the worker ``pid``'s segment ``fd`` whose token is ``token`` (unique
+        to that segment, so a kept mapping is of the same memory)."""
+        key = (pid, fd, token)
+        kept = self.kept.pop(key, None)
+        self.calls += 1
+        if kept is None or self.calls % SWEEP_EVERY == 0:
+            self._let_go_of_dropped()
+        if kept is None:
+            kept = _open_segment(pid, fd, token, nbytes)
+        self.kept[key] = kept
+        while len(self.kept) > KEPT_MAPPINGS:
+            self.kept.popitem(last=False)
+        return kept[0]
+
+    def _let_go_of_dropped(self) -> None:
+        """Forget the mappings of segments no longer open in their worker (the memory goes
+        once no batch of them is alive here either)."""
+        for key, (_, identity) in list(self.kept.items()):
+            pid, fd, _ = key
+            try:
+                status = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                del self.kept[key]
+                continue
+            if (status.st_dev, status.st_ino) != identity:
+                del self.kept[key]
+
+
+_kept: _KeptMappings | None = None
+
+
+def _kept_mappings() -> _KeptMappings:
+    global _kept
+    if _kept is None or _kept.pid != os.getpid():
+        _kept = _KeptMappings()
+    return _kept
+
+
+def _map(pid: int, fd: int, token: bytes, nbytes: int) -> torch.UntypedStorage:
+    """In the main process: a worker's segment mapped here, as a storage whose last user
+    releases the segment back to the worker."""
+    mapping = _kept_mappings().mapping(pid, fd, token, nbytes)
     array = np.frombuffer(mapping, np.uint8, nbytes, HEADER)
     weakref.finalize(array, _release, mapping)
     return torch.from_numpy(array).untyped_storage()

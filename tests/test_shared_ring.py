@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import pickle
 import subprocess
 import sys
@@ -20,8 +21,9 @@ from loaders import shared_ring
 
 @pytest.fixture(autouse=True)
 def own_ring(monkeypatch) -> None:
-    """Each test starts with an empty ring of its own."""
+    """Each test starts with an empty ring and no kept mappings of its own."""
     monkeypatch.setattr(shared_ring, "_ring", None)
+    monkeypatch.setattr(shared_ring, "_kept", None)
 
 
 def ring_batch(nbytes: int = 4096, fill: int = 7) -> dict:
@@ -100,6 +102,64 @@ def test_a_replaced_or_vanished_segment_is_a_clear_error() -> None:
         shared_ring._rebuild(2**22 + 1, segments, shipped)  # above any pid_max: no process
 
 
+def mappings_of(segment: shared_ring.Segment) -> int:
+    """How many times this process maps the segment's file."""
+    inode = str(os.fstat(segment.fd).st_ino)
+    with open("/proc/self/maps") as maps:
+        return sum(line.split()[4] == inode for line in maps)
+
+
+def test_the_main_process_keeps_a_segment_mapped_between_its_batches() -> None:
+    first = ring_batch(fill=1)
+    segment = first.segments[0]
+    received = pickle.loads(pickle.dumps(first))
+    address = received["features"].untyped_storage().data_ptr()
+    del first, received
+    gc.collect()
+    assert mappings_of(segment) == 2  # the worker's own, and the main process's, kept
+    second = ring_batch(fill=2)
+    assert second.segments[0] is segment
+    again = pickle.loads(pickle.dumps(second))
+    assert again["features"].untyped_storage().data_ptr() == address  # not mapped anew
+    assert mappings_of(segment) == 2
+    assert torch.equal(again["features"],
+                       torch.arange(256, dtype=torch.float32).view(16, 16) * 2)
+    del second, again
+    gc.collect()
+    assert segment.free()  # kept mapped, yet released to the worker
+
+
+def test_kept_mappings_of_segments_their_worker_dropped_are_let_go() -> None:
+    """A segment the worker closed (or whose worker exited) is forgotten by the next batch of
+    a new segment: the main process would otherwise hold its memory."""
+    batch = ring_batch()
+    dropped = batch.segments[0]
+    pickle.loads(pickle.dumps(batch))
+    del batch
+    gc.collect()
+    kept = shared_ring._kept_mappings().kept
+    dropped_key = next(iter(kept))
+    inode = str(os.fstat(dropped.fd).st_ino)
+    shared_ring._this_ring().segments.remove(dropped)
+    dropped.close()
+    replacement = ring_batch()  # the same descriptor number, another segment
+    assert replacement.segments[0].fd == dropped.fd
+    pickle.loads(pickle.dumps(replacement))
+    assert dropped_key not in kept
+    with open("/proc/self/maps") as maps:
+        assert not [line for line in maps if line.split()[4] == inode]  # its memory is gone
+    assert [key[2] for key in kept] == [replacement.segments[0].token]
+
+
+def test_kept_mappings_are_bounded(monkeypatch) -> None:
+    monkeypatch.setattr(shared_ring, "KEPT_MAPPINGS", 2)
+    held = [ring_batch(nbytes=4096 * (n + 1)) for n in range(3)]  # three segments, all busy
+    for batch in held:
+        pickle.loads(pickle.dumps(batch))
+    kept = shared_ring._kept_mappings().kept
+    assert [key[2] for key in kept] == [b.segments[0].token for b in held[1:]]
+
+
 def test_without_memfd_batches_go_into_fresh_shared_memory(monkeypatch) -> None:
     monkeypatch.setattr(shared_ring, "SUPPORTED", False)
     buffer = shared_ring.worker_buffer(256)
@@ -165,3 +225,37 @@ def test_copies_in_the_worker_do_not_go_through_the_main_process_path() -> None:
     assert type(deep) is dict and torch.equal(deep["features"], batch["features"])
     assert deep["features"].untyped_storage().data_ptr() != batch.segments[0].data_ptr
     assert batch.segments[0].map[0] == 0  # not marked as sent
+
+
+EPOCHS_SCRIPT = textwrap.dedent("""
+    import sys
+    from torch.utils.data import DataLoader
+    from loaders import ZarrDistillDataset, collate_distill
+
+    def mapped_segments():
+        with open("/proc/self/maps") as maps:
+            return sum("arraystore-batch" in line for line in maps)
+
+    loader = DataLoader(ZarrDistillDataset(sys.argv[1]), batch_size=1, num_workers=1,
+                        multiprocessing_context="fork", collate_fn=collate_distill,
+                        persistent_workers=False, prefetch_factor=2)
+    counts = []
+    for epoch in range(5):
+        for batch in loader:
+            del batch
+        counts.append(mapped_segments())
+    print(*counts)
+""")
+
+
+@pytest.mark.parametrize("layout_store", ["sharded"], indirect=True)
+def test_segments_of_exited_workers_are_not_kept_mapped(layout_store) -> None:
+    """Workers started anew every epoch: the main process keeps the segments of the current
+    worker only (each epoch's first batch lets go of the last epoch's), not one set per epoch
+    (without letting go: 10 or more after 5 epochs)."""
+    _, path = layout_store
+    result = subprocess.run([sys.executable, "-c", EPOCHS_SCRIPT, str(path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = [int(n) for n in result.stdout.split()]
+    assert min(counts) >= 1 and max(counts) <= 4, counts  # one worker's few segments
