@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from arraystore import Layout, ingest
@@ -72,10 +73,21 @@ def read_run(dataset: Any, indices: np.ndarray) -> Callable[[], int]:
     return run
 
 
-def loader_run(dataset: Any, indices: np.ndarray, batch_size: int,
-               workers: int = 2) -> Callable[[], int]:
+def read_pages(batch: dict[str, Any]) -> None:
+    """Read one byte of every 4 KiB page of each tensor of ``batch`` (each storage once): the
+    least that a consumer of the batch (a pinning copy, ``.to(device)``) does with it."""
+    tensors = [v for value in batch.values()
+               for v in (value if isinstance(value, list | tuple) else [value])
+               if isinstance(v, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors}
+    for storage in storages.values():
+        torch.empty(0, dtype=torch.uint8).set_(storage)[::4096].sum()
+
+
+def loader_run(dataset: Any, indices: np.ndarray, batch_size: int, workers: int = 2,
+               read_batches: bool = False) -> Callable[[], int]:
     """Items per round of a DataLoader with ``collate_distill`` (``workers`` 0: in this
-    process)."""
+    process), the main process reading every page of each batch with ``read_batches``."""
     parallel = {"multiprocessing_context": "forkserver", "prefetch_factor": 4,
                 "persistent_workers": True} if workers else {}
     loader = DataLoader(dataset, batch_size=batch_size, sampler=indices.tolist(),
@@ -84,7 +96,12 @@ def loader_run(dataset: Any, indices: np.ndarray, batch_size: int,
         pass
 
     def run() -> int:
-        return sum(len(batch["image_id"]) for batch in loader)
+        items = 0
+        for batch in loader:
+            if read_batches:
+                read_pages(batch)
+            items += len(batch["image_id"])
+        return items
     return run
 
 
