@@ -21,7 +21,7 @@ from converters.gopro.source import GoproSpikeSource
 from converters.gopro.tree_writer import write_gopro_tree
 from loaders import NoValidSamplesError, SpikeClipDataset, dataloader_kwargs, timed
 from loaders.frame_cache import FrameCache, worker_share
-from loaders.spike_clips import crop_windows
+from loaders.spike_clips import crop_windows, unit_floats
 
 SEQUENCES = {"train": {"A": 8, "B": 5, "C": 2}, "test": {"D": 6}}
 
@@ -159,6 +159,17 @@ def test_crop_origins_are_uniform_over_the_frame(store) -> None:
         chi2 = np.sum((counts - counts.mean()) ** 2 / counts.mean())
         assert chi2 < (span - 1) + 4 * np.sqrt(2 * (span - 1)), counts  # ~4 sigma
     assert abs(np.corrcoef(draws[:, 0], draws[:, 1])[0, 1]) < 0.05  # y and x independent
+
+
+def test_unit_floats_are_torchs_division_bit_for_bit() -> None:
+    frame = np.arange(3 * 40 * 300, dtype=np.int64).astype(np.uint8).reshape(3, 40, 300)
+    plane = frame[1, 5:37, 7:263]  # rows strided, as a window of a cached frame
+    out = torch.full((32, 256), -1.0)
+    unit_floats(plane, out)
+    assert torch.equal(out, torch.from_numpy(np.ascontiguousarray(plane)) / 255.0)
+    every = torch.empty(1, 256)
+    unit_floats(np.arange(256, dtype=np.uint8).reshape(1, 256), every)
+    assert torch.equal(every, torch.arange(256, dtype=torch.uint8).reshape(1, 256) / 255.0)
 
 
 def test_cache_never_exceeds_its_bound_and_serves_the_same_items(store) -> None:
