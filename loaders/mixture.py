@@ -30,7 +30,7 @@ from arraystore.mix import (
     read_mix_toml,
 )
 from arraystore.reader import SampleReader
-from loaders.batched import Batched, Slot, allocate, fill
+from loaders.batched import Batched, Slot, allocate, fill, torch_dtype
 from loaders.packed_collate import collate_packed
 from loaders.shared_ring import shippable
 
@@ -73,6 +73,8 @@ class StoreItems(Dataset):
     def __init__(self, path: str | os.PathLike[str], fields: Sequence[str] | None = None,
                  backend: str = "auto") -> None:
         self.reader = SampleReader(path, backend=backend, fields=fields)
+        self.slots = [Slot(name, name, torch_dtype(self.reader.schema[name].numpy_dtype))
+                      for name in self.reader.fields if not self.reader.schema[name].is_string]
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -82,9 +84,7 @@ class StoreItems(Dataset):
 
     def batch_slots(self) -> list[Slot]:
         """Every numeric field as a slot of a batch buffer (strings are listed)."""
-        return [Slot(name, name, torch.from_numpy(np.empty(0, self.reader.schema[name]
-                                                          .numpy_dtype)).dtype)
-                for name in self.reader.fields if not self.reader.schema[name].is_string]
+        return self.slots
 
     def fill_batch(self, indices: Sequence[int],
                    buffers: Mapping[str, torch.Tensor]) -> Batched:
