@@ -26,10 +26,12 @@ before.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import mmap
 import os
 import secrets
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -284,21 +286,23 @@ class _KeptMappings:
         self.pid = os.getpid()
         self.kept: OrderedDict[tuple[int, int, bytes], tuple[mmap.mmap, tuple]] = OrderedDict()
         self.calls = 0
+        self.lock = threading.Lock()  # batches arrive on a pin-memory thread too
 
     def mapping(self, pid: int, fd: int, token: bytes, nbytes: int) -> mmap.mmap:
         """The mapping of the worker ``pid``'s segment ``fd`` whose token is ``token`` (unique
         to that segment, so a kept mapping is of the same memory)."""
         key = (pid, fd, token)
-        kept = self.kept.pop(key, None)
-        self.calls += 1
-        if kept is None or self.calls % SWEEP_EVERY == 0:
-            self._let_go_of_dropped()
-        if kept is None:
-            kept = _open_segment(pid, fd, token, nbytes)
-        self.kept[key] = kept
-        while len(self.kept) > KEPT_MAPPINGS:
-            self.kept.popitem(last=False)
-        return kept[0]
+        with self.lock:
+            kept = self.kept.pop(key, None)
+            self.calls += 1
+            if kept is None or self.calls % SWEEP_EVERY == 0:
+                self._let_go_of_dropped()
+            if kept is None:
+                kept = _open_segment(pid, fd, token, nbytes)
+            self.kept[key] = kept
+            while len(self.kept) > KEPT_MAPPINGS:
+                self.kept.popitem(last=False)
+            return kept[0]
 
     def _let_go_of_dropped(self) -> None:
         """Forget the mappings of segments no longer open in their worker (the memory goes
@@ -322,6 +326,23 @@ def _kept_mappings() -> _KeptMappings:
     if _kept is None or _kept.pid != os.getpid():
         _kept = _KeptMappings()
     return _kept
+
+
+def _forget_kept_mappings() -> None:
+    """In a forked child (a DataLoader worker forked for the next epoch): unmap the parent's
+    kept mappings, which the child would otherwise hold, and with them the memory of segments
+    whose workers are gone, for its whole life. A mapping a batch in the child still uses
+    stays."""
+    global _kept
+    if _kept is not None:
+        for mapping, _ in _kept.kept.values():
+            with contextlib.suppress(BufferError):
+                mapping.close()
+        _kept = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_kept_mappings)
 
 
 def _map(pid: int, fd: int, token: bytes, nbytes: int) -> torch.UntypedStorage:

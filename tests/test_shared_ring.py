@@ -151,6 +151,26 @@ def test_kept_mappings_of_segments_their_worker_dropped_are_let_go() -> None:
     assert [key[2] for key in kept] == [replacement.segments[0].token]
 
 
+def test_a_forked_child_does_not_inherit_the_kept_mappings() -> None:
+    """Workers forked for a new epoch would otherwise hold the memory of the last epoch's
+    segments for their whole life."""
+    batch = ring_batch()
+    segment = batch.segments[0]
+    held = pickle.loads(pickle.dumps(ring_batch(nbytes=8192)))  # a batch still in use
+    pickle.loads(pickle.dumps(batch))
+    del batch
+    gc.collect()
+    assert mappings_of(segment) == 2  # the worker side's and the kept one
+    child = os.fork()
+    if child == 0:  # the child's count as its exit status; its held batch intact
+        intact = torch.equal(held["features"],
+                             torch.arange(256, dtype=torch.float32).view(16, 16) * 7)
+        os._exit(mappings_of(segment) if intact else 99)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 1  # the worker side's own mapping only
+    assert mappings_of(segment) == 2
+
+
 def test_kept_mappings_are_bounded(monkeypatch) -> None:
     monkeypatch.setattr(shared_ring, "KEPT_MAPPINGS", 2)
     held = [ring_batch(nbytes=4096 * (n + 1)) for n in range(3)]  # three segments, all busy
