@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+from collections.abc import Iterator
 
 import cv2
 import numpy as np
@@ -172,7 +173,17 @@ def test_unit_floats_are_torchs_division_bit_for_bit() -> None:
     assert torch.equal(every, torch.arange(256, dtype=torch.uint8).reshape(1, 256) / 255.0)
 
 
-def test_cache_never_exceeds_its_bound_and_serves_the_same_items(store) -> None:
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def torch_threads(request) -> Iterator[int]:
+    """Torch's intra-op threads for the test (a DataLoader worker has one): cached windows are
+    divided by NumPy on one thread, by torch on more."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def test_cache_never_exceeds_its_bound_and_serves_the_same_items(store, torch_threads) -> None:
     frame_bytes = 2 * IMAGE[0] * IMAGE[1] * 3 + int(np.prod(SPIKE))
     bound = 4 * frame_bytes  # fewer frames than a clip pass touches: evictions happen
     cached = make(store, ram_cache_gb=bound / 2**30)
