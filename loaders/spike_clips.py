@@ -60,19 +60,14 @@ def splitmix64(word: int) -> int:
     return z ^ (z >> 31)
 
 
-_UNIT_FLOATS = torch.div(torch.arange(256, dtype=torch.uint8), 255.0).numpy().reshape(1, 256)
-
-
-def unit_floats(plane: np.ndarray, out: torch.Tensor) -> None:
-    """A uint8 ``plane`` (rows may be strided) into ``out`` as float32 ``/ 255``: ToTensor's
-    value bit for bit (the table is torch's own division of 0..255), in one pass by
-    ``cv2.LUT``. The 30 planes of 10 windows of 256² RGB split by OpenCV: 1.3 ms against 2.0
-    (one thread) or 1.5 (two) with ``torch.div``; uncached clips through a DataLoader (2
-    workers) 262 -> 310 and 290 -> 332 clips/s in two interleaved runs."""
-    target = out.numpy()
-    written = cv2.LUT(plane, _UNIT_FLOATS, dst=target)
-    if written is not target:  # OpenCV allocated instead of writing in place
-        target[...] = written
+def unit_floats(pixels: np.ndarray, out: torch.Tensor) -> None:
+    """uint8 ``pixels`` into ``out`` (the same shape) as float32 ``/ 255``: the IEEE float32
+    division ToTensor does, so its values bit for bit, by NumPy on this thread. Its cast-then-
+    divide loops ran fastest here on one thread: the 30 split planes of 10 windows of 256² RGB
+    into buffers in turn, 1.42 ms against 1.62 with ``torch.div`` and 1.71 with a ``cv2.LUT``
+    table; uncached clips through a DataLoader (2 workers) 262 -> 310 and 290 -> 332 clips/s
+    from ``torch.div`` to the table, 340 -> 347 from the table to this."""
+    np.divide(pixels, np.float32(255.0), out=out.numpy(), dtype=np.float32)
 
 
 class NoValidSamplesError(ArrayStoreError, RuntimeError):
@@ -213,13 +208,12 @@ class SpikeClipDataset(Dataset):
         RAM cache when there is one: cached frames are kept channels-first, and a window is
         first copied into ``staging``, a contiguous uint8 buffer of ``out``'s shape (row
         copies from a frame in RAM run far faster than converting straight from it), then
-        divided: by torch where it has several threads to spread over, by NumPy on one (a
-        DataLoader worker), whose cast-then-divide loops run faster there (10 windows: 1.0
-        against 1.24 ms on one thread, 0.83 against 0.49 on two; cached clips through a
-        DataLoader of 2 workers 637 -> 721 clips/s). Without a cache, read straight from the
-        store, channels split by OpenCV (several times faster than a permuted copy) and
-        converted by :func:`unit_floats`. (Its table from cached windows was faster on one
-        thread by hand, 1.2 against 1.6 ms for 10 windows, but no faster in a DataLoader.)"""
+        divided: by torch where it has several threads to spread over, by
+        :func:`unit_floats` on one (a DataLoader worker; 10 windows: 1.0 against 1.24 ms on
+        one thread, 0.83 against 0.49 on two; cached clips through a DataLoader of 2 workers
+        637 -> 721 clips/s). Without a cache, read straight from the store, its channels
+        split by OpenCV (several times faster than a permuted copy), each converted by
+        :func:`unit_floats`."""
         cache = self.cache.get()
         if cache is None:
             window = self.reader.read_region(frame, name, region)
@@ -231,8 +225,8 @@ class SpikeClipDataset(Dataset):
         staging.copy_(torch.from_numpy(channels_first[(slice(None), *region)]))
         if torch.get_num_threads() > 1:
             torch.div(staging, 255.0, out=out)
-        else:  # the same IEEE float32 division, so the same values
-            np.divide(staging.numpy(), np.float32(255.0), out=out.numpy(), dtype=np.float32)
+        else:
+            unit_floats(staging.numpy(), out)
 
     def _voxel_window(self, frame: int, region: Region) -> np.ndarray:
         """(bins, h', w') uint16 voxels of the spike ``region`` (rows, columns) of one frame.
