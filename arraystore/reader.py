@@ -183,9 +183,11 @@ class SampleReader:
              while_waiting: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """The ``index``-th committed sample: field name -> array (or str). Per-sample fields
         served by one backend are read together (in an object store, concurrently; from a
-        disk in two halves at once). ``while_waiting``: work on what has been read while a
-        helper thread still reads the rest (building an item from some of its fields), called
-        at most once with the values read so far; not called when nothing overlaps."""
+        disk in two halves at once, or, once in memory, with each copy split across torch's
+        intra-op threads: :mod:`arraystore.readers.halves`). ``while_waiting``: work on what
+        has been read while a helper thread still reads the rest (building an item from some
+        of its fields), called at most once with the values read so far; not called when
+        nothing overlaps."""
         position = self.position(index)
         names = tuple(fields or self.fields)
         plan = self._plans.get(names) if self._pid == os.getpid() else None

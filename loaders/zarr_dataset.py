@@ -64,7 +64,8 @@ class ZarrDistillDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """The item; the keys whose fields arrive first are built while the rest is still
-        being read (the reader's helper thread reads the larger half of the item)."""
+        being read (the reader's helper thread reads the larger half of the item, unless the
+        item is in memory and torch's intra-op threads copy it)."""
         early: dict[str, Any] = {}
         values = self.reader.read(
             index, while_waiting=lambda got: early.update(buildable_part(got, self.keys)))

@@ -109,6 +109,16 @@ def layout_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     return request.param, _layout_store(request.param, tmp_path_factory, shard)
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def torch_threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    """Torch's intra-op threads for the test (a DataLoader worker has one): with more, cached
+    spike windows are divided by torch and items in memory copied on its threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 def write_bin_dataset(root: Path, num_samples: int, seed: int = 0, max_boxes: int = 1,
                       config: dict | None = None) -> Path:
     """A random ``.bin`` dataset folder in SEEDS.md 000's format (valid metadata values)."""

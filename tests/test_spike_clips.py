@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Iterator
 
 import cv2
 import numpy as np
@@ -171,16 +170,6 @@ def test_unit_floats_are_torchs_division_bit_for_bit() -> None:
     every = torch.empty(1, 256)
     unit_floats(np.arange(256, dtype=np.uint8).reshape(1, 256), every)
     assert torch.equal(every, torch.arange(256, dtype=torch.uint8).reshape(1, 256) / 255.0)
-
-
-@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
-def torch_threads(request) -> Iterator[int]:
-    """Torch's intra-op threads for the test (a DataLoader worker has one): cached windows are
-    divided by NumPy on one thread, by torch on more."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
 
 
 def test_cache_never_exceeds_its_bound_and_serves_the_same_items(store, torch_threads) -> None:

@@ -24,9 +24,10 @@ from arraystore.errors import ChecksumMismatchError, StoreFormatError
 from arraystore.keys import ChunkPaths
 from arraystore.layout import Layout
 from arraystore.location import LocalLocation, Location
+from arraystore.readers import intra_op
 from arraystore.readers.base import Backend, FieldReader, WhileWaiting
 from arraystore.readers.halves import Split, read_in_halves, split_by_size
-from arraystore.readers.mapped import MappedShard
+from arraystore.readers.mapped import MIN_MAPPED_CHUNK, MappedShard
 from arraystore.region import Region, region_shape
 from arraystore.schema import Field
 
@@ -334,7 +335,7 @@ class ShardReader(_DirectFieldReader):
         (fd, _, path, mapped), offset, slot = located
         stored = None if mapped is None else mapped.chunk(slot, offset, self.chunk_bytes)
         if stored is not None:
-            np.copyto(out.reshape(-1).view(np.uint8), stored[:out.nbytes])
+            intra_op.copy(out, stored[:out.nbytes])
             crc = stored[out.nbytes:].tobytes()
         else:  # a C-contiguous array is itself the buffer preadv fills
             crc_buffer = bytearray(CRC_BYTES if self.checksum else 0)
@@ -346,6 +347,15 @@ class ShardReader(_DirectFieldReader):
         if self.checksum:
             check_crc(memoryview(out.reshape(-1).view(np.uint8)), crc, self.field.name,
                       sample, path)
+
+    def in_memory(self, sample: int) -> bool | None:
+        if not self.maps_shards or self.chunk_bytes < MIN_MAPPED_CHUNK:
+            return None  # never mapped
+        located = self._uncompressed_chunk(sample)
+        if located is None:
+            return False
+        mapped, slot = located[0].mapped, located[2]
+        return mapped is not None and mapped.read_before(slot)
 
     def read_into(self, sample: int, out: np.ndarray) -> None:
         if fits(out, self.dtype):
