@@ -5,13 +5,17 @@ reader threads, and torch takes mapped pages as a copy's source without warning.
 from __future__ import annotations
 
 import mmap
+import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from arraystore import SampleReader
 from arraystore.readers import intra_op
@@ -153,3 +157,39 @@ assert (out == np.arange(len(source)) % 251).all()
     done = subprocess.run([sys.executable, "-W", "error", "-c", script], capture_output=True,
                           text=True, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="copies in parallel need two cores")
+def test_a_forked_child_reads_in_halves_instead_of_hanging(tmp_path_factory, shard) -> None:
+    """GNU OpenMP does not survive fork: a child entering a parallel region after its parent
+    used one hangs. The child of a parent that copied in parallel reads the same items, in
+    two halves, and finishes (checked with NumPy only: torch's own parallel ops would hang)."""
+    from tests.conftest import _layout_store
+
+    reader = SampleReader(_layout_store("sharded", tmp_path_factory, shard))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(2):
+            parent = [reader.read(i) for i in range(len(reader))]
+        assert intra_op.torch_threads() == 2
+        with pytest.MonkeyPatch.context() as patch:
+            calls = recording_copies(patch)
+            reader.read(0)
+        assert calls and all(parallel for _, parallel in calls)
+        pid = os.fork()
+        if pid == 0:  # the child: exit status 0 only if every item matches
+            ok = intra_op.torch_threads() == 1 and all(
+                all(np.array_equal(np.asarray(reader.read(i)[name]), np.asarray(value))
+                    for name, value in parent[i].items()) for i in range(len(reader)))
+            os._exit(0 if ok else 1)
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung reading items")
+        assert os.waitstatus_to_exitcode(done[1]) == 0, "the child read other values"
+    finally:
+        torch.set_num_threads(before)

@@ -17,10 +17,16 @@ already (arraystore never imports it: 1-2 s) with two or more intra-op threads (
 workers have one). Other threads (a ``BatchLoader``'s readers, the halves' helper) keep
 NumPy's copy: each thread entering torch's parallel regions brings its own team of OpenMP
 threads onto the same cores.
+
+Never in a forked child: GNU OpenMP (torch's on Linux) does not survive ``fork``, and a child
+entering a parallel region after its parent used one hangs (checked here with a plain
+``copy_`` of 4 MiB). A forked child reads its items in two halves instead; children started
+by ``spawn`` or ``forkserver`` (fresh interpreters) copy in parallel again.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -29,12 +35,22 @@ from contextlib import contextmanager
 import numpy as np
 
 _local = threading.local()
+_forked = False  # this process is a forked child (of a process that had imported this module)
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def torch_threads() -> int:
-    """torch's intra-op threads where torch is loaded in this process, else 1."""
+    """torch's intra-op threads this process may split copies across: 1 where torch is not
+    loaded or in a forked child, else ``torch.get_num_threads()``."""
     torch = sys.modules.get("torch")
-    return torch.get_num_threads() if torch is not None else 1
+    return 1 if torch is None or _forked else torch.get_num_threads()
 
 
 @contextmanager
