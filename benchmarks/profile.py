@@ -1,7 +1,10 @@
 """Where a reader's time goes: cProfile's own-time per function, as shares of the total.
 
-The report uses it to say *why* a target is missed: how much of an item's read is the copy out of
-the page cache (``preadv``) and how much is everything around it.
+The report uses it to say *why* a target is missed: how much of an item's read is copying its
+bytes (out of the page cache with ``preadv``, out of mapped shards with torch's ``copy_``) and
+how much is everything around it. NumPy's ``copyto`` cannot be told apart: its C work counts in
+its caller's own time. cProfile sees only the calling thread: a helper thread's reads
+(:mod:`arraystore.readers.halves`) are not in the profile.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import pstats
 from collections.abc import Callable
 from pathlib import Path
 
-COPY_CALLS = ("preadv", "pread")
+COPY_CALLS = ("preadv", "pread", "copy_")
 
 
 def _label(filename: str, line: int, name: str) -> str:
@@ -32,6 +35,12 @@ def time_shares(run: Callable[[], object], top: int = 6) -> list[tuple[str, floa
     return [(label, own / total) for label, own in entries[:top]]
 
 
+def _call_name(label: str) -> str:
+    """A built-in's bare name: ``posix.preadv`` -> ``preadv``, ``'copy_' of 'torch._C.Tensor
+    Base' objects`` -> ``copy_``."""
+    return label.split("'")[1] if label.startswith("'") else label.rsplit(".", 1)[-1]
+
+
 def copy_share(shares: list[tuple[str, float]]) -> float:
-    """The share of the profiled time spent in ``pread``/``preadv`` (the page-cache copy)."""
-    return sum(share for label, share in shares if label.rsplit(".", 1)[-1] in COPY_CALLS)
+    """The share of the profiled time spent copying an item's bytes (:data:`COPY_CALLS`)."""
+    return sum(share for label, share in shares if _call_name(label) in COPY_CALLS)

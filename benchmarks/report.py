@@ -73,23 +73,26 @@ def _where_the_time_goes(results: Results) -> list[str]:
         "## Where the time goes",
         "",
         f"- No I/O: `{NO_IO}` does only what every reader must also do (fill fresh arrays "
-        f"of the item's size by a copy within RAM, build the item dict from them). Single "
-        f"process it runs at {s[NO_IO]:.0f} items/s; the `.bin` reader runs at "
-        f"{s[BIN] / s[NO_IO]:.2f}× of that, the defaults at {s[DEFAULT] / s[NO_IO]:.2f}×. The "
-        f"gap is the kernel's copy out of the page cache (`preadv`, profiled below), dearer per "
-        f"byte than a copy within user memory; both readers `pread` every byte of the item "
-        f"once, so neither can be much faster than the other.",
-        f"- Through the DataLoader the ceiling is {dl[NO_IO]:.0f} items/s (workers hand "
-        f"{batch_mb:.0f} MB batches to the main process through shared memory); the `.bin` "
-        f"reader runs at {dl[BIN] / dl[NO_IO]:.2f}× of it, the defaults at "
-        f"{dl[DEFAULT] / dl[NO_IO]:.2f}×. What separates a reader from the ceiling is its "
-        f"reading; what limits the ceiling is the hand-off. Readers at ~1.0× of it cannot be "
-        f"told apart by speed here.",
+        f"of the item's size by copies within RAM, build the item dict from them), with the "
+        f"store's own code (`arraystore.readers.halves`: single process each copy split "
+        f"across torch's intra-op threads, in a DataLoader worker the fields in two halves on "
+        f"two threads). Single process it runs at {s[NO_IO]:.0f} items/s; the `.bin` reader "
+        f"runs at {s[BIN] / s[NO_IO]:.2f}× of that, the defaults at "
+        f"{s[DEFAULT] / s[NO_IO]:.2f}×. The `.bin` reader copies every byte out of the page "
+        f"cache on one thread (`preadv`, profiled below); the defaults copy an item read "
+        f"before out of their mapped shards on every core, which is why they can outrun it.",
+        f"- Through the DataLoader, per-item readers are bound by the hand-off (workers "
+        f"collate {batch_mb:.0f} MB batches into fresh shared memory for the main process): "
+        f"the no-I/O reader runs at {dl[NO_IO]:.0f} items/s and the `.bin` reader at "
+        f"{dl[BIN] / dl[NO_IO]:.2f}× of it. The defaults read each batch straight into a "
+        f"worker's reused shared buffer (`__getitems__`), past that bound: "
+        f"{dl[DEFAULT] / dl[NO_IO]:.2f}× the no-I/O reader.",
     ]
     for name, shares in results.profiles.items():
         lines.append(
-            f"- `{name}`, single process, under cProfile: the copy out of the page cache "
-            f"(`preadv`) is {copy_share(shares):.0%} of the time; the largest own times: "
+            f"- `{name}`, single process, under cProfile: copying the item's bytes (`preadv` "
+            f"out of the page cache, torch's `copy_` out of mapped shards) is "
+            f"{copy_share(shares):.0%} of the time; the largest own times: "
             + ", ".join(f"`{label}` {share:.0%}" for label, share in shares) + "."
         )
     return [*lines, ""]
