@@ -32,8 +32,8 @@ class FieldReader(ABC):
 
     def in_memory(self, sample: int) -> bool | None:
         """Whether reading sample ``sample`` is a copy out of memory already mapped (the
-        direct backend's shards read before, :mod:`.mapped`); None for a reader that never
-        reads that way."""
+        direct backend's shards read before, :mod:`.mapped`); None where it is never read that
+        way (this default; chunks too small to map, or mapped reads switched off)."""
         return None
 
     def read_into(self, sample: int, out: np.ndarray) -> None:

@@ -27,7 +27,7 @@ from arraystore.location import LocalLocation, Location
 from arraystore.readers import intra_op
 from arraystore.readers.base import Backend, FieldReader, WhileWaiting
 from arraystore.readers.halves import Split, read_in_halves, split_by_size
-from arraystore.readers.mapped import MIN_MAPPED_CHUNK, MappedShard
+from arraystore.readers.mapped import MappedShard
 from arraystore.region import Region, region_shape
 from arraystore.schema import Field
 
@@ -349,13 +349,11 @@ class ShardReader(_DirectFieldReader):
                       sample, path)
 
     def in_memory(self, sample: int) -> bool | None:
-        if not self.maps_shards or self.chunk_bytes < MIN_MAPPED_CHUNK:
-            return None  # never mapped
         located = self._uncompressed_chunk(sample)
         if located is None:
             return False
-        mapped, slot = located[0].mapped, located[2]
-        return mapped is not None and mapped.read_before(slot)
+        mapped = located[0].mapped  # None: this reader does not map (MappedShard.open)
+        return None if mapped is None else mapped.read_before(located[2])
 
     def read_into(self, sample: int, out: np.ndarray) -> None:
         if fits(out, self.dtype):
