@@ -3,15 +3,19 @@ an epoch each takes (``arraystore mix describe mix.toml``).
 
 A ``mix.toml`` lists sources as ``[[source]]`` tables with the fields of :class:`MixEntry`
 (``path``, ``dataset_type``, ``repeats``, ``weight``, ``required``, ``modality_length``,
-``fields``, ``backend``); relative paths are taken from the TOML file's folder. This module reads
+``fields``, ``backend``, ``item``); relative paths are taken from the TOML file's folder. Every
+value is checked for its type and range when the file is read (``required = "no"`` is refused,
+not taken as true). This module reads
 declarations and store metadata only (no torch, no sample): ``loaders.Mixture`` builds the
 training-time dataset from the same entries.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,9 @@ class MissingSourceError(ArrayStoreError, FileNotFoundError):
     """A required source of a mixture is not on disk."""
 
 
+ITEM_FORMATS = ("fields", "distill")  # a source's items: its stored fields, or the seed's dict
+
+
 @dataclass(frozen=True)
 class MixEntry:
     """One source of a mixture: a store ``path`` and how it takes part.
@@ -36,7 +43,9 @@ class MixEntry:
     ``repeats``: copies of the source in an epoch of the mixture (RefCOCO x4). ``weight``: its
     relative chance per draw for a weighted sampler. ``required=False``: a missing store is
     skipped with a warning. ``modality_length``: the per-sample length when the store has no
-    ``modality_length`` array (negative: text-only samples).
+    ``modality_length`` array (negative: text-only samples). ``item``: ``"fields"`` (the
+    stored fields, as read) or ``"distill"`` (an ``sa1b`` store's items as the dicts of
+    ``ZarrDistillDataset``, which the SA-1B training code expects).
     """
 
     path: str
@@ -47,9 +56,22 @@ class MixEntry:
     modality_length: int | None = None
     fields: tuple[str, ...] | None = None
     backend: str = "auto"
+    item: str = "fields"
 
     def __post_init__(self) -> None:
         check_participation(self.dataset_type, self.repeats, self.weight, self.modality_length)
+        check_item_format(self.dataset_type, self.item, self.fields)
+
+
+def check_item_format(dataset_type: str, item: str, fields: Sequence[str] | None) -> None:
+    """Refuse an unknown item format, or ``fields`` with the ``distill`` one (its dict has its
+    own keys)."""
+    if item not in ITEM_FORMATS:
+        raise MixSpecError(f"source {dataset_type!r}: item must be one of {ITEM_FORMATS}, got "
+                           f"{item!r}")
+    if item == "distill" and fields is not None:
+        raise MixSpecError(f"source {dataset_type!r}: 'fields' applies to item = \"fields\"; "
+                           f"the distill item has its own keys")
 
 
 def check_participation(dataset_type: str, repeats: int, weight: float | None,
@@ -60,20 +82,47 @@ def check_participation(dataset_type: str, repeats: int, weight: float | None,
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise MixSpecError(f"source {dataset_type!r}: repeats must be an integer >= 1, got "
                            f"{repeats!r}")
-    if weight is not None and not weight > 0:
-        raise MixSpecError(f"source {dataset_type!r}: weight must be > 0, got {weight!r}")
+    if weight is not None and not (isinstance(weight, int | float) and not isinstance(
+            weight, bool) and math.isfinite(weight) and weight > 0):
+        raise MixSpecError(f"source {dataset_type!r}: weight must be a finite number > 0, got "
+                           f"{weight!r}")
     if modality_length == 0:
         raise MixSpecError(f"source {dataset_type!r}: modality_length 0 is not a length (use a "
                            f"negative length for text-only samples)")
+
+
+# what each mix.toml key holds (bool is not an int here; an int is a float)
+KEY_TYPES: dict[str, tuple[type, ...]] = {
+    "path": (str,), "dataset_type": (str,), "repeats": (int,), "weight": (int, float),
+    "required": (bool,), "modality_length": (int,), "fields": (list,), "backend": (str,),
+    "item": (str,),
+}
+
+
+def _check_types(where: str, table: Mapping[str, Any]) -> None:
+    """Refuse a value of the wrong TOML type, naming the key, what it holds and what fits."""
+    for key, value in table.items():
+        wanted = KEY_TYPES[key]
+        if (isinstance(value, bool) and bool not in wanted) or not isinstance(value, wanted):
+            names = " or ".join({int: "an integer", float: "a number", str: "a string",
+                                 bool: "true or false", list: "a list of strings"}[t]
+                                for t in wanted)
+            raise MixSpecError(f"{where}: {key} must be {names}, got {value!r}")
+    if "fields" in table and not all(isinstance(f, str) for f in table["fields"]):
+        raise MixSpecError(f"{where}: fields must be a list of strings, got {table['fields']!r}")
 
 
 def read_mix_toml(path: str | os.PathLike[str]) -> list[MixEntry]:
     """The ``[[source]]`` entries of a ``mix.toml``."""
     path = Path(path)
     try:
-        document = tomllib.loads(path.read_text())
+        document = tomllib.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError as exc:
         raise MissingSourceError(f"mixture file {path} not found") from exc
+    except IsADirectoryError as exc:
+        raise MixSpecError(f"{path} is a folder; give the mix.toml file") from exc
+    except UnicodeDecodeError as exc:
+        raise MixSpecError(f"{path}: not UTF-8 text ({exc}); TOML files are UTF-8") from exc
     except tomllib.TOMLDecodeError as exc:
         raise MixSpecError(f"{path}: not valid TOML: {exc}") from exc
     tables = document.get("source")
@@ -82,12 +131,15 @@ def read_mix_toml(path: str | os.PathLike[str]) -> list[MixEntry]:
     known = {f.name for f in fields(MixEntry)}
     entries = []
     for n, table in enumerate(tables):
+        if not isinstance(table, dict):
+            raise MixSpecError(f"{path}: source {n + 1} is not a table; write [[source]]")
         unknown = sorted(set(table) - known)
         if unknown:
             raise MixSpecError(f"{path}: source {n + 1} has unknown keys {unknown}; known: "
                                f"{sorted(known)}")
         if "path" not in table or "dataset_type" not in table:
             raise MixSpecError(f"{path}: source {n + 1} needs 'path' and 'dataset_type'")
+        _check_types(f"{path}: source {n + 1}", table)
         settings: dict[str, Any] = dict(table)
         if not is_url(settings["path"]) and not Path(settings["path"]).is_absolute():
             settings["path"] = str((path.parent / settings["path"]).resolve())

@@ -26,6 +26,7 @@ from arraystore.mix import (
     MissingSourceError,
     MixEntry,
     MixSpecError,
+    check_item_format,
     check_participation,
     read_mix_toml,
 )
@@ -33,6 +34,7 @@ from arraystore.reader import SampleReader
 from loaders.batched import Batched, Slot, allocate, fill, torch_dtype
 from loaders.packed_collate import collate_packed
 from loaders.shared_ring import shippable
+from loaders.zarr_dataset import ZarrDistillDataset
 
 MODALITY_FIELD = "modality_length"
 DEFAULT_MODALITY_LENGTH = 1
@@ -45,7 +47,8 @@ class MixSource:
 
     ``collate``: how a batch of this source's items is collated (default: the dataset's
     ``collate_fn`` attribute if it has one, else as ``default_collate`` does). The other fields
-    are those of :class:`arraystore.mix.MixEntry`.
+    are those of :class:`arraystore.mix.MixEntry` (``item="distill"``: a store path read as
+    :class:`~loaders.ZarrDistillDataset` items).
     """
 
     source: str | os.PathLike[str] | Dataset
@@ -57,14 +60,16 @@ class MixSource:
     fields: Sequence[str] | None = None
     backend: str = "auto"
     collate: Callable[[list[Any]], Any] | None = None
+    item: str = "fields"
 
     def __post_init__(self) -> None:
         check_participation(self.dataset_type, self.repeats, self.weight, self.modality_length)
+        check_item_format(self.dataset_type, self.item, self.fields)
 
     @classmethod
     def from_entry(cls, entry: MixEntry) -> MixSource:
         return cls(entry.path, entry.dataset_type, entry.repeats, entry.weight, entry.required,
-                   entry.modality_length, entry.fields, entry.backend)
+                   entry.modality_length, entry.fields, entry.backend, item=entry.item)
 
 
 class StoreItems(Dataset):
@@ -127,6 +132,11 @@ def _modality_lengths(dataset: Any, source: MixSource) -> np.ndarray:
     return lengths
 
 
+def modality_tensor(items: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+    """The items' ``modality_length`` as ``default_collate`` batches ints: an int64 tensor."""
+    return torch.tensor([int(i[MODALITY_FIELD]) for i in items], dtype=torch.int64)
+
+
 class Mixture(Dataset):
     """Map-style, picklable mixture of sources; see the module docstring.
 
@@ -175,6 +185,8 @@ class Mixture(Dataset):
                           f"skipped (optional)", stacklevel=3)
             self.missing.append(str(path))
             return None
+        if source.item == "distill":
+            return ZarrDistillDataset(path, source.backend)
         return StoreItems(path, source.fields, source.backend)
 
     @classmethod
@@ -244,7 +256,7 @@ class Mixture(Dataset):
                 batch = collate_packed({"": list(stripped)})[""]
             if isinstance(batch, dict):
                 batch["dataset_type"] = [name] * len(members)
-                batch[MODALITY_FIELD] = [items[r][MODALITY_FIELD] for r in members]
+                batch[MODALITY_FIELD] = modality_tensor([items[r] for r in members])
             batches[name] = batch
         return Batched(items, next(iter(batches.values())) if len(batches) == 1 else batches)
 
@@ -254,7 +266,8 @@ class Mixture(Dataset):
         its own (``MixSource.collate``, or the dataset's ``collate_fn``) uses it; the others
         are collated as ``default_collate`` would, all into one buffer (one shared-memory
         segment per batch from a worker: see :mod:`loaders.packed_collate`). Each sub-batch
-        gets ``dataset_type`` and ``modality_length`` as lists."""
+        gets ``dataset_type`` as a list and ``modality_length`` as an int64 tensor, as
+        ``default_collate`` batches strings and ints."""
         if self.collate_fn is not None:
             return self.collate_fn(items)
         if isinstance(items, Batched):  # built by __getitems__
@@ -277,7 +290,7 @@ class Mixture(Dataset):
         for name, members in groups.items():
             if isinstance(batches[name], dict):
                 batches[name]["dataset_type"] = [i["dataset_type"] for i in members]
-                batches[name][MODALITY_FIELD] = [i[MODALITY_FIELD] for i in members]
+                batches[name][MODALITY_FIELD] = modality_tensor(members)
         return shippable(batches[next(iter(groups))] if single
                          else {n: batches[n] for n in groups})
 

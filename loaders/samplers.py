@@ -118,6 +118,31 @@ def length_grouped_indices(lengths: np.ndarray, group: int,
     return np.concatenate([*shuffled, last])
 
 
+def _batch_size(per_device_batch_size: int | None, batch_size: int | None) -> int:
+    """The per-device batch size, given under xtuner's name or the training scripts' one."""
+    if per_device_batch_size is None and batch_size is None:
+        raise OptionError("LengthGroupedSampler needs per_device_batch_size= (or batch_size=)")
+    if None not in (per_device_batch_size, batch_size) and per_device_batch_size != batch_size:
+        raise OptionError(f"per_device_batch_size={per_device_batch_size} and batch_size="
+                          f"{batch_size} disagree: give one of them")
+    return int(per_device_batch_size if per_device_batch_size is not None else batch_size)
+
+
+def dataset_lengths(dataset: Any, length_property: str) -> Any:
+    """A dataset's per-sample lengths: its ``lengths`` (a :class:`Mixture`'s), else its
+    attribute ``length_property``, else its column of that name (a Hugging Face dataset's
+    ``dataset["modality_length"]``)."""
+    if getattr(dataset, "lengths", None) is not None:
+        return dataset.lengths
+    if getattr(dataset, length_property, None) is not None:
+        return getattr(dataset, length_property)
+    column_names = getattr(dataset, "column_names", None)
+    if column_names is not None and length_property in column_names:
+        return dataset[length_property]
+    raise OptionError(f"{type(dataset).__name__} has no per-sample lengths: neither .lengths nor "
+                      f"{length_property!r} (pass length_property= or lengths=)")
+
+
 class LengthGroupedSampler(_ResumableSampler):
     """Batches of similar ``modality_length`` (xtuner's ``LengthGroupedSampler``).
 
@@ -127,14 +152,22 @@ class LengthGroupedSampler(_ResumableSampler):
     length descending, positive and negative lengths grouped apart (see
     :func:`length_grouped_indices`); the epoch padded to a multiple of ``world_size`` by
     repeating it from the start; rank ``r`` takes every ``world_size``-th index from ``r``. The
-    lengths are ``dataset.lengths`` (a :class:`Mixture`'s) unless given.
+    lengths are ``dataset.lengths`` (a :class:`Mixture`'s) unless given (see
+    :func:`dataset_lengths`). Drop-in for both spellings of the reference code:
+    ``LengthGroupedSampler(dataset, per_device_batch_size=8, length_property=
+    "modality_length")`` (xtuner) and ``LengthGroupedSampler(dataset, batch_size=8,
+    world_size=W, rank=r, seed=42)`` (the mixing training script).
     """
 
-    def __init__(self, dataset: Any, per_device_batch_size: int, world_size: int = 1,
-                 rank: int = 0, seed: int = 0, mega_batch_mult: int | None = None,
-                 lengths: np.ndarray | None = None) -> None:
+    def __init__(self, dataset: Any, per_device_batch_size: int | None = None,
+                 world_size: int = 1, rank: int = 0, seed: int = 0,
+                 mega_batch_mult: int | None = None, lengths: np.ndarray | None = None, *,
+                 batch_size: int | None = None,
+                 length_property: str = "modality_length") -> None:
         super().__init__(world_size, rank, seed)
-        self.lengths = np.asarray(dataset.lengths if lengths is None else lengths)
+        per_device_batch_size = _batch_size(per_device_batch_size, batch_size)
+        self.lengths = np.asarray(dataset_lengths(dataset, length_property)
+                                  if lengths is None else lengths)
         n = len(self.lengths)
         if per_device_batch_size < 1 or n == 0:
             raise OptionError(f"per_device_batch_size ({per_device_batch_size}) and the number "

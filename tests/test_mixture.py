@@ -5,6 +5,7 @@ that partition an epoch, resumable state, length grouping, missing sources, mixe
 from __future__ import annotations
 
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from arraystore import ingest
 from arraystore.cli import cli
 from arraystore.errors import OptionError
-from arraystore.mix import MissingSourceError, MixSpecError
+from arraystore.mix import MissingSourceError, MixSpecError, read_mix_toml
 from arraystore.reader import SampleReader
 from converters.npz.examples import write_referring, write_sav_pairs
 from converters.npz.source import NpzDirectorySource
@@ -252,7 +253,8 @@ def test_mixed_kinds_collate_in_dataloader_workers(mix) -> None:
     assert batch["sav"]["dataset_type"] == ["sav"] * 3
     assert batch["sa1b"]["image"].shape == (3, 3, 1024, 1024)  # collate_distill: boxes as lists
     assert isinstance(batch["sa1b"]["box_prompts_xyxy"], list)
-    assert batch["sa1b"]["modality_length"] == [1024] * 3  # lists: no tensor to share
+    assert torch.equal(batch["sa1b"]["modality_length"],  # as default_collate gives ints
+                       default_collate([1024] * 3))
     same_kind = mix.collate([mix[i] for i in range(3)])
     assert same_kind["dataset_type"] == ["sav"] * 3
     assert len(pickle.dumps(mix)) < 100_000
@@ -280,8 +282,10 @@ def test_packed_collate_equals_default_collate_in_workers(mix) -> None:
                     assert value.dtype == sub[key].dtype and torch.equal(value, sub[key])
                 else:
                     assert value == sub[key]
-            assert sub["modality_length"] == [i["modality_length"] for i in items
-                                              if i["dataset_type"] == name]
+            lengths = default_collate([i["modality_length"] for i in items
+                                       if i["dataset_type"] == name])
+            assert sub["modality_length"].dtype == lengths.dtype == torch.int64
+            assert torch.equal(sub["modality_length"], lengths)
 
 
 @pytest.mark.parametrize("indices", [[0, 1, 2], [3, 4, 5, 0], [38, 3, 9, 1, 4, 20],
@@ -356,3 +360,96 @@ required = false
     toml.write_text('[[source]]\npath = "x"\ndataset_type = "y"\nrepeat = 2\n')
     result = CliRunner().invoke(cli, ["mix", "describe", str(toml)])
     assert result.exit_code == 1 and "unknown keys ['repeat']" in result.output
+
+
+def test_training_loop_over_a_toml_mixture_with_length_grouping(stores, tmp_path) -> None:
+    """What a training script does: Mixture.from_toml + LengthGroupedSampler + DataLoader with
+    mix.collate, and the lengths of each batch as the tensor default_collate gives (it was a
+    list, and ``.tolist()`` failed)."""
+    toml = tmp_path / "mix.toml"
+    toml.write_text(f"""
+[[source]]
+path = "{stores['sav']}"
+dataset_type = "sav"
+modality_length = 512
+
+[[source]]
+path = "{stores['sa1b']}"
+dataset_type = "sa1b"
+item = "distill"
+modality_length = 1024
+
+[[source]]
+path = "{stores['refcoco']}"
+dataset_type = "refcoco"
+repeats = 2
+""")
+    mixture = Mixture.from_toml(toml)
+    sampler = LengthGroupedSampler(mixture, batch_size=4, world_size=1, rank=0, seed=42)
+    loader = DataLoader(mixture, batch_size=4, sampler=sampler, collate_fn=mixture.collate,
+                        num_workers=2)
+    seen = 0
+    for batch in loader:
+        groups = batch if "dataset_type" not in batch else {batch["dataset_type"][0]: batch}
+        for name, sub in groups.items():
+            lengths = sub["modality_length"].tolist()
+            assert len(lengths) == len(sub["dataset_type"]) and set(sub["dataset_type"]) == {name}
+            seen += len(lengths)
+            if name == "sa1b":  # the seed-000 item dict, batched by collate_distill
+                assert sub["image"].shape[1:] == (3, 1024, 1024) and "teacher_features" in sub
+                assert lengths == [1024] * len(lengths)
+    assert seen == len(mixture) == 6 + 5 + 14
+
+
+def test_sampler_takes_both_reference_spellings(mix) -> None:
+    """Seed 004's script (batch_size=, world_size=, rank=, seed=) and xtuner's config
+    (per_device_batch_size=, length_property=) give the same sampler."""
+    script = LengthGroupedSampler(mix, batch_size=4, world_size=2, rank=1, seed=42)
+    xtuner = LengthGroupedSampler(mix, per_device_batch_size=4, world_size=2, rank=1, seed=42,
+                                  length_property="modality_length")
+    assert list(script) == list(xtuner) and len(script) == (len(mix) + 1) // 2
+    by_column = LengthGroupedSampler(Lengths([3, 1, 2, 5]), batch_size=2,
+                                     length_property="modality_lengths")
+    assert sorted(by_column) == [0, 1, 2, 3]
+    with pytest.raises(OptionError, match="disagree"):
+        LengthGroupedSampler(mix, per_device_batch_size=4, batch_size=8)
+    with pytest.raises(OptionError, match="needs per_device_batch_size"):
+        LengthGroupedSampler(mix)
+    with pytest.raises(OptionError, match=r"no per-sample lengths.*'length'"):
+        LengthGroupedSampler(Pairs(), batch_size=2, length_property="length")
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('required = "no"', "required must be true or false, got 'no'"),
+    ("weight = inf", "weight must be a finite number > 0, got inf"),
+    ("weight = nan", "weight must be a finite number > 0, got nan"),
+    ("weight = true", "weight must be an integer or a number, got True"),
+    ('repeats = "4"', "repeats must be an integer, got '4'"),
+    ("repeats = 1.5", "repeats must be an integer, got 1.5"),
+    ("modality_length = 5.0", "modality_length must be an integer"),
+    ('fields = "image"', "fields must be a list of strings"),
+    ("fields = [1, 2]", "fields must be a list of strings"),
+    ('backend = 3', "backend must be a string"),
+    ('item = "dict"', "item must be one of ('fields', 'distill'), got 'dict'"),
+])
+def test_toml_values_are_checked_for_type_and_range(tmp_path, line, message) -> None:
+    toml = tmp_path / "mix.toml"
+    toml.write_text(f'[[source]]\npath = "a.zarr"\ndataset_type = "a"\n{line}\n')
+    with pytest.raises(MixSpecError, match=re.escape(message)):
+        read_mix_toml(toml)
+    result = CliRunner().invoke(cli, ["mix", "describe", str(toml)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+def test_toml_that_is_not_text_or_not_tables(tmp_path) -> None:
+    toml = tmp_path / "mix.toml"
+    toml.write_bytes(b'[[source]]\npath = "\xff\xfe.zarr"\n')
+    with pytest.raises(MixSpecError, match="not UTF-8 text"):
+        read_mix_toml(toml)
+    toml.write_text('source = ["a", "b"]\n')
+    with pytest.raises(MixSpecError, match="source 1 is not a table"):
+        read_mix_toml(toml)
+    with pytest.raises(MixSpecError, match="is a folder"):
+        read_mix_toml(tmp_path)
+    with pytest.raises(MixSpecError, match="'fields' applies to item"):
+        MixSource("a.zarr", dataset_type="a", item="distill", fields=("image",))
