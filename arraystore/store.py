@@ -10,11 +10,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
 import zarr
+from zarr.errors import ZarrUserWarning
 
 from arraystore import __version__
 from arraystore.contract import disagreements
@@ -38,6 +40,16 @@ WRITE_MODES: tuple[str, ...] = ("create", "append", "overwrite")
 
 SAMPLE_FIELD = Field(SAMPLE_ARRAY, (), "str", (), "block", "sample id (the xarray index)")
 COMMITTED_FIELD = Field(COMMITTED_ARRAY, (), "bool", (), "block", "the sample's data is complete")
+
+
+def array_attributes(f: Field) -> dict[str, str]:
+    """A field array's attributes: its description, and (for xarray, which reads the CF
+    ``coordinates`` attribute) ``committed`` as a coordinate of every field, so that
+    ``xarray.open_zarr`` shows which samples are complete beside the data instead of among it."""
+    attributes = {"description": f.description} if f.description else {}
+    if f.name not in (SAMPLE_ARRAY, COMMITTED_ARRAY):
+        attributes["coordinates"] = COMMITTED_ARRAY
+    return attributes
 
 
 def utc_now() -> str:
@@ -66,7 +78,8 @@ def _read_meta(location: Location) -> dict[str, Any]:
             f"choose another output path"
         )
     try:
-        group = zarr.open_group(location.zarr_store(read_only=True), mode="r", zarr_format=3)
+        group = zarr.open_group(location.zarr_store(read_only=True), mode="r", zarr_format=3,
+                                use_consolidated=False)
     except Exception as exc:
         raise NotAStoreError(f"{location} is not a Zarr v3 group: {exc}") from exc
     meta = group.attrs.asdict().get(ATTRS_KEY)
@@ -125,7 +138,7 @@ class Store:
                 f"re-run the ingest command (it recreates the store) or delete {location}"
             )
         group = zarr.open_group(location.zarr_store(read_only=mode == "r"), mode=mode,
-                                zarr_format=3)
+                                zarr_format=3, use_consolidated=False)
         store = cls(location, group, meta)
         metadata = store.array_metadata()
         store.array_json = {n: raw for n, raw in metadata.items() if isinstance(raw, bytes)}
@@ -218,12 +231,13 @@ class Store:
                 dtype=str if f.is_string else f.dtype,
                 fill_value="" if f.is_string else 0,
                 dimension_names=[SAMPLE_DIM, *f.dims],
-                attributes={"description": f.description} if f.description else {},
+                attributes=array_attributes(f),
                 **layout.array_kwargs(f),
             )
         meta["initialized"] = True
-        group.attrs[ATTRS_KEY] = meta
-        return cls(location, group, meta)
+        store = cls(location, group, meta)
+        store.save_meta()
+        return store
 
     def array(self, name: str) -> zarr.Array:
         """The array of ``name``; writes store every chunk, zeros included, so that every
@@ -244,8 +258,20 @@ class Store:
         return int(self.committed_mask().sum())
 
     def save_meta(self) -> None:
-        """Write the ``arraystore`` attribute (one atomic rewrite of the group's zarr.json)."""
+        """Write the ``arraystore`` attribute (one atomic rewrite of the group's zarr.json),
+        then consolidate the metadata again (the rewrite drops it)."""
         self.group.attrs[ATTRS_KEY] = self.meta
+        self.consolidate()
+
+    def consolidate(self) -> None:
+        """Copy every array's metadata into the group's ``zarr.json`` (Zarr's consolidated
+        metadata), so that ``xarray.open_zarr`` opens the store without a warning, and with one
+        request on an object store. It is a snapshot: writers call this after each commit of a
+        run (the ids, fields and ``committed`` it lists all agree then); this project's own
+        readers never use it, as the arrays may have grown since."""
+        with warnings.catch_warnings():  # "not part of the Zarr format 3 specification"
+            warnings.simplefilter("ignore", ZarrUserWarning)
+            zarr.consolidate_metadata(self.location.zarr_store(read_only=False), zarr_format=3)
 
     def check_compatible(self, schema: Schema, layout: Layout | None) -> None:
         """Refuse to append data of another kind, schema or layout; say which option differs."""

@@ -125,6 +125,7 @@ class StoreWriter:
         try:
             if not isinstance(exc, OSError):
                 self.flush()
+                self.store.consolidate()  # the xarray view lists what is committed now
         finally:
             self.close()
 

@@ -17,12 +17,16 @@ def open_xarray(path: StoreTarget, *, committed_only: bool = True,
     ``storage_options``) lazily (dask arrays, one dask chunk per Zarr chunk).
 
     Nothing is read but metadata, ``sample`` and ``committed``. With ``committed_only`` (the
-    default) samples whose data is incomplete are left out, as every reader does.
+    default) samples whose data is incomplete are left out, as every reader does; without it,
+    every slot is there and the boolean coordinate ``committed`` marks the complete ones (as
+    plain ``xarray.open_zarr`` shows them: ``ds.isel(sample=ds.committed.values)`` keeps those).
     ``ds.sel(sample="sa_1")`` selects by id.
     """
     store = Store.open(path, storage_options=storage_options)
     ds = xr.open_zarr(store.location.zarr_store(read_only=True), zarr_format=3,
-                      consolidated=False, chunks={})
+                      consolidated=False, chunks={})  # the arrays as they are now
+    if COMMITTED_ARRAY not in ds.coords:  # stores made before it was a coordinate
+        ds = ds.set_coords(COMMITTED_ARRAY)
     if committed_only:
         mask = store.committed_mask()
         if not mask.all():

@@ -138,6 +138,33 @@ def test_plain_xarray_reads_the_s3_store_with_storage_options(read_only_twins,
                                   xr.open_zarr(local, consolidated=False)["image"].values)
 
 
+def test_plain_xarray_opens_the_s3_store_from_one_metadata_request(read_only_twins,
+                                                                     s3_endpoint,
+                                                                     monkeypatch) -> None:
+    """An ingest straight into the bucket leaves consolidated metadata: ``xarray.open_zarr``
+    with its defaults opens without a warning and reads the root ``zarr.json`` only -- no
+    array's own metadata -- before the data; ``committed`` marks the complete samples."""
+    import warnings
+
+    import s3fs
+
+    _, url = read_only_twins
+    fetched: list[str] = []
+    real = s3fs.S3FileSystem._cat_file
+
+    async def recording(self, path, *args, **kwargs):
+        fetched.append(path)
+        return await real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", recording)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = xr.open_zarr(url, storage_options={"endpoint_url": s3_endpoint})
+    metadata = [path for path in fetched if path.endswith("zarr.json")]
+    assert metadata == [f"{url.removeprefix('s3://')}/zarr.json"], metadata
+    assert plain["committed"].values.tolist() == [True] * 5 and "committed" in plain.coords
+
+
 def test_storage_options_reach_the_client(read_only_twins, s3_endpoint) -> None:
     _, url = read_only_twins
     out = invoke("info", url, "--storage-option", f"endpoint_url={s3_endpoint}",
