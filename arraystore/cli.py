@@ -197,7 +197,9 @@ def _ingest_command(name: str) -> click.Command:
                      help="crc32c per chunk [no]"),
         click.Option(["--workers"], type=click.IntRange(1), default=None,
                      help="decode processes; with --scheduler dask and no --dask-address, the "
-                          "LocalCluster's worker processes [the number of cores]"),
+                          "LocalCluster's worker processes [one per available core; with a "
+                          "model on the CPU 1, the model's threads taking the cores; with a "
+                          "model on an accelerator, the cores less one]"),
         click.Option(["--scheduler"], type=click.Choice(["local", "dask"]), default="local",
                      show_default=True,
                      help="local: this machine's processes; dask: a task per input on a Dask "

@@ -35,6 +35,7 @@ from arraystore.ingest import (
 )
 from arraystore.layout import Layout
 from arraystore.location import Location
+from arraystore.machine import available_cores
 from arraystore.regions import file_unit, release, reserve
 from arraystore.sources import BatchStage, Part, Skip, Source, SourceUnit
 from arraystore.store import Store, StoreTarget, WriteMode, utc_now
@@ -278,7 +279,7 @@ def ingest_distributed(
                 todo.append(unit)
         try:
             _run(source, todo, store, report, on_error, address,
-                 workers or os.cpu_count() or 1, on_progress, on_client)
+                 workers or available_cores(), on_progress, on_client)
         finally:
             report.finished = utc_now()
             if report.skipped:

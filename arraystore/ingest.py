@@ -36,7 +36,15 @@ from arraystore.errors import SampleError, SourceError, WorkerDiedError
 from arraystore.layout import Layout
 from arraystore.location import Location
 from arraystore.lock import StoreLock
-from arraystore.sources import BatchStage, Part, Record, Skip, Source, SourceUnit
+from arraystore.sources import (
+    BatchStage,
+    Part,
+    Record,
+    Skip,
+    Source,
+    SourceUnit,
+    default_workers,
+)
 from arraystore.store import Store, StoreTarget, WriteMode, open_for_writing, utc_now
 from arraystore.writer import StoreWriter, sample_id_problem
 
@@ -59,6 +67,7 @@ class IngestReport:
     units_already_done: list[str] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     report_path: str = ""
+    stage_setup_seconds: float = 0.0  # building the batch stage (loading a model), once
     stage_seconds: float = 0.0  # in the batch stage (a model), writer process
     waiting_seconds: float = 0.0  # the writer waiting for workers' results
 
@@ -199,7 +208,7 @@ def ingest(
     """
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
-    workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+    workers = max(1, workers if workers is not None else default_workers(source))
     with writing(source, inputs, out, mode, layout, storage_options, break_lock) as (units, store):
         return _run(source, units, store, workers, on_error, progress)
 
@@ -221,7 +230,14 @@ def writing(source: Source, inputs: Sequence[str | os.PathLike[str]], out: Store
 def _run(source: Source, units: list[SourceUnit], store: Store, workers: int, on_error: OnError,
          progress: bool) -> IngestReport:
     report = IngestReport(store=str(store.path), source=source.name, started=utc_now())
+    todo = [unit for unit in units if not already_ingested(store, unit)]
+    report.units_already_done = [str(u.path) for u in units if u not in todo]
+    if not todo:  # nothing to do: no model built, no worker started
+        report.finished = utc_now()
+        return report
+    started = time.perf_counter()
     stage = source.batch_stage()
+    report.stage_setup_seconds = time.perf_counter() - started
     if stage is not None:
         store.provenance[stage.name] = {**stage.describe(), "used_from": utc_now()}
     # decoding runs ahead of the writer by two batches, so a model stage never waits on it
@@ -230,10 +246,7 @@ def _run(source: Source, units: list[SourceUnit], store: Store, workers: int, on
         with StoreWriter(store) as writer, DerivePool(source, workers, lookahead) as pool, \
                 _progress(progress) as bar:
             preexisting = set(writer.committed_ids)
-            for unit in units:
-                if already_ingested(store, unit):
-                    report.units_already_done.append(str(unit.path))
-                    continue
+            for unit in todo:
                 skips_before = len(report.skipped)
                 _ingest_unit(source, unit, writer, pool, stage, preexisting, on_error, report,
                              bar)

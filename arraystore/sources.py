@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, Protocol
 
 from arraystore.errors import SampleError
+from arraystore.machine import available_cores
 from arraystore.plugins import PluginOption
 from arraystore.schema import Schema
 
@@ -166,6 +167,12 @@ class Source(ABC):
         they are written (e.g. a teacher model computing features). Default: none."""
         return None
 
+    def stage_device(self) -> str | None:
+        """The device :meth:`batch_stage` will run its model on (``"cpu"``, ``"cuda:0"``), or
+        None when this source has no stage; known without building the model, so that the
+        default number of decode workers can be chosen (:func:`default_workers`)."""
+        return None
+
     def max_samples(self, unit: SourceUnit) -> int | None:
         """An upper bound of the samples ``unit`` yields, found cheaply (TAR member headers,
         not their data), or None when the source cannot tell before reading. A distributed
@@ -174,3 +181,21 @@ class Source(ABC):
 
     def prepare_worker(self) -> None:  # noqa: B027 (an optional hook, not abstract)
         """Called once in each worker process before the first ``derive`` (e.g. to pin threads)."""
+
+
+def default_workers(source: Source, cores: int | None = None) -> int:
+    """Decode processes for an ingest of ``source`` when ``--workers`` is not given.
+
+    Without a model stage, one per available core. With a model on the CPU, none beside the
+    writer (1: records are derived in the writer process): the model's threads use every core
+    already, and a decode process beside them only takes cores from it and pays its start-up
+    (spawned workers import the model's libraries). With a model on an accelerator, every core
+    but the writer's decodes, so the device is never left waiting.
+    """
+    cores = cores or available_cores()
+    device = source.stage_device()
+    if device is None:
+        return cores
+    if device.split(":")[0] == "cpu":
+        return 1
+    return max(1, cores - 1)

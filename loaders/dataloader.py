@@ -10,7 +10,6 @@ workers start with ``forkserver`` instead of ``fork``.
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import time
@@ -18,6 +17,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 import torch
+
+from arraystore.machine import available_cores
 
 AUTO_FRACTION = 0.8
 TRAIN_PREFETCH, VAL_PREFETCH = 4, 2
@@ -27,7 +28,7 @@ _CPU_FRACTION = re.compile(r"^cpu\s*\*\s*([0-9]*\.?[0-9]+)$")
 
 def resolve_workers(total_workers: str | int = "auto", cpus: int | None = None) -> int:
     """The number of worker processes ``total_workers`` stands for on ``cpus`` cores."""
-    cpus = cpus or os.cpu_count() or 1
+    cpus = cpus or available_cores()
     if isinstance(total_workers, bool):
         raise TypeError("total_workers must be 'auto', 'cpu*F' or an int, not a bool")
     if isinstance(total_workers, int):

@@ -18,7 +18,7 @@ from conftest import BACKENDS
 
 from arraystore import SampleReader
 from arraystore.errors import StoreFormatError
-from arraystore.readers.halves import usable_cores
+from arraystore.machine import available_cores
 from loaders import ZarrDistillDataset, collate_distill
 from loaders.batched import Batched, allocate_arrays
 from loaders.distill_item import distill_item
@@ -113,7 +113,7 @@ def test_split_by_size_balances_bytes_and_skips_small_items() -> None:
 
     sizes = [4 << 20, 3 << 20, 1 << 20, 64, 16, 1 << 20]
     split = split_by_size(sizes)
-    if usable_cores() < 2:
+    if available_cores() < 2:
         assert split is None  # one core: in turn
         return
     assert split is not None and sorted(split[0] + split[1]) == list(range(len(sizes)))
@@ -147,7 +147,7 @@ FORKED_HALVES = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(usable_cores() < 2, reason="halves need two cores")
+@pytest.mark.skipif(available_cores() < 2, reason="halves need two cores")
 @pytest.mark.parametrize("layout_store", ["raw", "sharded+crc32c"], indirect=True)
 def test_halves_read_the_same_before_and_after_fork(layout_store) -> None:
     """An item read in two halves (this process's helper thread) equals its fields read one
@@ -167,7 +167,7 @@ def test_work_while_waiting_gets_the_calling_threads_half(layout_store) -> None:
     reader = SampleReader(path, backend="direct")
     seen: list[dict] = []
     values = reader.read(1, while_waiting=seen.append)
-    if usable_cores() < 2:
+    if available_cores() < 2:
         assert seen == []  # nothing overlaps on one core
         return
     assert len(seen) == 1 and 0 < len(seen[0]) < len(values)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from arraystore.readers.halves import usable_cores
+from arraystore.machine import available_cores
 from benchmarks.in_memory import InMemoryDataset
 from benchmarks.profile import copy_share, time_shares
 from benchmarks.report import BIN, DEFAULT, NO_IO, TAR, Results, write_report
@@ -62,7 +62,7 @@ def test_in_memory_items_in_two_halves_equal_the_plain_ones() -> None:
     values = [field_values(0), field_values(1)]
     plain, halves = InMemoryDataset(values, ["a", "b"]), InMemoryDataset(values, ["a", "b"],
                                                                           halves=True)
-    assert usable_cores() < 2 or (halves.split is not None and all(halves.split))
+    assert available_cores() < 2 or (halves.split is not None and all(halves.split))
     got, expected = halves[1], plain[1]
     assert set(got) == set(expected) == set(ALL_KEYS)
     for key, value in expected.items():

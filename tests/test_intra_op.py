@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from arraystore import SampleReader
+from arraystore.machine import available_cores
 from arraystore.readers import intra_op
-from arraystore.readers.halves import usable_cores
 from arraystore.readers.intra_op import copies_in_parallel, parallel_copies, writable_view
 from loaders import BatchLoader, ZarrDistillDataset, collate_distill
 from tests.conftest import BACKENDS, assert_same_values
@@ -59,7 +59,7 @@ def test_items_read_again_equal_their_first_read(layout_store, backend: str, tor
         if attempt:
             later.extend(calls)
     in_memory = layout in IN_MEMORY_LAYOUTS and backend in ("auto", "direct")
-    if in_memory and torch_threads > 1 and usable_cores() > 1:
+    if in_memory and torch_threads > 1 and available_cores() > 1:
         assert later and all(parallel for _, parallel in later)
         assert {name for name, _ in later} == {threading.current_thread().name}
     else:
@@ -159,7 +159,7 @@ assert (out == np.arange(len(source)) % 251).all()
     assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.skipif(usable_cores() < 2, reason="copies in parallel need two cores")
+@pytest.mark.skipif(available_cores() < 2, reason="copies in parallel need two cores")
 def test_a_forked_child_reads_in_halves_instead_of_hanging(tmp_path_factory, shard) -> None:
     """GNU OpenMP does not survive fork: a child entering a parallel region after its parent
     used one hangs. The child of a parent that copied in parallel reads the same items, in

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from arraystore.machine import available_cores
 from arraystore.readers.base import FieldReader, WhileWaiting
 from arraystore.readers.intra_op import parallel_copies, torch_threads
 
@@ -40,18 +41,11 @@ def _helper_thread() -> ThreadPoolExecutor:
     return _helper[1]
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity where the OS has one, as Linux does)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def split_by_size(sizes: Sequence[int]) -> Split:
     """Indices of ``sizes`` in two groups of nearly equal total (largest first, each to the
     lighter group), the heavier group first; or None when splitting does not pay: under
     :data:`MIN_SPLIT_BYTES` in all, one core, or a group that would be empty."""
-    if sum(sizes) < MIN_SPLIT_BYTES or usable_cores() < 2:
+    if sum(sizes) < MIN_SPLIT_BYTES or available_cores() < 2:
         return None
     groups: tuple[list[int], list[int]] = ([], [])
     totals = [0, 0]

@@ -180,6 +180,9 @@ class CocoEmbeddingsSource(Source):
             }))
         return results
 
+    def stage_device(self) -> str | None:
+        return self.settings["device"]
+
     def batch_stage(self) -> BatchStage | None:
         from converters.coco_panoptic.embedder import SiglipEmbedder
 

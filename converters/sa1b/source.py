@@ -107,6 +107,9 @@ class Sa1bTarSource(Source):
         fields.update(P4_S16=p4, P5_S32=p5, feature_flag=np.uint8(flag), image_id=sid)
         return fields
 
+    def stage_device(self) -> str | None:
+        return self.settings["device"] if self.settings["teacher"] else None
+
     def batch_stage(self) -> BatchStage | None:
         """With ``--teacher``, features come from SAM2 (replacing any NPZ features); the model
         lives in the writer process while the workers decode ahead."""
