@@ -21,6 +21,7 @@ import numpy as np
 from arraystore.errors import ArrayStoreError, MissingExtraError, UnknownFieldError
 from arraystore.location import is_url
 from arraystore.reader import SampleReader
+from arraystore.store import Store
 from arraystore.views import Panel, view_for
 
 CELL = 256  # pixels of a panel's image area (square)
@@ -28,6 +29,8 @@ PAD = 10
 ROW_HEADER = 24  # the sample id above each row
 TITLE = 30  # two lines of panel title
 DPI = 100
+LEGEND_ENTRIES = 12  # a scatter's legend names its most common labels, the rest as "others"
+LEGEND_WIDTH = 130  # pixels at the right of a scatter panel kept for its legend
 
 
 class NothingToShowError(ArrayStoreError, ValueError):
@@ -50,10 +53,14 @@ class PanelBox:
 
 @dataclass
 class ShowResult:
+    """The PNG written: the samples drawn, its size in pixels, its rows and where each image
+    panel landed."""
+
     path: Path
     sample_ids: list[str]
     width: int
     height: int
+    rows: int
     panels: list[PanelBox] = field(default_factory=list)
 
 
@@ -97,9 +104,14 @@ def show(store: str | os.PathLike[str], sample_ids: Sequence[str] = (), *,
         rows = [(reader.sample_ids[i], view.panels(reader.read(i, names), reader.schema, fields))
                 for i in indices]
     else:
-        rows = [(f"{len(indices)} of the {len(reader)} samples of {store_name(store)}",
-                 view.summary([reader.read(i, names) for i in indices], reader.schema))]
-    return render(rows, Path(out) if out is not None else default_output(store))
+        meta = Store.open(reader.location, check_arrays=False).meta
+        summary = view.summary([reader.read(i, names) for i in indices], reader.schema, meta)
+        heading = f"{len(indices)} of the {len(reader)} samples of {store_name(store)}"
+        rows = [(f"{heading}: {row.title}" if n == 0 else row.title, row.panels)
+                for n, row in enumerate(summary)]
+    result = render(rows, Path(out) if out is not None else default_output(store))
+    result.sample_ids = [reader.sample_ids[i] for i in indices]
+    return result
 
 
 def render(rows: Sequence[tuple[str, Sequence[Panel]]], path: Path) -> ShowResult:
@@ -116,7 +128,7 @@ def render(rows: Sequence[tuple[str, Sequence[Panel]]], path: Path) -> ShowResul
     width = PAD + columns * (CELL + PAD)
     row_height = ROW_HEADER + TITLE + CELL + PAD
     height = PAD + len(rows) * row_height
-    result = ShowResult(path, [sample_id for sample_id, _ in rows], width, height)
+    result = ShowResult(path, [title for title, _ in rows], width, height, len(rows))
     fig = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="white")
 
     def text(x: int, y: int, value: str, **style: Any) -> None:  # pixels from the top left
@@ -152,11 +164,26 @@ def render(rows: Sequence[tuple[str, Sequence[Panel]]], path: Path) -> ShowResul
 def scatter(fig: Any, panel: Panel, at: tuple[int, int, int, int]) -> None:
     """``panel.points`` as a scatter in the panel's square, coloured by ``point_labels``."""
     x, y, width, height = at
-    wide = panel.span * (CELL + PAD) - PAD
+    wide = panel.span * (CELL + PAD) - PAD - (LEGEND_WIDTH if panel.legend_title else 0)
     ax = fig.add_axes((x / width, 1 - (y + CELL) / height, wide / width, CELL / height))
-    ax.scatter(panel.points[:, 0], panel.points[:, 1], s=6, linewidths=0,
-               c=panel.point_labels if panel.point_labels is not None else "tab:blue",
-               cmap="tab20")
+    labels = (panel.point_labels if panel.point_labels is not None
+              else np.zeros(len(panel.points), np.int64))
+    values, counts = np.unique(labels, return_counts=True)
+    named = values[np.argsort(-counts, kind="stable")][:LEGEND_ENTRIES]  # the most common
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab20"]
+    for number, value in enumerate(named):
+        chosen = labels == value
+        ax.scatter(panel.points[chosen, 0], panel.points[chosen, 1], s=14, linewidths=0,
+                   color=colours(number % 20), label=f"{value} ({int(chosen.sum())})")
+    rest = ~np.isin(labels, named)
+    if rest.any():
+        ax.scatter(panel.points[rest, 0], panel.points[rest, 1], s=14, linewidths=0,
+                   color="lightgrey", label=f"{len(values) - len(named)} others")
+    if panel.legend_title:
+        ax.legend(title=panel.legend_title, fontsize=6, title_fontsize=7, loc="center left",
+                  bbox_to_anchor=(1.02, 0.5), frameon=False)
     ax.set_xticks([])
     ax.set_yticks([])
 

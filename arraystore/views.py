@@ -39,13 +39,22 @@ class Panel:
     span: int = 1
     points: np.ndarray | None = None  # (N, 2): a scatter instead of an image
     point_labels: np.ndarray | None = None  # (N,) ints colouring the points
+    legend_title: str | None = None  # a scatter's legend of its labels, under this title
+
+
+@dataclass
+class SummaryRow:
+    """One row of a summary view: its header and its panels."""
+
+    title: str
+    panels: list[Panel]
 
 
 class View:
     """How samples of some kinds are shown. Subclasses set ``fields`` (what a row reads) and
     ``panels``; both see the fields the user asked for, if any (``--fields``).
 
-    A view with ``per_sample = False`` draws all the samples shown in one row instead
+    A view with ``per_sample = False`` draws all the samples shown together instead
     (:meth:`summary`, e.g. a scatter of embeddings), ``default_count`` of them by default.
     """
 
@@ -62,8 +71,10 @@ class View:
         """The panels of one sample's row."""
         return field_panels(sample, schema)
 
-    def summary(self, samples: Sequence[Mapping[str, Any]], schema: Schema) -> list[Panel]:
-        """The panels of one row for many samples (views with ``per_sample = False``)."""
+    def summary(self, samples: Sequence[Mapping[str, Any]], schema: Schema,
+                meta: Mapping[str, Any]) -> list[SummaryRow]:
+        """Rows of panels for many samples (views with ``per_sample = False``); ``meta`` is
+        the store's ``arraystore`` attribute (settings, provenance)."""
         raise NotImplementedError
 
 

@@ -110,11 +110,13 @@ class EmbeddingTable:
 
 class MaskEmbeddingDataset(Dataset):
     """Rows of a ``mask_embeddings`` store: ``embedding`` (float32 tensor), ``image_id``,
-    ``segment_id``, ``category_id``, ``bbox`` (xywh float32 tensor)."""
+    ``segment_id``, ``category_id``, ``area`` (ints; -1 when unknown), ``bbox`` (the
+    annotation's x y w h) and ``crop_box`` (the crop embedded: x0 y0 x1 y1, exclusive ends;
+    -1 when unknown), both float32 tensors."""
 
     def __init__(self, path: str | os.PathLike[str], backend: str = "auto") -> None:
         self.reader = SampleReader(path, backend=backend, fields=(
-            "embedding", "image_id", "segment_id", "category_id", "bbox"))
+            "embedding", "image_id", "segment_id", "category_id", "area", "bbox", "crop_box"))
         self.reader.expect_kind(KIND, "MaskEmbeddingDataset")
 
     def __len__(self) -> int:
@@ -124,5 +126,6 @@ class MaskEmbeddingDataset(Dataset):
         row = self.reader.read(index)
         return {"embedding": torch.from_numpy(row["embedding"].astype(np.float32)),
                 "image_id": int(row["image_id"]), "segment_id": int(row["segment_id"]),
-                "category_id": int(row["category_id"]),
-                "bbox": torch.from_numpy(np.array(row["bbox"], np.float32))}
+                "category_id": int(row["category_id"]), "area": int(row["area"]),
+                "bbox": torch.from_numpy(np.array(row["bbox"], np.float32)),
+                "crop_box": torch.from_numpy(np.array(row["crop_box"], np.float32))}

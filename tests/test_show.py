@@ -17,6 +17,7 @@ from arraystore.cli import cli
 from arraystore.errors import UnknownFieldError
 from arraystore.show import (
     CELL,
+    LEGEND_WIDTH,
     PAD,
     ROW_HEADER,
     TITLE,
@@ -43,7 +44,7 @@ def png(path: Path) -> np.ndarray:
 def check_png(result, rows: int) -> np.ndarray:
     image = png(result.path)
     assert image.shape[:2] == (result.height, result.width)
-    assert result.height == PAD + rows * ROW and len(result.sample_ids) == rows
+    assert result.height == PAD + rows * ROW and result.rows == rows
     return image
 
 
@@ -177,12 +178,15 @@ def test_embedding_table_as_one_scatter(tmp_path) -> None:
     out = tmp_path / "vis.zarr"
     ingest(VisCacheSource(), [cache], out, workers=1)
     result = show(out)
-    image = check_png(result, 1)
-    assert result.sample_ids == ["30 of the 30 samples of vis.zarr"]
-    scatter = image[PAD + ROW_HEADER + TITLE:PAD + ROW_HEADER + TITLE + CELL,
-                    PAD:PAD + 2 * CELL]
+    image = check_png(result, 2)  # the scatter, then the crops (none for an imported cache)
+    assert result.sample_ids == [f"{n}_{n + 1}" for n in range(30)]
+    top, wide = PAD + ROW_HEADER + TITLE, 3 * (CELL + PAD) - PAD
+    scatter = image[top:top + CELL, PAD:PAD + wide - LEGEND_WIDTH]
     assert (scatter.reshape(-1, 3) != 255).any(axis=1).mean() > 0.001  # points drawn
-    assert check_png(show(out, count=10, out=tmp_path / "ten.png"), 1) is not None
+    legend = image[top:top + CELL, PAD + wide - LEGEND_WIDTH + 8:PAD + wide]
+    assert (legend.reshape(-1, 3) != 255).any(axis=1).mean() > 0.001  # the legend beside it
+    assert not [p for p in result.panels if p.row == 1]  # a text panel says why, no image
+    assert check_png(show(out, count=10, out=tmp_path / "ten.png"), 2) is not None
 
 
 def test_bin_imported_store_shows_as_sa1b(tmp_path) -> None:

@@ -1,16 +1,20 @@
 """The old embedding cache of SEEDS.md 001, both ways: ``inst2feat.tsv`` (``image_id``,
 ``segment_id``, ``feat_file``) plus one ``<image_id>_<segment_id>.npy`` per segment.
 
-``ingest vis-cache DIR`` imports it exactly (the embeddings as stored; category, area and boxes,
-which the cache never had, as -1). ``export tsv STORE DIR`` writes it back: image ids zero-padded
-to 12 digits as in the seed's example, each file written whole and renamed into place, the index
-last. Hostile input is refused row by row: a ``feat_file`` that leaves DIR (absolute, ``..``, a
-link out), a ``.npy`` that would need pickle, a wrong shape or dtype.
+``ingest vis-cache DIR`` imports it exactly: the embeddings as stored, and -- since the cache
+never had them -- category, area and box from the COCO panoptic JSON the cache was made from
+(``--annotations panoptic_val2017.json``: its ``segments_info``), or -1 without one or for a
+segment it does not list. The crop box is not recoverable and stays -1. ``export tsv STORE
+DIR`` writes it back: image ids zero-padded to 12 digits as in the seed's example, each file
+written whole and renamed into place, the index last. Hostile input is refused row by row: a
+``feat_file`` that leaves DIR (absolute, ``..``, a link out), a ``.npy`` that would need pickle,
+a wrong shape or dtype.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,6 +25,7 @@ from rich.progress import Progress
 
 from arraystore.errors import SampleError, SourceError
 from arraystore.exporters import Exporter
+from arraystore.plugins import PluginOption
 from arraystore.reader import SampleReader
 from arraystore.schema import Schema
 from arraystore.sources import Record, Source, SourceUnit
@@ -66,14 +71,52 @@ def read_index(root: Path) -> list[list[str]]:
     return [line.split("\t") for line in lines[1:] if line.strip()]
 
 
+UNKNOWN_SEGMENT = (-1, -1, (-1.0, -1.0, -1.0, -1.0))  # category, area, bbox
+
+
+def segment_facts(path: Path) -> dict[tuple[int, int], tuple[int, int, tuple[float, ...]]]:
+    """(image id, segment id) -> (category id, area, bbox) from a COCO panoptic JSON."""
+    try:
+        doc = json.loads(path.read_bytes())
+        return {(int(a["image_id"]), int(s["id"])): (
+                    int(s.get("category_id", -1)), int(s.get("area", -1)),
+                    tuple(float(v) for v in s.get("bbox", UNKNOWN_SEGMENT[2])))
+                for a in doc["annotations"] for s in a["segments_info"]}
+    except FileNotFoundError as exc:
+        raise SourceError(str(path), "--annotations: no such file") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SourceError(str(path), f"--annotations: not a COCO panoptic JSON (annotations "
+                                     f"with segments_info): {exc!r}") from exc
+
+
 class VisCacheSource(Source):
     """An inst2feat.tsv + .npy embedding cache (SEEDS.md 001), imported exactly."""
 
     name = "vis-cache"
     kind = KIND
+    options = (
+        PluginOption("annotations", str, None,
+                     "the COCO panoptic JSON the cache was made from: category, area and bbox "
+                     "of each segment [-1 without it]"),
+    )
     width: int = 0  # set by schema() from the first readable embedding
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._facts: dict[tuple[int, int], tuple[int, int, tuple[float, ...]]] | None = None
+
+    def facts(self) -> dict[tuple[int, int], tuple[int, int, tuple[float, ...]]]:
+        """The annotations' segments, read once (empty without ``--annotations``)."""
+        if self._facts is None:
+            path = self.settings["annotations"]
+            self._facts = segment_facts(Path(path)) if path else {}
+        return self._facts
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_facts": None}  # records carry what derive needs
+
     def units(self, inputs: Sequence[str | os.PathLike[str]]) -> list[SourceUnit]:
+        self.facts()  # a bad --annotations is refused before anything is written
         units = []
         for item in inputs:
             root = Path(item)
@@ -119,18 +162,19 @@ class VisCacheSource(Source):
                 continue
             unit.digest.update(data)
             unit.bytes_read = number
-            yield Record(sample_id, str(path), (image_id, segment_id, data), number)
+            facts = self.facts().get((image_id, segment_id), UNKNOWN_SEGMENT)
+            yield Record(sample_id, str(path), (image_id, segment_id, data, facts), number)
 
     def derive(self, record: Record) -> dict[str, Any]:
-        image_id, segment_id, data = record.payload
+        image_id, segment_id, data, (category_id, area, bbox) = record.payload
         value = load_embedding(data, record.where, record.sample_id)
         if value.shape != (self.width,) or value.dtype != EMBEDDING_DTYPE:
             raise SampleError(record.where, record.sample_id,
                               f"shape {value.shape} dtype {value.dtype}, expected "
                               f"({self.width},) {EMBEDDING_DTYPE}")
         return {"embedding": value, "image_id": np.int64(image_id),
-                "segment_id": np.int64(segment_id), "category_id": np.int32(-1),
-                "area": np.int64(-1), "bbox": np.full(4, -1, np.float32),
+                "segment_id": np.int64(segment_id), "category_id": np.int32(category_id),
+                "area": np.int64(area), "bbox": np.asarray(bbox, np.float32).reshape(4),
                 "crop_box": np.full(4, -1, np.int32)}
 
 
