@@ -18,6 +18,9 @@ $(VENV)/.setup: pyproject.toml constraints.txt $(SOURCES)
 	$(PY) -m pip install -q --upgrade pip
 	rm -rf build  # setuptools' staging area: would carry deleted modules into the install
 	$(PY) -m pip install -q -c constraints.txt ".[viz]"
+	# torchvision beside the CPU torch: declare its missing operators at first import (run from
+	# inside the venv so that the installed copy of the module is the one the hook loads)
+	cd $(VENV) && bin/python -m converters.torchvision_ops --install-hook
 	touch $@
 
 # the sam2 extra builds from source: PIP_CONSTRAINT (exported above) keeps its isolated build on

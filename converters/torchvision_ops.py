@@ -6,13 +6,23 @@ with the CPU torch, and then ``import torchvision`` fails on registering fake ke
 library cannot be loaded, :func:`ensure_torchvision_ops` declares the two operator schemas
 torchvision's Python side needs (``nms``, ``qnms``). Nothing here implements them: the crops and
 transforms this project uses never call them, and a call would fail loudly.
+
+A user's own script may import open_clip (or torchvision) before anything of arraystore:
+``python -m converters.torchvision_ops --install-hook`` (the README's set-up runs it) writes a
+``.pth`` file into the environment's site-packages that, at interpreter start, loads this file
+alone (not its package: no import cost) and adds :class:`DeclareOpsOnImport`, which runs
+:func:`ensure_torchvision_ops` just before torchvision is first imported. It goes -- with this
+module -- once PyPI's torchvision wheels for a torch release load beside its CPU build.
 """
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import os
 import sys
+import sysconfig
+from pathlib import Path
 from typing import Any
 
 OPS = (
@@ -51,3 +61,47 @@ def ensure_torchvision_ops() -> bool:
     for schema in OPS:
         _library.define(schema)
     return True
+
+
+class DeclareOpsOnImport(importlib.abc.MetaPathFinder):
+    """A finder that finds nothing: asked for ``torchvision`` the first time, it leaves the
+    import path and declares the operators if they are missing, then lets the usual finders
+    import torchvision."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "torchvision":
+            sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
+            ensure_torchvision_ops()
+
+
+def watch_for_torchvision() -> None:
+    """Declare the operators, if needed, when torchvision is first imported (the hook's
+    ``.pth`` line calls this at interpreter start)."""
+    if "torchvision" not in sys.modules and not any(
+            isinstance(f, DeclareOpsOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, DeclareOpsOnImport())
+
+
+HOOK_FILE = "arraystore-torchvision-ops.pth"
+
+
+def hook_line(module_file: str) -> str:
+    """The ``.pth`` line that loads ``module_file`` (this file) alone and starts watching."""
+    return ("import importlib.util as u; s = u.spec_from_file_location("
+            f"'arraystore_torchvision_ops', {module_file!r}); m = u.module_from_spec(s); "
+            "s.loader.exec_module(m); m.watch_for_torchvision()\n")
+
+
+def install_hook(site_packages: str | None = None) -> Path:
+    """Write the hook's ``.pth`` into ``site_packages`` (default: this environment's) and
+    return its path. It points at this very file, so install the package first."""
+    folder = Path(site_packages or sysconfig.get_paths()["purelib"])
+    path = folder / HOOK_FILE
+    path.write_text(hook_line(os.path.abspath(__file__)))
+    return path
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--install-hook"]:
+        sys.exit("usage: python -m converters.torchvision_ops --install-hook")
+    print(f"wrote {install_hook()}")
