@@ -18,10 +18,11 @@ module -- once PyPI's torchvision wheels for a torch release load beside its CPU
 from __future__ import annotations
 
 import importlib.abc
-import importlib.util
+import importlib.machinery
 import os
 import sys
 import sysconfig
+import types
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,15 @@ OPS = (
     "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
     "qnms(Tensor qdets, Tensor qscores, float iou_threshold) -> Tensor",
 )
-_library: Any = None  # the declared schemas live as long as this module
+DECLARED = "arraystore_torchvision_schemas"  # in sys.modules once the schemas are declared
 
 
 def native_ops_load() -> bool:
     """Whether torchvision's own C++ operators load in this torch (True if not installed)."""
     import torch
 
-    spec = importlib.util.find_spec("torchvision")
+    # the path finder alone: the import hook below must not see this look-up as an import
+    spec = importlib.machinery.PathFinder.find_spec("torchvision")
     if spec is None or spec.origin is None:
         return True
     folder = os.path.dirname(spec.origin)
@@ -52,14 +54,17 @@ def native_ops_load() -> bool:
 
 def ensure_torchvision_ops() -> bool:
     """Declare the missing operators if torchvision's library cannot load; True if it did."""
-    global _library
-    if _library is not None or "torchvision" in sys.modules or native_ops_load():
+    if DECLARED in sys.modules or "torchvision" in sys.modules or native_ops_load():
         return False
     import torch
 
-    _library = torch.library.Library("torchvision", "DEF")  # schemas only, no kernels
+    # the schemas live as long as their Library object, kept in sys.modules: the one place
+    # that this module and the copy of it the .pth hook loads (another module object) share
+    declared = types.ModuleType(DECLARED, "torchvision operator schemas declared by arraystore")
+    declared.library = torch.library.Library("torchvision", "DEF")  # schemas only, no kernels
     for schema in OPS:
-        _library.define(schema)
+        declared.library.define(schema)
+    sys.modules[DECLARED] = declared
     return True
 
 
@@ -78,7 +83,9 @@ def watch_for_torchvision() -> None:
     """Declare the operators, if needed, when torchvision is first imported (the hook's
     ``.pth`` line calls this at interpreter start)."""
     if "torchvision" not in sys.modules and not any(
-            isinstance(f, DeclareOpsOnImport) for f in sys.meta_path):
+            type(f).__name__ == DeclareOpsOnImport.__name__ for f in sys.meta_path):
+        # by name: the interpreter may read the .pth twice, each time loading a fresh copy of
+        # this file whose class is another object (and whose declared schemas clash)
         sys.meta_path.insert(0, DeclareOpsOnImport())
 
 

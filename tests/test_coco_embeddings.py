@@ -10,6 +10,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import time
 from pathlib import Path
@@ -332,3 +333,132 @@ def test_ingest_command_line(coco, weights, tmp_path) -> None:
     assert json.loads(json.dumps(Store.open(out).meta["extra"]))["embeddings"]["bg_alpha"] == 0.5
     assert len(crop_boxes) == segments
     assert len(pickle.dumps(EmbeddingTable(out, in_memory=False))) < 2_000_000
+
+
+def test_reimport_with_the_annotations_brings_back_category_area_and_box(store, coco,
+                                                                         tmp_path) -> None:
+    """An old cache has only embeddings; ``--annotations`` (the panoptic JSON it was made
+    from) gives every row its category, area and box back, as the direct ingest has them."""
+    out, _ = store
+    cache = tmp_path / "vis_embed"
+    assert CliRunner().invoke(cli, ["export", "tsv", str(out), str(cache)]).exit_code == 0
+    again = tmp_path / "again.zarr"
+    annotations = coco[0] / "annotations" / "panoptic_val2017.json"
+    result = CliRunner().invoke(cli, ["ingest", "vis-cache", str(cache), "--out", str(again),
+                                      "--annotations", str(annotations)])
+    assert result.exit_code == 0, result.output
+    first, second = SampleReader(out), SampleReader(again)
+    for name in ("category_id", "area", "bbox", "embedding"):
+        np.testing.assert_array_equal(first.column(name), second.column(name), name)
+    assert (second.column("category_id") >= 0).all()
+    assert (second.column("crop_box") == -1).all()  # not recoverable from a cache
+    missing = CliRunner().invoke(cli, ["ingest", "vis-cache", str(cache), "--out",
+                                       str(tmp_path / "x.zarr"), "--annotations",
+                                       str(tmp_path / "nope.json")])
+    assert missing.exit_code != 0 and "nope.json" in missing.output
+    assert "Traceback" not in missing.output and not (tmp_path / "x.zarr").exists()
+
+
+def test_mask_embedding_rows_carry_area_and_crop_box(store) -> None:
+    out, _ = store
+    rows, reader = MaskEmbeddingDataset(out), SampleReader(out)
+    assert len(rows) == len(reader)
+    for index in (0, len(rows) - 1):
+        row = rows[index]
+        assert set(row) == {"embedding", "image_id", "segment_id", "category_id", "area",
+                            "bbox", "crop_box"}
+        assert row["area"] == int(reader.column("area")[index]) > 0
+        assert row["crop_box"].dtype == torch.float32
+        np.testing.assert_array_equal(row["crop_box"].numpy(), reader.column("crop_box")[index])
+    batch = next(iter(torch.utils.data.DataLoader(rows, batch_size=3)))
+    assert batch["crop_box"].shape == (3, 4) and batch["area"].shape == (3,)
+
+
+def test_show_draws_the_crops_the_model_was_fed(store, weights, tmp_path) -> None:
+    """The second row of ``show``: one panel per row shown, each the crop cut again from the
+    recorded COCO files and preprocessed as at ingest -- embedding it again gives the stored
+    embedding (up to the uint8 rounding of the picture)."""
+    from arraystore.show import show
+    from converters.coco_panoptic.view import CROPS_SHOWN, CropCutter
+
+    out, _ = store
+    reader = SampleReader(out)
+    result = show(out, out=tmp_path / "emb.png")
+    assert result.sample_ids == list(reader.sample_ids)  # "N samples drawn" counts the rows
+    crops = [p for p in result.panels if p.row == 1]
+    assert len(crops) == min(CROPS_SHOWN, len(reader))
+    cutter = CropCutter(Store.open(out).meta)
+    embedder = SiglipEmbedder(MODEL, weights)
+    for index in (0, 3):
+        row = reader.read(index)
+        picture = cutter.model_input(row)
+        assert picture.shape == (224, 224, 3) and picture.dtype == np.uint8
+        pixels = (picture.transpose(2, 0, 1).astype(np.float32) / 255 - 0.5) / 0.5
+        again = embedder(pixels[None])[0].astype(np.float64)
+        stored = row["embedding"].astype(np.float64)
+        assert again @ stored / np.linalg.norm(again) / np.linalg.norm(stored) > 0.99
+    result = CliRunner().invoke(cli, ["show", str(out), "-o", str(tmp_path / "cli.png")])
+    assert result.exit_code == 0 and f"{len(reader)} samples drawn" in result.output
+
+
+def test_a_rerun_with_nothing_to_do_builds_no_model(store, coco, weights, tmp_path,
+                                                    monkeypatch) -> None:
+    import shutil
+
+    out, _ = store
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(out, copy)
+
+    def no_model(self):
+        raise AssertionError("the model was built for a store that needs nothing")
+
+    monkeypatch.setattr(CocoEmbeddingsSource, "batch_stage", no_model)
+    report = ingest(CocoEmbeddingsSource(weights=str(weights)), [coco[0]], copy)
+    assert report.ingested == 0 and len(report.units_already_done) == 1
+
+
+def test_default_workers_leave_the_cores_to_a_cpu_model() -> None:
+    """Decode processes by where the model runs: none beside the writer for a CPU model (its
+    threads take the cores), all cores but one for an accelerator, one per core without."""
+    from arraystore.sources import default_workers
+    from converters.sa1b.source import Sa1bTarSource
+
+    assert default_workers(CocoEmbeddingsSource(weights="w"), cores=8) == 1
+    assert default_workers(CocoEmbeddingsSource(weights="w", device="cuda:0"), cores=8) == 7
+    assert default_workers(CocoEmbeddingsSource(weights="w", device="cuda:0"), cores=1) == 1
+    assert default_workers(Sa1bTarSource(), cores=8) == 8
+    assert default_workers(Sa1bTarSource(teacher="sam2.1_hiera_t", weights="w"), cores=8) == 1
+
+
+HOOK_SCRIPT = textwrap.dedent("""
+    import site, sys
+    if len(sys.argv) > 1:
+        site.addsitedir(sys.argv[1])  # reads its .pth files, as the interpreter's start does
+        exec(open(sys.argv[2]).read())  # read twice (it happens): still one hook
+        hooks = [f for f in sys.meta_path if type(f).__name__ == "DeclareOpsOnImport"]
+        assert len(hooks) <= 1, sys.meta_path
+    import open_clip  # before anything of arraystore
+    assert "arraystore" not in sys.modules and "converters" not in sys.modules
+    print("imported")
+""")
+
+
+def test_a_users_script_imports_open_clip_first(tmp_path) -> None:
+    """With the set-up's .pth hook, ``import open_clip`` works in a fresh interpreter before
+    anything of this project is imported; the hook loads one file, not the package."""
+    from converters.torchvision_ops import HOOK_FILE, install_hook, native_ops_load
+
+    hook = install_hook(str(tmp_path))
+    assert hook == tmp_path / HOOK_FILE and hook.read_text().startswith("import ")
+    env = {**os.environ, "PYTHONPATH": ""}
+    run = [sys.executable, "-c", HOOK_SCRIPT]
+    with_hook = subprocess.run([*run, str(tmp_path), str(hook)], capture_output=True, text=True,
+                               timeout=180, env=env, cwd=tmp_path)
+    assert with_hook.returncode == 0 and "imported" in with_hook.stdout, with_hook.stderr[-2000:]
+    installed = Path(sysconfig.get_paths()["purelib"]) / HOOK_FILE
+    if Path(sys.prefix) == Path(__file__).resolve().parent.parent / ".venv":
+        assert installed.is_file()  # the README's set-up put the hook in its environment
+    if not native_ops_load() and not installed.exists():  # the script fails without the hook
+        without = subprocess.run(run, capture_output=True, text=True, timeout=180, env=env,
+                                 cwd=tmp_path)
+        assert without.returncode != 0 and "torchvision::nms" in without.stderr
