@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -43,20 +44,22 @@ err = Console(stderr=True, soft_wrap=True)  # an error is one line, greppable in
 out = Console(width=None if sys.stdout.isatty() else 132)  # tables stay readable in logs
 
 
-def _run(action: Callable[[], Any]) -> Any:
-    """Run a command body, turning arraystore errors into one message and exit status 1."""
+def _run(action: Callable[[], Any], writes: bool = False) -> Any:
+    """Run a command body, turning arraystore errors into one message and exit status 1.
+    ``writes``: the command writes samples, so a failure keeps what it committed (and says
+    so). Messages are printed as text: brackets in them (paths, lists) are not markup."""
+    kept = "; committed samples are kept, re-run the same command to resume" if writes else ""
     try:
         return action()
     except ArrayStoreError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(1)
     except OSError as exc:  # disk full, permissions: the store stays consistent
-        err.print(f"[bold red]error:[/] {exc}; committed samples are kept, re-run the same "
-                  f"command once the cause is fixed", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}"
+                  f"{kept + ' once the cause is fixed' if writes else ''}", highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/]: committed samples are kept; re-run the same command "
-                  "to resume")
+        err.print(f"[bold red]interrupted[/]{kept}")
         sys.exit(130)
 
 
@@ -115,7 +118,9 @@ def _plugin_options(options: tuple[PluginOption, ...]) -> list[click.Option]:
             made.append(click.Option([flag], is_flag=True, default=bool(option.default),
                                      help=option.help))
         else:
-            made.append(click.Option([flag], type=option.type, multiple=option.multiple,
+            kind = (click.IntRange(option.minimum) if option.minimum is not None
+                    else option.type)
+            made.append(click.Option([flag], type=kind, multiple=option.multiple,
                                      required=option.required,
                                      default=() if option.multiple else option.default,
                                      show_default=not option.required, help=option.help))
@@ -126,7 +131,7 @@ def _fix_command(name: str) -> click.Command:
     fix_cls: type[Fix] = load_plugin(FIXES_GROUP, name)
 
     def run(store: str, progress: bool, **options: Any) -> None:
-        summary = _run(lambda: fix_cls().run(store, progress=progress, **options))
+        summary = _run(lambda: fix_cls().run(store, progress=progress, **options), writes=True)
         out.print(summary.get("message", summary), highlight=False)
         sys.exit(0 if summary.get("ok", True) else 1)
 
@@ -177,7 +182,7 @@ def _ingest_command(name: str) -> click.Command:
             if report.skipped:
                 err.print(f"[yellow]{len(report.skipped)} skipped[/]; reasons in "
                           f"{report.report_path}")
-        _run(body)
+        _run(body, writes=True)
 
     params: list[click.Parameter] = [
         click.Argument(["inputs"], nargs=-1, required=True),

@@ -36,6 +36,7 @@ from arraystore.errors import SampleError, SourceError, WorkerDiedError
 from arraystore.layout import Layout
 from arraystore.location import Location
 from arraystore.lock import StoreLock
+from arraystore.ownership import refuse_inputs_inside
 from arraystore.sources import (
     BatchStage,
     Part,
@@ -219,6 +220,8 @@ def writing(source: Source, inputs: Sequence[str | os.PathLike[str]], out: Store
             break_lock: bool) -> Iterator[tuple[list[SourceUnit], Store]]:
     """The units of ``inputs``, and the store at ``out`` opened (or created) for them, with
     its writer lock held: how every ingest, local or distributed, begins."""
+    if mode == "overwrite":
+        refuse_inputs_inside(out, inputs)
     units = source.units(inputs)
     schema = source.schema(units)
     location = Location.of(out, storage_options)

@@ -12,8 +12,9 @@ taken over only when the caller says so (``--break-lock``), never silently; a li
 holder whose lock was broken notices at its next heartbeat and refuses to commit anything more.
 
 The file names the holder so a refused writer can say who holds the store; it lives beside the
-store, not in it (zarr warns about files in a group that are not Zarr nodes). Locks are
-re-entrant within a process (``ingest`` holds it while its writer takes it again).
+store's real folder (links resolved: any two spellings of a store share its lock), not in it
+(zarr warns about files in a group that are not Zarr nodes). Locks are re-entrant within a
+process (``ingest`` holds it while its writer takes it again).
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ class StoreLockedError(ArrayStoreError, BlockingIOError):
 
 
 def lock_path(store_path: str | os.PathLike[str]) -> Path:
-    path = Path(store_path)
+    """The lock file of the local store at ``store_path``: beside the store's real folder,
+    every symbolic link on the way resolved, so that two spellings of one store (a link to it,
+    a link to a folder above it, ``..``) share one lock and exclude each other."""
+    path = Path(os.path.realpath(store_path))
     return path.with_name(path.name + LOCK_SUFFIX)
 
 
@@ -76,7 +80,7 @@ class StoreLock:
             self.key = self.location.sibling(LOCK_SUFFIX)
         else:
             self.path = lock_path(self.location.path)
-            self.key = str(self.path.resolve())
+            self.key = str(self.path)
 
     def acquire(self) -> None:
         if self.key in _held:
@@ -154,7 +158,8 @@ class _FileLock:
             log.warning("%s: taking over the lock of pid %s on %s, which is no longer running",
                         self.store_path, previous.get("pid"), previous.get("host"))
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(_holder_record()).encode(), 0)
+        os.pwrite(fd, json.dumps(_holder_record(
+            store=os.path.realpath(self.store_path))).encode(), 0)
         self.fd = fd
 
     def ensure_held(self) -> None:

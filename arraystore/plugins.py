@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
-from arraystore.errors import UnknownPluginError
+from arraystore.errors import OptionError, UnknownPluginError
 
 SOURCES_GROUP = "arraystore.sources"
 EXPORTERS_GROUP = "arraystore.exporters"
@@ -29,6 +29,14 @@ class PluginOption:
     help: str
     required: bool = False
     multiple: bool = False
+    minimum: int | None = None  # an int option's smallest value (batch sizes: 1)
+
+    def check(self, value: Any) -> None:
+        """Refuse a value below ``minimum``, naming the option as the command line spells it."""
+        if self.minimum is not None and value is not None and not self.multiple and (
+                isinstance(value, bool) or not isinstance(value, int) or value < self.minimum):
+            raise OptionError(f"--{self.name.replace('_', '-')} must be an integer >= "
+                              f"{self.minimum}, got {value!r}")
 
 
 def plugin_names(group: str) -> list[str]:

@@ -37,6 +37,7 @@ class SampleReader:
         self, path: StoreTarget, backend: str = "auto",
         fields: Sequence[str] | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        *, kind: str | None = None, user: str = "SampleReader",
     ) -> None:
         self.location = Location.of(path, storage_options)
         self.path = self.location.path
@@ -45,9 +46,11 @@ class SampleReader:
         store = Store.open(self.location)
         self.schema, self.layout, self.kind = store.schema, store.layout, store.kind
         self.extra: dict[str, Any] = dict(store.meta.get("extra", {}))
+        if kind is not None:  # before the fields: a store of another kind lacks them
+            self.expect_kind(kind, user)
         self.fields = tuple(fields) if fields is not None else tuple(self.schema.names)
         for name in self.fields:
-            self.schema[name]  # raises KeyError naming the known fields
+            self.schema[name]  # raises UnknownFieldError naming the known fields
         self.positions = np.flatnonzero(store.committed_mask())
         # in an object store, backends open fields from the metadata the open fetched (a
         # request each saved); on a disk reading it again is cheaper than pickling it

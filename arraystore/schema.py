@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from arraystore.errors import SchemaError
+from arraystore.errors import SchemaError, UnknownFieldError
 
 Chunking = Literal["sample", "block"]
 STRING_DTYPE = "str"
@@ -146,7 +146,8 @@ class Schema:
         found = self._by_name.get(name)
         if found is not None:
             return found
-        raise KeyError(f"schema {self.kind!r} has no field {name!r}; fields: {self.names}")
+        raise UnknownFieldError(f"schema {self.kind!r} has no field {name!r}; fields: "
+                                f"{self.names}")
 
     def __contains__(self, name: object) -> bool:
         return name in self._by_name

@@ -20,6 +20,7 @@ import numpy as np
 
 from arraystore.errors import ArrayStoreError, MissingExtraError, UnknownFieldError
 from arraystore.location import is_url
+from arraystore.ownership import refuse_output_inside_store
 from arraystore.reader import SampleReader
 from arraystore.store import Store
 from arraystore.views import Panel, view_for
@@ -82,6 +83,8 @@ def show(store: str | os.PathLike[str], sample_ids: Sequence[str] = (), *,
     """Render ``sample_ids`` (default: the first ``count`` committed samples, the view's
     default number) of ``store`` into one PNG at ``out`` (default ``<store>.show.png``);
     ``fields`` limits the panels to those."""
+    path = Path(out) if out is not None else default_output(store)
+    refuse_output_inside_store(path, "show")
     reader = SampleReader(store, fields=())
     if not len(reader):
         raise NothingToShowError(f"{store} has no committed samples to show")
@@ -109,7 +112,7 @@ def show(store: str | os.PathLike[str], sample_ids: Sequence[str] = (), *,
         heading = f"{len(indices)} of the {len(reader)} samples of {store_name(store)}"
         rows = [(f"{heading}: {row.title}" if n == 0 else row.title, row.panels)
                 for n, row in enumerate(summary)]
-    result = render(rows, Path(out) if out is not None else default_output(store))
+    result = render(rows, path)
     result.sample_ids = [reader.sample_ids[i] for i in indices]
     return result
 

@@ -134,6 +134,8 @@ class Source(ABC):
             )
         self.settings: dict[str, Any] = {n: o.default for n, o in known.items()}
         self.settings.update({k: v for k, v in options.items() if v is not None})
+        for name, value in options.items():
+            known[name].check(value)
 
     @abstractmethod
     def units(self, inputs: Sequence[str | os.PathLike[str]]) -> list[SourceUnit]:

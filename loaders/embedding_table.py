@@ -60,8 +60,8 @@ class EmbeddingTable:
 
     def __init__(self, path: str | os.PathLike[str], in_memory: bool | None = None,
                  backend: str = "auto") -> None:
-        self.reader = SampleReader(path, backend=backend, fields=("embedding",))
-        self.reader.expect_kind(KIND, "EmbeddingTable")
+        self.reader = SampleReader(path, backend=backend, fields=("embedding",), kind=KIND,
+                                   user="EmbeddingTable")
         self.image_ids = self.reader.column("image_id")
         self.segment_ids = self.reader.column("segment_id")
         self._keys = pair_keys(self.image_ids, self.segment_ids)
@@ -116,8 +116,8 @@ class MaskEmbeddingDataset(Dataset):
 
     def __init__(self, path: str | os.PathLike[str], backend: str = "auto") -> None:
         self.reader = SampleReader(path, backend=backend, fields=(
-            "embedding", "image_id", "segment_id", "category_id", "area", "bbox", "crop_box"))
-        self.reader.expect_kind(KIND, "MaskEmbeddingDataset")
+            "embedding", "image_id", "segment_id", "category_id", "area", "bbox", "crop_box"),
+            kind=KIND, user="MaskEmbeddingDataset")
 
     def __len__(self) -> int:
         return len(self.reader)

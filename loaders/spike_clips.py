@@ -121,9 +121,9 @@ class SpikeClipDataset(Dataset):
         self.split, self.clip_len, self.clip_stride = split, clip_len, clip_stride
         self.bins, self.voxels, self.seed, self.epoch = bins, voxels, seed, 0
         self.spike_field = "spike" if voxels == "realtime" else "spike_vox"
-        self.reader = SampleReader(path, backend=backend, fields=())  # reads name their field
+        self.reader = SampleReader(path, backend=backend, fields=(),  # reads name their field
+                                   kind=GOPRO_KIND, user="SpikeClipDataset")
         schema = self.reader.schema
-        self.reader.expect_kind(GOPRO_KIND, "SpikeClipDataset")
         self._check_voxels(path)
         self.image_hw = schema["blur"].shape[:2]
         self.spike_hw = schema[self.spike_field].shape[1:]

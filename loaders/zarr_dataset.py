@@ -47,8 +47,8 @@ class ZarrDistillDataset(Dataset):
     ) -> None:
         self.keys = tuple(keys)
         self.reader = SampleReader(path, backend=backend, fields=fields_for(self.keys),
-                                   storage_options=storage_options)
-        self.reader.expect_kind(SA1B_KIND, "ZarrDistillDataset")
+                                   storage_options=storage_options, kind=SA1B_KIND,
+                                   user="ZarrDistillDataset")
         self.sample_ids = self.reader.sample_ids  # every item names its id: read once, here
 
     @property

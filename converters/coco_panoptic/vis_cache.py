@@ -25,6 +25,7 @@ from rich.progress import Progress
 
 from arraystore.errors import SampleError, SourceError
 from arraystore.exporters import Exporter
+from arraystore.ownership import refuse_output_inside_store
 from arraystore.plugins import PluginOption
 from arraystore.reader import SampleReader
 from arraystore.schema import Schema
@@ -192,8 +193,8 @@ class TsvExporter(Exporter):
 
     def export(self, store: str | os.PathLike[str], out: str | os.PathLike[str], *,
                overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
-        reader = SampleReader(store, fields=("embedding",))
-        reader.expect_kind(KIND, "export tsv")
+        reader = SampleReader(store, fields=("embedding",), kind=KIND, user="export tsv")
+        refuse_output_inside_store(out, "export tsv")
         out = Path(out)
         if (out / INDEX).exists() and not overwrite:
             raise SourceError(str(out), f"{INDEX} exists; pass --overwrite to replace the cache")

@@ -92,8 +92,9 @@ class FeaturesFix(Fix):
                      required=True),
         PluginOption("weights", str, None, "the model's local checkpoint file", required=True),
         PluginOption("device", str, "cpu", "e.g. cuda:0"),
-        PluginOption("batch_size", int, 8, "images per forward pass"),
-        PluginOption("max_samples", int, None, "stop after this many samples"),
+        PluginOption("batch_size", int, 8, "images per forward pass", minimum=1),
+        PluginOption("max_samples", int, None, "stop after this many samples",
+                     minimum=1),
         PluginOption("force", bool, False, "recompute samples already flagged too"),
         PluginOption("amp", bool, False, "bfloat16 autocast on CUDA"),
     )

@@ -49,12 +49,14 @@ class Sa1bTarSource(Source):
     kind = KIND
     options = (
         PluginOption("max_boxes", int, DEFAULT_MAX_BOXES,
-                     "boxes and masks kept per sample, largest annotation area first"),
+                     "boxes and masks kept per sample, largest annotation area first",
+                     minimum=1),
         PluginOption("teacher", str, None, f"compute P4/P5 with this SAM2 model during ingest "
                                            f"({', '.join(SAM2_CONFIGS)})"),
         PluginOption("weights", str, None, "the teacher's local checkpoint file"),
         PluginOption("device", str, "cpu", "the teacher's device, e.g. cuda:0"),
-        PluginOption("batch_size", int, 8, "images per teacher forward pass"),
+        PluginOption("batch_size", int, 8, "images per teacher forward pass",
+                     minimum=1),
         PluginOption("amp", bool, False, "bfloat16 autocast for the teacher on CUDA"),
     )
 

@@ -17,6 +17,7 @@ from rich.progress import Progress
 
 from arraystore.errors import IncompatibleStoreError, StoreExistsError
 from arraystore.exporters import Exporter
+from arraystore.ownership import refuse_output_inside_store
 from arraystore.reader import SampleReader
 from converters.sa1b.fields import KIND
 from converters.sa1b_bin.source import CONFIG_ATTR
@@ -39,6 +40,7 @@ class BinExporter(Exporter):
         if reader.kind not in self.kinds:
             raise IncompatibleStoreError(
                 f"{store} holds kind {reader.kind!r}; `export bin` writes kind {KIND!r} only")
+        refuse_output_inside_store(out, "export bin")
         out = Path(out)
         max_boxes = reader.schema["bboxes"].shape[0]
         files = bin_files(max_boxes)
