@@ -58,7 +58,9 @@ class CocoEmbeddingsSource(Source):
                      "the tag whose preprocessing the weights expect [the model's first, e.g. "
                      "webli]"),
         PluginOption("device", str, "cpu", "e.g. cuda:0"),
-        PluginOption("batch_size", int, 8, "crops per forward pass"),
+        PluginOption("batch_size", int, 32,
+                     "crops per forward pass (on 2 busy CPU cores 32 ran ~20% faster than 8)",
+                     minimum=1),
         PluginOption("amp", bool, False, "bfloat16 autocast on CUDA"),
         PluginOption("bg_alpha", float, 0.3, "background brightness outside the mask, 0..1"),
         PluginOption("pad_ratio", float, 0.1, "crop padding, a fraction of the box size"),
