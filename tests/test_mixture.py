@@ -4,6 +4,7 @@ that partition an epoch, resumable state, length grouping, missing sources, mixe
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import warnings
@@ -66,6 +67,14 @@ def mix(stores) -> Mixture:
         MixSource(ZarrDistillDataset(stores["sa1b"]), dataset_type="sa1b", modality_length=1024),
         MixSource(stores["refcoco"], dataset_type="refcoco", repeats=4),
     ])
+
+
+def source_table(path, dataset_type: str, **keys) -> str:
+    """One ``[[source]]`` table of a mix.toml (JSON writes TOML's strings, numbers, booleans)."""
+    lines = ["[[source]]", f"path = {json.dumps(str(path))}",
+             f"dataset_type = {json.dumps(dataset_type)}",
+             *(f"{key} = {json.dumps(value)}" for key, value in keys.items())]
+    return "\n".join(lines) + "\n\n"
 
 
 def sources_of(mixture: Mixture, indices) -> np.ndarray:
@@ -328,23 +337,9 @@ def test_a_source_of_non_dict_items_is_a_clear_error() -> None:
 
 def test_toml_and_describe(stores, tmp_path) -> None:
     toml = tmp_path / "mix.toml"
-    toml.write_text(f"""
-[[source]]
-path = "{stores['sav']}"
-dataset_type = "sav"
-modality_length = 512
-
-[[source]]
-path = "{stores['refcoco']}"
-dataset_type = "refcoco"
-repeats = 4
-weight = 3
-
-[[source]]
-path = "openimages.zarr"
-dataset_type = "openimages"
-required = false
-""")
+    toml.write_text(source_table(stores["sav"], "sav", modality_length=512)
+                    + source_table(stores["refcoco"], "refcoco", repeats=4, weight=3)
+                    + source_table("openimages.zarr", "openimages", required=False))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mixture = Mixture.from_toml(toml)
@@ -367,23 +362,9 @@ def test_training_loop_over_a_toml_mixture_with_length_grouping(stores, tmp_path
     mix.collate, and the lengths of each batch as the tensor default_collate gives (it was a
     list, and ``.tolist()`` failed)."""
     toml = tmp_path / "mix.toml"
-    toml.write_text(f"""
-[[source]]
-path = "{stores['sav']}"
-dataset_type = "sav"
-modality_length = 512
-
-[[source]]
-path = "{stores['sa1b']}"
-dataset_type = "sa1b"
-item = "distill"
-modality_length = 1024
-
-[[source]]
-path = "{stores['refcoco']}"
-dataset_type = "refcoco"
-repeats = 2
-""")
+    toml.write_text(source_table(stores["sav"], "sav", modality_length=512)
+                    + source_table(stores["sa1b"], "sa1b", item="distill", modality_length=1024)
+                    + source_table(stores["refcoco"], "refcoco", repeats=2))
     mixture = Mixture.from_toml(toml)
     sampler = LengthGroupedSampler(mixture, batch_size=4, world_size=1, rank=0, seed=42)
     loader = DataLoader(mixture, batch_size=4, sampler=sampler, collate_fn=mixture.collate,
