@@ -59,7 +59,8 @@ class CocoEmbeddingsSource(Source):
                      "webli]"),
         PluginOption("device", str, "cpu", "e.g. cuda:0"),
         PluginOption("batch_size", int, 32,
-                     "crops per forward pass (on 2 busy CPU cores 32 ran ~20% faster than 8)",
+                     "crops per forward pass (larger batches hold up better on busy CPU cores; "
+                     "see benchmarks/results/embeddings.md)",
                      minimum=1),
         PluginOption("amp", bool, False, "bfloat16 autocast on CUDA"),
         PluginOption("bg_alpha", float, 0.3, "background brightness outside the mask, 0..1"),
