@@ -5,9 +5,8 @@ A ``mix.toml`` lists sources as ``[[source]]`` tables with the fields of :class:
 (``path``, ``dataset_type``, ``repeats``, ``weight``, ``required``, ``modality_length``,
 ``fields``, ``backend``, ``item``); relative paths are taken from the TOML file's folder. Every
 value is checked for its type and range when the file is read (``required = "no"`` is refused,
-not taken as true). This module reads
-declarations and store metadata only (no torch, no sample): ``loaders.Mixture`` builds the
-training-time dataset from the same entries.
+not taken as true). This module reads declarations and store metadata only (no torch, no
+sample): ``loaders.Mixture`` builds the training-time dataset from the same entries.
 """
 
 from __future__ import annotations
@@ -104,10 +103,9 @@ def _check_types(where: str, table: Mapping[str, Any]) -> None:
     for key, value in table.items():
         wanted = KEY_TYPES[key]
         if (isinstance(value, bool) and bool not in wanted) or not isinstance(value, wanted):
-            names = " or ".join({int: "an integer", float: "a number", str: "a string",
-                                 bool: "true or false", list: "a list of strings"}[t]
-                                for t in wanted)
-            raise MixSpecError(f"{where}: {key} must be {names}, got {value!r}")
+            what = {(int,): "an integer", (int, float): "a number", (str,): "a string",
+                    (bool,): "true or false", (list,): "a list of strings"}[wanted]
+            raise MixSpecError(f"{where}: {key} must be {what}, got {value!r}")
     if "fields" in table and not all(isinstance(f, str) for f in table["fields"]):
         raise MixSpecError(f"{where}: fields must be a list of strings, got {table['fields']!r}")
 

@@ -404,7 +404,7 @@ def test_sampler_takes_both_reference_spellings(mix) -> None:
     ('required = "no"', "required must be true or false, got 'no'"),
     ("weight = inf", "weight must be a finite number > 0, got inf"),
     ("weight = nan", "weight must be a finite number > 0, got nan"),
-    ("weight = true", "weight must be an integer or a number, got True"),
+    ("weight = true", "weight must be a number, got True"),
     ('repeats = "4"', "repeats must be an integer, got '4'"),
     ("repeats = 1.5", "repeats must be an integer, got 1.5"),
     ("modality_length = 5.0", "modality_length must be an integer"),
