@@ -16,6 +16,7 @@ from pathlib import Path
 
 from arraystore.errors import OptionError
 from arraystore.location import is_url
+from arraystore.store import is_store
 
 
 def _real(path: str | os.PathLike[str]) -> Path:
@@ -24,8 +25,6 @@ def _real(path: str | os.PathLike[str]) -> Path:
 
 def enclosing_store(path: str | os.PathLike[str]) -> Path | None:
     """The store that ``path`` is, or lies inside (links resolved), or None."""
-    from arraystore.store import is_store
-
     real = _real(path)
     for candidate in (real, *real.parents):
         if (candidate / "zarr.json").is_file() and is_store(candidate):

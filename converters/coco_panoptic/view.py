@@ -31,7 +31,7 @@ class EmbeddingsView(View):
     default_count = 2000
 
     def fields(self, schema: Schema, asked: Sequence[str]) -> tuple[str, ...]:
-        return ("embedding", "category_id", "image_id", "segment_id", "crop_box")
+        return ("embedding", "category_id", "image_id", "segment_id")
 
     def summary(self, samples: Sequence[Mapping[str, Any]], schema: Schema,
                 meta: Mapping[str, Any]) -> list[SummaryRow]:
