@@ -13,13 +13,14 @@ export SAM2_BUILD_CUDA := 0
 
 .PHONY: setup setup-test demo test bench bench-peers clean
 
+# The set-up also installs the torchvision hook (converters/torchvision_ops.py): beside the CPU
+# torch it declares torchvision's missing operators at its first import. It runs from inside the
+# venv so that the hook loads the installed copy of that module.
 $(VENV)/.setup: pyproject.toml constraints.txt $(SOURCES)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	rm -rf build  # setuptools' staging area: would carry deleted modules into the install
 	$(PY) -m pip install -q -c constraints.txt ".[viz]"
-	# torchvision beside the CPU torch: declare its missing operators at first import (run from
-	# inside the venv so that the installed copy of the module is the one the hook loads)
 	cd $(VENV) && bin/python -m converters.torchvision_ops --install-hook
 	touch $@
 
