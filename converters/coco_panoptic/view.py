@@ -2,16 +2,15 @@
 (2000 by default) as a 2-D PCA scatter coloured by category with a legend, what they are, and
 the first rows' crops as the model was fed them.
 
-The crops are not in the store: they are cut again from the COCO files the ingest recorded
-(its provenance names the panoptic JSON; the store's attributes hold ``pad_ratio``,
-``bg_alpha`` and the preprocessing), then passed through the same preprocessing and shown
-un-normalised. Where those files are gone, or for a store imported from an old cache, a text
-panel says why there are no crops.
+The crops are not in the store: they are derived again by the ingest's own source from the
+COCO files it recorded (its provenance names the panoptic JSON; the store's attributes hold
+``pad_ratio``, ``bg_alpha``, the model and its tag), and shown un-normalised. Where those
+files are gone, or for a store imported from an old cache, a text panel says why there are no
+crops.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 
 from arraystore.errors import ArrayStoreError
 from arraystore.schema import Schema
+from arraystore.sources import Record
 from arraystore.views import Panel, SummaryRow, View
 
 CROPS_SHOWN = 8  # crops of the first rows, one row of panels
@@ -62,8 +62,8 @@ class EmbeddingsView(View):
 
 
 def crop_panels(samples: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> list[Panel]:
-    """One panel per row: its crop cut again from the COCO files and preprocessed as at
-    ingest, titled with its ids and category; or one text panel saying why there are none."""
+    """One panel per row: its crop derived again as at ingest, titled with its ids and
+    category; or one text panel saying why there are none."""
     try:
         cutter = CropCutter(meta)
         return [Panel(f"{int(s['image_id'])}_{int(s['segment_id'])}\ncategory "
@@ -74,49 +74,49 @@ def crop_panels(samples: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -
 
 
 class CropCutter:
-    """Cuts a row's crop from the COCO files an ingest recorded, with its settings."""
+    """Derives rows' crops again through the ingest's own source, with the settings and COCO
+    files the store recorded: what is shown is exactly what the model was fed."""
 
     def __init__(self, meta: Mapping[str, Any]) -> None:
+        from converters.coco_panoptic.source import CocoEmbeddingsSource
+
         settings = meta.get("extra", {}).get("embeddings")
         if not settings:
             raise ValueError("this store was not made by `ingest coco-embeddings` (an imported "
                              "cache holds no crop settings)")
-        self.settings = settings
-        self.files: dict[int, tuple[Path, Path]] = {}  # image id -> (image, panoptic PNG)
-        for source in meta.get("provenance", {}).get("sources", []):
-            annotations = Path(source["path"])
-            doc = json.loads(annotations.read_text())
-            root, split = annotations.parent.parent, annotations.stem.removeprefix("panoptic_")
-            names = {int(i["id"]): i["file_name"] for i in doc["images"]}
-            for entry in doc["annotations"]:
-                image_id = int(entry["image_id"])
-                self.files[image_id] = (root / split / names[image_id],
-                                        root / f"panoptic_{split}" / entry["file_name"])
-        self._transform: Any = None
+        self.preprocessing = settings["preprocessing"]
+        self.records: dict[int, tuple[Any, Any]] = {}  # image id -> (its source, its record)
+        for entry in meta.get("provenance", {}).get("sources", []):
+            annotations = Path(entry["path"])  # <root>/annotations/panoptic_<split>.json
+            source = CocoEmbeddingsSource(
+                split=annotations.stem.removeprefix("panoptic_"), model=settings["model"],
+                weights="(not needed to cut crops)", pretrained_tag=settings["pretrained_tag"],
+                bg_alpha=settings["bg_alpha"], pad_ratio=settings["pad_ratio"])
+            for unit in source.units([annotations.parent.parent]):
+                for record in source.records(unit):
+                    if isinstance(record, Record):  # malformed entries were reported at ingest
+                        self.records[int(record.payload["image_id"])] = (source, record)
+        self._prepared: set[int] = set()
 
     def model_input(self, row: Mapping[str, Any]) -> np.ndarray:
         """The row's crop as the model saw it: preprocessed, then mapped back to RGB uint8."""
-        from PIL import Image
+        from converters.coco_panoptic.source import PIXELS, part_id
 
-        from converters.coco_panoptic.crops import crop_segment, segment_ids
-        from converters.coco_panoptic.embedder import image_transform
-        from converters.coco_panoptic.source import read_image
-
-        image_id = int(row["image_id"])
-        if image_id not in self.files:
+        image_id, segment_id = int(row["image_id"]), int(row["segment_id"])
+        if image_id not in self.records:
             raise KeyError(f"image {image_id} is in no recorded COCO annotations file")
-        image_path, png_path = self.files[image_id]
-        image = read_image(str(image_path), str(image_id))
-        ids = segment_ids(read_image(str(png_path), str(image_id)))
-        crop = crop_segment(image, ids == int(row["segment_id"]),
-                            float(self.settings["pad_ratio"]), float(self.settings["bg_alpha"]))
-        if crop is None:
-            raise ValueError(f"segment {int(row['segment_id'])} is no longer in {png_path}")
-        if self._transform is None:
-            self._transform = image_transform(self.settings["model"],
-                                              self.settings["pretrained_tag"])
-        pixels = self._transform(Image.fromarray(crop.pixels)).numpy()
-        mean = np.asarray(self.settings["preprocessing"]["mean"]).reshape(3, 1, 1)
-        std = np.asarray(self.settings["preprocessing"]["std"]).reshape(3, 1, 1)
+        source, record = self.records[image_id]
+        if id(source) not in self._prepared:
+            source.prepare_worker()  # builds the pretrained tag's transform
+            self._prepared.add(id(source))
+        wanted = part_id(image_id, segment_id)
+        parts = [p for p in source.derive(record) if p.sample_id == wanted and hasattr(
+            p, "values")]
+        if not parts:
+            raise ValueError(f"segment {segment_id} of image {image_id} is no longer in its "
+                             f"panoptic PNG")
+        mean = np.asarray(self.preprocessing["mean"]).reshape(3, 1, 1)
+        std = np.asarray(self.preprocessing["std"]).reshape(3, 1, 1)
+        pixels = parts[0].values[PIXELS]
         return np.clip(np.rint((pixels * std + mean) * 255), 0, 255).astype(
             np.uint8).transpose(1, 2, 0)
