@@ -2,9 +2,9 @@
 
 A store may come from elsewhere (a bucket someone shares): its group attributes and its arrays'
 own metadata are both input. ``Store.open`` refuses a store whose arrays disagree with its
-schema (shape, dtype, dimension names, chunk grid, codecs) and whose array folders or metadata
-are links or lead outside it, so that no reader sizes a buffer from one and reads the other;
-``arraystore verify`` reports the same disagreements, one by one.
+schema (any key of their ``zarr.json`` but the descriptions and the sample-axis length) and
+whose array folders or metadata are links or lead outside it, so that no reader sizes a buffer
+from one and reads the other; ``arraystore verify`` reports the same disagreements, one by one.
 """
 
 from __future__ import annotations
@@ -13,49 +13,35 @@ import os
 from pathlib import Path
 from typing import Any
 
-from arraystore.layout import Layout
-from arraystore.schema import SAMPLE_DIM, Field
+IGNORED = ("attributes",)  # descriptions and xarray hints: they change no value read
 
 
-def expected_codecs(f: Field, layout: Layout) -> list[Any]:
-    """Codec names a field's array has in ``layout``: ``[names]``, or a sharding codec's
-    ``["sharding_indexed", [inner names]]``."""
-    inner = ["vlen-utf8" if f.is_string else "bytes"]
-    inner += ["zstd"] if layout.compression == "zstd" else []
-    inner += ["crc32c"] if layout.checksum else []
-    if f.chunking == "sample" and layout.sharded:
-        return ["sharding_indexed", inner]
-    return inner
-
-
-def codec_names(codecs: list[dict[str, Any]]) -> list[Any]:
-    if [c["name"] for c in codecs] == ["sharding_indexed"]:
-        return ["sharding_indexed", [c["name"] for c in codecs[0]["configuration"]["codecs"]]]
-    return [c["name"] for c in codecs]
-
-
-def disagreements(f: Field, layout: Layout, meta: dict[str, Any]) -> list[str]:
-    """How an array's metadata ``meta`` differs from what ``f`` in ``layout`` says it is."""
-    try:
-        chunk_shape = list(meta["chunk_grid"]["configuration"]["chunk_shape"])
-        found = {
-            "shape": tuple(meta["shape"][1:]),
-            "data_type": meta["data_type"],
-            "dimension_names": tuple(meta.get("dimension_names") or ()),
-            "chunk_shape": (chunk_shape[0], *chunk_shape[1:]),
-            "codecs": codec_names(meta["codecs"]),
-        }
-    except (KeyError, TypeError, IndexError) as exc:
-        return [f"array metadata malformed: lacks {exc}"]
-    expected = {
-        "shape": f.shape,
-        "data_type": "string" if f.is_string else f.dtype,
-        "dimension_names": (SAMPLE_DIM, *f.dims),
-        "chunk_shape": (layout.samples_per_file(f), *f.shape),
-        "codecs": expected_codecs(f, layout),
-    }
-    return [f"{key} is {found[key]!r}, the schema and layout say {value!r}"
-            for key, value in expected.items() if found[key] != value]
+def disagreements(expected: dict[str, Any], meta: Any) -> list[str]:
+    """How an array's metadata ``meta`` (its ``zarr.json``, parsed) differs from ``expected``,
+    the metadata this project writes for the field in the store's layout: every key but the
+    attributes and the sample-axis length, whole (codecs with their configuration, byte order,
+    chunk key encoding, fill value, dimension names), so that no reader sees other values in
+    the same bytes than zarr-python, TensorStore or xarray do."""
+    if not isinstance(meta, dict):
+        return [f"array metadata malformed: a JSON {type(meta).__name__}, not an object"]
+    problems = []
+    for key in [*expected, *(k for k in meta if k not in expected)]:
+        if key in IGNORED:
+            continue
+        want, found = expected.get(key), meta.get(key)
+        if key == "shape":
+            if not isinstance(found, list) or not found or not all(
+                    isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in found):
+                problems.append(f"shape {found!r} is not a list of sizes")
+                continue
+            want, found = tuple(want[1:]), tuple(found[1:])
+        elif key == "dimension_names" and isinstance(found, list):
+            want, found = tuple(want), tuple(found)
+        if found != want:
+            problems.append(f"{key} is {found!r}, the schema and layout say {want!r}"
+                            if key in meta else f"{key} is absent, the schema and layout say "
+                                                f"{want!r}")
+    return problems
 
 
 def escapes(store_root: Path, path: Path) -> str | None:

@@ -28,6 +28,11 @@ class StoreFormatError(ArrayStoreError, ValueError):
     """The store's metadata is inconsistent, or of a format version this code cannot read."""
 
 
+class MissingChunkError(StoreFormatError):
+    """A committed sample's chunk, shard or inner chunk is absent: the store is damaged (a
+    chunk never written reads as the fill value in Zarr, which would hide the loss)."""
+
+
 class IncompatibleStoreError(ArrayStoreError, ValueError):
     """Appending to a store whose kind, schema or layout differs from what was asked for."""
 

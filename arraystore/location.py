@@ -104,6 +104,11 @@ class Location(ABC):
         return out
 
     @abstractmethod
+    def names(self, prefix: str) -> list[str]:
+        """The names directly below the folder ``prefix`` (none when it does not exist), as
+        stored now: a listing, never a cached one."""
+
+    @abstractmethod
     def size(self, key: str) -> int | None:
         """The size of ``key`` in bytes, None when it does not exist."""
 
@@ -160,6 +165,12 @@ class LocalLocation(Location):
             return os.pread(fd, stop - start, start)
         finally:
             os.close(fd)
+
+    def names(self, prefix: str) -> list[str]:
+        try:
+            return os.listdir(self.file(prefix))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
     def size(self, key: str) -> int | None:
         try:
@@ -280,6 +291,14 @@ class ObjectLocation(Location):
 
     def read_many(self, keys: Sequence[str]) -> list[bytes | None]:
         return self.read_ranges(keys, [0] * len(keys), [None] * len(keys))
+
+    def names(self, prefix: str) -> list[str]:
+        path = self.key_path(prefix)
+        self.fs.invalidate_cache(path)  # s3fs caches listings; another writer may have added
+        try:
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False)]
+        except FileNotFoundError:
+            return []
 
     def size(self, key: str) -> int | None:
         try:

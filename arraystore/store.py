@@ -8,6 +8,7 @@ the xarray index; ``committed`` (bool) says which samples hold complete data.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import warnings
@@ -50,6 +51,29 @@ def array_attributes(f: Field) -> dict[str, str]:
     if f.name not in (SAMPLE_ARRAY, COMMITTED_ARRAY):
         attributes["coordinates"] = COMMITTED_ARRAY
     return attributes
+
+
+def create_field_array(group: zarr.Group, f: Field, layout: Layout) -> zarr.Array:
+    """The empty array of ``f`` in ``layout``, made in ``group``: how every store's arrays are
+    made, and so the definition :func:`expected_array_metadata` checks stores against."""
+    return group.create_array(
+        f.name,
+        shape=(0, *f.shape),
+        dtype=str if f.is_string else f.dtype,
+        fill_value="" if f.is_string else 0,
+        dimension_names=[SAMPLE_DIM, *f.dims],
+        attributes=array_attributes(f),
+        **layout.array_kwargs(f),
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def expected_array_metadata(f: Field, layout: Layout) -> dict[str, Any]:
+    """The ``zarr.json`` of ``f``'s array in ``layout`` as this project writes it (made in
+    memory by :func:`create_field_array`), for :func:`arraystore.contract.disagreements`."""
+    memory = zarr.storage.MemoryStore()
+    create_field_array(zarr.open_group(memory, mode="w", zarr_format=3), f, layout)
+    return json.loads(memory._store_dict[f"{f.name}/zarr.json"].to_bytes())
 
 
 def utc_now() -> str:
@@ -168,10 +192,12 @@ class Store:
         return {n: refused[n] or fetched[n] for n in names}
 
     def check_arrays(self, metadata: Mapping[str, bytes | str | None] | None = None) -> None:
-        """Refuse a store whose arrays disagree with its schema and layout, or whose array
-        folders or metadata are links or lead outside it (see :mod:`arraystore.contract`).
+        """Refuse a store whose arrays disagree with its schema and layout (their whole
+        metadata: :func:`arraystore.contract.disagreements`), that are shorter than
+        ``committed`` says, or whose array folders or metadata are links or lead outside it.
         ``metadata``: :meth:`array_metadata`, when the caller has it already."""
         metadata = self.array_metadata() if metadata is None else metadata
+        lengths = {}
         for f in (*self.schema.fields, SAMPLE_FIELD, COMMITTED_FIELD):
             raw = metadata[f.name]
             if isinstance(raw, str):
@@ -183,12 +209,20 @@ class Store:
             except (OSError, ValueError) as exc:
                 raise StoreFormatError(f"{self.path}: array {f.name!r}: metadata unreadable: "
                                        f"{exc}") from exc
-            problems = disagreements(f, self.layout, meta)
+            problems = disagreements(expected_array_metadata(f, self.layout), meta)
             if problems:
                 raise StoreFormatError(
                     f"{self.path}: array {f.name!r} disagrees with the store's schema: "
                     f"{'; '.join(problems)}. The store is damaged or was made by something "
                     f"else; `arraystore verify` lists every problem")
+            lengths[f.name] = meta["shape"][0]
+        short = {n: length for n, length in lengths.items()
+                 if length < lengths[COMMITTED_ARRAY]}
+        if short:
+            raise StoreFormatError(
+                f"{self.path}: arrays {sorted(short)} hold {sorted(set(short.values()))} "
+                f"samples, fewer than the {lengths[COMMITTED_ARRAY]} that {COMMITTED_ARRAY!r} "
+                f"covers; the store is damaged (`arraystore verify` lists every problem)")
 
     @classmethod
     def create(
@@ -225,15 +259,7 @@ class Store:
         group = zarr.open_group(location.zarr_store(read_only=False), mode="w-", zarr_format=3,
                                 attributes={ATTRS_KEY: meta})
         for f in (*schema.fields, SAMPLE_FIELD, COMMITTED_FIELD):
-            group.create_array(
-                f.name,
-                shape=(0, *f.shape),
-                dtype=str if f.is_string else f.dtype,
-                fill_value="" if f.is_string else 0,
-                dimension_names=[SAMPLE_DIM, *f.dims],
-                attributes=array_attributes(f),
-                **layout.array_kwargs(f),
-            )
+            create_field_array(group, f, layout)
         meta["initialized"] = True
         store = cls(location, group, meta)
         store.save_meta()
@@ -248,11 +274,25 @@ class Store:
         """Number of sample slots (committed or not)."""
         return int(self.array(SAMPLE_ARRAY).shape[0])
 
+    def committed_extent(self) -> int:
+        """How many slots ``committed`` really covers: its length, cut to the end of its last
+        stored block. A writer grows the arrays before it writes, so blocks past the last
+        one written hold nothing committed (they read as False); cutting there bounds every
+        read of ``committed`` and ``sample`` by what is stored, so a length claimed by
+        crafted metadata (10^12 samples) costs one listing, not a buffer of that length."""
+        array = self.array(COMMITTED_ARRAY)
+        block = array.chunks[0]
+        stored = [int(n) for n in self.location.names(f"{COMMITTED_ARRAY}/c") if n.isdigit()]
+        return min(array.shape[0], (max(stored) + 1) * block) if stored else 0
+
     def committed_mask(self) -> np.ndarray:
-        return np.asarray(self.array(COMMITTED_ARRAY)[:], dtype=bool)
+        """Which of the first :meth:`committed_extent` slots hold complete data."""
+        return np.asarray(self.array(COMMITTED_ARRAY)[:self.committed_extent()], dtype=bool)
 
     def sample_ids(self) -> np.ndarray:
-        return np.asarray(self.array(SAMPLE_ARRAY)[:])
+        """The ids of the first :meth:`committed_extent` slots (the ``sample`` array may be
+        longer after an interrupted write; its tail names no committed sample)."""
+        return np.asarray(self.array(SAMPLE_ARRAY)[:self.committed_extent()])
 
     def num_committed(self) -> int:
         return int(self.committed_mask().sum())

@@ -1,11 +1,14 @@
 """``arraystore verify``: is the store consistent, and is every committed sample's data there?
 
 Checks, naming the field, sample and file of each problem:
-- the metadata of every array agrees with the schema and layout in the group attributes (shape,
-  dtype, dimension names, chunk grid, codecs) and every array is long enough;
+- the metadata of every array agrees whole with what the schema and layout in the group
+  attributes make (:func:`arraystore.contract.disagreements`), is no link, and every array is
+  long enough; ``committed`` covers no block that is not stored and no slot without an id;
 - every committed sample's chunk (or its inner chunk in a shard) exists inside the store (no
-  link, nothing resolving outside it) with the size an uncompressed chunk must have, and its
-  crc32c matches where the layout has one;
+  link, nothing resolving outside it) with the size an uncompressed chunk must have, shard
+  indexes are sound (no entry overlapping another), string chunks decode, and each crc32c
+  matches where the layout has one;
+- no sample id is committed twice;
 - with ``deep``, every committed sample of every field decodes through zarr-python (zstd too).
 """
 
@@ -19,17 +22,23 @@ from typing import Any
 import numpy as np
 
 from arraystore.contract import disagreements
-from arraystore.errors import ArrayStoreError
+from arraystore.errors import ArrayStoreError, StoreFormatError
 from arraystore.keys import chunk_key, group_by_chunk
 from arraystore.readers.direct import (
     CRC_BYTES,
     EMPTY,
     crc_matches,
-    parse_shard_index,
-    shard_index_bytes,
+    fetch_shard_index,
 )
+from arraystore.readers.strings import decode_vlen_utf8
 from arraystore.schema import Field
-from arraystore.store import COMMITTED_FIELD, SAMPLE_FIELD, Store, StoreTarget
+from arraystore.store import (
+    COMMITTED_FIELD,
+    SAMPLE_FIELD,
+    Store,
+    StoreTarget,
+    expected_array_metadata,
+)
 
 
 @dataclass
@@ -67,6 +76,10 @@ class _Checker:
         committed = store.committed_mask()
         self.positions = np.flatnonzero(committed)
         self.ids = store.sample_ids()
+        if len(self.ids) < len(committed):
+            raise StoreFormatError(
+                f"{store.path}: 'sample' holds {len(self.ids)} ids, but 'committed' covers "
+                f"{len(committed)} samples")
         self.extent = int(self.positions[-1]) + 1 if len(self.positions) else 0
 
     def problem(self, f: Field, position: int | None, key: str, message: str) -> None:
@@ -97,19 +110,25 @@ class _Checker:
 
     def _metadata_ok(self, f: Field) -> bool:
         key = f"{f.name}/zarr.json"
+        refused = self.store.location.problem(f.name) or self.store.location.problem(key)
+        if refused:
+            self.problem(f, None, key, f"refused: {refused}")
+            return False
         try:
             meta = json.loads(self.store.location.read_bytes(key))
         except (OSError, ValueError) as exc:
             self.problem(f, None, key, f"array metadata unreadable: {exc}")
             return False
-        problems = disagreements(f, self.layout, meta)
+        problems = disagreements(expected_array_metadata(f, self.layout), meta)
         for message in problems:
             self.problem(f, None, key, message)
+        if problems:
+            return False
         if meta["shape"][0] < self.extent:
             self.problem(f, None, key, f"holds {meta['shape'][0]} samples; committed samples "
                                        f"reach {self.extent}")
             return False
-        return not problems
+        return True
 
     def _uncompressed_bytes(self, f: Field, samples: int) -> int | None:
         if f.is_string or self.layout.compression != "none":
@@ -119,24 +138,44 @@ class _Checker:
     def _check_chunk(self, f: Field, key: str, position: int, samples: int) -> None:
         data = self.store.location.read_bytes(key)
         self.report.chunks_checked += 1
-        self._check_bytes(f, key, position, memoryview(data), self._uncompressed_bytes(f,
-                                                                                       samples))
+        self._check_bytes(f, key, position, memoryview(data),
+                          self._uncompressed_bytes(f, samples), samples)
 
     def _check_bytes(self, f: Field, key: str, position: int, data: memoryview,
-                     expected: int | None) -> None:
+                     expected: int | None, samples: int = 1) -> None:
         if expected is not None and len(data) != expected:
             self.problem(f, position, key, f"chunk of {len(data)} bytes, expected {expected}")
         elif self.layout.checksum and not crc_matches(data[:-CRC_BYTES],
                                                        bytes(data[-CRC_BYTES:])):
             self.problem(f, position, key, "crc32c mismatch: the chunk is corrupt")
+        elif f.is_string and self.layout.compression == "none":  # zstd: decoded when deep
+            body = data[:-CRC_BYTES] if self.layout.checksum else data
+            try:
+                decode_vlen_utf8(bytes(body), samples * max(1, int(np.prod(f.shape))), key)
+            except StoreFormatError as exc:
+                self.problem(f, position, key, f"corrupt string chunk: {exc}")
+
+    def check_ids(self) -> None:
+        """Each committed sample must have an id (``committed`` set on a slot never written
+        leaves the fill value), and a unique one: a duplicate would make two samples one in
+        every index by id (xarray's ``sel``, resume, ``fix``)."""
+        ids = self.ids[self.positions]
+        for at in np.flatnonzero(ids == ""):  # the fill value: no writer stores it
+            self.problem(SAMPLE_FIELD, int(self.positions[at]), SAMPLE_FIELD.name,
+                         "committed, but has no id (its slot was never written)")
+        values, first, counts = np.unique(ids, return_index=True, return_counts=True)
+        repeated = counts > 1
+        for value, at, count in zip(values[repeated], first[repeated], counts[repeated],
+                                    strict=True):
+            position = int(self.positions[at])
+            self.problem(SAMPLE_FIELD, position, chunk_key(SAMPLE_FIELD.name, 0, 1),
+                         f"sample id {str(value)!r} is committed {int(count)} times")
 
     def _check_shard(self, f: Field, key: str, size: int, positions: list[int]) -> None:
         location, shard_size = self.store.location, self.layout.shard_size
-        index_bytes = shard_index_bytes(shard_size, True)
         try:
-            raw = location.read_range(key, size - index_bytes, size) if size >= index_bytes \
-                else b""
-            index = parse_shard_index(raw, size, shard_size, True, location.where(key))
+            index = fetch_shard_index(location, key, size, shard_size,
+                                      self._uncompressed_bytes(f, 1))
         except ArrayStoreError as exc:
             self.problem(f, positions[0], key, str(exc))
             return
@@ -177,8 +216,13 @@ def verify(path: StoreTarget, *, deep: bool = False,
     except ArrayStoreError as exc:
         report.problems.append(Problem("*", "*", str(path), str(exc)))
         return report
-    checker = _Checker(store, report, deep)
+    try:
+        checker = _Checker(store, report, deep)
+    except ArrayStoreError as exc:  # fewer ids than `committed` covers
+        report.problems.append(Problem(COMMITTED_FIELD.name, "*", str(path), str(exc)))
+        return report
     report.samples, report.committed = len(store), len(checker.positions)
     for f in (*store.schema.fields, SAMPLE_FIELD, COMMITTED_FIELD):
         checker.check(f)
+    checker.check_ids()
     return report

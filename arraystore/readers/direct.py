@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from crc32c import crc32c
 
-from arraystore.errors import ChecksumMismatchError, StoreFormatError
+from arraystore.errors import ChecksumMismatchError, MissingChunkError, StoreFormatError
 from arraystore.keys import ChunkPaths
 from arraystore.layout import Layout
 from arraystore.location import LocalLocation, Location
@@ -68,12 +68,14 @@ def shard_index_bytes(shard_size: int, checksum: bool) -> int:
 
 
 def parse_shard_index(raw: bytes, size: int | None, shard_size: int, checksum: bool,
-                      path: str) -> np.ndarray:
+                      path: str, chunk_bytes: int | None = None) -> np.ndarray:
     """The (offset, nbytes) of each inner chunk from ``raw``, the last bytes of a shard of
     ``size`` bytes (None when unknown: fetched as a suffix range; a chunk past the end then
-    reads short and is refused then). Raises :class:`StoreFormatError` for a shard too short or
-    an index pointing past the data, :class:`ChecksumMismatchError` for an index whose crc32c is
-    wrong."""
+    reads short and is refused then). Every entry is checked, so that no read returns bytes of
+    another sample: empty in both halves or neither, inside the data, overlapping no other
+    entry, and of ``chunk_bytes`` where the inner chunks are uncompressed (None: they vary).
+    Raises :class:`StoreFormatError` for a shard too short or an index that breaks one of
+    those rules, :class:`ChecksumMismatchError` for an index whose crc32c is wrong."""
     index_bytes = shard_index_bytes(shard_size, checksum)
     if len(raw) != index_bytes or (size is not None and size < index_bytes):
         raise StoreFormatError(f"shard {path} is {len(raw) if size is None else size} bytes, "
@@ -82,18 +84,54 @@ def parse_shard_index(raw: bytes, size: int | None, shard_size: int, checksum: b
     if checksum and not crc_matches(raw[:-CRC_BYTES], raw[-CRC_BYTES:]):
         raise ChecksumMismatchError(f"shard {path}: crc32c mismatch in the shard index")
     index = np.frombuffer(raw, "<u8", shard_size * 2).reshape(shard_size, 2)
-    if size is not None and ((index[:, 0] != EMPTY)
-                             & (index[:, 0] + index[:, 1] > size - index_bytes)).any():
-        raise StoreFormatError(f"shard {path}: the index points past the end of the data")
+    problem = shard_index_problem(index, None if size is None else size - index_bytes,
+                                  chunk_bytes)
+    if problem:
+        raise StoreFormatError(f"shard {path}: {problem}")
     return index
 
 
-def read_shard_index(fd: int, shard_size: int, checksum: bool, path: str) -> np.ndarray:
+def shard_index_problem(index: np.ndarray, data_bytes: int | None,
+                        chunk_bytes: int | None) -> str | None:
+    """What is wrong with a shard ``index`` (rows of offset, nbytes) over ``data_bytes`` of
+    chunk data (None: unknown), or None."""
+    empty = index == EMPTY
+    if (empty[:, 0] != empty[:, 1]).any():
+        return "an index entry is empty in one half only"
+    used = index[~empty[:, 0]]
+    if not len(used):
+        return None
+    offsets, lengths = used[:, 0], used[:, 1]
+    if (lengths > np.uint64(2**62)).any() or (offsets > np.uint64(2**62)).any():
+        return "the index declares an impossible offset or length"
+    if data_bytes is not None and (offsets + lengths > data_bytes).any():
+        return "the index points past the end of the data"
+    if chunk_bytes is not None and (lengths != chunk_bytes).any():
+        bad = int(lengths[lengths != chunk_bytes][0])
+        return f"an inner chunk of {bad} bytes, expected {chunk_bytes} (uncompressed)"
+    order = np.argsort(offsets, kind="stable")
+    ends = offsets[order] + lengths[order]
+    if (ends[:-1] > offsets[order][1:]).any():
+        return "two index entries overlap (a read would return another sample's bytes)"
+    return None
+
+
+def fetch_shard_index(location: Location, key: str, size: int, shard_size: int,
+                      chunk_bytes: int | None) -> np.ndarray:
+    """:func:`parse_shard_index` of the shard ``key`` of ``size`` bytes at ``location``, read
+    with one ranged read (its index always carries a crc32c: zarr's default index codecs)."""
+    index_bytes = shard_index_bytes(shard_size, True)
+    raw = location.read_range(key, size - index_bytes, size) if size >= index_bytes else b""
+    return parse_shard_index(raw, size, shard_size, True, location.where(key), chunk_bytes)
+
+
+def read_shard_index(fd: int, shard_size: int, checksum: bool, path: str,
+                     chunk_bytes: int | None) -> np.ndarray:
     """:func:`parse_shard_index` of the shard open as ``fd``."""
     index_bytes = shard_index_bytes(shard_size, checksum)
     size = os.fstat(fd).st_size
     raw = os.pread(fd, index_bytes, size - index_bytes) if size >= index_bytes else b""
-    return parse_shard_index(raw, size, shard_size, checksum, path)
+    return parse_shard_index(raw, size, shard_size, checksum, path, chunk_bytes)
 
 
 def read_window(fd: int, base: int, shape: tuple[int, ...], dtype: np.dtype, region: Region,
@@ -154,6 +192,23 @@ def open_chunk(path: str) -> int | None:
         raise
 
 
+def missing_chunk(field: str, sample: int, where: str) -> MissingChunkError:
+    """The error for a committed sample whose chunk (or inner chunk) ``where`` is absent."""
+    return MissingChunkError(
+        f"field {field!r}, sample {sample}: {where} is missing although the sample is "
+        f"committed; the store is damaged (`arraystore verify` lists every such sample; "
+        f"re-ingest its source)")
+
+
+def undecodable(field: str, sample: int, library: str, exc: Exception) -> StoreFormatError:
+    """The error for chunks a library could not decode (a codec's own exception, typed): a
+    :class:`ChecksumMismatchError` for a crc32c that does not match."""
+    kind = ChecksumMismatchError if "checksum" in str(exc).lower() else StoreFormatError
+    return kind(f"field {field!r}, samples from {sample}: a chunk does not decode "
+                f"({library}: {type(exc).__name__}: {exc}); the store is damaged (`arraystore "
+                f"verify --deep` lists every such sample; re-ingest its source)")
+
+
 def check_crc(data: memoryview, stored: bytes, field: str, sample: int, path: str) -> None:
     if not crc_matches(data, stored):
         raise ChecksumMismatchError(
@@ -181,14 +236,14 @@ class ChunkFileReader(_DirectFieldReader):
         self.per_chunk = per_chunk
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        out = np.empty((stop - start, *self.field.shape), self.dtype)
         first, last = start // self.per_chunk, (stop - 1) // self.per_chunk
         if first == last and self.per_chunk == 1:  # the hot path: one sample, one chunk
-            self._read_chunk(first, out)
-            return out
+            return self.read_sample(first)[None]
+        out = np.empty((stop - start, *self.field.shape), self.dtype)
         for index in range(first, last + 1):
+            fd, path = self._open_chunk(index)
             chunk = np.empty((self.per_chunk, *self.field.shape), self.dtype)
-            self._read_chunk(index, chunk)
+            self._fill(fd, path, index, chunk)
             lo, hi = index * self.per_chunk, (index + 1) * self.per_chunk
             a, b = max(lo, start), min(hi, stop)
             out[a - start: b - start] = chunk[a - lo: b - lo]
@@ -197,42 +252,54 @@ class ChunkFileReader(_DirectFieldReader):
     def read_sample(self, sample: int) -> np.ndarray:
         if self.per_chunk != 1:
             return super().read_sample(sample)
+        fd, path = self._open_chunk(sample)  # its size checked before the buffer is made
         out = np.empty(self.shape, self.dtype)
-        self._read_chunk(sample, out)
+        self._fill(fd, path, sample, out)
         return out
 
     def read_into(self, sample: int, out: np.ndarray) -> None:
         if self.per_chunk != 1 or not fits(out, self.dtype):
             super().read_into(sample, out)
         else:
-            self._read_chunk(sample, out)
+            self._fill(*self._open_chunk(sample), sample, out)
 
     def read_region(self, sample: int, region: Region) -> np.ndarray:
         if self.checksum or self.per_chunk != 1:  # the crc covers the whole chunk
             return super().read_region(sample, region)
-        path = self.paths.path(sample)
-        fd = open_chunk(path)
-        if fd is None:
-            return np.zeros(region_shape(region), self.dtype)
+        fd, path = self._open_chunk(sample)
         try:
             return read_window(fd, 0, self.field.shape, self.dtype, region,
                                f"field {self.field.name!r}, sample {sample}, file {path}")
         finally:
             os.close(fd)
 
-    def _read_chunk(self, index: int, out: np.ndarray) -> None:
+    def _open_chunk(self, index: int) -> tuple[int, str]:
+        """A descriptor of chunk ``index`` and its path, once its size is the size an
+        uncompressed chunk of this field has: a missing chunk, or one of another size, is an
+        error here, before any buffer is sized from the schema."""
         path = self.paths.path(index)
         fd = open_chunk(path)
         if fd is None:
-            out[...] = 0  # a chunk never written holds the fill value
-            return
+            raise missing_chunk(self.field.name, index * self.per_chunk, f"chunk file {path}")
+        expected = self.per_chunk * self.field.nbytes + (CRC_BYTES if self.checksum else 0)
+        size = os.fstat(fd).st_size
+        if size != expected:
+            os.close(fd)
+            raise StoreFormatError(
+                f"field {self.field.name!r}, chunk {index}, file {path}: {size} bytes, "
+                f"expected {expected} (an uncompressed chunk of {self.per_chunk} samples of "
+                f"shape {self.shape})")
+        return fd, path
+
+    def _fill(self, fd: int, path: str, index: int, out: np.ndarray) -> None:
+        """Chunk ``index``, open as ``fd``, read into ``out`` (closing ``fd``); its crc checked."""
         crc = bytearray(CRC_BYTES) if self.checksum else None
         try:  # a C-contiguous array is itself the buffer preadv fills
             got = os.preadv(fd, [out, crc] if crc else [out], 0)
         finally:
             os.close(fd)
         expected = out.nbytes + (CRC_BYTES if crc else 0)
-        if got != expected:
+        if got != expected:  # shortened since it was opened
             raise StoreFormatError(
                 f"field {self.field.name!r}, chunk {index}, file {path}: {got} bytes, expected "
                 f"{expected} (an uncompressed chunk of shape {out.shape})"
@@ -253,6 +320,8 @@ class ShardReader(_DirectFieldReader):
         self.shard_size = shard_size
         self.index_checksum = index_checksum
         self.chunk_bytes = field.nbytes + (CRC_BYTES if checksum else 0)
+        # what the index must say of every inner chunk (strings vary: None)
+        self.uncompressed_bytes = None if field.is_string else self.chunk_bytes
         # shard -> its OpenShard, LRU; the shard read last is also kept apart, so a run of
         # samples in one shard skips the LRU
         self._open: OrderedDict[int, OpenShard] = OrderedDict()
@@ -273,7 +342,8 @@ class ShardReader(_DirectFieldReader):
         if fd is None:
             return None
         try:
-            index = read_shard_index(fd, self.shard_size, self.index_checksum, path)
+            index = read_shard_index(fd, self.shard_size, self.index_checksum, path,
+                                     self.uncompressed_bytes)
         except (StoreFormatError, ChecksumMismatchError) as exc:
             os.close(fd)
             raise type(exc)(f"field {self.field.name!r}, samples from "
@@ -288,51 +358,39 @@ class ShardReader(_DirectFieldReader):
         return handle
 
     def read(self, start: int, stop: int) -> np.ndarray:
+        located = [self._chunk_of(sample) for sample in range(start, stop)]
         out = np.empty((stop - start, *self.shape), self.dtype)
-        for sample in range(start, stop):
-            self._read_sample(sample, out[sample - start])
+        for k, chunk in enumerate(located):
+            self._read_located(start + k, chunk, out[k])
         return out
 
     def read_sample(self, sample: int) -> np.ndarray:
+        located = self._chunk_of(sample)  # the index checked before the buffer is made
         out = np.empty(self.shape, self.dtype)
-        self._read_sample(sample, out)
+        self._read_located(sample, located, out)
         return out
 
-    def _chunk_of(self, sample: int) -> tuple[OpenShard, int, int, int] | None:
+    def _chunk_of(self, sample: int) -> tuple[OpenShard, int, int, int]:
         """(its open shard, byte offset, byte count, slot in the shard) of the sample's inner
-        chunk; None if never written."""
+        chunk, whose size the shard's index was checked for when the shard was opened; a
+        :class:`MissingChunkError` when the shard or the inner chunk is absent."""
         shard, slot = divmod(sample, self.shard_size)
         last = self._last
         handle = last[1] if last is not None and last[0] == shard else self._shard(shard)
         if handle is None:
-            return None
+            raise missing_chunk(self.field.name, sample, f"shard file {self.paths.path(shard)}")
         offset, nbytes = handle.index[slot]
-        if offset == EMPTY_INT and nbytes == EMPTY_INT:
-            return None
+        if offset == EMPTY_INT:
+            raise missing_chunk(self.field.name, sample,
+                                f"inner chunk {slot} of shard {handle.path}")
         return handle, offset, nbytes, slot
 
-    def _uncompressed_chunk(self, sample: int) -> tuple[OpenShard, int, int] | None:
-        """(its open shard, byte offset, slot) of the sample's inner chunk, which must be one
-        uncompressed sample; None if never written."""
-        chunk = self._chunk_of(sample)
-        if chunk is None:
-            return None
-        handle, offset, nbytes, slot = chunk
-        if nbytes != self.chunk_bytes:
-            raise StoreFormatError(
-                f"field {self.field.name!r}, sample {sample}, shard {handle.path}: inner chunk "
-                f"of {nbytes} bytes, expected {self.chunk_bytes} (uncompressed)"
-            )
-        return handle, offset, slot
-
-    def _read_sample(self, sample: int, out: np.ndarray) -> None:
-        """The sample's chunk into ``out`` (C-contiguous, the field's dtype): copied out of
-        the shard's mapping from its second read on (:mod:`.mapped`), else ``preadv``."""
-        located = self._uncompressed_chunk(sample)
-        if located is None:
-            out[...] = 0
-            return
-        (fd, _, path, mapped), offset, slot = located
+    def _read_located(self, sample: int, located: tuple[OpenShard, int, int, int],
+                      out: np.ndarray) -> None:
+        """The sample's chunk, found by :meth:`_chunk_of`, into ``out`` (C-contiguous, the
+        field's dtype): copied out of the shard's mapping from its second read on
+        (:mod:`.mapped`), else ``preadv``."""
+        (fd, _, path, mapped), offset, _, slot = located
         stored = None if mapped is None else mapped.chunk(slot, offset, self.chunk_bytes)
         if stored is not None:
             intra_op.copy(out, stored[:out.nbytes])
@@ -349,25 +407,20 @@ class ShardReader(_DirectFieldReader):
                       sample, path)
 
     def in_memory(self, sample: int) -> bool | None:
-        located = self._uncompressed_chunk(sample)
-        if located is None:
-            return False
-        mapped = located[0].mapped  # None: this reader does not map (MappedShard.open)
-        return None if mapped is None else mapped.read_before(located[2])
+        handle, _, _, slot = self._chunk_of(sample)
+        mapped = handle.mapped  # None: this reader does not map (MappedShard.open)
+        return None if mapped is None else mapped.read_before(slot)
 
     def read_into(self, sample: int, out: np.ndarray) -> None:
         if fits(out, self.dtype):
-            self._read_sample(sample, out)
+            self._read_located(sample, self._chunk_of(sample), out)
         else:
             super().read_into(sample, out)
 
     def read_region(self, sample: int, region: Region) -> np.ndarray:
         if self.checksum:  # the crc covers the whole inner chunk
             return super().read_region(sample, region)
-        located = self._uncompressed_chunk(sample)
-        if located is None:
-            return np.zeros(region_shape(region), self.dtype)
-        (fd, _, path, _), offset, _ = located
+        (fd, _, path, _), offset, _, _ = self._chunk_of(sample)
         return read_window(fd, offset, self.field.shape, self.dtype, region,
                            f"field {self.field.name!r}, sample {sample}, shard {path}")
 

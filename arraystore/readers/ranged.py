@@ -25,6 +25,7 @@ from arraystore.readers.direct import (
     CRC_BYTES,
     EMPTY,
     check_crc,
+    missing_chunk,
     parse_shard_index,
     shard_index_bytes,
 )
@@ -39,8 +40,8 @@ class RangedFieldReader(FieldReader):
     """One field of a store in an object store, read by ranged GETs.
 
     Reading one sample is two steps, so that :class:`RangedBackend` can batch the requests of
-    several fields: :meth:`request` (what to fetch; None for a chunk never written, which holds
-    the fill value) and :meth:`decode` (the fetched bytes as the sample's array)."""
+    several fields: :meth:`request` (what to fetch) and :meth:`decode` (the fetched bytes as
+    the sample's array; a chunk that is not there is a :class:`MissingChunkError`)."""
 
     def __init__(self, field: Field, location: ObjectLocation, checksum: bool) -> None:
         self.field = field
@@ -57,17 +58,18 @@ class RangedFieldReader(FieldReader):
     def store_index(self, shard: int, raw: bytes | None) -> None:
         """Cache a shard index fetched for :meth:`missing_indexes`."""
 
-    def request(self, sample: int) -> Request | None:
+    def request(self, sample: int) -> Request:
         return self.keys.path(sample), 0, self.chunk_bytes
 
-    def decode(self, sample: int, data: bytes | None) -> np.ndarray:
-        out = np.zeros(self.field.shape, self.dtype)
+    def decode(self, sample: int, request: Request, data: bytes | None) -> np.ndarray:
+        where = self.location.where(request[0])
         if data is None:
-            return out
-        where = f"field {self.field.name!r}, sample {sample}"
-        if len(data) != self.chunk_bytes:
-            raise StoreFormatError(f"{where}: {len(data)} bytes fetched, expected "
-                                   f"{self.chunk_bytes} (an uncompressed chunk)")
+            raise missing_chunk(self.field.name, sample, where)
+        if len(data) != self.chunk_bytes:  # checked before the buffer is made
+            raise StoreFormatError(f"field {self.field.name!r}, sample {sample}, {where}: "
+                                   f"{len(data)} bytes fetched, expected {self.chunk_bytes} "
+                                   f"(an uncompressed chunk)")
+        out = np.empty(self.field.shape, self.dtype)
         view = memoryview(out.reshape(-1).view(np.uint8))
         view[:] = memoryview(data)[: out.nbytes]
         if self.checksum:
@@ -94,17 +96,19 @@ class RangedBlockReader(RangedFieldReader):
         nbytes = self.per_chunk * self.field.nbytes + (CRC_BYTES if self.checksum else 0)
         got = self.location.read_ranges(keys, [0] * len(keys), [nbytes] * len(keys))
         chunks = []
-        for key, data in zip(keys, got, strict=True):
-            chunk = np.zeros((self.per_chunk, *self.field.shape), self.dtype)
-            if data is not None:
-                if len(data) != nbytes:
-                    raise StoreFormatError(f"{self.location.where(key)}: {len(data)} bytes, "
-                                           f"expected {nbytes}")
-                view = memoryview(chunk.reshape(-1).view(np.uint8))
-                view[:] = memoryview(data)[: chunk.nbytes]
-                if self.checksum:
-                    check_crc(view, bytes(data[-CRC_BYTES:]), self.field.name,
-                              first * self.per_chunk, self.location.where(key))
+        for index, (key, data) in enumerate(zip(keys, got, strict=True), first):
+            if data is None:
+                raise missing_chunk(self.field.name, index * self.per_chunk,
+                                    self.location.where(key))
+            if len(data) != nbytes:
+                raise StoreFormatError(f"{self.location.where(key)}: {len(data)} bytes, "
+                                       f"expected {nbytes}")
+            chunk = np.empty((self.per_chunk, *self.field.shape), self.dtype)
+            view = memoryview(chunk.reshape(-1).view(np.uint8))
+            view[:] = memoryview(data)[: chunk.nbytes]
+            if self.checksum:
+                check_crc(view, bytes(data[-CRC_BYTES:]), self.field.name,
+                          index * self.per_chunk, self.location.where(key))
             chunks.append(chunk)
         offset = start - first * self.per_chunk
         return np.concatenate(chunks)[offset: offset + stop - start]
@@ -131,23 +135,21 @@ class RangedShardReader(RangedFieldReader):
     def store_index(self, shard: int, raw: bytes | None) -> None:
         key = self.location.where(self.keys.path(shard))
         self._indexes[shard] = None if raw is None else parse_shard_index(
-            raw, None, self.shard_size, self.index_checksum, key)
+            raw, None, self.shard_size, self.index_checksum, key, self.chunk_bytes)
         if len(self._indexes) > CACHED_INDEXES:
             self._indexes.popitem(last=False)
 
-    def request(self, sample: int) -> Request | None:
-        index = self._indexes[sample // self.shard_size]
+    def request(self, sample: int) -> Request:
+        shard, slot = divmod(sample, self.shard_size)
+        index, key = self._indexes[shard], self.keys.path(shard)
         if index is None:
-            return None
-        offset, nbytes = index[sample % self.shard_size]
-        if offset == EMPTY and nbytes == EMPTY:
-            return None
-        if nbytes != self.chunk_bytes:
-            raise StoreFormatError(
-                f"field {self.field.name!r}, sample {sample}, shard "
-                f"{self.location.where(self.keys.path(sample // self.shard_size))}: inner chunk "
-                f"of {int(nbytes)} bytes, expected {self.chunk_bytes} (uncompressed)")
-        return self.keys.path(sample // self.shard_size), int(offset), int(offset + nbytes)
+            raise missing_chunk(self.field.name, sample,
+                                f"shard {self.location.where(key)}")
+        offset, nbytes = index[slot]  # the index was checked whole when it was fetched
+        if offset == EMPTY:
+            raise missing_chunk(self.field.name, sample,
+                                f"inner chunk {slot} of shard {self.location.where(key)}")
+        return key, int(offset), int(offset + nbytes)
 
 
 def fetch_samples(location: ObjectLocation,
@@ -163,9 +165,8 @@ def fetch_samples(location: ObjectLocation,
         for (reader, shard, _), raw in zip(needed.values(), got, strict=True):
             reader.store_index(shard, raw)
     requests = [reader.request(sample) for reader, sample in wanted]
-    fetched = iter(_get(location, [r for r in requests if r is not None]))
-    return [reader.decode(sample, None if req is None else next(fetched))
-            for (reader, sample), req in zip(wanted, requests, strict=True)]
+    return [reader.decode(sample, request, data) for (reader, sample), request, data
+            in zip(wanted, requests, _get(location, requests), strict=True)]
 
 
 def _get(location: ObjectLocation, requests: Sequence[Request]) -> list[bytes | None]:

@@ -23,10 +23,10 @@ from arraystore.readers.direct import (
     ChunkFileReader,
     ShardReader,
     check_crc,
+    missing_chunk,
     open_chunk,
 )
 
-FILL = ""  # what a chunk never written holds (the arrays' fill_value)
 _U32 = struct.Struct("<I")
 
 
@@ -88,7 +88,7 @@ class StringChunkFileReader(_StringSamples, ChunkFileReader):
         path = self.paths.path(index)
         fd = open_chunk(path)
         if fd is None:
-            return [FILL] * count
+            raise missing_chunk(self.field.name, index * self.per_chunk, f"chunk file {path}")
         try:
             data = os.pread(fd, os.fstat(fd).st_size, 0)
         finally:
@@ -112,10 +112,7 @@ class StringShardReader(_StringSamples, ShardReader):
         return _strings(values, (stop - start, *self.shape))
 
     def _sample_strings(self, sample: int, count: int) -> list[str]:
-        located = self._chunk_of(sample)
-        if located is None:
-            return [FILL] * count
-        (fd, _, path, _), offset, nbytes, _ = located
+        (fd, _, path, _), offset, nbytes, _ = self._chunk_of(sample)
         data = os.pread(fd, nbytes, offset)
         if len(data) != nbytes:
             raise StoreFormatError(f"field {self.field.name!r}, sample {sample}: shard {path} "

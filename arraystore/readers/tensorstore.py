@@ -13,6 +13,8 @@ import numpy as np
 from arraystore.layout import Layout
 from arraystore.location import LocalLocation, Location, ObjectLocation
 from arraystore.readers.base import Backend, FieldReader
+from arraystore.readers.direct import missing_chunk, undecodable
+from arraystore.readers.stored import StoredChunks
 from arraystore.region import Region
 from arraystore.schema import Field
 
@@ -27,14 +29,33 @@ def kvstore(location: Location, key: str) -> dict[str, Any] | None:
 
 
 class TensorStoreFieldReader(FieldReader):
-    def __init__(self, array: object) -> None:
+    """One field; a chunk that is not there is a :class:`MissingChunkError` (TensorStore is
+    opened with ``fill_missing_data_reads`` off and reports it as ``NOT_FOUND``), a shard
+    index that is not sound a :class:`StoreFormatError` (:class:`~.stored.StoredChunks`,
+    which TensorStore does not check)."""
+
+    def __init__(self, array: Any, field: Field, stored: StoredChunks) -> None:
         self._array = array
+        self._field = field
+        self._stored = stored
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        return self._array[start:stop].read().result()
+        if self._stored.sharded:
+            self._stored.check(start, stop)
+        return self._read((slice(start, stop),), start)
 
     def read_region(self, sample: int, region: Region) -> np.ndarray:
-        return self._array[(sample, *region)].read().result()
+        if self._stored.sharded:
+            self._stored.check(sample, sample + 1)
+        return self._read((sample, *region), sample)
+
+    def _read(self, index: tuple[Any, ...], sample: int) -> np.ndarray:
+        try:
+            return self._array[index].read().result()
+        except ValueError as exc:
+            if "NOT_FOUND" not in str(exc):
+                raise undecodable(self._field.name, sample, "TensorStore", exc) from exc
+            raise missing_chunk(self._field.name, sample, f"a chunk (TensorStore: {exc})") from exc
 
 
 class TensorStoreBackend(Backend):
@@ -53,5 +74,7 @@ class TensorStoreBackend(Backend):
             # a store grows while it is read: always see the current shape and chunks
             "recheck_cached_metadata": True,
             "recheck_cached_data": True,
+            "fill_missing_data_reads": False,  # only committed samples are read: all written
         }
-        return TensorStoreFieldReader(ts.open(spec, read=True).result())
+        return TensorStoreFieldReader(ts.open(spec, read=True).result(), field,
+                                      StoredChunks(field, self.location, self.layout))
