@@ -20,12 +20,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from arraystore import __version__
-from arraystore.errors import ArrayStoreError
+from arraystore.errors import ArrayStoreError, OptionError
 from arraystore.exporters import Exporter
 from arraystore.fixes import Fix
 from arraystore.info import store_info
 from arraystore.ingest import ON_ERROR_CHOICES, IngestReport, ingest
-from arraystore.layout import COMPRESSIONS, LAYOUT_NAMES, Layout
+from arraystore.layout import COMPRESSIONS, LAYOUT_NAMES, MAX_SHARD_SIZE, Layout
 from arraystore.location import parse_storage_options
 from arraystore.mix import describe_mix, read_mix_toml
 from arraystore.plugins import (
@@ -109,21 +109,33 @@ def _layout_from_options(layout: str | None, shard_size: int | None, compress: s
     return Layout(**settings)
 
 
+def _checked_by(option: PluginOption) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback refusing a value ``option`` rejects, where the command line is parsed
+    (before any store is opened or model built)."""
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        try:
+            option.check(value)
+        except OptionError as exc:
+            raise click.BadParameter(str(exc)) from exc
+        return value
+    return callback
+
+
 def _plugin_options(options: tuple[PluginOption, ...]) -> list[click.Option]:
     """Click options for the options a plug-in declares."""
     made = []
     for option in options:
-        flag = f"--{option.name.replace('_', '-')}"
         if option.type is bool:
-            made.append(click.Option([flag], is_flag=True, default=bool(option.default),
+            made.append(click.Option([option.flag], is_flag=True, default=bool(option.default),
                                      help=option.help))
         else:
             kind = (click.IntRange(option.minimum) if option.minimum is not None
                     else option.type)
-            made.append(click.Option([flag], type=kind, multiple=option.multiple,
+            made.append(click.Option([option.flag], type=kind, multiple=option.multiple,
                                      required=option.required,
                                      default=() if option.multiple else option.default,
-                                     show_default=not option.required, help=option.help))
+                                     show_default=not option.required, help=option.help,
+                                     callback=_checked_by(option)))
     return made
 
 
@@ -194,8 +206,9 @@ def _ingest_command(name: str) -> click.Command:
                      help="replace an existing store at --out (never a path that is not a store)"),
         click.Option(["--layout"], type=click.Choice(LAYOUT_NAMES), default=None,
                      help="chunk files: raw (one per sample) or sharded [new store: sharded]"),
-        click.Option(["--shard-size"], type=click.IntRange(1), default=None,
-                     help=f"samples per shard in the sharded layout [{Layout().shard_size}]"),
+        click.Option(["--shard-size"], type=click.IntRange(1, MAX_SHARD_SIZE), default=None,
+                     help=f"samples per shard in the sharded layout, at most {MAX_SHARD_SIZE} "
+                          f"[{Layout().shard_size}]"),
         click.Option(["--compress"], type=click.Choice(COMPRESSIONS), default=None,
                      help="chunk compression [none]"),
         click.Option(["--checksum/--no-checksum"], default=None,

@@ -25,7 +25,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from arraystore.errors import ArrayStoreError, MissingExtraError, SampleError, SourceError
+from arraystore.errors import (
+    ArrayStoreError,
+    MissingExtraError,
+    OptionError,
+    SampleError,
+    SourceError,
+)
 from arraystore.ingest import (
     IngestReport,
     already_ingested,
@@ -233,18 +239,39 @@ def _read_unit(source: Source, unit: SourceUnit, add: Callable[[str, dict[str, A
 def dask_client(address: str | None, workers: int) -> Iterator[Any]:
     """A client of the scheduler at ``address``, or of a ``LocalCluster`` of ``workers``
     single-threaded processes started (and stopped) here."""
+    distributed = require_distributed()
+    if address:
+        with distributed.Client(address) as client:
+            yield client
+        return
+    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0") as cluster, \
+            distributed.Client(cluster) as client:
+        yield client
+
+
+def require_distributed() -> Any:
+    """The ``distributed`` module, or a :class:`MissingExtraError` naming the extra."""
     try:
-        from distributed import Client, LocalCluster
+        import distributed
+        import distributed.comm.addressing
     except ImportError as exc:
         raise MissingExtraError(f"--scheduler dask needs dask.distributed ({exc}); install "
                                 f"the 'scale' extra: pip install 'arraystore[scale]'") from exc
-    if address:
-        with Client(address) as client:
-            yield client
-        return
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
-        yield client
+    return distributed
+
+
+def check_scheduler_address(address: str) -> None:
+    """Refuse an address no scheduler can have (``notaurl``: no port) with a typed error,
+    before the store is opened or anything is written."""
+    addressing = require_distributed().comm.addressing
+    try:
+        scheme, location = addressing.parse_address(address)
+        if scheme in ("tcp", "tls", "ws", "wss"):
+            addressing.parse_host_port(location)
+    except ValueError as exc:
+        raise OptionError(f"--dask-address {address!r}: {exc}; give the address of a running "
+                          f"scheduler, e.g. tcp://host:8786") from exc
 
 
 def ingest_distributed(
@@ -269,6 +296,9 @@ def ingest_distributed(
     units_left)`` is called as workers report; ``on_client(client)`` once the cluster is up
     (the CLI prints the dashboard link). Other arguments as :func:`arraystore.ingest.ingest`.
     """
+    require_distributed()  # before the store is made
+    if address:
+        check_scheduler_address(address)
     with writing(source, inputs, out, mode, layout, storage_options, break_lock) as (units, store):
         report = IngestReport(store=str(store.path), source=source.name, started=utc_now())
         todo = []

@@ -87,6 +87,11 @@ class UnknownPluginError(ArrayStoreError, ValueError):
     """No source, exporter or reader backend is registered under the requested name."""
 
 
+class StoreAccessError(ArrayStoreError, OSError):
+    """An object store could not be reached or refused the request (no credentials, no
+    server, no permission); the message names the URL and what to check."""
+
+
 class ChecksumMismatchError(ArrayStoreError, OSError):
     """A chunk's stored crc32c does not match its bytes: the file is corrupt."""
 

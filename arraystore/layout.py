@@ -25,6 +25,10 @@ LayoutName = Literal["raw", "sharded"]
 Compression = Literal["none", "zstd"]
 LAYOUT_NAMES: tuple[str, ...] = ("raw", "sharded")
 COMPRESSIONS: tuple[str, ...] = ("none", "zstd")
+# limits: a shard's index is 16 bytes a sample and read whole, a block is read whole
+MAX_SHARD_SIZE = 4096
+MAX_BLOCK_SIZE = 65536
+ZSTD_LEVELS = range(-131072, 23)  # zstd's fast (negative) levels to its highest, 22
 
 
 @dataclass(frozen=True)
@@ -45,10 +49,14 @@ class Layout:
             raise SchemaError(
                 f"unknown compression {self.compression!r}; choose one of {COMPRESSIONS}"
             )
-        if self.shard_size < 1 or self.block_size < 1:
-            raise SchemaError(
-                f"shard_size ({self.shard_size}) and block_size ({self.block_size}) must be >= 1"
-            )
+        for name, value, limits in (("shard_size", self.shard_size, range(1, MAX_SHARD_SIZE + 1)),
+                                    ("block_size", self.block_size, range(1, MAX_BLOCK_SIZE + 1)),
+                                    ("zstd_level", self.zstd_level, ZSTD_LEVELS)):
+            if isinstance(value, bool) or not isinstance(value, int) or value not in limits:
+                raise SchemaError(f"{name} must be an integer from {limits.start} to "
+                                  f"{limits.stop - 1}, got {value!r}")
+        if not isinstance(self.checksum, bool):
+            raise SchemaError(f"checksum must be true or false, got {self.checksum!r}")
 
     @property
     def sharded(self) -> bool:

@@ -11,15 +11,19 @@ other module asks its location instead of assuming a disk.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from arraystore.errors import MissingExtraError
+from arraystore.errors import ArrayStoreError, MissingExtraError, OptionError, StoreAccessError
+
+T = TypeVar("T")
 
 SIBLING_SEPARATOR = "."  # ``<store>.lock``, ``<store>.reports``: beside the store, never in it
 
@@ -69,11 +73,14 @@ class Location(ABC):
         """The location ``target`` names; ``storage_options`` configure an object store."""
         if isinstance(target, Location):
             return target
+        if not os.fspath(target):
+            raise OptionError("an empty path names no store; give a folder such as out.zarr "
+                              "or a URL such as s3://bucket/out.zarr")
         if is_url(target):
             return ObjectLocation(str(target), storage_options)
         if storage_options:
-            raise ValueError(f"{target}: storage options are for object-store URLs "
-                             f"(s3://...), not local paths")
+            raise OptionError(f"{target}: --storage-option is for object-store URLs "
+                              f"(s3://...), not local paths; drop it")
         return LocalLocation(Path(target))
 
     @abstractmethod
@@ -215,6 +222,49 @@ class LocalLocation(Location):
         return escapes(self.path, path) if path.exists() or path.is_symlink() else None
 
 
+REMOTE_LIBRARIES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "aiohttp", "google",
+                    "azure")
+
+
+@contextlib.contextmanager
+def remote_failures(url: str) -> Iterator[None]:
+    """Turn the failures of the storage libraries (no credentials, no server, no permission)
+    into a :class:`StoreAccessError` naming ``url`` and what to check; a missing key stays
+    ``FileNotFoundError`` and the project's own errors pass through."""
+    try:
+        yield
+    except (FileNotFoundError, FileExistsError, ArrayStoreError):
+        raise
+    except Exception as exc:
+        library = type(exc).__module__.split(".")[0]
+        if not isinstance(exc, OSError) and library not in REMOTE_LIBRARIES:
+            raise
+        raise StoreAccessError(
+            f"{url}: the object store could not be reached ({type(exc).__name__}: {exc}); "
+            f"check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
+            f"--storage-option key=... secret=...), the endpoint (AWS_ENDPOINT_URL or "
+            f"--storage-option endpoint_url=...) and the network") from exc
+
+
+def _remote(method: Callable[..., T]) -> Callable[..., T]:
+    """``method`` of an :class:`ObjectLocation` under :func:`remote_failures`."""
+    @functools.wraps(method)
+    def wrapper(self: ObjectLocation, *args: Any, **kwargs: Any) -> T:
+        with remote_failures(self.url):
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+def local_store_path(path: str | os.PathLike[str]) -> Path:
+    """The real path of a local store to be written (every link resolved); the root folder
+    is refused: a store is a folder with a name, beside which its lock lives."""
+    real = Path(os.path.realpath(path))
+    if not real.name:
+        raise OptionError(f"{path}: the root folder cannot hold a store; name a folder such "
+                          f"as out.zarr")
+    return real
+
+
 class ObjectLocation(Location):
     """A prefix of an object store, through fsspec; pickles as its URL and options and opens
     its client again in each process (a client is not fork-safe)."""
@@ -222,6 +272,12 @@ class ObjectLocation(Location):
     is_local = False
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        from fsspec.registry import known_implementations, registry
+
+        scheme = url.split("://", 1)[0]
+        if scheme not in known_implementations and scheme not in registry:
+            raise OptionError(f"{url}: unknown URL scheme {scheme!r}; a store is a local path "
+                              f"or an object-store URL (s3://, gs://, az://)")
         self.url = url.rstrip("/")
         self.path = self.url
         self.storage_options = dict(storage_options or {})
@@ -267,12 +323,15 @@ class ObjectLocation(Location):
         return FsspecStore.from_url(self.url, storage_options=self.storage_options or None,
                                     read_only=read_only)
 
+    @_remote
     def read_bytes(self, key: str) -> bytes:
         return self.fs.cat_file(self.key_path(key))
 
+    @_remote
     def read_range(self, key: str, start: int, stop: int) -> bytes:
         return self.fs.cat_file(self.key_path(key), start=start, end=stop)
 
+    @_remote
     def read_ranges(self, keys: Sequence[str], starts: Sequence[int],
                     stops: Sequence[int | None]) -> list[bytes | None]:
         """Many ranges at once (concurrent requests); None where the object does not exist. A
@@ -292,6 +351,7 @@ class ObjectLocation(Location):
     def read_many(self, keys: Sequence[str]) -> list[bytes | None]:
         return self.read_ranges(keys, [0] * len(keys), [None] * len(keys))
 
+    @_remote
     def names(self, prefix: str) -> list[str]:
         path = self.key_path(prefix)
         self.fs.invalidate_cache(path)  # s3fs caches listings; another writer may have added
@@ -300,6 +360,7 @@ class ObjectLocation(Location):
         except FileNotFoundError:
             return []
 
+    @_remote
     def size(self, key: str) -> int | None:
         try:
             return int(self.fs.size(self.key_path(key)))
@@ -309,6 +370,7 @@ class ObjectLocation(Location):
     def exists(self) -> bool:
         return not self.vacant()
 
+    @_remote
     def vacant(self) -> bool:
         self.fs.invalidate_cache(self.root)  # another process may have written since
         try:
@@ -316,10 +378,12 @@ class ObjectLocation(Location):
         except FileNotFoundError:
             return True
 
+    @_remote
     def remove(self) -> None:
         self.fs.rm(self.root, recursive=True)
         self.fs.invalidate_cache()
 
+    @_remote
     def usage(self, prefix: str) -> tuple[int, int]:
         found = self.fs.find(self.key_path(prefix), detail=True)
         return sum(int(v.get("size") or 0) for v in found.values()), len(found)
@@ -327,6 +391,7 @@ class ObjectLocation(Location):
     def sibling_path(self, suffix: str, name: str) -> str:
         return f"{self.url}{suffix}/{name}"
 
+    @_remote
     def write_sibling(self, suffix: str, name: str, data: bytes) -> None:
         self.fs.pipe_file(f"{self.root}{suffix}/{name}", data)  # one PUT: whole or nothing
 

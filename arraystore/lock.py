@@ -34,7 +34,7 @@ from typing import Any
 
 from arraystore.errors import ArrayStoreError
 from arraystore.keys import settle_pending_writes
-from arraystore.location import Location, ObjectLocation
+from arraystore.location import Location, ObjectLocation, local_store_path, remote_failures
 from arraystore.store import StoreTarget, utc_now
 
 LOCK_SUFFIX = ".lock"
@@ -51,13 +51,23 @@ def lock_path(store_path: str | os.PathLike[str]) -> Path:
     """The lock file of the local store at ``store_path``: beside the store's real folder,
     every symbolic link on the way resolved, so that two spellings of one store (a link to it,
     a link to a folder above it, ``..``) share one lock and exclude each other."""
-    path = Path(os.path.realpath(store_path))
+    path = local_store_path(store_path)
     return path.with_name(path.name + LOCK_SUFFIX)
 
 
 def _holder_record(**extra: Any) -> dict[str, Any]:
     return {"pid": os.getpid(), "host": socket.gethostname(), "since": utc_now(),
             "command": " ".join(sys.argv)[:500], **extra}
+
+
+def holder_record(raw: bytes) -> dict[str, Any]:
+    """The holder a lock file records; {} for one that is empty or not a record (garbage left
+    by something else: treated as a holder that says nothing, never trusted or executed)."""
+    try:
+        record = json.loads(raw or b"{}")
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _who(holder: dict[str, Any]) -> str:
@@ -129,8 +139,8 @@ class _FileLock:
     @staticmethod
     def _describe(fd: int) -> dict:
         try:
-            return json.loads(os.pread(fd, 4096, 0) or b"{}")
-        except (ValueError, OSError):
+            return holder_record(os.pread(fd, 4096, 0))
+        except OSError:
             return {}
 
     def acquire(self) -> None:
@@ -191,19 +201,18 @@ class _ObjectLock:
 
     def _holder(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.location.fs.cat_file(self.key))
+            return holder_record(self.location.fs.cat_file(self.key))
         except FileNotFoundError:
             return None
-        except ValueError:
-            return {}
 
     def acquire(self) -> None:
-        try:
-            self._put(exclusive=True)
-        except FileExistsError:
-            holder = self._holder() or {}
-            self._refuse_or_break(holder)
-            self._put(exclusive=True)  # a FileExistsError here: another writer won the race
+        with remote_failures(self.location.url):
+            try:
+                self._put(exclusive=True)
+            except FileExistsError:
+                holder = self._holder() or {}
+                self._refuse_or_break(holder)
+                self._put(exclusive=True)  # a FileExistsError: another writer won the race
         self._beating = threading.Thread(target=self._beat, name=f"lock {self.key}",
                                          daemon=True)
         self._beating.start()

@@ -7,6 +7,7 @@ wherever a name is, so code that was never installed as a package can still plug
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, TypeVar
@@ -30,13 +31,25 @@ class PluginOption:
     required: bool = False
     multiple: bool = False
     minimum: int | None = None  # an int option's smallest value (batch sizes: 1)
+    # why a value cannot be used (e.g. "is not a torch device"), None when it can
+    validate: Callable[[Any], str | None] | None = None
+
+    @property
+    def flag(self) -> str:
+        """The option as the command line spells it: ``--max-boxes``."""
+        return f"--{self.name.replace('_', '-')}"
 
     def check(self, value: Any) -> None:
-        """Refuse a value below ``minimum``, naming the option as the command line spells it."""
-        if self.minimum is not None and value is not None and not self.multiple and (
+        """Refuse a value below ``minimum`` or one ``validate`` objects to, naming the option
+        as the command line spells it."""
+        if value is None or self.multiple:
+            return
+        if self.minimum is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < self.minimum):
-            raise OptionError(f"--{self.name.replace('_', '-')} must be an integer >= "
-                              f"{self.minimum}, got {value!r}")
+            raise OptionError(f"{self.flag} must be an integer >= {self.minimum}, got {value!r}")
+        problem = self.validate(value) if self.validate is not None else None
+        if problem:
+            raise OptionError(f"{self.flag} {value!r} {problem}")
 
 
 def plugin_names(group: str) -> list[str]:

@@ -24,12 +24,13 @@ from arraystore.contract import disagreements
 from arraystore.errors import (
     IncompatibleStoreError,
     NotAStoreError,
+    OptionError,
     StoreExistsError,
     StoreFormatError,
     StoreNotFoundError,
 )
 from arraystore.layout import Layout
-from arraystore.location import Location
+from arraystore.location import Location, local_store_path
 from arraystore.schema import SAMPLE_DIM, Field, Schema
 
 FORMAT_VERSION = 1
@@ -130,8 +131,14 @@ class Store:
                 f"{location}: store format version {version!r}; this arraystore ({__version__}) "
                 f"reads version {FORMAT_VERSION}"
             )
-        self.schema = Schema.from_json(meta["schema"])
-        self.layout = Layout.from_json(meta["layout"])
+        try:
+            self.schema = Schema.from_json(meta["schema"])
+            self.layout = Layout.from_json(meta["layout"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise StoreFormatError(
+                f"{location}: the schema or layout in the store's zarr.json is malformed "
+                f"({type(exc).__name__}: {exc}); the store is damaged or was not made by "
+                f"arraystore") from exc
 
     @property
     def kind(self) -> str:
@@ -356,7 +363,9 @@ def open_for_writing(
     """
     location = Location.of(path)
     if mode not in WRITE_MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {WRITE_MODES}")
+        raise OptionError(f"unknown mode {mode!r}; choose one of {WRITE_MODES}")
+    if location.is_local:
+        local_store_path(location.path)
     if mode == "overwrite" or location.vacant():
         return Store.create(location, schema, layout or Layout(), overwrite=True,
                             extra_attrs=extra_attrs)

@@ -16,15 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from crc32c import crc32c
-
-from arraystore import SampleReader
-from arraystore.errors import MissingChunkError, StoreFormatError
-from arraystore.layout import Layout
-from arraystore.store import Store
-from arraystore.verify import verify
-from loaders import ZarrDistillDataset
-from tests.conftest import (
+from conftest import (
     BACKENDS,
     LAYOUTS,
     S3_LAYOUTS,
@@ -33,6 +25,14 @@ from tests.conftest import (
     new_bucket,
     s3_copy,
 )
+from crc32c import crc32c
+
+from arraystore import SampleReader
+from arraystore.errors import MissingChunkError, StoreFormatError
+from arraystore.layout import Layout
+from arraystore.store import Store
+from arraystore.verify import verify
+from loaders import ZarrDistillDataset
 
 Craft = Callable[[Path, Layout], None]
 Make = Callable[[Craft], str]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import known_samples
 
 from arraystore import SampleReader, ingest
 from arraystore.cli import cli
@@ -168,3 +169,85 @@ def test_sizes_below_their_minimum_are_refused_where_parsed(store, shard, tmp_pa
     assert "Traceback" not in result.output and not (tmp_path / "x.zarr").exists()
     with pytest.raises(OptionError, match="--max-boxes must be an integer >= 1"):
         Sa1bTarSource(max_boxes=0)
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["ingest", "sa1b", "{shard}", "--out", "/"], 1, "the root folder cannot hold a store"),
+    (["ingest", "sa1b", "{shard}", "--out", ""], 1, "an empty path names no store"),
+    (["ingest", "sa1b", "{shard}", "--out", "."], 1, "is not an arraystore store"),
+    (["info", "foo://bucket/s.zarr"], 1, "unknown URL scheme 'foo'"),
+    (["info", "{store}", "--storage-option", "key=k"], 1, "--storage-option is for "
+                                                          "object-store URLs"),
+    (["fix", "features", "{store}", "--model", "sam2.1_hiera_t", "--weights", "w.pt",
+      "--device", "quantum:7"], 2, "--device 'quantum:7' is not a torch device"),
+    (["ingest", "sa1b", "{shard}", "--out", "{tmp}/x.zarr", "--teacher", "sam2.1_hiera_t",
+      "--weights", "w.pt", "--device", "cuda:7"], 2, "--device 'cuda:7' names a GPU"),
+    (["fix", "edges", "{store}", "--annotations", "{shard}", "--kernel-size", "4"], 2,
+     "--kernel-size 4 must be an odd positive integer"),
+    (["ingest", "sa1b", "{shard}", "--out", "{tmp}/x.zarr", "--shard-size", "100000000"], 2,
+     "100000000 is not in the range 1<=x<=4096"),
+    (["ingest", "sa1b", "{shard}", "--out", "{tmp}/x.zarr", "--scheduler", "dask",
+      "--dask-address", "notaurl"], 1, "notaurl"),
+])
+def test_bad_options_are_one_line_errors(store, shard, tmp_path, monkeypatch, args, code,
+                                         message) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "occupied.txt").write_text("not a store")  # so that "." is not empty
+    filled = [a.format(store=store, shard=shard, tmp=tmp_path) for a in args]
+    result = CliRunner().invoke(cli, filled)
+    assert result.exit_code == code and message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not (tmp_path / "x.zarr").exists() and not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize(("options", "unset"), [
+    ({"endpoint_url": "http://127.0.0.1:9"}, ()),  # no server
+    ({"client_kwargs": {"region_name": "eu-north-1"}},  # no credentials
+     ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE")),
+], ids=["no server", "no credentials"])
+def test_an_unreachable_object_store_is_a_typed_error(s3_endpoint, shard, monkeypatch, options,
+                                                      unset) -> None:
+    """A StoreAccessError naming the URL and what to check, for a read and for an ingest
+    (whose lock is its first request). Options unlike any other test's: fsspec caches a
+    client per set of options, and one made without credentials must serve no other test."""
+    from arraystore.errors import StoreAccessError
+
+    options = {**options, "config_kwargs": {"retries": {"max_attempts": 1}}}
+    for key in unset:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    url = "s3://nowhere-bucket/s.zarr"
+    with pytest.raises(StoreAccessError, match=r"s3://nowhere-bucket/s.zarr: the object store "
+                                               r"could not be reached .*check the credentials"):
+        SampleReader(url, storage_options=options)
+    flags = [f"--storage-option={k}={v}" for k, v in options.items() if isinstance(v, str)]
+    if flags:
+        result = CliRunner().invoke(cli, ["ingest", "sa1b", str(shard), "--out", url, *flags])
+        assert result.exit_code == 1 and "could not be reached" in result.output, result.output
+        assert "committed samples are kept" not in result.output
+
+
+def test_a_garbage_lock_file_is_a_holder_that_says_nothing(tmp_path, shard) -> None:
+    out = tmp_path / "s.zarr"
+    lock_path(out).write_bytes(b"[1, 2, 3]\xff garbage")
+    ingest(Sa1bTarSource(), [shard], out, workers=1)  # no live holder: taken over
+    assert len(SampleReader(out)) == len(known_samples())
+
+
+def test_malformed_schema_or_layout_metadata_is_refused(store, tmp_path) -> None:
+    import json
+
+    for part, value in [("layout", {"name": "sharded", "shard_size": "16"}),
+                        ("layout", {"bogus": 1}), ("schema", {"kind": "sa1b", "fields": 5}),
+                        ("layout", {"name": "sharded", "shard_size": 10**8})]:
+        copy = tmp_path / f"{part}{len(list(tmp_path.iterdir()))}.zarr"
+        shutil.copytree(store, copy)
+        document = json.loads((copy / "zarr.json").read_text())
+        document["attributes"]["arraystore"][part] = value
+        (copy / "zarr.json").write_text(json.dumps(document))
+        result = CliRunner().invoke(cli, ["info", str(copy)])
+        assert result.exit_code == 1, result.output
+        assert "the schema or layout in the store's zarr.json is malformed" in result.output
+        assert "Traceback" not in result.output

@@ -28,6 +28,7 @@ from arraystore.stages import ModelStage
 from converters.coco_panoptic.crops import crop_segment, segment_ids
 from converters.coco_panoptic.embedder import DEFAULT_MODEL, embedding_width, pretrained_config
 from converters.coco_panoptic.fields import KIND, embeddings_schema
+from converters.device import device_problem
 
 PIXELS = "_pixels"  # the preprocessed crop, consumed by the model stage
 
@@ -57,7 +58,8 @@ class CocoEmbeddingsSource(Source):
         PluginOption("pretrained_tag", str, None,
                      "the tag whose preprocessing the weights expect [the model's first, e.g. "
                      "webli]"),
-        PluginOption("device", str, "cpu", "e.g. cuda:0"),
+        PluginOption("device", str, "cpu", "e.g. cuda:0",
+                     validate=device_problem),
         PluginOption("batch_size", int, 32,
                      "crops per forward pass (larger batches hold up better on busy CPU cores; "
                      "see benchmarks/results/embeddings.md)",

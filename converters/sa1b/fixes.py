@@ -15,13 +15,14 @@ from typing import Any
 import numpy as np
 from rich.progress import Progress
 
-from arraystore.errors import IncompatibleStoreError, SampleError, SourceError
+from arraystore.errors import IncompatibleStoreError, OptionError, SampleError, SourceError
 from arraystore.fixes import Fix
 from arraystore.plugins import PluginOption
 from arraystore.reader import SampleReader
 from arraystore.sources import SourceUnit
 from arraystore.store import Store, utc_now
 from arraystore.update import StoreUpdater
+from converters.device import device_problem
 from converters.sa1b.derive import MaskAccumulator
 from converters.sa1b.fields import EDGE_VERSION, KIND
 from converters.sa1b.members import parse_annotations
@@ -91,7 +92,8 @@ class FeaturesFix(Fix):
         PluginOption("model", str, None, f"SAM2 model: {', '.join(SAM2_CONFIGS)}",
                      required=True),
         PluginOption("weights", str, None, "the model's local checkpoint file", required=True),
-        PluginOption("device", str, "cpu", "e.g. cuda:0"),
+        PluginOption("device", str, "cpu", "e.g. cuda:0",
+                     validate=device_problem),
         PluginOption("batch_size", int, 8, "images per forward pass", minimum=1),
         PluginOption("max_samples", int, None, "stop after this many samples",
                      minimum=1),
@@ -99,8 +101,8 @@ class FeaturesFix(Fix):
         PluginOption("amp", bool, False, "bfloat16 autocast on CUDA"),
     )
 
-    def run(self, store: str | os.PathLike[str], *, progress: bool = False,
-            **options: Any) -> dict[str, Any]:
+    def apply(self, store: str | os.PathLike[str], *, progress: bool = False,
+              **options: Any) -> dict[str, Any]:
         from converters.sa1b.teacher import Sam2Teacher
 
         teacher = Sam2Teacher(options["model"], options["weights"], options.get("device", "cpu"),
@@ -130,13 +132,22 @@ def iter_annotations(sources: Sequence[str | os.PathLike[str]]) -> Iterator[tupl
                                          "JSON files)")
 
 
+def kernel_size_problem(kernel_size: int) -> str | None:
+    """Why ``kernel_size`` cannot be a MORPH_GRADIENT kernel size (it is centred: odd)."""
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 \
+            or kernel_size % 2 == 0:
+        return "must be an odd positive integer (3, 5, 7)"
+    return None
+
+
 def fix_edges(store_path: str | os.PathLike[str], annotations: Sequence[str | os.PathLike[str]],
               *, kernel_size: int = 3, force: bool = False,
               progress: bool = False) -> dict[str, Any]:
     """Recompute the Method B edge maps from the original annotations; set edge_flag and
     edge_version (``B_v1``; ``B_v1_k<n>`` for another kernel size)."""
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be an odd positive number, got {kernel_size}")
+    problem = kernel_size_problem(kernel_size)
+    if problem:
+        raise OptionError(f"--kernel-size {kernel_size!r} {problem}")
     version = EDGE_VERSION if kernel_size == 3 else f"{EDGE_VERSION}_k{kernel_size}"
     store = _open_sa1b(store_path)
     failures: list[str] = []
@@ -196,11 +207,12 @@ class EdgesFix(Fix):
     options = (
         PluginOption("annotations", str, None, "TAR shards, SA-1B JSON files or folders of them",
                      required=True, multiple=True),
-        PluginOption("kernel_size", int, 3, "MORPH_GRADIENT kernel size"),
+        PluginOption("kernel_size", int, 3, "MORPH_GRADIENT kernel size (odd: 3, 5, 7)",
+                     validate=kernel_size_problem),
         PluginOption("force", bool, False, "recompute samples already at this version too"),
     )
 
-    def run(self, store: str | os.PathLike[str], *, progress: bool = False,
-            **options: Any) -> dict[str, Any]:
+    def apply(self, store: str | os.PathLike[str], *, progress: bool = False,
+              **options: Any) -> dict[str, Any]:
         return fix_edges(store, options["annotations"], kernel_size=options.get("kernel_size", 3),
                          force=options.get("force", False), progress=progress)

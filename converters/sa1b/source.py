@@ -14,6 +14,7 @@ from arraystore.errors import SampleError, SourceError
 from arraystore.plugins import PluginOption
 from arraystore.schema import Schema
 from arraystore.sources import BatchStage, Record, Source, SourceUnit
+from converters.device import device_problem
 from converters.sa1b.derive import derive_fields
 from converters.sa1b.fields import DEFAULT_MAX_BOXES, KIND, sa1b_schema
 from converters.sa1b.members import decode_jpeg, load_features, parse_annotations
@@ -54,7 +55,8 @@ class Sa1bTarSource(Source):
         PluginOption("teacher", str, None, f"compute P4/P5 with this SAM2 model during ingest "
                                            f"({', '.join(SAM2_CONFIGS)})"),
         PluginOption("weights", str, None, "the teacher's local checkpoint file"),
-        PluginOption("device", str, "cpu", "the teacher's device, e.g. cuda:0"),
+        PluginOption("device", str, "cpu", "the teacher's device, e.g. cuda:0",
+                     validate=device_problem),
         PluginOption("batch_size", int, 8, "images per teacher forward pass",
                      minimum=1),
         PluginOption("amp", bool, False, "bfloat16 autocast for the teacher on CUDA"),
