@@ -149,6 +149,7 @@ def ingest_unit(source: Source, unit: SourceUnit, location: Location, start: int
             return
         first = start + len(result.ids) - len(buffered)
         for f in per_sample:
+            store.check_writable(f, first, first + len(buffered))
             store.array(f.name)[first: first + len(buffered)] = stack_column(
                 f, [values[f.name] for values in buffered])
         buffered.clear()

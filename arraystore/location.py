@@ -12,6 +12,7 @@ other module asks its location instead of assuming a disk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from arraystore.beneath import open_beneath
 from arraystore.errors import ArrayStoreError, MissingExtraError, OptionError, StoreAccessError
 
 T = TypeVar("T")
@@ -163,13 +165,25 @@ class LocalLocation(Location):
     def zarr_store(self, read_only: bool) -> str:
         return str(self.path)
 
-    def read_bytes(self, key: str) -> bytes:
-        return self.file(key).read_bytes()
+    def open_key(self, key: str) -> int:
+        """A read-only descriptor of ``key``, no link followed on the way
+        (:func:`~arraystore.beneath.open_beneath`); FileNotFoundError when there is none."""
+        fd = open_beneath(os.fspath(self.path), key)
+        if fd is None:
+            raise FileNotFoundError(errno.ENOENT, "no such file", str(self.file(key)))
+        return fd
 
-    def read_range(self, key: str, start: int, stop: int) -> bytes:
-        fd = os.open(self.file(key), os.O_RDONLY | os.O_NOFOLLOW)
+    def read_bytes(self, key: str) -> bytes:
+        return self.read_range(key, 0, None)
+
+    def read_range(self, key: str, start: int, stop: int | None) -> bytes:
+        """Bytes ``start`` to ``stop`` of ``key`` (None: to its end)."""
+        fd = self.open_key(key)
         try:
-            return os.pread(fd, stop - start, start)
+            length = (os.fstat(fd).st_size if stop is None else stop) - start
+            return os.pread(fd, max(0, length), start)
+        except OSError as exc:  # a folder where a file should be: say which
+            raise OSError(exc.errno, exc.strerror, str(self.file(key))) from exc
         finally:
             os.close(fd)
 
@@ -181,9 +195,13 @@ class LocalLocation(Location):
 
     def size(self, key: str) -> int | None:
         try:
-            return self.file(key).stat().st_size
+            fd = self.open_key(key)
         except FileNotFoundError:
             return None
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
 
     def exists(self) -> bool:
         return self.path.exists()

@@ -20,6 +20,7 @@ import zarr
 from zarr.errors import ZarrUserWarning
 
 from arraystore import __version__
+from arraystore.beneath import open_beneath
 from arraystore.contract import disagreements
 from arraystore.errors import (
     IncompatibleStoreError,
@@ -29,6 +30,7 @@ from arraystore.errors import (
     StoreFormatError,
     StoreNotFoundError,
 )
+from arraystore.keys import chunk_key
 from arraystore.layout import Layout
 from arraystore.location import Location, local_store_path
 from arraystore.schema import SAMPLE_DIM, Field, Schema
@@ -188,7 +190,7 @@ class Store:
         :meth:`Location.problem`; never read)."""
         names = [f.name for f in (*self.schema.fields, SAMPLE_FIELD, COMMITTED_FIELD)]
         refused = {n: self.location.problem(n) or self.location.problem(f"{n}/zarr.json")
-                   for n in names}
+                   or self.location.problem(f"{n}/c") for n in names}
         readable = [n for n in names if not refused[n]]
         try:
             raw = self.location.read_many([f"{n}/zarr.json" for n in readable])
@@ -276,6 +278,19 @@ class Store:
         """The array of ``name``; writes store every chunk, zeros included, so that every
         committed sample has its chunk files (``write_empty_chunks`` is not persisted by zarr)."""
         return self.group[name].with_config({"write_empty_chunks": True})
+
+    def check_writable(self, f: Field, start: int, stop: int) -> None:
+        """Refuse to write samples ``start`` to ``stop`` of ``f`` when a folder on the way to
+        their files is a link: a planted ``image/c/7`` leading out of the store would take the
+        write with it (zarr follows links). A folder not there yet is made by the write."""
+        if not self.location.is_local or stop <= start:
+            return
+        per_file = self.layout.samples_per_file(f)
+        root = os.fspath(self.location.path)
+        for index in range(start // per_file, (stop - 1) // per_file + 1):
+            fd = open_beneath(root, chunk_key(f.name, index, 1 + len(f.shape)).rsplit("/", 1)[0])
+            if fd is not None:
+                os.close(fd)
 
     def __len__(self) -> int:
         """Number of sample slots (committed or not)."""

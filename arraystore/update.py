@@ -83,6 +83,7 @@ class StoreUpdater:
             current = np.asarray(array[start:stop])
             for position in here:
                 current[position - start] = rows[row_of[position]]
+            self.store.check_writable(field, start, stop)
             array[start:stop] = current  # the whole file, written once
             if self.store.location.is_local:  # an object's PUT is durable when it returns
                 path = chunk_file(self.store.path / name, index, 1 + len(field.shape))

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from arraystore.contract import disagreements
+from arraystore.contract import disagreements, links_below
 from arraystore.errors import ArrayStoreError, StoreFormatError
 from arraystore.keys import chunk_key, group_by_chunk
 from arraystore.readers.direct import (
@@ -225,4 +225,9 @@ def verify(path: StoreTarget, *, deep: bool = False,
     for f in (*store.schema.fields, SAMPLE_FIELD, COMMITTED_FIELD):
         checker.check(f)
     checker.check_ids()
+    if store.location.is_local:
+        for link in links_below(store.location.path):
+            report.problems.append(Problem("*", "*", link, "a symbolic link inside the store: "
+                                           "no reader or writer goes through it; replace it "
+                                           "with what it points to"))
     return report

@@ -175,6 +175,7 @@ class StoreWriter:
                 array.resize((stop, *array.shape[1:]))
         for f in self.fields:
             column = [values[f.name] for _, values in self._buffer]
+            self.store.check_writable(f, start, stop)
             self._arrays[f.name][start:stop] = stack_column(f, column)
         self._commit(start, ids, np.ones(len(ids), bool), self.fields)
 
@@ -183,6 +184,8 @@ class StoreWriter:
         """Write the ids of ``[start, start + len(ids))``, make those samples' files of
         ``written`` durable, then mark the ``keep`` ones committed."""
         stop = start + len(ids)
+        for f in (SAMPLE_FIELD, COMMITTED_FIELD):
+            self.store.check_writable(f, start, stop)
         self.store.array(SAMPLE_ARRAY)[start:stop] = np.array(ids, dtype=SAMPLE_FIELD.numpy_dtype)
         self._sync(start, stop, written)
         self._lock.ensure_held()
@@ -204,6 +207,7 @@ class StoreWriter:
             self.committed_ids.add(sample_id)
         for f in self.fields:
             if f.chunking == "block":
+                self.store.check_writable(f, start, stop)
                 self._arrays[f.name][start:stop] = stack_column(f, blocks[f.name])
         self._commit(start, ids, keep, self.fields)
         return [sample_id for sample_id, k in zip(ids, keep, strict=True) if not k]

@@ -255,3 +255,34 @@ def test_a_linked_array_metadata_file_is_reported(tmp_path: Path, crafted: Make)
     with pytest.raises(StoreFormatError, match="array 'bboxes' refused"):
         SampleReader(target)
     assert "refused" in problems(target) and "symbolic link" in problems(target)
+
+
+@pytest.mark.parametrize("where", ["c", "chunk folder"])
+def test_a_link_anywhere_below_the_root_is_never_followed(tmp_path: Path, crafted: Make,
+                                                          where: str) -> None:
+    """``masks/c`` or the folder of one chunk (``masks/c/1`` raw, ``masks/c/0`` sharded) moved
+    outside and linked back: open refuses the first, every backend the second as it reads,
+    an append refuses to write through it, and ``verify`` names the link."""
+    layout: Layout = crafted.layout  # type: ignore[attr-defined]
+    outside = tmp_path / "outside"
+
+    def link(store: Path, _: Layout) -> None:
+        folder = store / "masks" / "c"
+        if where == "chunk folder":
+            folder = folder / str(SAMPLE // layout.shard_size if layout.sharded else SAMPLE)
+        shutil.move(folder, outside)
+        os.symlink(outside, folder)
+    target = crafted(link)
+    if target.startswith("s3://"):
+        pytest.skip("an object store has no links (the upload copied the files)")
+    if where == "c":
+        with pytest.raises(StoreFormatError, match=r"array 'masks' refused: .*symbolic link"):
+            SampleReader(target)
+    else:
+        for backend in BACKENDS:
+            with pytest.raises(StoreFormatError, match="symbolic link"):
+                read_with(target, backend, SAMPLE)
+        store = Store.open(target, mode="r+")
+        with pytest.raises(StoreFormatError, match="symbolic link"):
+            store.check_writable(store.schema["masks"], SAMPLE, SAMPLE + 1)
+    assert "a symbolic link inside the store" in problems(target)

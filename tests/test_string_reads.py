@@ -10,9 +10,10 @@ import struct
 import numpy as np
 import pytest
 from conftest import LAYOUTS
+from crc32c import crc32c
 
 from arraystore import SampleReader, Store
-from arraystore.errors import ChecksumMismatchError, StoreFormatError
+from arraystore.errors import ChecksumMismatchError, MissingChunkError, StoreFormatError
 from arraystore.keys import chunk_file
 from arraystore.readers import mapped
 from arraystore.readers.strings import decode_vlen_utf8
@@ -63,19 +64,23 @@ def test_string_shards_are_read_with_pread_not_mapped(tmp_path, monkeypatch) -> 
 
 
 @pytest.mark.parametrize("layout", ["raw", "sharded"])
-def test_a_chunk_never_written_reads_as_the_fill_value(tmp_path, layout: str) -> None:
+def test_a_lost_string_chunk_is_an_error_not_the_fill_value(tmp_path, layout: str) -> None:
+    """zarr reads a chunk that is not there as "", which would pass for an empty caption."""
     path = tmp_path / "t.zarr"
     write_texts(path, layout)
-    reader = SampleReader(path, backend="direct")
-    if layout == "raw":  # a per-sample chunk file gone: zarr's fill value, ""
+    if layout == "raw":  # a per-sample chunk file gone
         chunk_file(path / "caption", 2, 1).unlink()
-        assert reader.read(2)["caption"] == SampleReader(path, backend="zarr").read(2)[
-            "caption"] == ""
-    else:  # the second shard's last slot was never written
-        shard_size = LAYOUTS[layout].shard_size
-        last = 2 * shard_size - 1
-        assert last >= len(TEXTS)
-        assert reader.field_reader("caption")[0].read(last, last + 1).tolist() == [""]
+    else:  # the first shard's slot 2 emptied in its index
+        shard = chunk_file(path / "caption", 0, 1)
+        data = bytearray(shard.read_bytes())
+        size = LAYOUTS[layout].shard_size
+        start = len(data) - 4 - size * 16
+        data[start + 2 * 16: start + 3 * 16] = b"\xff" * 16
+        data[-4:] = crc32c(bytes(data[start:-4])).to_bytes(4, "little")
+        shard.write_bytes(bytes(data))
+    for backend in ("direct", "zarr"):
+        with pytest.raises(MissingChunkError, match="field 'caption', sample 2"):
+            SampleReader(path, backend=backend).read(2)
 
 
 def test_crafted_string_chunks_are_clear_errors(tmp_path) -> None:

@@ -10,7 +10,6 @@ decode, so all three backends return identical arrays; the library overhead per 
 
 from __future__ import annotations
 
-import errno
 import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from crc32c import crc32c
 
+from arraystore.beneath import open_beneath
 from arraystore.errors import ChecksumMismatchError, MissingChunkError, StoreFormatError
 from arraystore.keys import ChunkPaths
 from arraystore.layout import Layout
@@ -177,19 +177,12 @@ def fits(out: np.ndarray, dtype: np.dtype) -> bool:
     return out.dtype == dtype and out.flags.c_contiguous
 
 
-def open_chunk(path: str) -> int | None:
-    """A descriptor of a chunk (or shard) file, None when it was never written. A link is
-    refused: a store from elsewhere could point its chunks at any file (checked for free, by
-    the kernel: ``O_NOFOLLOW``)."""
-    try:
-        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise StoreFormatError(f"{path} is a symbolic link: chunks are never read through "
-                                   f"links (`arraystore verify` lists them)") from exc
-        raise
+def open_chunk(root: str, key: str) -> int | None:
+    """A descriptor of the chunk (or shard) file ``key`` of the store at ``root``, None when
+    it was never written. A link anywhere on the way is refused: a store from elsewhere could
+    point its chunks, or their folders, at any file (checked by the kernel as it opens:
+    :func:`~arraystore.beneath.open_beneath`)."""
+    return open_beneath(root, key)
 
 
 def missing_chunk(field: str, sample: int, where: str) -> MissingChunkError:
@@ -225,7 +218,9 @@ class _DirectFieldReader(FieldReader):
         self.checksum = checksum
         self.dtype = np.dtype(field.dtype).newbyteorder("<")
         self.shape = field.shape
-        self.paths = ChunkPaths(array_dir, 1 + len(field.shape))
+        self.root = os.fspath(array_dir.parent)  # the store's
+        self.paths = ChunkPaths(array_dir, 1 + len(field.shape))  # for messages
+        self.keys = ChunkPaths(Path(field.name), 1 + len(field.shape))  # below the root
 
 
 class ChunkFileReader(_DirectFieldReader):
@@ -278,7 +273,7 @@ class ChunkFileReader(_DirectFieldReader):
         uncompressed chunk of this field has: a missing chunk, or one of another size, is an
         error here, before any buffer is sized from the schema."""
         path = self.paths.path(index)
-        fd = open_chunk(path)
+        fd = open_chunk(self.root, self.keys.path(index))
         if fd is None:
             raise missing_chunk(self.field.name, index * self.per_chunk, f"chunk file {path}")
         expected = self.per_chunk * self.field.nbytes + (CRC_BYTES if self.checksum else 0)
@@ -338,7 +333,7 @@ class ShardReader(_DirectFieldReader):
             self._last = (shard, cached)
             return cached
         path = self.paths.path(shard)
-        fd = open_chunk(path)
+        fd = open_chunk(self.root, self.keys.path(shard))
         if fd is None:
             return None
         try:

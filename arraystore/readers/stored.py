@@ -4,9 +4,10 @@ zarr-python reads a chunk that is not there as the fill value, and neither libra
 the entries of a shard's index stay apart: two entries pointing at one inner chunk return one
 sample's bytes for another. Only committed samples are read, and a writer stores every chunk
 of those, so :class:`StoredChunks` checks, before a read, that the chunk files of its samples
-exist and that each shard's index is sound (:func:`~.direct.parse_shard_index`) and holds their
-inner chunks. A size request per chunk file and a read of each shard's index: a shard found
-complete is not checked again by the same reader.
+exist (on a disk: reached with no link on the way, :mod:`arraystore.beneath`) and that each
+shard's index is sound (:func:`~.direct.parse_shard_index`) and holds their inner chunks. A
+size request per chunk file and a read of each shard's index: a shard found complete is not
+checked again by the same reader.
 """
 
 from __future__ import annotations
