@@ -212,7 +212,7 @@ def _ingest_command(name: str) -> click.Command:
         click.Option(["--compress"], type=click.Choice(COMPRESSIONS), default=None,
                      help="chunk compression [none]"),
         click.Option(["--checksum/--no-checksum"], default=None,
-                     help="crc32c per chunk [no]"),
+                     help="a crc32c per chunk, checked by every reader and by verify [yes]"),
         click.Option(["--workers"], type=click.IntRange(1), default=None,
                      help="decode processes; with --scheduler dask and no --dask-address, the "
                           "LocalCluster's worker processes [one per available core; with a "

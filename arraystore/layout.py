@@ -3,8 +3,10 @@
 ``raw`` stores one uncompressed file per chunk: a per-sample chunk is byte for byte the sample's
 array, like a record of a ``.bin`` file. ``sharded`` packs ``shard_size`` per-sample chunks into
 one file with the Zarr v3 sharding codec (file count divided by the shard size). Either may add
-zstd compression (disk size) and a crc32c per chunk (integrity). Per-sample scalars and short
-vectors are always chunked in blocks of ``block_size`` samples and never sharded.
+zstd compression (disk size); a crc32c per chunk (integrity) is on unless ``checksum=False``
+(``--no-checksum``): a flipped byte is then caught by every reader and by ``verify``, at a cost
+measured in ``benchmarks/results/checksums.md``. Per-sample scalars and short vectors are always
+chunked in blocks of ``block_size`` samples and never sharded.
 
 New stores are ``sharded`` unless asked otherwise: it read 5-9% faster than ``raw`` in every
 row of ``benchmarks/results/batches.md`` (a shard's descriptor and index are opened once, not a
@@ -39,7 +41,7 @@ class Layout:
     shard_size: int = 16
     compression: Compression = "none"
     zstd_level: int = 3
-    checksum: bool = False
+    checksum: bool = True
     block_size: int = 1024
 
     def __post_init__(self) -> None:

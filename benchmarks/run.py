@@ -37,12 +37,12 @@ from loaders import BinaryDistillDataset, ZarrDistillDataset, collate_distill
 from loaders.bin_format import bin_files
 
 LAYOUTS = {
-    "raw": Layout("raw"),
+    "raw": Layout("raw", checksum=False),
     "raw+crc32c": Layout("raw", checksum=True),
-    "sharded": Layout("sharded"),
+    "sharded": Layout("sharded", checksum=False),
     "sharded+crc32c": Layout("sharded", checksum=True),
-    "raw+zstd": Layout("raw", compression="zstd"),
-    "sharded+zstd": Layout("sharded", compression="zstd"),
+    "raw+zstd": Layout("raw", compression="zstd", checksum=False),
+    "sharded+zstd": Layout("sharded", compression="zstd", checksum=False),
 }
 BACKENDS = ("auto", "direct", "tensorstore", "zarr")
 BATCH = 8

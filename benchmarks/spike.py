@@ -32,8 +32,9 @@ from loaders import SpikeClipDataset
 FOLDER = "folder tree (seed path: .dat + PNG decode per item)"
 REALTIME, PRECOMPUTED = "store, realtime voxels", "store, precomputed voxels"
 REALTIME_CACHE, PRECOMPUTED_CACHE = f"{REALTIME}, RAM cache warm", f"{PRECOMPUTED}, RAM cache warm"
-LAYOUTS = {"raw": Layout("raw"), "sharded": Layout("sharded", shard_size=16),
-           "raw+zstd": Layout("raw", compression="zstd")}
+LAYOUTS = {"raw": Layout("raw", checksum=False),  # as in their last report
+           "sharded": Layout("sharded", shard_size=16, checksum=False),
+           "raw+zstd": Layout("raw", compression="zstd", checksum=False)}
 READ_FROM = Layout().name  # the clips are read from the store in the default layout
 CLIP = {"split": "train", "clip_len": 5, "crop_size": 256, "bins": 5, "seed": 0}
 SPIKE_SHAPE = (10, 396, 640)

@@ -19,12 +19,12 @@ from converters.sa1b.source import Sa1bTarSource
 from loaders.bin_format import CONFIG_FILE, KEYS_FILE, bin_files
 
 LAYOUTS = {
-    "raw": Layout("raw"),
-    "raw+zstd": Layout("raw", compression="zstd"),
+    "raw": Layout("raw", checksum=False),
+    "raw+zstd": Layout("raw", compression="zstd", checksum=False),
     "raw+crc32c": Layout("raw", checksum=True),
     "raw+zstd+crc32c": Layout("raw", compression="zstd", checksum=True),
-    "sharded": Layout("sharded", shard_size=4),
-    "sharded+zstd": Layout("sharded", shard_size=4, compression="zstd"),
+    "sharded": Layout("sharded", shard_size=4, checksum=False),
+    "sharded+zstd": Layout("sharded", shard_size=4, compression="zstd", checksum=False),
     "sharded+crc32c": Layout("sharded", shard_size=4, checksum=True),
     "sharded+zstd+crc32c": Layout("sharded", shard_size=4, compression="zstd", checksum=True),
 }

@@ -6,10 +6,12 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from conftest import BACKENDS
 from crc32c import crc32c
 
-from arraystore import Layout, ingest
+from arraystore import Layout, SampleReader, Store, ingest
 from arraystore.cli import cli
+from arraystore.errors import ChecksumMismatchError
 from arraystore.verify import verify
 from converters.sa1b.source import Sa1bTarSource
 
@@ -31,23 +33,26 @@ def flip(path, at: int = 100) -> None:
     path.write_bytes(bytes(data))
 
 
+PLAIN = Layout("raw", checksum=False)
 FAULTS = {
-    "missing chunk": (Layout("raw"), lambda s: (s / "masks/c/2/0/0/0").unlink(),
+    "missing chunk": (PLAIN, lambda s: (s / "masks/c/2/0/0/0").unlink(),
                       "masks", "tall", "chunk file missing"),
-    "truncated chunk": (Layout("raw"), lambda s: (s / "image/c/1/0/0/0").write_bytes(b"\0" * 10),
+    "truncated chunk": (PLAIN, lambda s: (s / "image/c/1/0/0/0").write_bytes(b"\0" * 10),
                         "image", "small", "expected 3145728"),
     "flipped byte": (Layout("raw", checksum=True), lambda s: flip(s / "P4_S16/c/3/0/0/0"),
                      "P4_S16", "empty", "crc32c mismatch"),
     "flipped byte in shard": (Layout("sharded", shard_size=4, checksum=True),
                               lambda s: flip(s / "edge_64x64/c/1/0/0"), "edge_64x64", "ties",
                               "crc32c mismatch"),
-    "emptied shard slot": (Layout("sharded", shard_size=4),
+    "emptied shard slot": (Layout("sharded", shard_size=4, checksum=False),
                            lambda s: _empty_slot(s / "image/c/0/0/0/0", 4, 1), "image", "small",
                            "inner chunk is missing"),
-    "dimension names": (Layout("raw"), lambda s: _edit_meta(s / "fg_map_64/zarr.json",
-                                                       dimension_names=["sample", "y", "x"]),
+    "flipped byte, default layout": (Layout(), lambda s: flip(s / "image/c/0/0/0/0", 5000),
+                                     "image", "big", "crc32c mismatch"),
+    "dimension names": (PLAIN, lambda s: _edit_meta(s / "fg_map_64/zarr.json",
+                                                    dimension_names=["sample", "y", "x"]),
                         "fg_map_64", "*", "dimension_names"),
-    "undecodable zstd": (Layout("raw", compression="zstd"),
+    "undecodable zstd": (Layout("raw", compression="zstd", checksum=False),
                          lambda s: (s / "edge_256x256/c/0/0/0").write_bytes(b"garbage"),
                          "edge_256x256", "big", "does not decode"),
 }
@@ -89,3 +94,14 @@ def test_cli_exit_status(tmp_path, shard) -> None:
     assert result.exit_code == 0 and "ok" in result.output
     result = CliRunner().invoke(cli, ["verify", str(tmp_path / "nothing")])
     assert result.exit_code == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_flipped_byte_in_a_default_store_is_caught_on_read(tmp_path, shard, backend) -> None:
+    """New stores carry a crc32c per chunk: a flipped byte of an image is a
+    ChecksumMismatchError on the first read, whichever backend reads it."""
+    out = make(tmp_path, shard, Layout())
+    assert Layout().checksum and Store.open(out).layout.checksum
+    flip(out / "image" / "c" / "0" / "0" / "0" / "0", 5000)
+    with pytest.raises(ChecksumMismatchError):
+        SampleReader(out, backend=backend).read(0)

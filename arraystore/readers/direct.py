@@ -196,7 +196,8 @@ def missing_chunk(field: str, sample: int, where: str) -> MissingChunkError:
 def undecodable(field: str, sample: int, library: str, exc: Exception) -> StoreFormatError:
     """The error for chunks a library could not decode (a codec's own exception, typed): a
     :class:`ChecksumMismatchError` for a crc32c that does not match."""
-    kind = ChecksumMismatchError if "checksum" in str(exc).lower() else StoreFormatError
+    text = str(exc).lower()
+    kind = ChecksumMismatchError if "checksum" in text or "digest" in text else StoreFormatError
     return kind(f"field {field!r}, samples from {sample}: a chunk does not decode "
                 f"({library}: {type(exc).__name__}: {exc}); the store is damaged (`arraystore "
                 f"verify --deep` lists every such sample; re-ingest its source)")
@@ -384,22 +385,24 @@ class ShardReader(_DirectFieldReader):
                       out: np.ndarray) -> None:
         """The sample's chunk, found by :meth:`_chunk_of`, into ``out`` (C-contiguous, the
         field's dtype): copied out of the shard's mapping from its second read on
-        (:mod:`.mapped`), else ``preadv``."""
+        (:mod:`.mapped`), else ``preadv``. Its crc32c is checked on the first read in this
+        process, the one from the disk; a re-read out of the mapping is a memory copy of the
+        bytes checked then, and checking them again would halve a single process's item rate
+        (``benchmarks/results/checksums.md``)."""
         (fd, _, path, mapped), offset, _, slot = located
         stored = None if mapped is None else mapped.chunk(slot, offset, self.chunk_bytes)
-        if stored is not None:
+        if stored is not None:  # read (and its crc32c checked) before, in this process
             intra_op.copy(out, stored[:out.nbytes])
-            crc = stored[out.nbytes:].tobytes()
-        else:  # a C-contiguous array is itself the buffer preadv fills
-            crc_buffer = bytearray(CRC_BYTES if self.checksum else 0)
-            got = os.preadv(fd, [out, crc_buffer] if self.checksum else [out], offset)
-            if got != self.chunk_bytes:
-                raise StoreFormatError(f"field {self.field.name!r}, sample {sample}: shard "
-                                       f"{path} ends inside the inner chunk")
-            crc = bytes(crc_buffer)
+            return
+        # a C-contiguous array is itself the buffer preadv fills
+        crc_buffer = bytearray(CRC_BYTES if self.checksum else 0)
+        got = os.preadv(fd, [out, crc_buffer] if self.checksum else [out], offset)
+        if got != self.chunk_bytes:
+            raise StoreFormatError(f"field {self.field.name!r}, sample {sample}: shard "
+                                   f"{path} ends inside the inner chunk")
         if self.checksum:
-            check_crc(memoryview(out.reshape(-1).view(np.uint8)), crc, self.field.name,
-                      sample, path)
+            check_crc(memoryview(out.reshape(-1).view(np.uint8)), bytes(crc_buffer),
+                      self.field.name, sample, path)
 
     def in_memory(self, sample: int) -> bool | None:
         handle, _, _, slot = self._chunk_of(sample)
