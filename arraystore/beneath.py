@@ -29,15 +29,34 @@ class _OpenHow(ctypes.Structure):
 
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 _openat2_works = _SYS_OPENAT2 is not None and _libc is not None
-_roots: dict[tuple[int, str], int] = {}  # (pid, root) -> a descriptor of the root folder
 
 
-def _root_fd(root: str) -> int:
-    key = (os.getpid(), root)
-    fd = _roots.get(key)
-    if fd is None:
-        fd = _roots[key] = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    return fd
+class StoreRoot:
+    """A store's root folder, kept open by a reader for its ``openat2`` calls: per process
+    (a reader pickled into a DataLoader worker opens it again there). A store replaced after
+    the reader opened it (``--overwrite``) keeps being read from the folder it opened, as an
+    open file keeps its bytes."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._fd: tuple[int, int] | None = None  # (pid, descriptor)
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"root": self.root, "_fd": None}
+
+    def __del__(self) -> None:
+        if self._fd is not None and self._fd[0] == os.getpid():
+            os.close(self._fd[1])
+
+    def fd(self) -> int:
+        if self._fd is None or self._fd[0] != os.getpid():
+            self._fd = (os.getpid(), os.open(self.root, os.O_RDONLY | os.O_DIRECTORY
+                                             | os.O_CLOEXEC))
+        return self._fd[1]
+
+    def open(self, key: str) -> int | None:
+        """:func:`open_beneath` of ``key`` below this root."""
+        return open_beneath(self.root, key, self.fd())
 
 
 def _link_error(root: str, key: str) -> StoreFormatError:
@@ -47,14 +66,23 @@ def _link_error(root: str, key: str) -> StoreFormatError:
         f"verify` lists them)")
 
 
-def open_beneath(root: str, key: str) -> int | None:
-    """A read-only descriptor of ``key`` (a ``/``-separated path) below the folder ``root``;
-    None when it does not exist; a :class:`StoreFormatError` when a component is a link or
-    the path leads out of ``root``."""
+def open_beneath(root: str, key: str, root_fd: int | None = None) -> int | None:
+    """A read-only descriptor of ``key`` (a ``/``-separated path) below the folder ``root``
+    (open as ``root_fd``, else opened for this call); None when it does not exist; a
+    :class:`StoreFormatError` when a component is a link or the path leads out of ``root``."""
+    if root_fd is None:
+        try:
+            root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            return open_beneath(root, key, root_fd)
+        finally:
+            os.close(root_fd)
     global _openat2_works
     if _openat2_works:
         how = _OpenHow(os.O_RDONLY | os.O_CLOEXEC, 0, _RESOLVE_NO_SYMLINKS | _RESOLVE_BENEATH)
-        fd = _libc.syscall(_SYS_OPENAT2, _root_fd(root), key.encode(), ctypes.byref(how),
+        fd = _libc.syscall(_SYS_OPENAT2, root_fd, key.encode(), ctypes.byref(how),
                            ctypes.sizeof(how))
         if fd >= 0:
             return fd

@@ -8,8 +8,14 @@ In an object store there is no ``flock``: the lock is an object created with a c
 (``If-None-Match: *``: the PUT fails if it exists), holding pid, host, command, a random token
 and a heartbeat the holder rewrites every ``heartbeat_s``. A second writer is refused with the
 holder's name. A lock whose heartbeat stopped ``stale_after_s`` ago (its writer was killed) is
-taken over only when the caller says so (``--break-lock``), never silently; a live one never. A
-holder whose lock was broken notices at its next heartbeat and refuses to commit anything more.
+taken over only when the caller says so (``--break-lock``), never silently; a live one never.
+
+Fencing: a writer paused (``SIGSTOP``, a long GC pause, a partition) past the stale time may
+wake up after its lock was broken. It reads the lock object again before every commit and every
+metadata write (:meth:`StoreLock.ensure_held`, one request) and stops at the first it no longer
+holds; the writer that took over writes only in a fresh region past everything the paused one
+could still reach (:mod:`arraystore.writer`), so the chunks the paused one writes before its
+next check land where nothing committed ever lives.
 
 The file names the holder so a refused writer can say who holds the store; it lives beside the
 store's real folder (links resolved: any two spellings of a store share its lock), not in it
@@ -106,8 +112,15 @@ class StoreLock:
 
     def ensure_held(self) -> None:
         """Raise StoreLockedError if the lock was lost (an object-store lock broken by
-        another writer); a writer calls this before each commit."""
+        another writer: the lock object is read again, one request); a writer calls this
+        before each commit and each metadata write."""
         _held[self.key][0].ensure_held()
+
+    @property
+    def took_over(self) -> bool:
+        """Whether this process broke a stale object-store lock to take the store: its
+        former holder may be paused, not dead, and write again when it wakes."""
+        return _held[self.key][0].took_over
 
     def release(self) -> None:
         """Release the lock, once every write zarr still has in flight has landed (a failed
@@ -131,6 +144,8 @@ class StoreLock:
 
 class _FileLock:
     """An ``flock`` on ``<store>.lock``."""
+
+    took_over = False  # a flock is never broken: its holder is dead (the kernel released it)
 
     def __init__(self, store_path: Path, path: Path) -> None:
         self.store_path, self.path = store_path, path
@@ -191,6 +206,7 @@ class _ObjectLock:
         self.heartbeat_s = max(0.2, stale_after_s / 10)
         self.record = _holder_record(token=secrets.token_hex(16))
         self.lost: str | None = None
+        self.took_over = False
         self._stop = threading.Event()
         self._beating: threading.Thread | None = None
 
@@ -237,6 +253,7 @@ class _ObjectLock:
         log.warning("%s: breaking the stale lock of %s (no heartbeat for %.0f s)",
                     self.location, _who(holder), silent)
         self.location.fs.rm_file(self.key)
+        self.took_over = True
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -252,6 +269,14 @@ class _ObjectLock:
                 log.warning("%s: lock heartbeat failed: %s", self.location, exc)
 
     def ensure_held(self) -> None:
+        """The lock object read again now (not at the last heartbeat: a writer paused for
+        longer than the stale time wakes up with a heartbeat thread that has not run yet)."""
+        if not self.lost:
+            with remote_failures(self.location.url):
+                holder = self._holder()
+            if holder is None or holder.get("token") != self.record["token"]:
+                self.lost = (f"{self.location}: this writer's lock was broken"
+                             + (f" and taken by {_who(holder)}" if holder else ""))
         if self.lost:
             raise StoreLockedError(f"{self.lost}; nothing more is committed by this run")
 

@@ -61,10 +61,7 @@ def reserve(store: Store, wanted: Sequence[tuple[dict[str, Any], int]]) -> list[
                 {"unit": unit, "start": region[0], "stop": region[1]})
         regions.append(region)
     stop = max((r[1] for r in regions), default=0)
-    for name in (*store.schema.names, "sample", "committed"):
-        array = store.array(name)
-        if array.shape[0] < stop:
-            array.resize((stop, *array.shape[1:]))
+    store.grow((*store.schema.names, "sample", "committed"), stop)
     store.save_meta()
     return regions
 

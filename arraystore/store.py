@@ -12,7 +12,7 @@ import functools
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -127,6 +127,8 @@ class Store:
         self.group = group
         self.meta = meta
         self.array_json: dict[str, bytes] = {}  # each array's zarr.json, as :meth:`open` read it
+        # called before every metadata write: a writer's check that it still holds the lock
+        self.fence: Callable[[], None] | None = None
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
             raise StoreFormatError(
@@ -279,6 +281,22 @@ class Store:
         committed sample has its chunk files (``write_empty_chunks`` is not persisted by zarr)."""
         return self.group[name].with_config({"write_empty_chunks": True})
 
+    def _fenced(self) -> None:
+        if self.fence is not None:
+            self.fence()
+
+    def grow(self, names: Sequence[str], stop: int) -> dict[str, zarr.Array]:
+        """The arrays of ``names``, each grown to at least ``stop`` samples: read afresh and
+        never shrunk (another writer may have grown one since this one last looked), and only
+        while the writer still holds the store (:attr:`fence`, checked once)."""
+        self._fenced()
+        grown = {}
+        for name in names:
+            array = grown[name] = self.array(name)
+            if array.shape[0] < stop:
+                array.resize((stop, *array.shape[1:]))
+        return grown
+
     def check_writable(self, f: Field, start: int, stop: int) -> None:
         """Refuse to write samples ``start`` to ``stop`` of ``f`` when a folder on the way to
         their files is a link: a planted ``image/c/7`` leading out of the store would take the
@@ -322,6 +340,7 @@ class Store:
     def save_meta(self) -> None:
         """Write the ``arraystore`` attribute (one atomic rewrite of the group's zarr.json),
         then consolidate the metadata again (the rewrite drops it)."""
+        self._fenced()
         self.group.attrs[ATTRS_KEY] = self.meta
         self.consolidate()
 
@@ -331,6 +350,7 @@ class Store:
         request on an object store. It is a snapshot: writers call this after each commit of a
         run (the ids, fields and ``committed`` it lists all agree then); this project's own
         readers never use it, as the arrays may have grown since."""
+        self._fenced()
         with warnings.catch_warnings():  # "not part of the Zarr format 3 specification"
             warnings.simplefilter("ignore", ZarrUserWarning)
             zarr.consolidate_metadata(self.location.zarr_store(read_only=False), zarr_format=3)

@@ -10,6 +10,7 @@ chunk never reads as data.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 from arraystore.errors import DuplicateSampleError, SampleValidationError, StoreWriteError
 from arraystore.keys import chunk_file, fsync_path
 from arraystore.lock import StoreLock
-from arraystore.regions import reserved_end
+from arraystore.regions import PENDING, reserved_end
 from arraystore.schema import Field
 from arraystore.store import COMMITTED_ARRAY, COMMITTED_FIELD, SAMPLE_ARRAY, SAMPLE_FIELD, Store
 
@@ -88,6 +89,7 @@ class StoreWriter:
         self._lock = StoreLock(store.location)
         self._lock.acquire()
         self.store = store
+        store.fence = self._lock.ensure_held
         self.fields = store.schema.fields
         self.flush_every = flush_every or self._flush_unit(store)
         committed = store.committed_mask()
@@ -98,8 +100,24 @@ class StoreWriter:
         self._buffered_ids: set[str] = set()
         self._arrays = {f.name: store.array(f.name) for f in self.fields}
         self.position = max(self.position, reserved_end(store))
+        if self._lock.took_over:
+            self.position = self._past_the_former_holder()
         if store.location.is_local:
             self._remove_partials()
+
+    def _past_the_former_holder(self) -> int:
+        """Where a writer that broke a stale lock starts: past every slot its former holder,
+        if it is only paused, can still write when it wakes (the arrays' lengths, its regions,
+        and a flush it may not have grown the arrays for yet), at a file boundary of every
+        array, so that no chunk or block file is shared with it. Its regions are forgotten:
+        their units get new ones. The slots in between stay uncommitted."""
+        store, layout = self.store, self.store.layout
+        every = (*self.fields, SAMPLE_FIELD, COMMITTED_FIELD)
+        reach = max([reserved_end(store), *(store.array(f.name).shape[0] for f in every)])
+        gap = max(layout.block_size, layout.shard_size, DEFAULT_RAW_FLUSH, self.flush_every)
+        unit = math.lcm(*(layout.samples_per_file(f) for f in every))
+        store.provenance[PENDING] = []
+        return -(-(reach + gap) // unit) * unit
 
     @staticmethod
     def _flush_unit(store: Store) -> int:
@@ -132,6 +150,7 @@ class StoreWriter:
     def close(self) -> None:
         """Release the store's lock (buffered samples not flushed are dropped)."""
         if self._lock is not None:
+            self.store.fence = None
             self._lock.release()
             self._lock = None
 
@@ -168,11 +187,10 @@ class StoreWriter:
 
     def _write(self, start: int, stop: int) -> None:
         ids = [sample_id for sample_id, _ in self._buffer]
-        # grow only: arrays may be longer already, after a crash between two resizes
-        for array in (*self._arrays.values(), self.store.array(SAMPLE_ARRAY),
-                      self.store.array(COMMITTED_ARRAY)):
-            if array.shape[0] < stop:
-                array.resize((stop, *array.shape[1:]))
+        # grow only: arrays may be longer already (after a crash between two resizes, or
+        # grown by a writer that took the store over from this one)
+        grown = self.store.grow((*self._arrays, SAMPLE_ARRAY, COMMITTED_ARRAY), stop)
+        self._arrays = {name: grown[name] for name in self._arrays}
         for f in self.fields:
             column = [values[f.name] for _, values in self._buffer]
             self.store.check_writable(f, start, stop)

@@ -25,6 +25,7 @@ from arraystore.cli import cli
 from arraystore.errors import SchemaError, StoreFormatError
 from arraystore.location import Location, parse_storage_options
 from arraystore.lock import StoreLock, StoreLockedError
+from arraystore.verify import verify
 from loaders import ZarrDistillDataset
 
 LAYOUT_OPTIONS = {"raw": ["--layout", "raw"],
@@ -303,3 +304,60 @@ def test_shard_index_asking_for_a_huge_chunk_is_refused_on_s3(tmp_path, shard, b
     reader = SampleReader(url, backend="direct", fields=("image",))
     with pytest.raises(StoreFormatError, match="inner chunk of 1099511627776 bytes, expected"):
         reader.read(0)
+
+
+def test_a_paused_writer_whose_lock_is_broken_changes_nothing_committed(bucket, tmp_path) -> None:
+    """Fencing, with real processes: writer A is frozen (SIGSTOP) mid-ingest until its lock
+    goes stale; writer B breaks it and ingests the same input; A is resumed. A stops at its
+    next check of the lock; B's samples are all there, each equal to a local ingest of the
+    same input, under a unique id, and ``verify`` finds nothing wrong."""
+    import os
+    import signal
+
+    from conftest import photo, rectangle
+
+    from converters.sa1b.shard_writer import ShardSample, write_shard
+
+    rng = np.random.default_rng(3)
+    shard = write_shard(tmp_path / "many.tar", [
+        ShardSample(f"s{i:02d}", photo(rng, 600, 800), [rectangle((600, 800), 10, 10, 300, 400)])
+        for i in range(24)])
+    local = tmp_path / "local.zarr"
+    invoke("ingest", "sa1b", shard, "--out", local, "--workers", "1")
+    url = f"{bucket}/s.zarr"
+    env = {**os.environ, "ARRAYSTORE_LOCK_STALE_S": "2"}
+    command = [sys.executable, "-m", "arraystore", "ingest", "sa1b", str(shard), "--out", url,
+               "--workers", "1", "--layout", "sharded", "--shard-size", "2"]
+    writer_a = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # A has committed some samples, not all
+        try:
+            if Store.open(url).num_committed() >= 4:
+                break
+        except Exception:  # not created yet
+            pass
+        time.sleep(0.05)
+    os.kill(writer_a.pid, signal.SIGSTOP)
+    try:
+        paused_at = Store.open(url).num_committed()
+        assert 4 <= paused_at < 24, "A must be paused mid-ingest"
+        time.sleep(3)  # A's heartbeat is silent: its lock goes stale
+        writer_b = subprocess.run([*command, "--break-lock"], env=env, capture_output=True,
+                                  text=True, timeout=300)
+        assert writer_b.returncode == 0, writer_b.stderr
+    finally:
+        os.kill(writer_a.pid, signal.SIGCONT)
+    _, a_errors = writer_a.communicate(timeout=300)
+    assert writer_a.returncode != 0 and "lock was broken" in a_errors, a_errors
+    reader, expected = SampleReader(url), SampleReader(local)
+    ids = list(reader.sample_ids)
+    assert sorted(ids) == sorted(expected.sample_ids) and len(set(ids)) == 24
+    by_id = {sample_id: i for i, sample_id in enumerate(expected.sample_ids)}
+    for index, sample_id in enumerate(ids):
+        got, want = reader.read(index), expected.read(by_id[sample_id])
+        for key, value in want.items():
+            np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(value),
+                                          err_msg=f"{sample_id}: {key}")
+    report = verify(url)
+    assert report.ok, report.problems

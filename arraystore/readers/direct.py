@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from crc32c import crc32c
 
-from arraystore.beneath import open_beneath
+from arraystore.beneath import StoreRoot
 from arraystore.errors import ChecksumMismatchError, MissingChunkError, StoreFormatError
 from arraystore.keys import ChunkPaths
 from arraystore.layout import Layout
@@ -177,12 +177,12 @@ def fits(out: np.ndarray, dtype: np.dtype) -> bool:
     return out.dtype == dtype and out.flags.c_contiguous
 
 
-def open_chunk(root: str, key: str) -> int | None:
+def open_chunk(root: StoreRoot, key: str) -> int | None:
     """A descriptor of the chunk (or shard) file ``key`` of the store at ``root``, None when
     it was never written. A link anywhere on the way is refused: a store from elsewhere could
     point its chunks, or their folders, at any file (checked by the kernel as it opens:
     :func:`~arraystore.beneath.open_beneath`)."""
-    return open_beneath(root, key)
+    return root.open(key)
 
 
 def missing_chunk(field: str, sample: int, where: str) -> MissingChunkError:
@@ -219,7 +219,7 @@ class _DirectFieldReader(FieldReader):
         self.checksum = checksum
         self.dtype = np.dtype(field.dtype).newbyteorder("<")
         self.shape = field.shape
-        self.root = os.fspath(array_dir.parent)  # the store's
+        self.root = StoreRoot(os.fspath(array_dir.parent))  # the store's
         self.paths = ChunkPaths(array_dir, 1 + len(field.shape))  # for messages
         self.keys = ChunkPaths(Path(field.name), 1 + len(field.shape))  # below the root
 
