@@ -12,7 +12,7 @@ import functools
 import json
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -285,10 +285,12 @@ class Store:
         if self.fence is not None:
             self.fence()
 
-    def grow(self, names: Sequence[str], stop: int) -> dict[str, zarr.Array]:
-        """The arrays of ``names``, each grown to at least ``stop`` samples: read afresh and
-        never shrunk (another writer may have grown one since this one last looked), and only
-        while the writer still holds the store (:attr:`fence`, checked once)."""
+    def grow(self, names: Iterable[str], stop: int) -> dict[str, zarr.Array]:
+        """The arrays of ``names``, each grown to at least ``stop`` samples, only while the
+        writer still holds the store (:attr:`fence`, checked once), and each read afresh just
+        before: a writer frozen after its check, whose lock was broken meanwhile, must not
+        shrink what the new holder grew (a request more per array and flush in an object
+        store; the paused-writer test caught exactly that with the arrays it had cached)."""
         self._fenced()
         grown = {}
         for name in names:
