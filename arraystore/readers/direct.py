@@ -177,14 +177,6 @@ def fits(out: np.ndarray, dtype: np.dtype) -> bool:
     return out.dtype == dtype and out.flags.c_contiguous
 
 
-def open_chunk(root: StoreRoot, key: str) -> int | None:
-    """A descriptor of the chunk (or shard) file ``key`` of the store at ``root``, None when
-    it was never written. A link anywhere on the way is refused: a store from elsewhere could
-    point its chunks, or their folders, at any file (checked by the kernel as it opens:
-    :func:`~arraystore.beneath.open_beneath`)."""
-    return root.open(key)
-
-
 def missing_chunk(field: str, sample: int, where: str) -> MissingChunkError:
     """The error for a committed sample whose chunk (or inner chunk) ``where`` is absent."""
     return MissingChunkError(
@@ -219,7 +211,9 @@ class _DirectFieldReader(FieldReader):
         self.checksum = checksum
         self.dtype = np.dtype(field.dtype).newbyteorder("<")
         self.shape = field.shape
-        self.root = StoreRoot(os.fspath(array_dir.parent))  # the store's
+        # the store's root: chunks are opened below it, never through a link (a store from
+        # elsewhere could point a chunk, or its folder, at any file)
+        self.root = StoreRoot(os.fspath(array_dir.parent))
         self.paths = ChunkPaths(array_dir, 1 + len(field.shape))  # for messages
         self.keys = ChunkPaths(Path(field.name), 1 + len(field.shape))  # below the root
 
@@ -274,7 +268,7 @@ class ChunkFileReader(_DirectFieldReader):
         uncompressed chunk of this field has: a missing chunk, or one of another size, is an
         error here, before any buffer is sized from the schema."""
         path = self.paths.path(index)
-        fd = open_chunk(self.root, self.keys.path(index))
+        fd = self.root.open(self.keys.path(index))
         if fd is None:
             raise missing_chunk(self.field.name, index * self.per_chunk, f"chunk file {path}")
         expected = self.per_chunk * self.field.nbytes + (CRC_BYTES if self.checksum else 0)
@@ -334,7 +328,7 @@ class ShardReader(_DirectFieldReader):
             self._last = (shard, cached)
             return cached
         path = self.paths.path(shard)
-        fd = open_chunk(self.root, self.keys.path(shard))
+        fd = self.root.open(self.keys.path(shard))
         if fd is None:
             return None
         try:

@@ -24,7 +24,6 @@ from arraystore.readers.direct import (
     ShardReader,
     check_crc,
     missing_chunk,
-    open_chunk,
 )
 
 _U32 = struct.Struct("<I")
@@ -86,7 +85,7 @@ class StringChunkFileReader(_StringSamples, ChunkFileReader):
 
     def _chunk_strings(self, index: int, count: int) -> list[str]:
         path = self.paths.path(index)
-        fd = open_chunk(self.root, self.keys.path(index))
+        fd = self.root.open(self.keys.path(index))
         if fd is None:
             raise missing_chunk(self.field.name, index * self.per_chunk, f"chunk file {path}")
         try:
