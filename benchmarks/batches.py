@@ -191,13 +191,20 @@ def copy_bandwidth(nbytes: int = 1 << 29) -> dict[str, float]:
     return rates
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+def item_reads_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of a benchmark of item and batch reads of random ``sa1b`` samples: its
+    description is the first paragraph of ``doc``."""
+    parser = argparse.ArgumentParser(description=" ".join(doc.split("\n\n")[0].split()))
     parser.add_argument("--samples", type=int, default=48)
     parser.add_argument("--reads", type=int, default=192, help="random items per reader a round")
     parser.add_argument("--loader-items", type=int, default=192, help="batched items a round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--workdir", default=None)
+    return parser
+
+
+def main() -> None:
+    parser = item_reads_parser(__doc__)
     parser.add_argument("--name", default="batches")
     args = parser.parse_args()
     rng = np.random.default_rng(0)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from arraystore import Layout, Store
-from benchmarks.batches import BATCH, LeanBinReader, random_columns
+from benchmarks.batches import BATCH, LeanBinReader, item_reads_parser, random_columns
 from benchmarks.busy import CONDITIONS, condition
 from benchmarks.data import fill_store
 from benchmarks.report import header, plot_bars, save_report
@@ -63,13 +63,7 @@ def measure(root: Path, samples: int, reads: int, loader_items: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
-    parser.add_argument("--samples", type=int, default=48)
-    parser.add_argument("--reads", type=int, default=192, help="random items per reader a round")
-    parser.add_argument("--loader-items", type=int, default=192, help="batched items a round")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--workdir", default=None)
-    args = parser.parse_args()
+    args = item_reads_parser(__doc__).parse_args()
     with tempfile.TemporaryDirectory(prefix="arraystore-checksums-", dir=args.workdir) as tmp:
         results = measure(Path(tmp), args.samples, args.reads, args.loader_items, args.rounds)
     print(write_report(args, results))
