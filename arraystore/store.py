@@ -79,6 +79,15 @@ def expected_array_metadata(f: Field, layout: Layout) -> dict[str, Any]:
     return json.loads(memory._store_dict[f"{f.name}/zarr.json"].to_bytes())
 
 
+def _grown(raw: bytes, stop: int) -> bytes | None:
+    """An array's ``zarr.json`` with its sample axis at least ``stop`` long; None if it is."""
+    meta = json.loads(raw)
+    if meta["shape"][0] >= stop:
+        return None
+    meta["shape"][0] = stop
+    return json.dumps(meta, indent=2).encode()
+
+
 def utc_now() -> str:
     """The current UTC time as provenance records it (ISO 8601, seconds)."""
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -286,14 +295,17 @@ class Store:
             self.fence()
 
     def grow(self, names: Iterable[str], stop: int) -> dict[str, zarr.Array]:
-        """The arrays of ``names``, each grown to at least ``stop`` samples, only while the
-        writer still holds the store (:attr:`fence`, checked once), and each read afresh just
-        before: a writer frozen after its check, whose lock was broken meanwhile, must not
-        shrink what the new holder grew (a request more per array and flush in an object
-        store; the paused-writer test caught exactly that with the arrays it had cached)."""
+        """The arrays of ``names``, each grown to at least ``stop`` samples, never shrunk, and
+        only while the writer still holds the store (:attr:`fence`, checked once). A writer
+        frozen after that check, whose lock was broken meanwhile, must not shrink what the new
+        holder grew: in an object store each array's metadata is rewritten only if nobody
+        rewrote it since it was read (:meth:`Location.update`: ``If-Match`` on S3); on a disk
+        the ``flock`` leaves no other writer."""
         self._fenced()
         grown = {}
         for name in names:
+            if not self.location.is_local:
+                self.location.update(f"{name}/zarr.json", functools.partial(_grown, stop=stop))
             array = grown[name] = self.array(name)
             if array.shape[0] < stop:
                 array.resize((stop, *array.shape[1:]))

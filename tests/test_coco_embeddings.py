@@ -417,12 +417,15 @@ def test_a_rerun_with_nothing_to_do_builds_no_model(store, coco, weights, tmp_pa
     assert report.ingested == 0 and len(report.units_already_done) == 1
 
 
-def test_default_workers_leave_the_cores_to_a_cpu_model() -> None:
+def test_default_workers_leave_the_cores_to_a_cpu_model(monkeypatch) -> None:
     """Decode processes by where the model runs: none beside the writer for a CPU model (its
-    threads take the cores), all cores but one for an accelerator, one per core without."""
+    threads take the cores), all cores but one for an accelerator, one per core without.
+    (This machine has no GPU: torch is told it has one, as ``--device cuda:0`` is checked.)"""
     from arraystore.sources import default_workers
     from converters.sa1b.source import Sa1bTarSource
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert default_workers(CocoEmbeddingsSource(weights="w"), cores=8) == 1
     assert default_workers(CocoEmbeddingsSource(weights="w", device="cuda:0"), cores=8) == 7
     assert default_workers(CocoEmbeddingsSource(weights="w", device="cuda:0"), cores=1) == 1
