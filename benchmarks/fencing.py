@@ -1,0 +1,131 @@
+"""Fencing benchmark: the share of an object-store ingest spent on fencing a paused writer.
+
+An ingest into moto's S3 server on loopback (started here; a correctness server, not a
+throughput one: the shares, not the seconds, are the result) with each fencing step timed where
+it runs: the lock object read again before each commit and metadata write, the conditional
+rewrite of each array's metadata when it grows (a GET and an ``If-Match`` PUT, where a plain PUT
+was before), and the array opened again after it grew.
+
+Usage: python -m benchmarks.fencing [--samples 32] [--shard-size 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from arraystore import Layout, ingest
+from arraystore import location as location_module
+from arraystore import lock as lock_module
+from arraystore import store as store_module
+from benchmarks.report import header, plot_bars, save_report
+from converters.sa1b.shard_writer import ShardSample, random_masks, write_shard
+from converters.sa1b.source import Sa1bTarSource
+
+STEPS = ("lock object read again", "conditional metadata rewrite (GET + If-Match PUT)",
+         "array opened again after it grew")
+
+
+class Timings:
+    """Seconds and calls per fencing step, filled by the wrapped methods."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(STEPS, 0.0)
+        self.calls = dict.fromkeys(STEPS, 0)
+        self.growing = False
+
+    def timed(self, step: str, method: Callable[..., Any],
+              only: Callable[[], bool] = lambda: True) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not only():
+                return method(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds[step] += time.perf_counter() - start
+                self.calls[step] += 1
+        return wrapper
+
+
+def instrument(timings: Timings) -> None:
+    """Wrap the fencing steps of this process's arraystore with timers."""
+    store_cls, lock_cls = store_module.Store, lock_module._ObjectLock
+    grow, array = store_cls.grow, store_cls.array
+
+    def growing(self: Any, *args: Any, **kwargs: Any) -> Any:
+        timings.growing = True
+        try:
+            return grow(self, *args, **kwargs)
+        finally:
+            timings.growing = False
+
+    lock_cls.ensure_held = timings.timed(STEPS[0], lock_cls.ensure_held)
+    location_module.ObjectLocation.update = timings.timed(
+        STEPS[1], location_module.ObjectLocation.update)
+    store_cls.array = timings.timed(STEPS[2], array, only=lambda: timings.growing)
+    store_cls.grow = growing
+
+
+def s3_server() -> Any:
+    """moto's S3 server on loopback, with the AWS variables pointing at it."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://{host}:{port}",
+                       "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_REGION": "us-east-1"})
+    return server
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--shard-size", type=int, default=16)
+    args = parser.parse_args()
+    server = s3_server()
+    try:
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="fencing")
+        rng = np.random.default_rng(0)
+        with tempfile.TemporaryDirectory(prefix="arraystore-fencing-") as tmp:
+            shard = write_shard(Path(tmp) / "s.tar", [
+                ShardSample(f"s{i:03d}", rng.integers(0, 256, (600, 800, 3), np.uint8),
+                            random_masks(rng, 600, 800, 4)) for i in range(args.samples)])
+            timings = Timings()
+            instrument(timings)
+            start = time.perf_counter()
+            ingest(Sa1bTarSource(), [shard], "s3://fencing/s.zarr", workers=1,
+                   layout=Layout("sharded", shard_size=args.shard_size))
+            total = time.perf_counter() - start
+    finally:
+        server.stop()
+    lines = header("Fencing benchmark: what fencing a paused writer costs an S3 ingest",
+                   "fencing", vars(args))
+    lines += [f"- data: {args.samples} SA-1B-shaped samples (600x800) ingested into moto's S3 "
+              f"server on loopback, flushes of {args.shard_size} samples; the whole ingest "
+              f"took {total:.2f} s", "", "| fencing step | calls | seconds | share |",
+              "|---|---:|---:|---:|"]
+    lines += [f"| {step} | {timings.calls[step]} | {timings.seconds[step]:.2f} | "
+              f"{timings.seconds[step] / total:.1%} |" for step in STEPS]
+    stem = Path(__file__).parent / "results" / "fencing"
+    plot_bars([("share of the ingest's time", {step: timings.seconds[step] / total
+                                               for step in STEPS})],
+              stem.with_suffix(".png"), "share of the whole ingest", reference=None)
+    print(save_report(lines, stem))
+
+
+if __name__ == "__main__":
+    main()
