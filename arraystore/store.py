@@ -74,9 +74,10 @@ def create_field_array(group: zarr.Group, f: Field, layout: Layout) -> zarr.Arra
 def expected_array_metadata(f: Field, layout: Layout) -> dict[str, Any]:
     """The ``zarr.json`` of ``f``'s array in ``layout`` as this project writes it (made in
     memory by :func:`create_field_array`), for :func:`arraystore.contract.disagreements`."""
-    memory = zarr.storage.MemoryStore()
-    create_field_array(zarr.open_group(memory, mode="w", zarr_format=3), f, layout)
-    return json.loads(memory._store_dict[f"{f.name}/zarr.json"].to_bytes())
+    written: dict[str, Any] = {}
+    create_field_array(zarr.open_group(zarr.storage.MemoryStore(written), mode="w",
+                                       zarr_format=3), f, layout)
+    return json.loads(written[f"{f.name}/zarr.json"].to_bytes())
 
 
 def _grown(raw: bytes, stop: int) -> bytes | None:
@@ -356,7 +357,7 @@ class Store:
         then consolidate the metadata again (the rewrite drops it)."""
         self._fenced()
         self.group.attrs[ATTRS_KEY] = self.meta
-        self.consolidate()
+        self._consolidate()
 
     def consolidate(self) -> None:
         """Copy every array's metadata into the group's ``zarr.json`` (Zarr's consolidated
@@ -365,6 +366,9 @@ class Store:
         run (the ids, fields and ``committed`` it lists all agree then); this project's own
         readers never use it, as the arrays may have grown since."""
         self._fenced()
+        self._consolidate()
+
+    def _consolidate(self) -> None:
         with warnings.catch_warnings():  # "not part of the Zarr format 3 specification"
             warnings.simplefilter("ignore", ZarrUserWarning)
             zarr.consolidate_metadata(self.location.zarr_store(read_only=False), zarr_format=3)
