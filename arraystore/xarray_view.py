@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from arraystore.schema import SAMPLE_DIM
 from arraystore.store import COMMITTED_ARRAY, Store, StoreTarget
 
 
@@ -28,8 +29,10 @@ def open_xarray(path: StoreTarget, *, committed_only: bool = True,
     if COMMITTED_ARRAY not in ds.coords:  # stores made before it was a coordinate
         ds = ds.set_coords(COMMITTED_ARRAY)
     if committed_only:
-        mask = store.committed_mask()
-        if not mask.all():
-            ds = ds.isel(sample=np.flatnonzero(mask))
+        # the mask covers the slots ``committed`` stores (Store.committed_extent): the rest
+        # of the arrays, when longer, holds nothing committed either
+        positions = np.flatnonzero(store.committed_mask())
+        if len(positions) != ds.sizes[SAMPLE_DIM]:
+            ds = ds.isel(sample=positions)
         ds = ds.drop_vars(COMMITTED_ARRAY)
     return ds

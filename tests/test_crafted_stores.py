@@ -286,3 +286,16 @@ def test_a_link_anywhere_below_the_root_is_never_followed(tmp_path: Path, crafte
         with pytest.raises(StoreFormatError, match="symbolic link"):
             store.check_writable(store.schema["masks"], SAMPLE, SAMPLE + 1)
     assert "a symbolic link inside the store" in problems(target)
+
+
+def test_slots_past_the_stored_committed_blocks_are_not_in_the_xarray_view(
+        crafted: Make) -> None:
+    """Arrays grown past the last stored ``committed`` block (a first flush interrupted after
+    the resize) hold nothing committed: the view leaves them out like every reader."""
+    from arraystore import open_xarray
+
+    def grow(store: Path, _: Layout) -> None:
+        for array in [p.name for p in store.iterdir() if (p / "zarr.json").exists()]:
+            edit_metadata(store, array, lambda d: d["shape"].__setitem__(0, 5000))
+    target = crafted(grow)
+    assert open_xarray(target).sizes["sample"] == len(known_samples())
