@@ -356,6 +356,8 @@ def verify_command(store: str, deep: bool, as_json: bool,
             err.print(f"[red]problem:[/] {problem}", highlight=False)
         if len(report.problems) > shown:
             err.print(f"... and {len(report.problems) - shown} more (use --json for all)")
+        for note in report.notes:
+            err.print(f"note: {note}", markup=False, highlight=False)
         verdict = "[green]ok[/]" if report.ok else f"[red]{len(report.problems)} problems[/]"
         out.print(f"{store}: {verdict}: {report.committed} committed samples of "
                   f"{report.samples}, {report.chunks_checked} chunks checked"

@@ -87,6 +87,10 @@ class UnknownPluginError(ArrayStoreError, ValueError):
     """No source, exporter or reader backend is registered under the requested name."""
 
 
+class StoreLockedError(ArrayStoreError, BlockingIOError):
+    """Another live process is writing the store (or this one lost its lock)."""
+
+
 class StoreAccessError(ArrayStoreError, OSError):
     """An object store could not be reached or refused the request (no credentials, no
     server, no permission); the message names the URL and what to check."""

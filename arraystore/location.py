@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from arraystore.beneath import open_beneath
 from arraystore.errors import ArrayStoreError, MissingExtraError, OptionError, StoreAccessError
+from arraystore.keys import fsync_path
 
 T = TypeVar("T")
 
@@ -113,6 +114,11 @@ class Location(ABC):
         return out
 
     @abstractmethod
+    def update(self, key: str, change: Callable[[bytes], bytes | None]) -> None:
+        """Rewrite ``key`` as ``change`` makes its current bytes (None: leave it), whole or
+        not at all, and only if nobody rewrote it in between."""
+
+    @abstractmethod
     def names(self, prefix: str) -> list[str]:
         """The names directly below the folder ``prefix`` (none when it does not exist), as
         stored now: a listing, never a cached one."""
@@ -162,8 +168,11 @@ class LocalLocation(Location):
     def where(self, key: str) -> str:
         return str(self.file(key))
 
-    def zarr_store(self, read_only: bool) -> str:
-        return str(self.path)
+    def zarr_store(self, read_only: bool) -> Any:
+        """A zarr-python store that reads and writes nothing through a link below the root."""
+        from arraystore.zarr_local import ContainedLocalStore
+
+        return ContainedLocalStore(self.path, read_only=read_only)
 
     def open_key(self, key: str) -> int:
         """A read-only descriptor of ``key``, no link followed on the way
@@ -186,6 +195,19 @@ class LocalLocation(Location):
             raise OSError(exc.errno, exc.strerror, str(self.file(key))) from exc
         finally:
             os.close(fd)
+
+    def update(self, key: str, change: Callable[[bytes], bytes | None]) -> None:
+        """A read, then a new file renamed over ``key`` once durable (the store's writer lock
+        keeps every other writer out)."""
+        new = change(self.read_bytes(key))
+        if new is None:
+            return
+        path = self.file(key)
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_bytes(new)
+        fsync_path(tmp)
+        tmp.replace(path)
+        fsync_path(path.parent)
 
     def names(self, prefix: str) -> list[str]:
         try:
@@ -299,10 +321,18 @@ async def _update_s3_object(fs: Any, bucket: str, name: str,
             await fs._call_s3("put_object", Bucket=bucket, Key=name, Body=new,
                               IfMatch=got["ETag"])
             return True
-        except OSError as exc:  # 412 Precondition Failed: another write came first
-            if not any(word in str(exc) for word in ("412", "recondition", "pre-condition")):
+        except OSError as exc:
+            if not _precondition_failed(exc):
                 raise
     return False
+
+
+def _precondition_failed(exc: OSError) -> bool:
+    """Whether s3fs's ``exc`` is S3's 412 Precondition Failed (another write came first): the
+    service's own error code, on the botocore error s3fs keeps as the cause."""
+    response = getattr(exc.__cause__, "response", None) or {}
+    return (response.get("Error", {}).get("Code") in ("PreconditionFailed", "412")
+            or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412)
 
 
 class ObjectLocation(Location):

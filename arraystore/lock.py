@@ -12,10 +12,12 @@ taken over only when the caller says so (``--break-lock``), never silently; a li
 
 Fencing: a writer paused (``SIGSTOP``, a long GC pause, a partition) past the stale time may
 wake up after its lock was broken. It reads the lock object again before every commit and every
-metadata write (:meth:`StoreLock.ensure_held`, one request) and stops at the first it no longer
-holds; the writer that took over writes only in a fresh region past everything the paused one
-could still reach (:mod:`arraystore.writer`), so the chunks the paused one writes before its
-next check land where nothing committed ever lives.
+growth of the arrays (:meth:`StoreLock.ensure_held`, one request) and stops at the first it no
+longer holds; the writer that took over writes only in a fresh region past everything the paused
+one could still reach (:mod:`arraystore.writer`), so the chunks the paused one writes before its
+next check land where nothing committed ever lives. What a writer frozen right after a check
+does next is fenced by the store (:meth:`arraystore.store.Store.claim`): its metadata writes
+check its token, and its late commits fall in revoked ranges.
 
 The file names the holder so a refused writer can say who holds the store; it lives beside the
 store's real folder (links resolved: any two spellings of a store share its lock), not in it
@@ -38,7 +40,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from arraystore.errors import ArrayStoreError
+from arraystore.errors import StoreLockedError
 from arraystore.keys import settle_pending_writes
 from arraystore.location import Location, ObjectLocation, local_store_path, remote_failures
 from arraystore.store import StoreTarget, utc_now
@@ -47,10 +49,6 @@ LOCK_SUFFIX = ".lock"
 STALE_AFTER_S = float(os.environ.get("ARRAYSTORE_LOCK_STALE_S", 300))
 log = logging.getLogger(__name__)
 _held: dict[str, tuple[Any, int]] = {}  # lock key -> (held lock, depth) in this process
-
-
-class StoreLockedError(ArrayStoreError, BlockingIOError):
-    """Another live process is writing the store (or this one lost its lock)."""
 
 
 def lock_path(store_path: str | os.PathLike[str]) -> Path:
@@ -117,6 +115,12 @@ class StoreLock:
         _held[self.key][0].ensure_held()
 
     @property
+    def token(self) -> str:
+        """This holder's random token: the store records it as its writer's
+        (:meth:`arraystore.store.Store.claim`), a fencing token for its metadata writes."""
+        return _held[self.key][0].record["token"]
+
+    @property
     def took_over(self) -> bool:
         """Whether this process broke a stale object-store lock to take the store: its
         former holder may be paused, not dead, and write again when it wakes."""
@@ -150,6 +154,8 @@ class _FileLock:
     def __init__(self, store_path: Path, path: Path) -> None:
         self.store_path, self.path = store_path, path
         self.fd = -1
+        self.record = _holder_record(store=os.path.realpath(store_path),
+                                     token=secrets.token_hex(16))
 
     @staticmethod
     def _describe(fd: int) -> dict:
@@ -183,8 +189,7 @@ class _FileLock:
             log.warning("%s: taking over the lock of pid %s on %s, which is no longer running",
                         self.store_path, previous.get("pid"), previous.get("host"))
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(_holder_record(
-            store=os.path.realpath(self.store_path))).encode(), 0)
+        os.pwrite(fd, json.dumps(self.record).encode(), 0)
         self.fd = fd
 
     def ensure_held(self) -> None:

@@ -11,13 +11,11 @@ import datetime as dt
 import functools
 import json
 import os
-import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import zarr
-from zarr.errors import ZarrUserWarning
 
 from arraystore import __version__
 from arraystore.beneath import open_beneath
@@ -28,6 +26,7 @@ from arraystore.errors import (
     OptionError,
     StoreExistsError,
     StoreFormatError,
+    StoreLockedError,
     StoreNotFoundError,
 )
 from arraystore.keys import chunk_key
@@ -39,6 +38,8 @@ FORMAT_VERSION = 1
 ATTRS_KEY = "arraystore"
 SAMPLE_ARRAY = "sample"
 COMMITTED_ARRAY = "committed"
+WRITER_KEY = "writer"  # the lock token of the writer that holds the store (its fencing token)
+REVOKED_KEY = "revoked"  # slot ranges no committed mark counts in (a broken lock's leftovers)
 WriteMode = Literal["create", "append", "overwrite"]
 WRITE_MODES: tuple[str, ...] = ("create", "append", "overwrite")
 
@@ -89,6 +90,21 @@ def _grown(raw: bytes, stop: int) -> bytes | None:
     return json.dumps(meta, indent=2).encode()
 
 
+def merged_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``ranges`` sorted, with overlapping and touching ones joined, empty ones dropped."""
+    out: list[tuple[int, int]] = []
+    for start, stop in sorted(r for r in ranges if r[1] > r[0]):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], stop))
+        else:
+            out.append((start, stop))
+    return out
+
+
+def _ranges(pairs: Any) -> list[tuple[int, int]]:
+    return [(int(start), int(stop)) for start, stop in pairs]
+
+
 def utc_now() -> str:
     """The current UTC time as provenance records it (ISO 8601, seconds)."""
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -137,8 +153,9 @@ class Store:
         self.group = group
         self.meta = meta
         self.array_json: dict[str, bytes] = {}  # each array's zarr.json, as :meth:`open` read it
-        # called before every metadata write: a writer's check that it still holds the lock
+        # called before the arrays grow: a writer's check that it still holds the lock
         self.fence: Callable[[], None] | None = None
+        self.writer_token: str | None = None  # set by :meth:`claim`
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
             raise StoreFormatError(
@@ -341,8 +358,21 @@ class Store:
         return min(array.shape[0], (max(stored) + 1) * block) if stored else 0
 
     def committed_mask(self) -> np.ndarray:
-        """Which of the first :meth:`committed_extent` slots hold complete data."""
-        return np.asarray(self.array(COMMITTED_ARRAY)[:self.committed_extent()], dtype=bool)
+        """Which of the first :meth:`committed_extent` slots hold complete data: marked in
+        ``committed`` and not in a revoked range (:meth:`claim`)."""
+        mask = np.asarray(self.array(COMMITTED_ARRAY)[:self.committed_extent()], dtype=bool)
+        for start, stop in self.revoked():
+            mask[start:stop] = False
+        return mask
+
+    def revoked(self) -> list[tuple[int, int]]:
+        """The slot ranges whose ``committed`` marks do not count: the slots a writer whose
+        lock was broken had not committed when the new holder took over (:meth:`claim`)."""
+        try:
+            return _ranges(self.meta.get(REVOKED_KEY, []))
+        except (TypeError, ValueError) as exc:
+            raise StoreFormatError(f"{self.path}: {REVOKED_KEY!r} in the store's zarr.json is "
+                                   f"malformed ({exc}); the store is damaged") from exc
 
     def sample_ids(self) -> np.ndarray:
         """The ids of the first :meth:`committed_extent` slots (the ``sample`` array may be
@@ -352,26 +382,68 @@ class Store:
     def num_committed(self) -> int:
         return int(self.committed_mask().sum())
 
+    def claim(self, token: str, revoke: Sequence[tuple[int, int]] = (),
+              edit: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Make the writer of lock token ``token`` the store's writer: one conditional rewrite
+        of the group's ``zarr.json`` that records the token (and, after a broken lock, the
+        ``revoke`` ranges and the caller's ``edit`` of the metadata, made here too). From then
+        on every metadata write of this object checks, in the same conditional rewrite, that
+        the token is still there: a writer whose lock was broken while it was paused fails at
+        its next metadata write instead of overwriting the new holder's, and the samples it
+        commits after the new holder took over fall in revoked ranges, which no reader counts
+        as committed. The fencing records are the store's: they are taken from its
+        ``zarr.json``, never from what this object read at open."""
+        def change(document: dict[str, Any]) -> None:
+            meta = document["attributes"][ATTRS_KEY]
+            meta[WRITER_KEY] = token
+            meta[REVOKED_KEY] = [list(r) for r in merged_ranges(
+                [*_ranges(meta.get(REVOKED_KEY, [])), *revoke])]
+            if edit is not None:
+                edit(meta)
+            self.meta[REVOKED_KEY] = meta[REVOKED_KEY]
+
+        self._rewrite_group(change)
+        if edit is not None:
+            edit(self.meta)
+        self.meta[WRITER_KEY] = self.writer_token = token
+
     def save_meta(self) -> None:
-        """Write the ``arraystore`` attribute (one atomic rewrite of the group's zarr.json),
-        then consolidate the metadata again (the rewrite drops it)."""
-        self._fenced()
-        self.group.attrs[ATTRS_KEY] = self.meta
-        self._consolidate()
-
-    def consolidate(self) -> None:
-        """Copy every array's metadata into the group's ``zarr.json`` (Zarr's consolidated
-        metadata), so that ``xarray.open_zarr`` opens the store without a warning, and with one
-        request on an object store. It is a snapshot: writers call this after each commit of a
-        run (the ids, fields and ``committed`` it lists all agree then); this project's own
+        """Write the ``arraystore`` attribute and the consolidated metadata (every array's
+        ``zarr.json``, so that ``xarray.open_zarr`` opens the store without a warning, and with
+        one request on an object store) in one atomic rewrite of the group's ``zarr.json``.
+        The consolidated metadata is a snapshot: writers call this after each run's commits
+        (the ids, fields and ``committed`` it lists all agree then); this project's own
         readers never use it, as the arrays may have grown since."""
-        self._fenced()
-        self._consolidate()
+        arrays = {name: json.loads(raw) for name, raw in self.array_metadata().items()
+                  if isinstance(raw, bytes)}
 
-    def _consolidate(self) -> None:
-        with warnings.catch_warnings():  # "not part of the Zarr format 3 specification"
-            warnings.simplefilter("ignore", ZarrUserWarning)
-            zarr.consolidate_metadata(self.location.zarr_store(read_only=False), zarr_format=3)
+        def change(document: dict[str, Any]) -> None:
+            stored = document["attributes"][ATTRS_KEY]  # its revoked ranges are never lost
+            self.meta[REVOKED_KEY] = [list(r) for r in merged_ranges(
+                [*_ranges(stored.get(REVOKED_KEY, [])), *self.revoked()])]
+            document["attributes"][ATTRS_KEY] = self.meta
+            document["consolidated_metadata"] = {"kind": "inline", "must_understand": False,
+                                                 "metadata": arrays}
+
+        self._rewrite_group(change)
+
+    def _rewrite_group(self, change: Callable[[dict[str, Any]], None]) -> None:
+        """Rewrite the group's ``zarr.json`` as ``change`` edits its document, only if nobody
+        rewrote it in between (:meth:`Location.update`) and only while the writer's token
+        (:meth:`claim`) is the one recorded there."""
+        def rewrite(raw: bytes) -> bytes:
+            document = json.loads(raw)
+            attributes = document.setdefault("attributes", {})
+            recorded = attributes.get(ATTRS_KEY, {}).get(WRITER_KEY)
+            if self.writer_token is not None and recorded != self.writer_token:
+                raise StoreLockedError(
+                    f"{self.path}: this writer's lock was broken and another writer took the "
+                    f"store over; nothing more is committed by this run")
+            attributes.setdefault(ATTRS_KEY, {})
+            change(document)
+            return json.dumps(document, indent=2).encode()
+
+        self.location.update("zarr.json", rewrite)
 
     def check_compatible(self, schema: Schema, layout: Layout | None) -> None:
         """Refuse to append data of another kind, schema or layout; say which option differs."""

@@ -29,6 +29,7 @@ class StoreUpdater:
         self.store = store
         self._lock: StoreLock | None = StoreLock(store.location)
         self._lock.acquire()
+        store.claim(self._lock.token)  # the metadata read again; its writes are fenced
         self.committed = store.committed_mask()
 
     def __enter__(self) -> StoreUpdater:

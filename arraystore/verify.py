@@ -3,7 +3,8 @@
 Checks, naming the field, sample and file of each problem:
 - the metadata of every array agrees whole with what the schema and layout in the group
   attributes make (:func:`arraystore.contract.disagreements`), is no link, and every array is
-  long enough; ``committed`` covers no block that is not stored and no slot without an id;
+  long enough; ``committed`` covers no block that is not stored and no slot without an id,
+  and no block of it is lost between stored ones while holding samples committed nowhere else;
 - every committed sample's chunk (or its inner chunk in a shard) exists inside the store (no
   link, nothing resolving outside it) with the size an uncompressed chunk must have, shard
   indexes are sound (no entry overlapping another), string chunks decode, and each crc32c
@@ -60,6 +61,7 @@ class VerifyReport:
     committed: int = 0
     chunks_checked: int = 0
     problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what is sound but worth knowing
 
     @property
     def ok(self) -> bool:
@@ -155,6 +157,37 @@ class _Checker:
             except StoreFormatError as exc:
                 self.problem(f, position, key, f"corrupt string chunk: {exc}")
 
+    def check_commit_blocks(self) -> None:
+        """A ``committed`` block file lost between stored ones reads as "nothing committed":
+        its samples silently drop out of every reader. Slots without an id are holes a writer
+        left (a failed unit); an id in a lost block that is committed nowhere else is a sample
+        whose commit mark is gone. Marks in revoked ranges (made after their writer's lock
+        was broken) are noted, not counted."""
+        block = self.store.array(COMMITTED_FIELD.name).chunks[0]
+        stored = {int(n) for n in self.store.location.names(f"{COMMITTED_FIELD.name}/c")
+                  if n.isdigit()}
+        elsewhere = set(self.ids[self.positions].tolist())
+        revoked = np.zeros(len(self.ids), bool)
+        for start, stop in self.store.revoked():
+            revoked[start:stop] = True
+        for index in sorted(set(range(-(-len(self.ids) // block))) - stored):
+            start = index * block
+            lost = [start + i for i, sample_id in enumerate(self.ids[start:start + block].tolist())
+                    if sample_id and sample_id not in elsewhere and not revoked[start + i]]
+            if lost:
+                self.problem(COMMITTED_FIELD, lost[0], chunk_key(COMMITTED_FIELD.name, index, 1),
+                             f"this block of {COMMITTED_FIELD.name!r} is missing: {len(lost)} "
+                             f"written samples in it are committed nowhere, so no reader "
+                             f"sees them; restore the file from a copy of the store, or "
+                             f"ingest their source into a new store")
+        marks = self.store.array(COMMITTED_FIELD.name)
+        late = sum(int(np.count_nonzero(marks[start:min(stop, len(self.ids))]))
+                   for start, stop in self.store.revoked() if start < len(self.ids))
+        if late:
+            self.report.notes.append(
+                f"{late} samples were marked committed by a writer after its lock was broken "
+                f"(in the revoked slot ranges {self.store.revoked()}); no reader counts them")
+
     def check_ids(self) -> None:
         """Each committed sample must have an id (``committed`` set on a slot never written
         leaves the fill value), and a unique one: a duplicate would make two samples one in
@@ -225,6 +258,7 @@ def verify(path: StoreTarget, *, deep: bool = False,
     for f in (*store.schema.fields, SAMPLE_FIELD, COMMITTED_FIELD):
         checker.check(f)
     checker.check_ids()
+    checker.check_commit_blocks()
     if store.location.is_local:
         for link in links_below(store.location.path):
             report.problems.append(Problem("*", "*", link, "a symbolic link inside the store: "

@@ -68,6 +68,15 @@ def validate_sample(fields: tuple[Field, ...], sample_id: str, values: Mapping[s
             )
 
 
+def uncommitted_ranges(committed: np.ndarray, stop: int) -> list[tuple[int, int]]:
+    """The ranges of slots below ``stop`` that ``committed`` does not mark (slots past its
+    end included)."""
+    marks = np.zeros(stop, bool)
+    marks[:min(stop, len(committed))] = committed[:stop]
+    edges = np.flatnonzero(np.diff(np.concatenate(([True], marks, [True])).astype(np.int8)))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
 def stack_column(f: Field, column: Sequence[Any]) -> np.ndarray:
     """Values of ``f`` for consecutive samples as one array to assign to a slice of it."""
     return np.array(column, dtype=f.numpy_dtype) if f.is_string else np.stack(column)
@@ -90,6 +99,7 @@ class StoreWriter:
         self._lock.acquire()
         self.store = store
         store.fence = self._lock.ensure_held
+        store.claim(self._lock.token)  # the metadata read again, now that no one else writes
         self.fields = store.schema.fields
         self.flush_every = flush_every or self._flush_unit(store)
         committed = store.committed_mask()
@@ -101,23 +111,27 @@ class StoreWriter:
         self._arrays = {f.name: store.array(f.name) for f in self.fields}
         self.position = max(self.position, reserved_end(store))
         if self._lock.took_over:
-            self.position = self._past_the_former_holder()
+            self.position = self._past_the_former_holder(committed)
         if store.location.is_local:
             self._remove_partials()
 
-    def _past_the_former_holder(self) -> int:
+    def _past_the_former_holder(self, committed: np.ndarray) -> int:
         """Where a writer that broke a stale lock starts: past every slot its former holder,
         if it is only paused, can still write when it wakes (the arrays' lengths, its regions,
         and a flush it may not have grown the arrays for yet), at a file boundary of every
-        array, so that no chunk or block file is shared with it. Its regions are forgotten:
-        their units get new ones. The slots in between stay uncommitted."""
+        array, so that no chunk or block file is shared with it. Every slot before that start
+        not ``committed`` now is revoked: a commit the former holder makes there when it wakes
+        counts for no reader. Its regions are forgotten (their units get new ones), in the
+        same metadata write."""
         store, layout = self.store, self.store.layout
         every = (*self.fields, SAMPLE_FIELD, COMMITTED_FIELD)
         reach = max([reserved_end(store), *(store.array(f.name).shape[0] for f in every)])
         gap = max(layout.block_size, layout.shard_size, DEFAULT_RAW_FLUSH, self.flush_every)
         unit = math.lcm(*(layout.samples_per_file(f) for f in every))
-        store.provenance[PENDING] = []
-        return -(-(reach + gap) // unit) * unit
+        start = -(-(reach + gap) // unit) * unit
+        store.claim(self._lock.token, revoke=uncommitted_ranges(committed, start),
+                    edit=lambda meta: meta.setdefault("provenance", {}).update({PENDING: []}))
+        return start
 
     @staticmethod
     def _flush_unit(store: Store) -> int:
@@ -143,7 +157,7 @@ class StoreWriter:
         try:
             if not isinstance(exc, OSError):
                 self.flush()
-                self.store.consolidate()  # the xarray view lists what is committed now
+                self.store.save_meta()  # the xarray view lists what is committed now
         finally:
             self.close()
 

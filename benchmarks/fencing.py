@@ -2,9 +2,12 @@
 
 An ingest into moto's S3 server on loopback (started here; a correctness server, not a
 throughput one: the shares, not the seconds, are the result) with each fencing step timed where
-it runs: the lock object read again before each commit and metadata write, the conditional
-rewrite of each array's metadata when it grows (a GET and an ``If-Match`` PUT, where a plain PUT
-was before), and the array opened again after it grew.
+it runs: the lock object read again before each commit and growth, the conditional rewrite of
+each array's metadata when it grows (a GET and an ``If-Match`` PUT, where a plain PUT was
+before), the array opened again after it grew, and the group's metadata rewritten with its
+writer-token check (a GET and an ``If-Match`` PUT; zarr's attribute write and consolidation
+before made a GET, a listing and a read of every array's metadata too). Once idle, once with
+another process keeping a core busy (:mod:`benchmarks.busy`).
 
 Usage: python -m benchmarks.fencing [--samples 32] [--shard-size 16]
 """
@@ -26,12 +29,13 @@ from arraystore import Layout, ingest
 from arraystore import location as location_module
 from arraystore import lock as lock_module
 from arraystore import store as store_module
+from benchmarks.busy import CONDITIONS, condition
 from benchmarks.report import header, plot_bars, save_report
 from converters.sa1b.shard_writer import ShardSample, random_masks, write_shard
 from converters.sa1b.source import Sa1bTarSource
 
-STEPS = ("lock object read again", "conditional metadata rewrite (GET + If-Match PUT)",
-         "array opened again after it grew")
+STEPS = ("lock object read again", "array metadata rewrite (GET + If-Match PUT)",
+         "array opened again after it grew", "group metadata rewrite with token check")
 
 
 class Timings:
@@ -40,7 +44,7 @@ class Timings:
     def __init__(self) -> None:
         self.seconds = dict.fromkeys(STEPS, 0.0)
         self.calls = dict.fromkeys(STEPS, 0)
-        self.growing = False
+        self.growing = self.in_group = False
 
     def timed(self, step: str, method: Callable[..., Any],
               only: Callable[[], bool] = lambda: True) -> Callable[..., Any]:
@@ -56,10 +60,12 @@ class Timings:
         return wrapper
 
 
-def instrument(timings: Timings) -> None:
-    """Wrap the fencing steps of this process's arraystore with timers."""
+def instrument(timings: Timings) -> Callable[[], None]:
+    """Wrap the fencing steps of this process's arraystore with timers; returns the function
+    that takes the wrappers off again."""
     store_cls, lock_cls = store_module.Store, lock_module._ObjectLock
-    grow, array = store_cls.grow, store_cls.array
+    grow, array, rewrite_group = store_cls.grow, store_cls.array, store_cls._rewrite_group
+    ensure_held, update = lock_cls.ensure_held, location_module.ObjectLocation.update
 
     def growing(self: Any, *args: Any, **kwargs: Any) -> Any:
         timings.growing = True
@@ -68,11 +74,24 @@ def instrument(timings: Timings) -> None:
         finally:
             timings.growing = False
 
+    def in_group(self: Any, *args: Any, **kwargs: Any) -> Any:
+        timings.in_group = True
+        try:
+            return rewrite_group(self, *args, **kwargs)
+        finally:
+            timings.in_group = False
+
     lock_cls.ensure_held = timings.timed(STEPS[0], lock_cls.ensure_held)
     location_module.ObjectLocation.update = timings.timed(
-        STEPS[1], location_module.ObjectLocation.update)
+        STEPS[1], location_module.ObjectLocation.update, only=lambda: not timings.in_group)
     store_cls.array = timings.timed(STEPS[2], array, only=lambda: timings.growing)
     store_cls.grow = growing
+    store_cls._rewrite_group = timings.timed(STEPS[3], in_group)
+
+    def restore() -> None:
+        lock_cls.ensure_held, location_module.ObjectLocation.update = ensure_held, update
+        store_cls.grow, store_cls.array, store_cls._rewrite_group = grow, array, rewrite_group
+    return restore
 
 
 def s3_server() -> Any:
@@ -104,25 +123,32 @@ def main() -> None:
             shard = write_shard(Path(tmp) / "s.tar", [
                 ShardSample(f"s{i:03d}", rng.integers(0, 256, (600, 800, 3), np.uint8),
                             random_masks(rng, 600, 800, 4)) for i in range(args.samples)])
-            timings = Timings()
-            instrument(timings)
-            start = time.perf_counter()
-            ingest(Sa1bTarSource(), [shard], "s3://fencing/s.zarr", workers=1,
-                   layout=Layout("sharded", shard_size=args.shard_size))
-            total = time.perf_counter() - start
+            runs = {}
+            for name in CONDITIONS:
+                timings = Timings()
+                uninstrument = instrument(timings)
+                with condition(name):
+                    start = time.perf_counter()
+                    ingest(Sa1bTarSource(), [shard], f"s3://fencing/{name}.zarr", workers=1,
+                           layout=Layout("sharded", shard_size=args.shard_size))
+                    runs[name] = (timings, time.perf_counter() - start)
+                uninstrument()
     finally:
         server.stop()
     lines = header("Fencing benchmark: what fencing a paused writer costs an S3 ingest",
                    "fencing", vars(args))
     lines += [f"- data: {args.samples} SA-1B-shaped samples (600x800) ingested into moto's S3 "
               f"server on loopback, flushes of {args.shard_size} samples; the whole ingest "
-              f"took {total:.2f} s", "", "| fencing step | calls | seconds | share |",
-              "|---|---:|---:|---:|"]
-    lines += [f"| {step} | {timings.calls[step]} | {timings.seconds[step]:.2f} | "
-              f"{timings.seconds[step] / total:.1%} |" for step in STEPS]
+              f"took {runs['idle'][1]:.2f} s idle, {runs['busy'][1]:.2f} s with a core busy",
+              "", "| fencing step | calls | share idle | share busy |", "|---|---:|---:|---:|"]
+    shares = {name: {step: timings.seconds[step] / total for step in STEPS}
+              for name, (timings, total) in runs.items()}
+    lines += [f"| {step} | {runs['idle'][0].calls[step]} | {shares['idle'][step]:.1%} | "
+              f"{shares['busy'][step]:.1%} |" for step in STEPS]
+    lines += [f"| all fencing | | {sum(shares['idle'].values()):.1%} | "
+              f"{sum(shares['busy'].values()):.1%} |"]
     stem = Path(__file__).parent / "results" / "fencing"
-    plot_bars([("share of the ingest's time", {step: timings.seconds[step] / total
-                                               for step in STEPS})],
+    plot_bars([(f"share of the ingest's time, {name}", shares[name]) for name in CONDITIONS],
               stem.with_suffix(".png"), "share of the whole ingest", reference=None)
     print(save_report(lines, stem))
 

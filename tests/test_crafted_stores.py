@@ -27,7 +27,7 @@ from conftest import (
 )
 from crc32c import crc32c
 
-from arraystore import SampleReader
+from arraystore import SampleReader, open_xarray
 from arraystore.errors import MissingChunkError, StoreFormatError
 from arraystore.layout import Layout
 from arraystore.store import Store
@@ -261,8 +261,9 @@ def test_a_linked_array_metadata_file_is_reported(tmp_path: Path, crafted: Make)
 def test_a_link_anywhere_below_the_root_is_never_followed(tmp_path: Path, crafted: Make,
                                                           where: str) -> None:
     """``masks/c`` or the folder of one chunk (``masks/c/1`` raw, ``masks/c/0`` sharded) moved
-    outside and linked back: open refuses the first, every backend the second as it reads,
-    an append refuses to write through it, and ``verify`` names the link."""
+    outside and linked back: open refuses the first, every backend and the xarray view the
+    second as they read, an append refuses to write through it (zarr's writes too), and
+    ``verify`` names the link."""
     layout: Layout = crafted.layout  # type: ignore[attr-defined]
     outside = tmp_path / "outside"
 
@@ -285,6 +286,10 @@ def test_a_link_anywhere_below_the_root_is_never_followed(tmp_path: Path, crafte
         store = Store.open(target, mode="r+")
         with pytest.raises(StoreFormatError, match="symbolic link"):
             store.check_writable(store.schema["masks"], SAMPLE, SAMPLE + 1)
+        with pytest.raises(StoreFormatError, match="symbolic link"):  # zarr's own writes too
+            store.array("masks")[SAMPLE] = 0
+        with pytest.raises(StoreFormatError, match="symbolic link"):  # the xarray view
+            open_xarray(target)["masks"][SAMPLE].load()
     assert "a symbolic link inside the store" in problems(target)
 
 
@@ -292,8 +297,6 @@ def test_slots_past_the_stored_committed_blocks_are_not_in_the_xarray_view(
         crafted: Make) -> None:
     """Arrays grown past the last stored ``committed`` block (a first flush interrupted after
     the resize) hold nothing committed: the view leaves them out like every reader."""
-    from arraystore import open_xarray
-
     def grow(store: Path, _: Layout) -> None:
         for array in [p.name for p in store.iterdir() if (p / "zarr.json").exists()]:
             edit_metadata(store, array, lambda d: d["shape"].__setitem__(0, 5000))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import xarray as xr
 from click.testing import CliRunner
-from conftest import new_bucket
+from conftest import new_bucket, s3_copy
 from crc32c import crc32c
 
 from arraystore import SampleReader, Store, open_xarray
@@ -362,3 +362,58 @@ def test_a_paused_writer_whose_lock_is_broken_changes_nothing_committed(bucket, 
                                           err_msg=f"{sample_id}: {key}")
     report = verify(url)
     assert report.ok, report.problems
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_taken_over_store_fences_the_metadata_and_late_commits_of_its_former_writer(
+        where, tmp_path, shard, request) -> None:
+    """The window the lock check leaves: a writer frozen after its last check wakes after
+    another took the store over. Its metadata write is refused (the store records the new
+    holder's token, checked in the same conditional rewrite), and the slots it marks
+    committed then were revoked by the taking over: no reader counts them."""
+    local = tmp_path / "s.zarr"
+    ingest_to(shard, "raw", local)
+    target = local if where == "local" else s3_copy(
+        local, f"{request.getfixturevalue('bucket')}/s.zarr")
+    committed = Store.open(target).num_committed()
+    former = Store.open(target, "r+")
+    former.claim("former-token")
+    arrays = former.grow([*former.schema.names, "sample", "committed"], committed + 4)
+    holder = Store.open(target, "r+")
+    holder.claim("holder-token", revoke=[(committed, committed + 4)])
+    with pytest.raises(StoreLockedError, match="lock was broken and another writer took"):
+        former.save_meta()
+    arrays["committed"][committed:committed + 4] = True  # the former writer's late commit
+    assert Store.open(target).num_committed() == committed
+    assert len(SampleReader(target)) == committed
+    report = verify(target)
+    assert report.ok, report.problems
+    assert any("after its lock was broken" in note for note in report.notes), report.notes
+    holder.save_meta()
+    assert Store.open(target).revoked() == [(committed, committed + 4)]
+    assert Store.open(target).meta["writer"] == "holder-token"
+
+
+def test_a_conditional_rewrite_that_lost_a_race_is_tried_again(bucket) -> None:
+    """``Location.update`` on S3: another writer rewrites the object between our GET and our
+    conditional PUT; the PUT gets 412 (recognised by S3's error code, not its text) and the
+    change is made again on the other writer's bytes, never over them."""
+    import boto3
+
+    location = Location.of(f"{bucket}/s.zarr")
+    key = location.key_path("k")
+    location.fs.pipe_file(key, b"0")
+    other_writer = boto3.client("s3")
+    seen = []
+
+    def change(current: bytes) -> bytes:
+        seen.append(current)
+        if len(seen) == 1:  # another writer, in between
+            other_writer.put_object(Bucket=bucket.removeprefix("s3://"), Key="s.zarr/k",
+                                    Body=b"other")
+        return current + b"+"
+
+    location.update("k", change)
+    assert seen == [b"0", b"other"]
+    location.fs.invalidate_cache()
+    assert location.fs.cat_file(key) == b"other+"

@@ -105,3 +105,22 @@ def test_a_flipped_byte_in_a_default_store_is_caught_on_read(tmp_path, shard, ba
     flip(out / "image" / "c" / "0" / "0" / "0" / "0", 5000)
     with pytest.raises(ChecksumMismatchError):
         SampleReader(out, backend=backend).read(0)
+
+
+def test_a_lost_committed_block_between_stored_ones_is_reported(tmp_path, shard) -> None:
+    """``committed`` blocks of 2 samples; the middle one lost: its samples read as never
+    committed, so verify names them; the file put back, all is well again."""
+    layout = Layout("raw", block_size=2, checksum=False)
+    out = make(tmp_path, shard, layout)
+    everything = Store.open(out).num_committed()
+    block = out / "committed" / "c" / "1"
+    kept = block.read_bytes()
+    block.unlink()
+    assert Store.open(out).num_committed() == everything - 2
+    report = verify(out)
+    assert not report.ok
+    assert "committed nowhere" in str(report.problems[0]), report.problems
+    assert report.problems[0].file.endswith("committed/c/1")
+    block.write_bytes(kept)
+    assert Store.open(out).num_committed() == everything
+    assert verify(out).ok
