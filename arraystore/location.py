@@ -114,9 +114,15 @@ class Location(ABC):
         return out
 
     @abstractmethod
-    def update(self, key: str, change: Callable[[bytes], bytes | None]) -> None:
+    def update(self, key: str, change: Callable[[bytes], bytes | None]) -> bytes:
         """Rewrite ``key`` as ``change`` makes its current bytes (None: leave it), whole or
-        not at all, and only if nobody rewrote it in between."""
+        not at all, and only if nobody rewrote it in between; returns the bytes it holds
+        then."""
+
+    def update_each(self, keys: Sequence[str],
+                    change: Callable[[bytes], bytes | None]) -> list[bytes]:
+        """:meth:`update` of each of ``keys`` (an object store makes them all at once)."""
+        return [self.update(key, change) for key in keys]
 
     @abstractmethod
     def names(self, prefix: str) -> list[str]:
@@ -196,18 +202,20 @@ class LocalLocation(Location):
         finally:
             os.close(fd)
 
-    def update(self, key: str, change: Callable[[bytes], bytes | None]) -> None:
+    def update(self, key: str, change: Callable[[bytes], bytes | None]) -> bytes:
         """A read, then a new file renamed over ``key`` once durable (the store's writer lock
         keeps every other writer out)."""
-        new = change(self.read_bytes(key))
+        current = self.read_bytes(key)
+        new = change(current)
         if new is None:
-            return
+            return current
         path = self.file(key)
         tmp = path.with_name(path.name + ".partial")
         tmp.write_bytes(new)
         fsync_path(tmp)
         tmp.replace(path)
         fsync_path(path.parent)
+        return new
 
     def names(self, prefix: str) -> list[str]:
         try:
@@ -306,8 +314,9 @@ def local_store_path(path: str | os.PathLike[str]) -> Path:
 
 
 async def _update_s3_object(fs: Any, bucket: str, name: str,
-                            change: Callable[[bytes], bytes | None]) -> bool:
-    """:meth:`ObjectLocation.update` on S3 (s3fs's client); False after 100 lost races."""
+                            change: Callable[[bytes], bytes | None]) -> bytes | None:
+    """:meth:`ObjectLocation.update` on S3 (s3fs's client): the bytes stored then; None after
+    100 lost races."""
     for _ in range(100):
         got = await fs._call_s3("get_object", Bucket=bucket, Key=name)
         try:
@@ -316,15 +325,15 @@ async def _update_s3_object(fs: Any, bucket: str, name: str,
             got["Body"].close()
         new = change(body)
         if new is None:
-            return True
+            return body
         try:
             await fs._call_s3("put_object", Bucket=bucket, Key=name, Body=new,
                               IfMatch=got["ETag"])
-            return True
+            return new
         except OSError as exc:
             if not _precondition_failed(exc):
                 raise
-    return False
+    return None
 
 
 def _precondition_failed(exc: OSError) -> bool:
@@ -421,25 +430,42 @@ class ObjectLocation(Location):
     def read_many(self, keys: Sequence[str]) -> list[bytes | None]:
         return self.read_ranges(keys, [0] * len(keys), [None] * len(keys))
 
-    @_remote
-    def update(self, key: str, change: Callable[[bytes], bytes | None]) -> None:
+    def update(self, key: str, change: Callable[[bytes], bytes | None]) -> bytes:
         """Rewrite ``key`` as ``change`` makes its current bytes (None: leave it), and only if
         nobody rewrote it in between: on S3 a PUT conditioned on the ETag the GET returned
         (``If-Match``), tried again when another write came first; elsewhere a plain read and
         write."""
-        path = self.key_path(key)
+        return self.update_each([key], change)[0]
+
+    @_remote
+    def update_each(self, keys: Sequence[str],
+                    change: Callable[[bytes], bytes | None]) -> list[bytes]:
+        """:meth:`update` of each of ``keys``, all at once."""
+        paths = [self.key_path(key) for key in keys]
         if self.scheme != "s3":
-            new = change(self.fs.cat_file(path))
-            if new is not None:
-                self.fs.pipe_file(path, new)
-            return
+            out = []
+            for path in paths:
+                current = self.fs.cat_file(path)
+                new = change(current)
+                if new is not None:
+                    self.fs.pipe_file(path, new)
+                out.append(current if new is None else new)
+            return out
+        import asyncio
+
         from fsspec.asyn import sync
 
-        bucket, _, name = path.partition("/")
-        if not sync(self.fs.loop, _update_s3_object, self.fs, bucket, name, change):
-            raise StoreAccessError(f"{self.where(key)}: rewritten by other writers 100 times "
-                                   f"in a row")
-        self.fs.invalidate_cache(path)
+        async def each() -> list[bytes | None]:
+            return await asyncio.gather(*(_update_s3_object(self.fs, *path.split("/", 1), change)
+                                          for path in paths))
+
+        stored = sync(self.fs.loop, each)
+        for key, path, got in zip(keys, paths, stored, strict=True):
+            self.fs.invalidate_cache(path)
+            if got is None:
+                raise StoreAccessError(f"{self.where(key)}: rewritten by other writers 100 "
+                                       f"times in a row")
+        return stored
 
     @_remote
     def names(self, prefix: str) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 import zarr
+from zarr.storage import StorePath
 
 from arraystore import __version__
 from arraystore.beneath import open_beneath
@@ -317,17 +318,23 @@ class Store:
         only while the writer still holds the store (:attr:`fence`, checked once). A writer
         frozen after that check, whose lock was broken meanwhile, must not shrink what the new
         holder grew: in an object store each array's metadata is rewritten only if nobody
-        rewrote it since it was read (:meth:`Location.update`: ``If-Match`` on S3); on a disk
-        the ``flock`` leaves no other writer."""
+        rewrote it since it was read (:meth:`Location.update_each`: ``If-Match`` on S3, every
+        array at once), and the arrays are made from the metadata stored then, not read
+        again; on a disk the ``flock`` leaves no other writer."""
         self._fenced()
-        grown = {}
-        for name in names:
-            if not self.location.is_local:
-                self.location.update(f"{name}/zarr.json", functools.partial(_grown, stop=stop))
-            array = grown[name] = self.array(name)
-            if array.shape[0] < stop:
-                array.resize((stop, *array.shape[1:]))
-        return grown
+        names = list(names)
+        if self.location.is_local:
+            grown = {}
+            for name in names:
+                array = grown[name] = self.array(name)
+                if array.shape[0] < stop:
+                    array.resize((stop, *array.shape[1:]))
+            return grown
+        stored = self.location.update_each([f"{name}/zarr.json" for name in names],
+                                           functools.partial(_grown, stop=stop))
+        return {name: zarr.Array.from_dict(StorePath(self.group.store, name), json.loads(raw))
+                .with_config({"write_empty_chunks": True})
+                for name, raw in zip(names, stored, strict=True)}
 
     def check_writable(self, f: Field, start: int, stop: int) -> None:
         """Refuse to write samples ``start`` to ``stop`` of ``f`` when a folder on the way to
