@@ -1,5 +1,7 @@
 """The busy condition of the benchmarks: another process keeping one core busy, as a training
-job's own work (the model step, a logger, a neighbour) does beside its data loading.
+job's own work (the model step, a logger, a neighbour) does beside its data loading; and for
+DataLoader rows, a training step of :data:`STEP_SECONDS` of compute in the main process between
+batches.
 
 ``conditions()`` yields ``"idle"`` then ``"busy"``: the same measurement runs in both, and each
 report shows both columns. The busy loop is a plain Python ``while True`` in its own process,
@@ -15,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 CONDITIONS = ("idle", "busy")
+STEP_SECONDS = 0.005  # the busy condition's training step between DataLoader batches
 SPIN = "while True:\n    pass\n"
 
 
@@ -40,3 +43,11 @@ def condition(name: str) -> Iterator[None]:
         return
     with busy_core():
         yield
+
+
+def training_step(seconds: float) -> None:
+    """Keep the main process's core busy for ``seconds``, as a training step does between
+    batches (the busy condition's DataLoader rows)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass

@@ -9,12 +9,10 @@ copies of the real readers do. Values are NumPy arrays: they pickle into DataLoa
 without one shared-memory file descriptor per tensor.
 
 ``halves=True`` copies an item the way the direct backend reads one from a disk, with the same
-code (:func:`arraystore.readers.halves.read_in_halves`): being in memory, its fields one after
-the other, each copy split across torch's intra-op threads (:mod:`arraystore.readers.intra_op`)
-where torch has several, else in two halves by size at once, the keys of the calling thread's
-half built while the helper thread still copies. That is the ceiling of
-``ZarrDistillDataset[i]``: the same threads and the same dict, with memory copies in place of
-``preadv`` and mapped copies.
+code (:func:`arraystore.readers.halves.read_in_halves`): two halves of its fields by size at
+once, the keys of the calling thread's half built while the helper thread still copies. That
+is the ceiling of ``ZarrDistillDataset[i]``: the same threads and the same dict, with memory
+copies in place of ``preadv`` and mapped copies.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from arraystore.readers import intra_op
 from arraystore.readers.base import FieldReader
 from arraystore.readers.halves import read_in_halves, split_by_size
 from loaders.distill_item import ALL_KEYS, buildable_part, distill_item
@@ -41,11 +38,8 @@ class HeldField(FieldReader):
 
     def read_sample(self, sample: int) -> np.ndarray:
         out = np.empty_like(self.values[sample])
-        intra_op.copy(out, self.values[sample])
+        np.copyto(out, self.values[sample])
         return out
-
-    def in_memory(self, sample: int) -> bool:
-        return True
 
 
 class InMemoryDataset:

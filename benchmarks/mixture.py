@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from arraystore import Field, Layout, Schema, Store, ingest
 from arraystore.store import COMMITTED_ARRAY, SAMPLE_ARRAY
-from benchmarks.busy import CONDITIONS, condition
+from benchmarks.busy import CONDITIONS, STEP_SECONDS, condition, training_step
 from benchmarks.data import fill_store
 from benchmarks.report import command_line, machine, plot_bars, save_report
 from benchmarks.run import interleaved
@@ -45,7 +45,6 @@ from loaders import (
 
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "sa1b_sample.tar"
 BATCH = 8
-STEP_SECONDS = 0.005  # the busy condition's training step between batches
 
 
 class LengthsOnly(Dataset):
@@ -118,14 +117,6 @@ def scale(root: Path, big: int) -> list[tuple[str, float, float, str]]:
         rows.append((f"Mixture + one {name} epoch, {big:,} samples", seconds, peak,
                      "≤ 2 s, ≤ 200 MB"))
     return rows
-
-
-def training_step(seconds: float) -> None:
-    """Keep the main process's core busy for ``seconds``, as a training step does between
-    batches (the busy condition's DataLoader rows)."""
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        pass
 
 
 def loader_run(dataset: Any, batches: list[list[int]], collate: Callable,

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from arraystore import Layout, ingest
 from arraystore.info import store_info
+from benchmarks.busy import training_step
 from benchmarks.data import write_sa1b_shard
 from benchmarks.in_memory import InMemoryDataset
 from benchmarks.profile import time_shares
@@ -85,9 +86,11 @@ def read_pages(batch: dict[str, Any]) -> None:
 
 
 def loader_run(dataset: Any, indices: np.ndarray, batch_size: int, workers: int = 2,
-               read_batches: bool = False) -> Callable[[], int]:
+               read_batches: bool = False, step: list[float] | None = None) -> Callable[[], int]:
     """Items per round of a DataLoader with ``collate_distill`` (``workers`` 0: in this
-    process), the main process reading every page of each batch with ``read_batches``."""
+    process), the main process reading every page of each batch with ``read_batches``, and
+    doing ``step[0]`` seconds of a training step after each (``step`` is read every batch, so
+    a caller switches it between conditions)."""
     parallel = {"multiprocessing_context": "forkserver", "prefetch_factor": 4,
                 "persistent_workers": True} if workers else {}
     loader = DataLoader(dataset, batch_size=batch_size, sampler=indices.tolist(),
@@ -100,6 +103,8 @@ def loader_run(dataset: Any, indices: np.ndarray, batch_size: int, workers: int 
         for batch in loader:
             if read_batches:
                 read_pages(batch)
+            if step is not None:
+                training_step(step[0])
             items += len(batch["image_id"])
         return items
     return run

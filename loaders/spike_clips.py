@@ -38,7 +38,6 @@ from torch.utils.data import Dataset, default_collate
 
 from arraystore.errors import ArrayStoreError, OptionError
 from arraystore.reader import SampleReader
-from arraystore.readers.intra_op import torch_threads
 from arraystore.region import Region, region_shape
 from loaders.batched import Batched, allocate_arrays
 from loaders.frame_cache import ProcessLocalCache
@@ -209,13 +208,12 @@ class SpikeClipDataset(Dataset):
         RAM cache when there is one: cached frames are kept channels-first, and a window is
         first copied into ``staging``, a contiguous uint8 buffer of ``out``'s shape (row
         copies from a frame in RAM run far faster than converting straight from it), then
-        divided: by torch where it has several threads to spread over, by
-        :func:`unit_floats` on one (a DataLoader worker) and in a forked child (torch's
-        OpenMP threads do not survive ``fork``: :mod:`arraystore.readers.intra_op`). 10
-        windows, NumPy against torch: 1.0 against 1.24 ms on one thread, 0.83 against 0.49 on
-        two; cached clips through a DataLoader of 2 workers 637 -> 721 clips/s. Without a
-        cache, read straight from the store, its channels split by OpenCV (several times
-        faster than a permuted copy), each converted by :func:`unit_floats`."""
+        divided by :func:`unit_floats` on the calling thread. torch's division on two
+        intra-op threads was faster on an idle machine (10 windows: 0.49 against 0.83 ms),
+        but an OpenMP team in the caller's process stalls whenever another process takes one
+        of its cores, and hangs in a forked child. Without a cache, read straight from the
+        store, its channels split by OpenCV (several times faster than a permuted copy), each
+        converted by :func:`unit_floats`."""
         cache = self.cache.get()
         if cache is None:
             window = self.reader.read_region(frame, name, region)
@@ -225,12 +223,8 @@ class SpikeClipDataset(Dataset):
         channels_first = cache.get_or_load((name, frame), lambda: np.ascontiguousarray(
             self.reader.read(frame, (name,))[name].transpose(2, 0, 1)))
         window = channels_first[(slice(None), *region)]
-        if torch_threads() > 1:
-            staging.copy_(torch.from_numpy(window))
-            torch.div(staging, 255.0, out=out)
-        else:  # one thread, or a forked child, where torch's OpenMP threads would hang
-            np.copyto(staging.numpy(), window)
-            unit_floats(staging.numpy(), out)
+        np.copyto(staging.numpy(), window)
+        unit_floats(staging.numpy(), out)
 
     def _voxel_window(self, frame: int, region: Region) -> np.ndarray:
         """(bins, h', w') uint16 voxels of the spike ``region`` (rows, columns) of one frame.

@@ -14,9 +14,10 @@ import torch
 from arraystore import Layout, SampleReader, ingest
 from arraystore.errors import ChecksumMismatchError, StoreFormatError
 from arraystore.readers import direct
-from arraystore.readers.mapped import ENV_SWITCH, MIN_MAPPED_CHUNK
+from arraystore.readers.mapped import ENV_SWITCH, MIN_MAPPED_CHUNK, MappedShard
 from converters.sa1b.source import Sa1bTarSource
-from loaders import ZarrDistillDataset, collate_distill
+from loaders import BatchLoader, ZarrDistillDataset, collate_distill
+from tests.conftest import BACKENDS, assert_same_values
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["plain", "crc32c"])
@@ -160,3 +161,49 @@ def test_dataloader_workers_after_the_parent_mapped(sharded: Path, context: str)
             rows += len(batch["image"])
         assert rows == len(dataset)
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_items_read_again_equal_their_first_read(layout_store, backend: str,
+                                                 torch_threads: int) -> None:
+    """Every item read three times (from the second read on, a sharded item's chunks come out
+    of its mappings) equals zarr-python's read, on every layout and backend, whatever torch's
+    thread count."""
+    layout, path = layout_store
+    reference = SampleReader(path, backend="zarr")
+    reader = SampleReader(path, backend=backend)
+    for _ in range(3):
+        for i in range(len(reader)):
+            assert_same_values(reader.read(i), reference.read(i), f"{layout}, sample {i}")
+
+
+def test_items_and_batches_read_again_build_the_same_dicts(layout_store) -> None:
+    """Items read again, and a BatchLoader's threads reading samples again, build what the
+    first reads built."""
+    layout, path = layout_store
+    dataset = ZarrDistillDataset(path)
+    first = [dataset[i] for i in range(len(dataset))]
+    for i in range(len(dataset)):
+        assert_same_values(dataset[i], first[i], f"{layout}, item {i}")
+    order = list(range(len(dataset))) * 3
+    got = list(BatchLoader(dataset, 2, sampler=order, threads=2, copy=True))
+    for k, batch in enumerate(got):
+        assert_same_values(batch, collate_distill([first[i] for i in order[2 * k:2 * k + 2]]))
+
+
+def test_mapped_memory_stays_read_only(tmp_path: Path) -> None:
+    """What a mapping serves is read-only and shown as such: nothing writes through it."""
+    path = tmp_path / "shard"
+    path.write_bytes(bytes(range(256)) * 2048)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        shard = MappedShard.open(fd, 2, MIN_MAPPED_CHUNK)
+        assert shard is not None and shard.chunk(1, MIN_MAPPED_CHUNK, MIN_MAPPED_CHUNK) is None
+        served = shard.chunk(1, MIN_MAPPED_CHUNK, MIN_MAPPED_CHUNK)  # read before: mapped
+        assert served is not None and not served.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            served[0] = 1
+        del served  # no view outlives a copy (the readers copy at once)
+        shard.close()
+    finally:
+        os.close(fd)

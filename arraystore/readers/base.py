@@ -30,12 +30,6 @@ class FieldReader(ABC):
         read. This default slices :meth:`read`; the direct backend reads straight into it."""
         return self.read(sample, sample + 1)[0]
 
-    def in_memory(self, sample: int) -> bool | None:
-        """Whether reading sample ``sample`` is a copy out of memory already mapped (the
-        direct backend's shards read before, :mod:`.mapped`); None where it is never read that
-        way (this default; chunks too small to map, or mapped reads switched off)."""
-        return None
-
     def read_into(self, sample: int, out: np.ndarray) -> None:
         """Sample ``sample`` written into ``out`` (the field's shape and dtype, C-contiguous):
         a batch buffer's slot, in shared memory when filled in a DataLoader worker. This

@@ -24,7 +24,6 @@ from arraystore.errors import ChecksumMismatchError, MissingChunkError, StoreFor
 from arraystore.keys import ChunkPaths
 from arraystore.layout import Layout
 from arraystore.location import LocalLocation, Location
-from arraystore.readers import intra_op
 from arraystore.readers.base import Backend, FieldReader, WhileWaiting
 from arraystore.readers.halves import Split, read_in_halves, split_by_size
 from arraystore.readers.mapped import MappedShard
@@ -386,7 +385,7 @@ class ShardReader(_DirectFieldReader):
         (fd, _, path, mapped), offset, _, slot = located
         stored = None if mapped is None else mapped.chunk(slot, offset, self.chunk_bytes)
         if stored is not None:  # read (and its crc32c checked) before, in this process
-            intra_op.copy(out, stored[:out.nbytes])
+            np.copyto(out.reshape(-1).view(np.uint8), stored[:out.nbytes])
             return
         # a C-contiguous array is itself the buffer preadv fills
         crc_buffer = bytearray(CRC_BYTES if self.checksum else 0)
@@ -397,11 +396,6 @@ class ShardReader(_DirectFieldReader):
         if self.checksum:
             check_crc(memoryview(out.reshape(-1).view(np.uint8)), bytes(crc_buffer),
                       self.field.name, sample, path)
-
-    def in_memory(self, sample: int) -> bool | None:
-        handle, _, _, slot = self._chunk_of(sample)
-        mapped = handle.mapped  # None: this reader does not map (MappedShard.open)
-        return None if mapped is None else mapped.read_before(slot)
 
     def read_into(self, sample: int, out: np.ndarray) -> None:
         if fits(out, self.dtype):

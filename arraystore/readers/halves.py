@@ -1,4 +1,4 @@
-"""Read an item's fields from a disk in two halves at once, or out of memory on every core.
+"""Read an item's fields from a disk in two halves at once.
 
 The calling thread reads one half of an item's bytes while a helper thread reads the other:
 ``preadv`` releases the GIL, and two threads copy memory faster than one (on the 2-core VM of
@@ -7,10 +7,12 @@ are split by size, not one task per field: handing work to a thread costs tens o
 microseconds, more than reading a small field, so an item makes one hand-off. Items under
 :data:`MIN_SPLIT_BYTES`, and machines with one core, read their fields in turn.
 
-An item whose mapped fields were all read before (:mod:`.mapped`: reading it is memory
-copies) skips the helper where torch's intra-op threads can split each copy instead
-(:mod:`.intra_op`): no hand-off, no thread to wake, both cores on every copy. Its fields are
-then read in turn on the calling thread.
+Items whose chunks are copied out of mappings (:mod:`.mapped`) take the same two halves. The
+copies are not split across torch's intra-op (OpenMP) threads: that was faster on an idle
+machine (1.41x against 1.30x the lean ``.bin`` reader) but collapsed when another process kept
+a core busy (0.22-0.30x: an OpenMP team waits at every parallel region for its descheduled
+member, ``benchmarks/results/checksums.md`` before this change), where the helper, a thread
+that blocks, just runs later.
 
 One helper thread per process, started on first use and again in a forked child (threads do not
 survive ``fork``).
@@ -26,7 +28,6 @@ import numpy as np
 
 from arraystore.machine import available_cores
 from arraystore.readers.base import FieldReader, WhileWaiting
-from arraystore.readers.intra_op import parallel_copies, torch_threads
 
 MIN_SPLIT_BYTES = 1 << 20
 Split = tuple[tuple[int, ...], tuple[int, ...]] | None
@@ -59,25 +60,14 @@ def split_by_size(sizes: Sequence[int]) -> Split:
     return tuple(groups[heavier]), tuple(groups[1 - heavier])
 
 
-def all_in_memory(readers: Sequence[FieldReader], sample: int) -> bool:
-    """Whether every reader of ``readers`` that can read out of memory will for ``sample``
-    (:meth:`~arraystore.readers.base.FieldReader.in_memory`), and at least one can."""
-    states = [reader.in_memory(sample) for reader in readers]
-    return True in states and False not in states
-
-
 def read_in_halves(readers: Sequence[FieldReader], sample: int, split: Split,
                    while_waiting: WhileWaiting | None = None) -> list[np.ndarray]:
     """Sample ``sample`` of each of ``readers``, in order: the heavier group of ``split`` read
     on the helper thread while this one reads the lighter group and then calls
     ``while_waiting`` with what it read (index in ``readers`` -> value), work that overlaps
-    the helper's reads. All read in turn, and no call, when ``split`` is None; in turn with
-    their copies on torch's intra-op threads when the item is in memory (:mod:`.intra_op`)."""
+    the helper's reads. All read in turn, and no call, when ``split`` is None."""
     if split is None:
         return [reader.read_sample(sample) for reader in readers]
-    if torch_threads() > 1 and all_in_memory(readers, sample):
-        with parallel_copies():
-            return [reader.read_sample(sample) for reader in readers]
     helpers, mine = split
     pending = _helper_thread().submit(
         lambda: [readers[i].read_sample(sample) for i in helpers])

@@ -40,8 +40,6 @@ import os
 
 import numpy as np
 
-from arraystore.readers.intra_op import writable_view
-
 ENV_SWITCH = "ARRAYSTORE_MAPPED_READS"
 MIN_MAPPED_CHUNK = 1 << 17  # bytes of an inner chunk; smaller ones are read with preadv
 
@@ -57,8 +55,7 @@ class MappedShard:
     def __init__(self, fd: int, size: int, inner_chunks: int) -> None:
         self._fd = fd  # the shard's descriptor, owned by its reader
         self._map = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-        # flagged writable for torch's copies (:mod:`.intra_op`); the pages stay read-only
-        self._bytes = writable_view(np.frombuffer(self._map, np.uint8))
+        self._bytes = np.frombuffer(self._map, np.uint8)  # read-only, as the pages are
         self._read_before = bytearray(inner_chunks)
 
     @classmethod
@@ -73,11 +70,6 @@ class MappedShard:
             return cls(fd, os.fstat(fd).st_size, inner_chunks)
         except (OSError, ValueError):
             return None
-
-    def read_before(self, slot: int) -> bool:
-        """Whether inner chunk ``slot`` was read before: :meth:`chunk` serves it from the
-        mapping (unless the file was cut short since)."""
-        return bool(self._read_before[slot])
 
     def chunk(self, slot: int, offset: int, nbytes: int) -> np.ndarray | None:
         """The ``nbytes`` mapped bytes of inner chunk ``slot`` at byte ``offset``, to copy
