@@ -30,7 +30,7 @@ from converters.sa1b.source import Sa1bTarSource
 
 def full_frame_derive(rgb: np.ndarray, annotations: list, max_boxes: int,
                       kernel_size: int = 3) -> dict[str, np.ndarray]:
-    """DESIGN.md's mask-derived fields computed as written: every mask decoded to a C-order
+    """The mask-derived fields of docs/format.md as written: every mask decoded to a C-order
     H x W array, union and ``MORPH_GRADIENT > 0`` OR'd over the whole image."""
     height, width = rgb.shape[:2]
     union = np.zeros((height, width), np.uint8)

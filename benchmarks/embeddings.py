@@ -1,4 +1,4 @@
-"""Embedding benchmark (SEEDS.md 001): ``ingest coco-embeddings`` with its defaults and the real
+"""Embedding benchmark (docs/formats.md): ``ingest coco-embeddings`` with its defaults and the real
 ViT-B-16-SigLIP architecture at random weights, against the bare image tower's best rate on the
 same crops (batch 1, 8 or 32, whichever is fastest), idle and with one core busy; the old default
 of two decode processes beside the model; ``EmbeddingTable`` build time and lookups/s at 10^6

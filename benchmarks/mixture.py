@@ -1,4 +1,4 @@
-"""Mixture benchmark (SEEDS.md 004): building a ``Mixture`` and one epoch of sampler indices at
+"""Mixture benchmark (docs/formats.md): building a ``Mixture`` and one epoch of sampler indices at
 10^7 samples (time and peak memory), a 10^6-sample store as a source, and DataLoader throughput
 of a mixture against the throughputs of its sources read alone, interleaved in one run.
 

@@ -161,7 +161,7 @@ def write_report(results: Results, stem: Path) -> str:
         f"- machine: {machine()}",
         f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; page cache warm",
         f"- command: `{cmd}`",
-        f"- item: the dict of SEEDS.md 000, {results.item_bytes / 2**20:.2f} MiB of tensors; "
+        f"- item: the `.bin` reader's item dict, {results.item_bytes / 2**20:.2f} MiB of tensors; "
         f"SA-1B-shaped samples (1500×2250-class JPEGs, {results.args['masks']} masks each, "
         f"compressed feature NPZs)",
         "- method: readers take turns within each round, in a random order; the median round "

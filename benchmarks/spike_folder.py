@@ -1,4 +1,4 @@
-"""The seed's own loading path (SEEDS.md 003), reimplemented as the benchmark's baseline: per
+"""The seed's own loading path (docs/formats.md), reimplemented as the benchmark's baseline: per
 item, read each frame's ``.dat`` and decode its two PNGs from the folder tree, voxelise with
 NumPy, then crop. Same clips, same crops and same item dict as ``SpikeClipDataset``."""
 

@@ -1,5 +1,5 @@
 """torch Datasets over arraystore stores that return exactly the dicts existing training code
-expects (SEEDS.md 000), plus the reference reader of the raw ``.bin`` format.
+expects (docs/formats.md), plus the reference reader of the raw ``.bin`` format.
 
 Names are imported lazily so that ``loaders.bin_format`` (NumPy only) can be used without
 importing torch.

@@ -1,4 +1,4 @@
-"""The raw fixed-stride ``.bin`` format of SEEDS.md 000 (``BinaryDistillDataset``).
+"""The raw fixed-stride ``.bin`` format (docs/formats.md) (``BinaryDistillDataset``).
 
 One file per group of fields; sample ``i`` of a file sits at byte ``i * item_size``; within an
 item the fields follow one another in a fixed order, little-endian, C order. ``config.json``
@@ -68,7 +68,7 @@ class BinFile:
 
 
 def bin_files(max_boxes: int = DEFAULT_MAX_BOXES) -> tuple[BinFile, ...]:
-    """The files of a ``.bin`` dataset with ``max_boxes`` boxes per sample (SEEDS.md 000: 1)."""
+    """The files of a ``.bin`` dataset with ``max_boxes`` boxes per sample (usually 1)."""
     k = max_boxes
     maps = tuple(
         BinPart(f"{kind}_map_{s}", (s, s), "<f4") for s in (128, 64, 32) for kind in ("fg", "bg")

@@ -1,4 +1,4 @@
-"""``BinaryDistillDataset``: the reference reader of SEEDS.md 000's raw ``.bin`` format.
+"""``BinaryDistillDataset``: the reference reader of the raw ``.bin`` format (docs/formats.md).
 
 Kept beside the Zarr dataset so tests can compare items and benchmarks can compare speed. Like
 the original, each process opens its own file handles (lazily, reopened after a fork) and reads
@@ -19,7 +19,7 @@ from loaders.distill_item import DISTILL_FIELDS, distill_item
 
 
 class BinaryDistillDataset(Dataset):
-    """Items of a ``.bin`` dataset folder as the dicts of SEEDS.md 000."""
+    """Items of a ``.bin`` dataset folder as the dicts of the ``.bin`` reader (docs/formats.md)."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         directory = open_bin_directory(root)

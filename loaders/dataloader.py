@@ -1,4 +1,4 @@
-"""DataLoader settings as SEEDS.md 003 configured them, resolved for this machine.
+"""DataLoader settings as the spike-camera training configured them, resolved for this machine.
 
 ``total_workers``: ``"auto"`` (0.8 x the CPU cores), ``"cpu*F"`` (F x the cores) or an int, split
 across ``gpus`` processes. Prefetch 4 batches per worker for training, 2 for validation
@@ -84,7 +84,7 @@ def dataloader_kwargs(
 
 def timed(loader: Iterable[T]) -> Iterator[tuple[T, float]]:
     """``(batch, data_time)`` for each batch of ``loader``: the seconds the training loop waited
-    for that batch (the ``data_time`` a training log reports per step, as SEEDS.md 003's did).
+    for that batch (the ``data_time`` a training log reports per step, as the old loader did).
     Time the loop spends between batches (the training step) is not counted."""
     iterator = iter(loader)
     while True:

@@ -1,4 +1,4 @@
-"""The item dict of ``BinaryDistillDataset`` (SEEDS.md 000), built from ``sa1b`` field values.
+"""The item dict of ``BinaryDistillDataset`` (docs/formats.md), built from ``sa1b`` field values.
 
 Both the Zarr dataset and the reference ``.bin`` reader build their items here, so they cannot
 drift apart. Keys, dtypes and shapes are the contract the training code depends on. Each key is

@@ -1,5 +1,5 @@
 """``Mixture``: several stores (or map-style Datasets) as one map-style dataset for one training
-run (SEEDS.md 004), with per-source repeats, weights, ``modality_length`` and missing optional
+run (docs/formats.md), with per-source repeats, weights, ``modality_length`` and missing optional
 sources skipped.
 
 Index space: source after source, each ``repeats`` times (``[sav][sa1b][refcoco x4]``); index

@@ -1,5 +1,5 @@
 """``SpikeClipDataset``: clips of consecutive GoPro frames with their spike voxels, randomly
-cropped, from a ``gopro_spike`` store (SEEDS.md 003).
+cropped, from a ``gopro_spike`` store (docs/formats.md).
 
 A clip is ``clip_len`` frames of one sequence whose ``frame_index`` values are consecutive: it
 never spans a frame left out at ingest, nor two sequences. Clips start every ``clip_stride``
@@ -71,7 +71,7 @@ def unit_floats(pixels: np.ndarray, out: torch.Tensor) -> None:
 
 
 class NoValidSamplesError(ArrayStoreError, RuntimeError):
-    """A split of a store holds no clip of the asked length (SEEDS.md 003's "No valid samples
+    """A split of a store holds no clip of the asked length (the old loader's "No valid samples
     found")."""
 
 

@@ -1,4 +1,4 @@
-"""Spike-camera voxels (SEEDS.md 003): ``frames`` binary spike frames summed into ``bins`` bins.
+"""Spike-camera voxels (docs/formats.md): ``frames`` binary spike frames summed into ``bins`` bins.
 
 Bin ``b`` is the sum of the frames ``[b * frames / bins, (b + 1) * frames / bins)``: with 10
 frames and 5 bins, each bin sums 2 consecutive frames. The sums are exact integers in

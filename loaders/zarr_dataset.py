@@ -31,7 +31,7 @@ SA1B_KIND = "sa1b"
 
 
 class ZarrDistillDataset(Dataset):
-    """Items of an ``sa1b`` store as the dicts of SEEDS.md 000.
+    """Items of an ``sa1b`` store as the dicts of the ``.bin`` reader (docs/formats.md).
 
     ``backend``: ``auto`` (direct ``pread`` for uncompressed layouts, TensorStore for compressed
     ones), ``direct``, ``tensorstore`` or ``zarr``. ``keys``: the item keys to return (default:

@@ -1,4 +1,4 @@
-"""Train-style reading of three stores at once (SEEDS.md 004): SA-1B from the bundled sample,
+"""Train-style reading of three stores at once (docs/formats.md): SA-1B from the bundled sample,
 SAV-style frame pairs and referring data with captions (generated NPZs), plus an OpenImages
 source that is not on disk; RefCOCO repeated 4 times, batches grouped by modality_length.
 

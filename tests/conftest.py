@@ -121,7 +121,7 @@ def torch_threads(request: pytest.FixtureRequest) -> Iterator[int]:
 
 def write_bin_dataset(root: Path, num_samples: int, seed: int = 0, max_boxes: int = 1,
                       config: dict | None = None) -> Path:
-    """A random ``.bin`` dataset folder in SEEDS.md 000's format (valid metadata values)."""
+    """A random ``.bin`` dataset folder (docs/formats.md), with valid metadata values."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     files = bin_files(max_boxes)

@@ -1,4 +1,4 @@
-"""Per-segment SigLIP embeddings of COCO panoptic (SEEDS.md 001): every stored embedding equals
+"""Per-segment SigLIP embeddings of COCO panoptic (docs/formats.md): every stored embedding equals
 a direct call of a real, random-weight ViT-B-16-SigLIP on the crop computed here from the
 definition; the preprocessing is the pretrained tag's; resume; the old cache both ways; lookups."""
 

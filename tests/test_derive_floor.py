@@ -1,5 +1,5 @@
 """The fast derive (per-mask work confined to the mask's box, in pycocotools' transposed frame)
-gives, bit for bit, what the plain full-frame definition of DESIGN.md gives: on the bundled
+gives, bit for bit, what the plain full-frame definition of docs/format.md gives: on the bundled
 sample, on SA-1B-like samples with many masks, and on masks touching every border."""
 
 from __future__ import annotations

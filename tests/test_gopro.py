@@ -1,5 +1,5 @@
 """``arraystore ingest gopro``: the folder tree into a ``gopro_spike`` store, exact voxels, and
-every broken input named (SEEDS.md 003)."""
+every broken input named (docs/formats.md)."""
 
 from __future__ import annotations
 

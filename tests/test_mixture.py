@@ -1,4 +1,4 @@
-"""``Mixture`` and its samplers (SEEDS.md 004): repeats and weights exactly as declared, ranks
+"""``Mixture`` and its samplers (docs/formats.md): repeats and weights exactly as declared, ranks
 that partition an epoch, resumable state, length grouping, missing sources, mixed-kind batches,
 ``mix.toml`` and ``arraystore mix describe``."""
 

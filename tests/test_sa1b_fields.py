@@ -1,4 +1,4 @@
-"""Every sa1b field against its DESIGN.md definition, recomputed here independently.
+"""Every sa1b field against its definition in docs/format.md, recomputed here independently.
 
 The masks are generated with known geometry (rectangles, disks); edges are recomputed with a NumPy
 3x3 window (max != min), INTER_AREA at whole-number factors is a block mean, boxes come from mask

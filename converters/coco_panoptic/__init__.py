@@ -1,3 +1,3 @@
-"""The ``mask_embeddings`` kind (SEEDS.md 001): one SigLIP embedding per COCO panoptic segment,
+"""The ``mask_embeddings`` kind (docs/formats.md): one SigLIP embedding per COCO panoptic segment,
 computed at ingest (``arraystore ingest coco-embeddings``) or imported from the old
 ``inst2feat.tsv`` + ``.npy`` cache (``ingest vis-cache``, ``export tsv``)."""

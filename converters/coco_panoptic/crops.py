@@ -1,4 +1,4 @@
-"""The exact crop of one panoptic segment (SEEDS.md 001; the issue's definition).
+"""The exact crop of one panoptic segment (docs/formats.md).
 
 Pure NumPy, no model: segment ids from the PNG's RGB (``R + 256 G + 256^2 B``), the segment's
 tight box, the padded crop clipped to the image, and the background faded toward black.

@@ -1,5 +1,5 @@
 """``arraystore ingest coco-embeddings ROOT --split val2017 --weights FILE``: one SigLIP
-embedding per COCO panoptic segment (SEEDS.md 001).
+embedding per COCO panoptic segment (docs/formats.md).
 
 A record is an image with its listed segments; workers decode the image and its panoptic PNG,
 cut each segment's faded crop (:mod:`converters.coco_panoptic.crops`) and preprocess it with the

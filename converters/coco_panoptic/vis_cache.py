@@ -1,4 +1,4 @@
-"""The old embedding cache of SEEDS.md 001, both ways: ``inst2feat.tsv`` (``image_id``,
+"""The old embedding cache (docs/formats.md), both ways: ``inst2feat.tsv`` (``image_id``,
 ``segment_id``, ``feat_file``) plus one ``<image_id>_<segment_id>.npy`` per segment.
 
 ``ingest vis-cache DIR`` imports it exactly: the embeddings as stored, and -- since the cache
@@ -91,7 +91,7 @@ def segment_facts(path: Path) -> dict[tuple[int, int], tuple[int, int, tuple[flo
 
 
 class VisCacheSource(Source):
-    """An inst2feat.tsv + .npy embedding cache (SEEDS.md 001), imported exactly."""
+    """An inst2feat.tsv + .npy embedding cache (docs/formats.md), imported exactly."""
 
     name = "vis-cache"
     kind = KIND
@@ -186,7 +186,7 @@ def _write_whole(path: Path, data: bytes) -> None:
 
 
 class TsvExporter(Exporter):
-    """A mask_embeddings store back to inst2feat.tsv + one .npy per segment (SEEDS.md 001)."""
+    """A mask_embeddings store back to inst2feat.tsv + one .npy per segment (docs/formats.md)."""
 
     name = "tsv"
     kinds = (KIND,)

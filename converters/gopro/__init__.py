@@ -1,2 +1,2 @@
 """The ``gopro_spike`` dataset kind: GoPro blur/sharp frames with spike-camera streams
-(SEEDS.md 003) from a ``ROOT/<split>/<SEQ>/{blur,sharp,spike}/`` folder tree into a store."""
+(docs/formats.md) from a ``ROOT/<split>/<SEQ>/{blur,sharp,spike}/`` folder tree into a store."""

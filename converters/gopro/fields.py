@@ -1,4 +1,4 @@
-"""The schema of the ``gopro_spike`` kind: one sample per frame (SEEDS.md 003)."""
+"""The schema of the ``gopro_spike`` kind: one sample per frame (docs/formats.md)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ one input unit: provenance records it, so a re-run skips sequences already inges
 naturally (``2`` before ``10``); ``frame_index`` is a stem's position among all stems of its
 sequence, so a frame left out (broken, or missing a file) leaves a gap that clips never span.
 
-A ``.dat`` is raw uint8 without a header: ``frames x h x w`` bytes (SEEDS.md 003: 10 x 396 x
+A ``.dat`` is raw uint8 without a header: ``frames x h x w`` bytes (docs/formats.md: 10 x 396 x
 640). Its geometry is therefore an option; the image size is read from the first frame. Any
 frame of another size is that frame's error.
 """

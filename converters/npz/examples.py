@@ -1,4 +1,4 @@
-"""Generated NPZ folders shaped like SEEDS.md 004's sources, for the mixture demo and tests:
+"""Generated NPZ folders shaped like a training mixture's sources, for the mixture demo and tests:
 SAV-style video frame pairs and RefCOCO-style referring samples with captions."""
 
 from __future__ import annotations

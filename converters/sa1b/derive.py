@@ -1,4 +1,4 @@
-"""Derive every ``sa1b`` field from one decoded sample, exactly as DESIGN.md defines them.
+"""Derive every ``sa1b`` field from one decoded sample, exactly as docs/format.md defines them.
 
 Pure functions of NumPy arrays (OpenCV and pycocotools do the pixel work); no I/O. Masks are
 decoded one annotation at a time so a 100-annotation, 1500x2250 image never holds more than one

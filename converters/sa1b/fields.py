@@ -1,4 +1,4 @@
-"""The schema of the ``sa1b`` kind (DESIGN.md, "Dataset kind sa1b")."""
+"""The schema of the ``sa1b`` kind (docs/format.md, "The sa1b kind")."""
 
 from __future__ import annotations
 

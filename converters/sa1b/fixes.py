@@ -1,4 +1,4 @@
-"""``arraystore fix features`` and ``arraystore fix edges`` for ``sa1b`` stores (SEEDS.md 002).
+"""``arraystore fix features`` and ``arraystore fix edges`` for ``sa1b`` stores (docs/formats.md).
 
 Both select the committed samples whose flag says they need it (all with ``--force``), recompute
 the fields, rewrite each affected file once through :class:`StoreUpdater` and set the flags only

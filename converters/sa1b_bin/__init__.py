@@ -1,1 +1,1 @@
-"""The raw fixed-stride ``.bin`` format of SEEDS.md 000: imported exactly, exported back."""
+"""The raw fixed-stride ``.bin`` format (docs/formats.md): imported exactly, exported back."""

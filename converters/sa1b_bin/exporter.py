@@ -1,4 +1,4 @@
-"""``arraystore export bin``: an ``sa1b`` store back to SEEDS.md 000's ``.bin`` directory.
+"""``arraystore export bin``: an ``sa1b`` store back to a ``.bin`` directory (docs/formats.md).
 
 Committed samples are written in store order. Files are written under temporary names in the
 output folder and renamed into place only when all are complete, so an interrupted export never

@@ -1,4 +1,4 @@
-"""The ``bin`` source: a ``.bin`` dataset directory (SEEDS.md 000) -> an ``sa1b`` store, exactly.
+"""The ``bin`` source: a ``.bin`` dataset directory (docs/formats.md) -> an ``sa1b`` store, exactly.
 
 Every byte of every ``.bin`` item lands in the store unchanged, so ``export bin`` reproduces the
 files byte for byte. The format holds no annotation ids, areas or flags: ids and areas are stored
