@@ -1,6 +1,6 @@
 """Crafted stores: one case per class of damage a store from elsewhere (or a failing disk) can
-carry, each on every layout on the local disk and on the sharded one with checksums in the S3
-bucket (an upload per case: the other two S3 layouts of the read tests cost ~6 s each). Each is
+carry, each on every layout on the local disk and on the three S3 layouts of the read tests
+(uncompressed, compressed, sharded with checksums: every read path; an upload per case). Each is
 refused with a typed error naming what is wrong, by every backend and by ``verify``; none reads
 as zeros, as another sample's bytes, or as a value another library would read differently."""
 
@@ -39,7 +39,8 @@ Make = Callable[[Craft], str]
 SAMPLE = 1  # the sample each case damages
 
 
-@pytest.fixture(params=[*((name, "local") for name in LAYOUTS), (S3_LAYOUTS[-1], "s3")],
+@pytest.fixture(params=[*((name, "local") for name in LAYOUTS),
+                        *((name, "s3") for name in S3_LAYOUTS)],
                 ids=lambda p: f"{p[0]}@{p[1]}")
 def crafted(request: pytest.FixtureRequest, tmp_path: Path,
             tmp_path_factory: pytest.TempPathFactory, shard: Path) -> Make:
