@@ -60,6 +60,8 @@ class Batched(list):
 
     def __init__(self, items: Sequence[Mapping[str, Any]], batch: dict[str, Any],
                  default_format: bool = False) -> None:
+        if default_format:
+            _teach_default_collate()
         super().__init__([PrebatchedItem(i) for i in items] if default_format else items)
         self.batch = shippable(batch)
         self.default_format = default_format
@@ -78,7 +80,11 @@ def _collate_prebatched(items: Sequence[PrebatchedItem], *,
     return collate([dict(item) for item in items], collate_fn_map=collate_fn_map)
 
 
-default_collate_fn_map[PrebatchedItem] = _collate_prebatched  # torch's documented extension
+def _teach_default_collate() -> None:
+    """Register :class:`PrebatchedItem` in ``default_collate``'s map (torch's documented way to
+    extend it), in the process that builds such a batch, where its DataLoader collates it:
+    importing this module changes nothing of torch's."""
+    default_collate_fn_map.setdefault(PrebatchedItem, _collate_prebatched)
 
 
 def fresh_buffer(nbytes: int) -> torch.Tensor:

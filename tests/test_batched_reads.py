@@ -232,3 +232,15 @@ def test_main_process_batches_are_advised_huge_pages_and_unmapped_when_dropped()
     gc.collect()
     assert _mapping_of(int(mapping.split("-")[0], 16))[0] != mapping
     assert allocate_arrays({"none": ((0, 5), torch.float32)})["none"].shape == (0, 5)
+
+
+def test_importing_the_packages_changes_nothing_of_torch() -> None:
+    """``default_collate`` learns this project's pre-batched items only in a process that
+    builds such a batch; importing the packages leaves torch's collate map as it was."""
+    code = ("from torch.utils.data._utils.collate import default_collate_fn_map as m\n"
+            "before = dict(m)\n"
+            "import arraystore, loaders, loaders.batched, loaders.spike_clips, loaders.mixture\n"
+            "assert dict(m) == before, set(m) - set(before)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
