@@ -29,7 +29,7 @@ class StoreUpdater:
         self.store = store
         self._lock: StoreLock | None = StoreLock(store.location)
         self._lock.acquire()
-        store.claim(self._lock.token)  # the metadata read again; its writes are fenced
+        store.claim(self._lock.token)  # its token in the store: its metadata writes are fenced
         self.committed = store.committed_mask()
 
     def __enter__(self) -> StoreUpdater:

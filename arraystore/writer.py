@@ -99,7 +99,7 @@ class StoreWriter:
         self._lock.acquire()
         self.store = store
         store.fence = self._lock.ensure_held
-        store.claim(self._lock.token)  # the metadata read again, now that no one else writes
+        store.claim(self._lock.token)  # its token in the store: its metadata writes are fenced
         self.fields = store.schema.fields
         self.flush_every = flush_every or self._flush_unit(store)
         committed = store.committed_mask()
