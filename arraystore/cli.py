@@ -41,7 +41,8 @@ from arraystore.sources import Source
 from arraystore.verify import verify
 
 err = Console(stderr=True, soft_wrap=True)  # an error is one line, greppable in logs
-out = Console(width=None if sys.stdout.isatty() else 132)  # tables stay readable in logs
+# a line of text stays one line in a log (a long path must not break it); tables keep a width
+out = Console(width=None if sys.stdout.isatty() else 132, soft_wrap=True)
 
 
 def _run(action: Callable[[], Any], writes: bool = False) -> Any:

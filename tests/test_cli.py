@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 from click.testing import CliRunner
@@ -67,3 +69,18 @@ def test_broken_sample_through_the_cli(tmp_path) -> None:
     assert result.exit_code == 0 and "1 skipped" in result.output
     report = next((tmp_path / "k.zarr.reports").glob("ingest-*.json"))
     assert json.loads(report.read_text())["skipped"][0]["sample_id"] == "bad"
+
+
+def test_a_summary_line_stays_one_line_however_long_its_path(tmp_path, shard) -> None:
+    """Captured output (a log) is not wrapped at the console width: a store deep in a long
+    path still gets its summary on one greppable line."""
+    out = tmp_path / ("deep_" * 30) / "s.zarr"
+    first = subprocess.run([sys.executable, "-m", "arraystore", "ingest", "sa1b", str(shard),
+                            "--out", str(out), "--workers", "1"], capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run([sys.executable, "-m", "arraystore", "ingest", "sa1b", str(shard),
+                            "--out", str(out), "--workers", "1"], capture_output=True, text=True,
+                           timeout=300)
+    line = [text for text in again.stdout.splitlines() if str(out) in text]
+    assert line and "1 inputs already ingested" in line[0], again.stdout
