@@ -111,7 +111,8 @@ class StoreLock:
     def ensure_held(self) -> None:
         """Raise StoreLockedError if the lock was lost (an object-store lock broken by
         another writer: the lock object is read again, one request); a writer calls this
-        before each commit and each metadata write."""
+        before each commit and each growth of the arrays (its metadata writes are fenced by
+        the store: :meth:`arraystore.store.Store.claim`)."""
         _held[self.key][0].ensure_held()
 
     @property

@@ -386,6 +386,8 @@ def test_a_taken_over_store_fences_the_metadata_and_late_commits_of_its_former_w
     arrays["committed"][committed:committed + 4] = True  # the former writer's late commit
     assert Store.open(target).num_committed() == committed
     assert len(SampleReader(target)) == committed
+    assert len(open_xarray(target).sample) == committed
+    assert int(open_xarray(target, committed_only=False)["committed"].sum()) == committed
     report = verify(target)
     assert report.ok, report.problems
     assert any("after its lock was broken" in note for note in report.notes), report.notes
