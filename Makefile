@@ -5,30 +5,27 @@ VENV ?= .venv
 # two keep this 2-core machine busy while one waits on a subprocess, a socket or a kill
 TEST_WORKERS ?= 2
 PY := $(VENV)/bin/python
-# a regular (not editable) install, redone when the sources change: setuptools warns on every
-# editable mode; the tests import the working tree first (pytest's pythonpath)
-SOURCES := $(shell git ls-files 'arraystore/*.py' 'converters/*.py' 'loaders/*.py' 2>/dev/null)
+# an editable install: the folders converters/ and loaders/ import as arraystore.converters and
+# arraystore.loaders only through the install's finder, also when run from the working tree
+# (setuptools warns once, at set-up, that folders there may take precedence)
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export SAM2_BUILD_CUDA := 0
 
 .PHONY: setup setup-test demo test bench bench-peers clean
 
-# The set-up also installs the torchvision hook (converters/torchvision_ops.py): beside the CPU
-# torch it declares torchvision's missing operators at its first import. It runs from inside the
-# venv so that the hook loads the installed copy of that module.
-$(VENV)/.setup: pyproject.toml constraints.txt $(SOURCES)
+# The set-up also installs the torchvision hook (arraystore/compat.py): beside the CPU
+# torch it declares torchvision's missing operators at its first import.
+$(VENV)/.setup: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	rm -rf build  # setuptools' staging area: would carry deleted modules into the install
-	$(PY) -m pip install -q -c constraints.txt ".[viz]"
-	cd $(VENV) && bin/python -m converters.torchvision_ops --install-hook
+	$(PY) -m pip install -q -c constraints.txt -e ".[viz]"
+	$(PY) -m arraystore.compat --install-hook
 	touch $@
 
 # the sam2 extra builds from source: PIP_CONSTRAINT (exported above) keeps its isolated build on
 # the pinned CPU torch instead of pulling a CUDA torch; SAM2_BUILD_CUDA=0 skips its CUDA kernels
 $(VENV)/.setup-test: $(VENV)/.setup
-	rm -rf build
-	$(PY) -m pip install -q -c constraints.txt ".[dev,sam2,siglip,scale]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,sam2,siglip,scale]"
 	touch $@
 
 setup: $(VENV)/.setup
@@ -53,8 +50,7 @@ bench: setup-test
 BENCH_VENV := .venv-bench
 bench-peers:
 	python3 -m venv $(BENCH_VENV)
-	rm -rf build
-	$(BENCH_VENV)/bin/python -m pip install -q -c constraints.txt ".[bench]"
+	$(BENCH_VENV)/bin/python -m pip install -q -c constraints.txt -e ".[bench]"
 	$(BENCH_VENV)/bin/python -m benchmarks.peers
 
 clean:

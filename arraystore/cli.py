@@ -19,7 +19,6 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from arraystore import __version__
 from arraystore.errors import ArrayStoreError, OptionError
 from arraystore.exporters import Exporter
 from arraystore.fixes import Fix
@@ -39,6 +38,7 @@ from arraystore.plugins import (
 from arraystore.show import show
 from arraystore.sources import Source
 from arraystore.verify import verify
+from arraystore.version import __version__
 
 err = Console(stderr=True, soft_wrap=True)  # an error is one line, greppable in logs
 # a line of text stays one line in a log (a long path must not break it); tables keep a width

@@ -87,6 +87,10 @@ class UnknownPluginError(ArrayStoreError, ValueError):
     """No source, exporter or reader backend is registered under the requested name."""
 
 
+class DuplicatePluginError(ArrayStoreError, ValueError):
+    """Two installed distributions register one plug-in name in one group."""
+
+
 class StoreLockedError(ArrayStoreError, BlockingIOError):
     """Another live process is writing the store (or this one lost its lock)."""
 

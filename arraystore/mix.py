@@ -6,7 +6,7 @@ A ``mix.toml`` lists sources as ``[[source]]`` tables with the fields of :class:
 ``fields``, ``backend``, ``item``); relative paths are taken from the TOML file's folder. Every
 value is checked for its type and range when the file is read (``required = "no"`` is refused,
 not taken as true). This module reads declarations and store metadata only (no torch, no
-sample): ``loaders.Mixture`` builds the training-time dataset from the same entries.
+sample): ``arraystore.loaders.Mixture`` builds the training-time dataset from the same entries.
 """
 
 from __future__ import annotations

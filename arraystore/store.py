@@ -18,7 +18,6 @@ import numpy as np
 import zarr
 from zarr.storage import StorePath
 
-from arraystore import __version__
 from arraystore.beneath import open_beneath
 from arraystore.contract import disagreements
 from arraystore.errors import (
@@ -34,6 +33,7 @@ from arraystore.keys import chunk_key
 from arraystore.layout import Layout
 from arraystore.location import Location, local_store_path
 from arraystore.schema import SAMPLE_DIM, Field, Schema
+from arraystore.version import __version__
 
 FORMAT_VERSION = 1
 ATTRS_KEY = "arraystore"

@@ -22,16 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from arraystore.chunk_format import CRC_BYTES, EMPTY, crc_matches, decode_vlen_utf8
 from arraystore.contract import disagreements, links_below
 from arraystore.errors import ArrayStoreError, StoreFormatError
 from arraystore.keys import chunk_key, group_by_chunk
-from arraystore.readers.direct import (
-    CRC_BYTES,
-    EMPTY,
-    crc_matches,
-    fetch_shard_index,
-)
-from arraystore.readers.strings import decode_vlen_utf8
+from arraystore.readers.base import fetch_shard_index
 from arraystore.schema import Field
 from arraystore.store import (
     COMMITTED_FIELD,

@@ -3,22 +3,20 @@
 A view turns one sample's field values into :class:`Panel` s -- plain data (an RGB or 2-D
 array, boxes to draw, or text); :mod:`arraystore.show` renders them. Views of dataset kinds live
 beside their converters and register under the entry-point group ``arraystore.views`` with the
-kind as the name (``sa1b = converters.sa1b.view:Sa1bView``), so ``arraystore`` stays free of
-dataset knowledge. Kinds without a view get :class:`GenericView`.
+kind as the name (``sa1b = arraystore.converters.sa1b.view:Sa1bView``), so ``arraystore`` stays free
+of dataset knowledge. Kinds without a view get :class:`GenericView`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 import numpy as np
 
+from arraystore.plugins import VIEWS_GROUP, find_plugin
 from arraystore.schema import Schema
-
-VIEWS_GROUP = "arraystore.views"
 
 
 @dataclass
@@ -111,7 +109,5 @@ def _short(value: Any) -> str:
 
 def view_for(kind: str) -> View:
     """The view registered for ``kind``, or the generic one."""
-    for entry in entry_points(group=VIEWS_GROUP):
-        if entry.name == kind:
-            return entry.load()()
-    return GenericView()
+    found = find_plugin(VIEWS_GROUP, kind)
+    return found() if found is not None else GenericView()

@@ -36,16 +36,16 @@ import numpy as np
 import torch
 
 from arraystore import Layout, Store
+from arraystore.converters.sa1b_bin.exporter import BinExporter
+from arraystore.kinds.sa1b import sa1b_schema
+from arraystore.loaders import BatchLoader, BinaryDistillDataset, ZarrDistillDataset
+from arraystore.loaders.distill_item import DISTILL_FIELDS, STACKED_SLOTS
 from arraystore.readers.mapped import ENV_SWITCH
 from benchmarks.busy import CONDITIONS, STEP_SECONDS, condition, training_step
 from benchmarks.data import fill_store
 from benchmarks.in_memory import InMemoryDataset
 from benchmarks.report import header, plot_bars, save_report
 from benchmarks.run import interleaved, loader_run, read_run
-from converters.sa1b.fields import sa1b_schema
-from converters.sa1b_bin.exporter import BinExporter
-from loaders import BatchLoader, BinaryDistillDataset, ZarrDistillDataset
-from loaders.distill_item import DISTILL_FIELDS, STACKED_SLOTS
 
 BATCH = 8
 ITEM_CEILING = "no I/O: the item dict from RAM copies by the same code (ceiling)"

@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from arraystore import Layout, Store
+from arraystore.converters.sa1b_bin.exporter import BinExporter
+from arraystore.kinds.sa1b import sa1b_schema
+from arraystore.loaders import BinaryDistillDataset, ZarrDistillDataset
 from benchmarks.batches import BATCH, LeanBinReader, item_reads_parser, random_columns
 from benchmarks.busy import CONDITIONS, condition
 from benchmarks.data import fill_store
 from benchmarks.report import header, plot_bars, save_report
 from benchmarks.run import interleaved, loader_run, read_run
-from converters.sa1b.fields import sa1b_schema
-from converters.sa1b_bin.exporter import BinExporter
-from loaders import BinaryDistillDataset, ZarrDistillDataset
 
 LEAN = ".bin lean (pread + frombuffer per field)"
 ITEMS = ("ZarrDistillDataset[i], sharded + crc32c (default)",

@@ -18,14 +18,20 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from arraystore import ingest
+from arraystore.converters.sa1b.derive import (
+    box_fields,
+    derive_fields,
+    encoded_rle,
+    largest,
+    resize_image,
+)
+from arraystore.converters.sa1b.members import decode_jpeg, parse_annotations
+from arraystore.converters.sa1b.shard_writer import write_shard
+from arraystore.converters.sa1b.source import Sa1bTarSource
+from arraystore.kinds.sa1b import EDGE_SIZES, MAP_SIZES
 from benchmarks.data import sa1b_like
 from benchmarks.report import header, plot_bars, save_report
 from benchmarks.run import interleaved
-from converters.sa1b.derive import box_fields, derive_fields, encoded_rle, largest, resize_image
-from converters.sa1b.fields import EDGE_SIZES, MAP_SIZES
-from converters.sa1b.members import decode_jpeg, parse_annotations
-from converters.sa1b.shard_writer import write_shard
-from converters.sa1b.source import Sa1bTarSource
 
 
 def full_frame_derive(rgb: np.ndarray, annotations: list, max_boxes: int,

@@ -23,17 +23,17 @@ from pathlib import Path
 import numpy as np
 
 from arraystore import Layout, Store, ingest
+from arraystore.converters.coco_panoptic.embedder import SiglipEmbedder
+from arraystore.converters.coco_panoptic.source import PIXELS, CocoEmbeddingsSource
+from arraystore.converters.coco_panoptic.tree_writer import write_coco_panoptic
+from arraystore.converters.coco_panoptic.vis_cache import TsvExporter
 from arraystore.info import store_info
+from arraystore.kinds.mask_embeddings import embeddings_schema
+from arraystore.loaders import EmbeddingTable
 from arraystore.store import COMMITTED_ARRAY, SAMPLE_ARRAY
 from benchmarks.busy import CONDITIONS, condition
 from benchmarks.data import fill_store
 from benchmarks.report import command_line, machine, plot_bars, save_report
-from converters.coco_panoptic.embedder import SiglipEmbedder
-from converters.coco_panoptic.fields import embeddings_schema
-from converters.coco_panoptic.source import PIXELS, CocoEmbeddingsSource
-from converters.coco_panoptic.tree_writer import write_coco_panoptic
-from converters.coco_panoptic.vis_cache import TsvExporter
-from loaders import EmbeddingTable
 
 MODEL = "ViT-B-16-SigLIP"
 BATCHES = (8, 32)  # batch 1 was the slowest in every earlier run, idle and busy

@@ -30,10 +30,10 @@ from arraystore import Layout, ingest
 from arraystore import location as location_module
 from arraystore import lock as lock_module
 from arraystore import store as store_module
+from arraystore.converters.sa1b.shard_writer import ShardSample, random_masks, write_shard
+from arraystore.converters.sa1b.source import Sa1bTarSource
 from benchmarks.busy import CONDITIONS, condition
 from benchmarks.report import header, plot_bars, save_report
-from converters.sa1b.shard_writer import ShardSample, random_masks, write_shard
-from converters.sa1b.source import Sa1bTarSource
 
 STEPS = ("lock object read again", "array metadata rewrites (GET + If-Match PUT, at once)",
          "group metadata rewrite with token check")

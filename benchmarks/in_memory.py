@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from arraystore.loaders.distill_item import ALL_KEYS, buildable_part, distill_item
 from arraystore.readers.base import FieldReader
 from arraystore.readers.halves import read_in_halves, split_by_size
-from loaders.distill_item import ALL_KEYS, buildable_part, distill_item
 
 
 class HeldField(FieldReader):

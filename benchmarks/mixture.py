@@ -26,15 +26,10 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from arraystore import Field, Layout, Schema, Store, ingest
-from arraystore.store import COMMITTED_ARRAY, SAMPLE_ARRAY
-from benchmarks.busy import CONDITIONS, STEP_SECONDS, condition, training_step
-from benchmarks.data import fill_store
-from benchmarks.report import command_line, machine, plot_bars, save_report
-from benchmarks.run import interleaved
-from converters.npz.examples import write_referring, write_sav_pairs
-from converters.npz.source import NpzDirectorySource
-from converters.sa1b.source import Sa1bTarSource
-from loaders import (
+from arraystore.converters.npz.examples import write_referring, write_sav_pairs
+from arraystore.converters.npz.source import NpzDirectorySource
+from arraystore.converters.sa1b.source import Sa1bTarSource
+from arraystore.loaders import (
     LengthGroupedSampler,
     MixSource,
     Mixture,
@@ -42,6 +37,11 @@ from loaders import (
     ZarrDistillDataset,
     packed_default_collate,
 )
+from arraystore.store import COMMITTED_ARRAY, SAMPLE_ARRAY
+from benchmarks.busy import CONDITIONS, STEP_SECONDS, condition, training_step
+from benchmarks.data import fill_store
+from benchmarks.report import command_line, machine, plot_bars, save_report
+from benchmarks.run import interleaved
 
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "sa1b_sample.tar"
 BATCH = 8

@@ -26,12 +26,12 @@ import numpy as np
 
 from arraystore import Layout, SampleReader, Store
 from arraystore.info import store_info
+from arraystore.kinds.sa1b import sa1b_schema
 from benchmarks.batches import random_columns
 from benchmarks.data import fill_store
 from benchmarks.profile import time_shares
 from benchmarks.report import header, plot_bars, save_report
 from benchmarks.run import interleaved, read_run
-from converters.sa1b.fields import sa1b_schema
 
 DEFAULT = "arraystore, sharded (the default), SampleReader.read"
 RAW = "arraystore, raw, SampleReader.read"
@@ -84,7 +84,7 @@ def flat_item(flat: FlatFile, index: int) -> dict[str, np.ndarray]:
 
 def import_peers() -> tuple[Any, Any, Any, Any]:
     """(streaming, litdata, lance, pyarrow), or a SystemExit that says how to install them."""
-    from converters.torchvision_ops import ensure_torchvision_ops
+    from arraystore.compat import ensure_torchvision_ops
 
     ensure_torchvision_ops()  # streaming imports transformers, which imports torchvision
     try:

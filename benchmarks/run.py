@@ -24,18 +24,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from arraystore import Layout, ingest
+from arraystore.converters.sa1b.source import Sa1bTarSource
+from arraystore.converters.sa1b_bin.exporter import BinExporter
+from arraystore.converters.sa1b_bin.source import BinDirectorySource
 from arraystore.info import store_info
+from arraystore.kinds.sa1b_bin import bin_files
+from arraystore.loaders import BinaryDistillDataset, ZarrDistillDataset, collate_distill
 from benchmarks.busy import training_step
 from benchmarks.data import write_sa1b_shard
 from benchmarks.in_memory import InMemoryDataset
 from benchmarks.profile import time_shares
 from benchmarks.report import BIN, DEFAULT, NO_IO, TAR, Results, write_report
 from benchmarks.tar_npz import TarNpzDataset
-from converters.sa1b.source import Sa1bTarSource
-from converters.sa1b_bin.exporter import BinExporter
-from converters.sa1b_bin.source import BinDirectorySource
-from loaders import BinaryDistillDataset, ZarrDistillDataset, collate_distill
-from loaders.bin_format import bin_files
 
 LAYOUTS = {
     "raw": Layout("raw", checksum=False),

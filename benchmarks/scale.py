@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from arraystore import Layout, ingest
+from arraystore.converters.sa1b.shard_writer import write_shard
+from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.distributed import ingest_distributed
+from arraystore.loaders import ZarrDistillDataset
 from benchmarks.data import sa1b_like
 from benchmarks.report import header, plot_bars, save_report
 from benchmarks.run import interleaved, read_run
-from converters.sa1b.shard_writer import write_shard
-from converters.sa1b.source import Sa1bTarSource
-from loaders import ZarrDistillDataset
 
 
 def free_port() -> int:
@@ -64,7 +64,7 @@ def ingest_rates(shards: list[Path], layout: Layout, tmp: Path, rounds: int) -> 
     try:
         for warm in clusters.values():  # import the converters in every worker once
             with Client(warm) as client:
-                client.run(lambda: __import__("converters.sa1b.source"))
+                client.run(lambda: __import__("arraystore.converters.sa1b.source"))
         for r in range(rounds):
             for n in (1, 2) if r % 2 == 0 else (2, 1):
                 start = time.perf_counter()

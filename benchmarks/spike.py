@@ -21,13 +21,13 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from arraystore import Layout, ingest
+from arraystore.converters.gopro.source import GoproSpikeSource
+from arraystore.converters.gopro.tree_writer import write_gopro_tree
 from arraystore.info import store_info
+from arraystore.loaders import SpikeClipDataset
 from benchmarks.report import command_line, machine, plot_bars, save_report
 from benchmarks.run import interleaved
 from benchmarks.spike_folder import FolderClipDataset
-from converters.gopro.source import GoproSpikeSource
-from converters.gopro.tree_writer import write_gopro_tree
-from loaders import SpikeClipDataset
 
 FOLDER = "folder tree (seed path: .dat + PNG decode per item)"
 REALTIME, PRECOMPUTED = "store, realtime voxels", "store, precomputed voxels"

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from converters.gopro.source import natural_key
-from loaders.spike_clips import crop_windows
+from arraystore.converters.gopro.source import natural_key
+from arraystore.loaders.spike_clips import crop_windows
 
 
 class FolderClipDataset(Dataset):

@@ -12,10 +12,10 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from arraystore.converters.sa1b.source import Sa1bTarSource
+from arraystore.converters.sa1b.tar_shard import member_role, split_name
+from arraystore.loaders.distill_item import distill_item
 from arraystore.sources import Record
-from converters.sa1b.source import Sa1bTarSource
-from converters.sa1b.tar_shard import member_role, split_name
-from loaders.distill_item import distill_item
 
 
 class TarNpzDataset:

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from arraystore.converters.sa1b.teacher import Sam2Teacher
 from benchmarks.report import machine
-from converters.sa1b.teacher import Sam2Teacher
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -11,7 +11,7 @@ The reuse contract: a batch's tensors are views of a ring buffer, valid until ``
 more batches have been drawn; then that buffer is filled again. Keep a batch longer (or hold
 on to its tensors across steps) with ``copy=True``, which hands out owned tensors. Batches
 equal a DataLoader's with ``collate_distill`` (or ``default_collate`` for
-:class:`~loaders.StoreItems`) over the same index sequence.
+:class:`~arraystore.loaders.StoreItems`) over the same index sequence.
 """
 
 from __future__ import annotations
@@ -27,15 +27,16 @@ from typing import Any
 import torch
 from torch.utils.data import BatchSampler, RandomSampler, Sampler, SequentialSampler
 
-from loaders.batched import Batched, allocate
+from arraystore.loaders.batched import Batched, allocate
 
 
 class BatchLoader:
     """``for batch in BatchLoader(dataset, batch_size, ...)``: see the module docstring.
 
-    ``dataset``: a :class:`~loaders.ZarrDistillDataset` or :class:`~loaders.StoreItems` (any
-    store kind): anything with ``batch_slots()`` and ``fill_batch(indices, buffers)``.
-    ``sampler`` or ``shuffle`` (with ``seed``) choose the index sequence, as in a DataLoader.
+    ``dataset``: a :class:`~arraystore.loaders.ZarrDistillDataset` or
+    :class:`~arraystore.loaders.StoreItems` (any store kind): anything with ``batch_slots()`` and
+    ``fill_batch(indices, buffers)``. ``sampler`` or ``shuffle`` (with ``seed``) choose the index
+    sequence, as in a DataLoader.
     """
 
     def __init__(self, dataset: Any, batch_size: int, *, sampler: Sampler | Iterable[int] |

@@ -28,8 +28,8 @@ import torch
 from torch.utils.data import get_worker_info
 from torch.utils.data._utils.collate import collate, default_collate_fn_map
 
+from arraystore.loaders.shared_ring import shippable, worker_buffer
 from arraystore.reader import SampleReader
-from loaders.shared_ring import shippable, worker_buffer
 
 ALIGN = 64
 HUGE_PAGE = 2 << 20  # bytes of a transparent huge page on x86-64 and most arm64 kernels
@@ -117,7 +117,7 @@ def allocate_arrays(shapes: Mapping[Hashable, tuple[tuple[int, ...], torch.dtype
                     pin: bool = False, shared: bool | None = None) -> dict[Any, torch.Tensor]:
     """Tensors of the given shapes and dtypes, all views (64-byte aligned) of one allocation:
     shared memory inside a DataLoader worker (``shared`` None: decide from
-    ``get_worker_info``; a segment the worker reuses, see :mod:`loaders.shared_ring`),
+    ``get_worker_info``; a segment the worker reuses, see :mod:`arraystore.loaders.shared_ring`),
     page-locked with ``pin``, else :func:`fresh_buffer`."""
     layout, total = [], 0
     for key, (shape, dtype) in shapes.items():

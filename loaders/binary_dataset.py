@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from loaders.bin_format import BinFile, BinFormatError, open_bin_directory
-from loaders.distill_item import DISTILL_FIELDS, distill_item
+from arraystore.kinds.sa1b_bin import BinFile, BinFormatError, open_bin_directory
+from arraystore.loaders.distill_item import DISTILL_FIELDS, distill_item
 
 
 class BinaryDistillDataset(Dataset):

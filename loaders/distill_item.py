@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from loaders.batched import Batched, Slot
+from arraystore.loaders.batched import Batched, Slot
 
 Values = Mapping[str, np.ndarray]
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from arraystore.kinds.mask_embeddings import KIND
 from arraystore.reader import SampleReader
 
-KIND = "mask_embeddings"
 SEGMENT_BITS = 24  # panoptic ids are R + 256 G + 256^2 B < 2^24
 GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: Fibonacci hashing
 IN_MEMORY_LIMIT = 2 << 30

@@ -21,6 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from arraystore.loaders.batched import Batched, Slot, allocate, fill, torch_dtype
+from arraystore.loaders.packed_collate import collate_packed
+from arraystore.loaders.shared_ring import shippable
+from arraystore.loaders.zarr_dataset import ZarrDistillDataset
 from arraystore.location import Location
 from arraystore.mix import (
     MissingSourceError,
@@ -31,10 +35,6 @@ from arraystore.mix import (
     read_mix_toml,
 )
 from arraystore.reader import SampleReader
-from loaders.batched import Batched, Slot, allocate, fill, torch_dtype
-from loaders.packed_collate import collate_packed
-from loaders.shared_ring import shippable
-from loaders.zarr_dataset import ZarrDistillDataset
 
 MODALITY_FIELD = "modality_length"
 DEFAULT_MODALITY_LENGTH = 1
@@ -48,7 +48,7 @@ class MixSource:
     ``collate``: how a batch of this source's items is collated (default: the dataset's
     ``collate_fn`` attribute if it has one, else as ``default_collate`` does). The other fields
     are those of :class:`arraystore.mix.MixEntry` (``item="distill"``: a store path read as
-    :class:`~loaders.ZarrDistillDataset` items).
+    :class:`~arraystore.loaders.ZarrDistillDataset` items).
     """
 
     source: str | os.PathLike[str] | Dataset
@@ -93,8 +93,9 @@ class StoreItems(Dataset):
 
     def fill_batch(self, indices: Sequence[int],
                    buffers: Mapping[str, torch.Tensor]) -> Batched:
-        """The ``indices``-th items batched into ``buffers`` (:func:`loaders.batched.allocate`):
-        numeric fields stacked, strings listed, as ``default_collate`` batches the items."""
+        """The ``indices``-th items batched into ``buffers``
+        (:func:`arraystore.loaders.batched.allocate`): numeric fields stacked, strings listed, as
+        ``default_collate`` batches the items."""
         stacked = fill(self.reader, self.batch_slots(), buffers, indices)
         strings = [n for n in self.reader.fields if n not in stacked]
         listed = {n: [self.reader.read(int(i), (n,))[n] for i in indices] for n in strings}
@@ -265,8 +266,8 @@ class Mixture(Dataset):
         sub-batches (SA-1B and SAV dicts in one batch). A type whose source has a collate of
         its own (``MixSource.collate``, or the dataset's ``collate_fn``) uses it; the others
         are collated as ``default_collate`` would, all into one buffer (one shared-memory
-        segment per batch from a worker: see :mod:`loaders.packed_collate`). Each sub-batch
-        gets ``dataset_type`` as a list and ``modality_length`` as an int64 tensor, as
+        segment per batch from a worker: see :mod:`arraystore.loaders.packed_collate`). Each
+        sub-batch gets ``dataset_type`` as a list and ``modality_length`` as an int64 tensor, as
         ``default_collate`` batches strings and ints."""
         if self.collate_fn is not None:
             return self.collate_fn(items)

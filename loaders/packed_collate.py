@@ -2,10 +2,11 @@
 to the main process as one shared-memory segment.
 
 ``default_collate`` stacks each field into its own shared tensor: a batch of 8 items of one kind
-costs a segment per field, a batch that mixes kinds (a :class:`~loaders.mixture.Mixture`'s) a
-segment per field *per kind*, each created, sent as a file descriptor and mapped again -- 25%
-of the throughput of small items measured here. Packed, every stacked field of every group is a
-view (64-byte aligned) of one buffer; values equal ``default_collate``'s.
+costs a segment per field, a batch that mixes kinds (a
+:class:`~arraystore.loaders.mixture.Mixture`'s) a segment per field *per kind*, each created, sent
+as a file descriptor and mapped again -- 25% of the throughput of small items measured here. Packed,
+every stacked field of every group is a view (64-byte aligned) of one buffer; values equal
+``default_collate``'s.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from loaders.batched import Batched, allocate_arrays
-from loaders.shared_ring import shippable
+from arraystore.loaders.batched import Batched, allocate_arrays
+from arraystore.loaders.shared_ring import shippable
 
 
 def _tensors(values: Sequence[Any]) -> list[torch.Tensor] | None:

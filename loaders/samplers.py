@@ -1,5 +1,5 @@
-"""Samplers over a :class:`~loaders.mixture.Mixture` (or any dataset with ``lengths``), for
-distributed training, seeded, resumable mid-epoch.
+"""Samplers over a :class:`~arraystore.loaders.mixture.Mixture` (or any dataset with ``lengths``),
+for distributed training, seeded, resumable mid-epoch.
 
 Both compute an epoch's indices with NumPy from the lengths and source sizes alone (no per-index
 Python object: 10^7 indices are an int32 array), and yield this rank's share from a position.

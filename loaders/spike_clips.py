@@ -20,7 +20,7 @@ bytes for the whole loader, split across DataLoader workers) and windows are cut
 
 Voxels. ``voxels="realtime"`` sums the stored spike frames into ``bins`` bins on the fly;
 ``"precomputed"`` reads the ``spike_vox`` array an ``ingest gopro --voxels precompute`` stored.
-Both give identical tensors (one definition: :mod:`loaders.spike_voxels`).
+Both give identical tensors (one definition: :mod:`arraystore.kinds.gopro_spike`).
 """
 
 from __future__ import annotations
@@ -37,13 +37,12 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from arraystore.errors import ArrayStoreError, OptionError
+from arraystore.kinds.gopro_spike import KIND, check_bins, spike_to_voxel
+from arraystore.loaders.batched import Batched, allocate_arrays
+from arraystore.loaders.frame_cache import ProcessLocalCache
 from arraystore.reader import SampleReader
 from arraystore.region import Region, region_shape
-from loaders.batched import Batched, allocate_arrays
-from loaders.frame_cache import ProcessLocalCache
-from loaders.spike_voxels import check_bins, spike_to_voxel
 
-GOPRO_KIND = "gopro_spike"
 ALL_SPLITS = "all"
 VOXEL_MODES = ("realtime", "precomputed")
 log = logging.getLogger(__name__)
@@ -121,7 +120,7 @@ class SpikeClipDataset(Dataset):
         self.bins, self.voxels, self.seed, self.epoch = bins, voxels, seed, 0
         self.spike_field = "spike" if voxels == "realtime" else "spike_vox"
         self.reader = SampleReader(path, backend=backend, fields=(),  # reads name their field
-                                   kind=GOPRO_KIND, user="SpikeClipDataset")
+                                   kind=KIND, user="SpikeClipDataset")
         schema = self.reader.schema
         self._check_voxels(path)
         self.image_hw = schema["blur"].shape[:2]
@@ -302,7 +301,7 @@ class SpikeClipDataset(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> Batched:
         """The clips ``indices`` written straight into one batch buffer (in a DataLoader
-        worker a shared segment it reuses: :mod:`loaders.shared_ring`). The batch equals
+        worker a shared segment it reuses: :mod:`arraystore.loaders.shared_ring`). The batch equals
         ``default_collate`` of the items, which hands it on unchanged (a DataLoader's default
         ``collate_fn``); any other ``collate_fn`` gets the items."""
         buffers = allocate_arrays({name: ((len(indices), *shape), dtype)

@@ -14,10 +14,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from arraystore.reader import SampleReader
-from arraystore.store import StoreTarget
-from loaders.batched import Batched, Slot, allocate, fill
-from loaders.distill_item import (
+from arraystore.kinds.sa1b import KIND
+from arraystore.loaders.batched import Batched, Slot, allocate, fill
+from arraystore.loaders.distill_item import (
     ALL_KEYS,
     ITEM_KEYS,
     STACKED_SLOTS,
@@ -26,8 +25,8 @@ from loaders.distill_item import (
     distill_item,
     fields_for,
 )
-
-SA1B_KIND = "sa1b"
+from arraystore.reader import SampleReader
+from arraystore.store import StoreTarget
 
 
 class ZarrDistillDataset(Dataset):
@@ -47,7 +46,7 @@ class ZarrDistillDataset(Dataset):
     ) -> None:
         self.keys = tuple(keys)
         self.reader = SampleReader(path, backend=backend, fields=fields_for(self.keys),
-                                   storage_options=storage_options, kind=SA1B_KIND,
+                                   storage_options=storage_options, kind=KIND,
                                    user="ZarrDistillDataset")
         self.sample_ids = self.reader.sample_ids  # every item names its id: read once, here
 
@@ -77,7 +76,7 @@ class ZarrDistillDataset(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> Batched:
         """A batch of the ``indices``-th items, read straight into one buffer (shared memory
-        in a DataLoader worker; see :mod:`loaders.batched`). Equals per-item reads +
+        in a DataLoader worker; see :mod:`arraystore.loaders.batched`). Equals per-item reads +
         :func:`collate_distill`, which hands it on unchanged; any other ``collate_fn`` gets
         the items."""
         slots = self.batch_slots()
@@ -85,8 +84,9 @@ class ZarrDistillDataset(Dataset):
 
     def fill_batch(self, indices: Sequence[int],
                    buffers: Mapping[str, torch.Tensor]) -> Batched:
-        """:meth:`__getitems__` into ``buffers`` given (from :func:`loaders.batched.allocate`,
-        at least ``len(indices)`` rows): how :class:`~loaders.BatchLoader` reuses them."""
+        """:meth:`__getitems__` into ``buffers`` given (from
+        :func:`arraystore.loaders.batched.allocate`, at least ``len(indices)`` rows): how
+        :class:`~arraystore.loaders.BatchLoader` reuses them."""
         stacked = fill(self.reader, self.batch_slots(), buffers, indices)
         rest = [k for k in self.keys if k not in stacked]
         fields = fields_for(rest)

@@ -13,10 +13,10 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from arraystore import ingest
-from converters.npz.examples import write_referring, write_sav_pairs
-from converters.npz.source import NpzDirectorySource
-from converters.sa1b.source import Sa1bTarSource
-from loaders import LengthGroupedSampler, MixSource, Mixture, ZarrDistillDataset
+from arraystore.converters.npz.examples import write_referring, write_sav_pairs
+from arraystore.converters.npz.source import NpzDirectorySource
+from arraystore.converters.sa1b.source import Sa1bTarSource
+from arraystore.loaders import LengthGroupedSampler, MixSource, Mixture, ZarrDistillDataset
 
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "sa1b_sample.tar"
 

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import arraystore
-from loaders import ZarrDistillDataset, collate_distill
+from arraystore.loaders import ZarrDistillDataset, collate_distill
 
 
 def describe(value: object) -> str:

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from arraystore import Layout, ingest
-from converters.sa1b.shard_writer import ShardSample, write_shard
-from converters.sa1b.source import Sa1bTarSource
-from loaders.bin_format import CONFIG_FILE, KEYS_FILE, bin_files
+from arraystore.converters.sa1b.shard_writer import ShardSample, write_shard
+from arraystore.converters.sa1b.source import Sa1bTarSource
+from arraystore.kinds.sa1b_bin import CONFIG_FILE, KEYS_FILE, bin_files
 
 LAYOUTS = {
     "raw": Layout("raw", checksum=False),

@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, default_collate
 
 from arraystore import Layout, ingest
-from converters.npz.source import NpzDirectorySource
-from loaders import (
+from arraystore.converters.npz.source import NpzDirectorySource
+from arraystore.loaders import (
     BatchLoader,
     StoreItems,
     ZarrDistillDataset,

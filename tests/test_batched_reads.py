@@ -18,10 +18,10 @@ from conftest import BACKENDS
 
 from arraystore import SampleReader
 from arraystore.errors import StoreFormatError
+from arraystore.loaders import ZarrDistillDataset, collate_distill
+from arraystore.loaders.batched import Batched, allocate_arrays
+from arraystore.loaders.distill_item import distill_item
 from arraystore.machine import available_cores
-from loaders import ZarrDistillDataset, collate_distill
-from loaders.batched import Batched, allocate_arrays
-from loaders.distill_item import distill_item
 
 
 def assert_batches_equal(got: dict, expected: dict, where: str) -> None:
@@ -74,7 +74,7 @@ LOADER_SCRIPT = textwrap.dedent("""
     import sys
     import torch
     from torch.utils.data import DataLoader
-    from loaders import ZarrDistillDataset, collate_distill
+    from arraystore.loaders import ZarrDistillDataset, collate_distill
 
     path, *contexts = sys.argv[1:]
     dataset = ZarrDistillDataset(path)
@@ -183,7 +183,7 @@ def test_work_while_waiting_gets_the_calling_threads_half(layout_store) -> None:
 
 def test_a_failure_in_the_helper_half_reaches_the_caller(tmp_path, shard) -> None:
     from arraystore import Layout, ingest
-    from converters.sa1b.source import Sa1bTarSource
+    from arraystore.converters.sa1b.source import Sa1bTarSource
 
     path = tmp_path / "s.zarr"
     ingest(Sa1bTarSource(), [shard], path, layout=Layout("raw"), progress=False)
@@ -239,7 +239,8 @@ def test_importing_the_packages_changes_nothing_of_torch() -> None:
     builds such a batch; importing the packages leaves torch's collate map as it was."""
     code = ("from torch.utils.data._utils.collate import default_collate_fn_map as m\n"
             "before = dict(m)\n"
-            "import arraystore, loaders, loaders.batched, loaders.spike_clips, loaders.mixture\n"
+            "import arraystore, arraystore.loaders, arraystore.loaders.batched\n"
+            "import arraystore.loaders.spike_clips, arraystore.loaders.mixture\n"
             "assert dict(m) == before, set(m) - set(before)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parent.parent)

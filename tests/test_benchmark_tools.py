@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from arraystore.kinds.sa1b import sa1b_schema
+from arraystore.loaders.distill_item import ALL_KEYS, DISTILL_FIELDS
 from arraystore.machine import available_cores
 from benchmarks.in_memory import InMemoryDataset
 from benchmarks.profile import copy_share, time_shares
 from benchmarks.report import BIN, DEFAULT, NO_IO, TAR, Results, write_report
-from converters.sa1b.fields import sa1b_schema
-from loaders.distill_item import ALL_KEYS, DISTILL_FIELDS
 
 
 def field_values(seed: int) -> dict[str, np.ndarray]:

@@ -10,10 +10,10 @@ import pytest
 from conftest import BACKENDS, LAYOUTS, write_bin_dataset
 
 from arraystore import Layout, ingest
-from converters.sa1b_bin.exporter import BinExporter
-from converters.sa1b_bin.source import BinDirectorySource
-from loaders import BinaryDistillDataset, ZarrDistillDataset
-from loaders.bin_format import bin_files
+from arraystore.converters.sa1b_bin.exporter import BinExporter
+from arraystore.converters.sa1b_bin.source import BinDirectorySource
+from arraystore.kinds.sa1b_bin import bin_files
+from arraystore.loaders import BinaryDistillDataset, ZarrDistillDataset
 
 
 def assert_items_equal(got: dict, expected: dict) -> None:

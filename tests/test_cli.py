@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import photo, write_bin_dataset
 
 from arraystore.cli import cli
-from converters.sa1b.shard_writer import ShardSample, sample_members, write_members
+from arraystore.converters.sa1b.shard_writer import ShardSample, sample_members, write_members
 
 
 def run(*args: str):

@@ -23,13 +23,17 @@ from click.testing import CliRunner
 
 from arraystore import SampleReader, Store, ingest
 from arraystore.cli import cli
+from arraystore.compat import ensure_torchvision_ops
+from arraystore.converters.coco_panoptic.embedder import (
+    EmbedderError,
+    SiglipEmbedder,
+    image_transform,
+)
+from arraystore.converters.coco_panoptic.source import CocoEmbeddingsSource
+from arraystore.converters.coco_panoptic.tree_writer import ABSENT_SEGMENT, write_coco_panoptic
+from arraystore.converters.coco_panoptic.vis_cache import VisCacheSource
 from arraystore.errors import OptionError, SourceError
-from converters.coco_panoptic.embedder import EmbedderError, SiglipEmbedder, image_transform
-from converters.coco_panoptic.source import CocoEmbeddingsSource
-from converters.coco_panoptic.tree_writer import ABSENT_SEGMENT, write_coco_panoptic
-from converters.coco_panoptic.vis_cache import VisCacheSource
-from converters.torchvision_ops import ensure_torchvision_ops
-from loaders import EmbeddingTable, MaskEmbeddingDataset
+from arraystore.loaders import EmbeddingTable, MaskEmbeddingDataset
 
 pytestmark = pytest.mark.slow
 MODEL = "ViT-B-16-SigLIP"
@@ -145,7 +149,7 @@ def test_width_and_attributes_come_from_the_model(store, weights) -> None:
     assert attrs["bg_alpha"] == 0.3 and attrs["pad_ratio"] == 0.1
     assert attrs["preprocessing"] == {"mean": [0.5] * 3, "std": [0.5] * 3,
                                       "interpolation": "bicubic", "resize_mode": "squash"}
-    from converters.sa1b.teacher import file_sha256
+    from arraystore.converters.sa1b.teacher import file_sha256
 
     assert opened.provenance["embedder"]["weights_sha256"] == file_sha256(weights)
 
@@ -236,7 +240,7 @@ def test_hostile_cache_rows_are_refused(tmp_path) -> None:
 KILL_SCRIPT = textwrap.dedent("""
     import sys
     from arraystore import Layout, ingest
-    from converters.coco_panoptic.source import CocoEmbeddingsSource
+    from arraystore.converters.coco_panoptic.source import CocoEmbeddingsSource
     if __name__ == "__main__":
         root, weights, out = sys.argv[1:]
         ingest(CocoEmbeddingsSource(weights=weights, batch_size=1), [root], out,
@@ -295,7 +299,7 @@ def test_errors_name_the_cause(coco, weights, tmp_path) -> None:
 
 SHIM_SCRIPT = textwrap.dedent("""
     import torch
-    from converters.torchvision_ops import ensure_torchvision_ops, native_ops_load
+    from arraystore.compat import ensure_torchvision_ops, native_ops_load
     native = native_ops_load()
     applied = ensure_torchvision_ops()
     assert applied == (not native), (native, applied)
@@ -378,8 +382,8 @@ def test_show_draws_the_crops_the_model_was_fed(store, weights, tmp_path) -> Non
     """The second row of ``show``: one panel per row shown, each the crop cut again from the
     recorded COCO files and preprocessed as at ingest -- embedding it again gives the stored
     embedding (up to the uint8 rounding of the picture)."""
+    from arraystore.converters.coco_panoptic.view import CROPS_SHOWN, CropCutter
     from arraystore.show import show
-    from converters.coco_panoptic.view import CROPS_SHOWN, CropCutter
 
     out, _ = store
     reader = SampleReader(out)
@@ -421,8 +425,8 @@ def test_default_workers_leave_the_cores_to_a_cpu_model(monkeypatch) -> None:
     """Decode processes by where the model runs: none beside the writer for a CPU model (its
     threads take the cores), all cores but one for an accelerator, one per core without.
     (This machine has no GPU: torch is told it has one, as ``--device cuda:0`` is checked.)"""
+    from arraystore.converters.sa1b.source import Sa1bTarSource
     from arraystore.sources import default_workers
-    from converters.sa1b.source import Sa1bTarSource
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -449,7 +453,7 @@ HOOK_SCRIPT = textwrap.dedent("""
 def test_a_users_script_imports_open_clip_first(tmp_path) -> None:
     """With the set-up's .pth hook, ``import open_clip`` works in a fresh interpreter before
     anything of this project is imported; the hook loads one file, not the package."""
-    from converters.torchvision_ops import HOOK_FILE, install_hook, native_ops_load
+    from arraystore.compat import HOOK_FILE, install_hook, native_ops_load
 
     hook = install_hook(str(tmp_path))
     assert hook == tmp_path / HOOK_FILE and hook.read_text().startswith("import ")
@@ -465,3 +469,16 @@ def test_a_users_script_imports_open_clip_first(tmp_path) -> None:
         without = subprocess.run(run, capture_output=True, text=True, timeout=180, env=env,
                                  cwd=tmp_path)
         assert without.returncode != 0 and "torchvision::nms" in without.stderr
+
+
+def test_a_hook_whose_module_is_gone_stays_silent(tmp_path) -> None:
+    """The ``.pth`` line of a checkout that moved or was deleted does nothing: no traceback at
+    every interpreter start."""
+    from arraystore.compat import hook_line
+
+    (tmp_path / "gone.pth").write_text(hook_line(str(tmp_path / "moved" / "compat.py")))
+    started = subprocess.run([sys.executable, "-c", f"import site; site.addsitedir("
+                              f"{str(tmp_path)!r}); print('started')"],
+                             capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0 and started.stdout == "started\n", started.stderr
+    assert started.stderr == ""

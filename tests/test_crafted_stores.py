@@ -30,9 +30,9 @@ from crc32c import crc32c
 from arraystore import SampleReader, open_xarray
 from arraystore.errors import MissingChunkError, StoreFormatError
 from arraystore.layout import Layout
+from arraystore.loaders import ZarrDistillDataset
 from arraystore.store import Store
 from arraystore.verify import verify
-from loaders import ZarrDistillDataset
 
 Craft = Callable[[Path, Layout], None]
 Make = Callable[[Craft], str]

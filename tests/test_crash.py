@@ -19,12 +19,12 @@ import zarr.storage._local as zarr_local
 from conftest import photo, rectangle
 
 from arraystore import Layout, SampleReader, ingest
+from arraystore.converters.sa1b.shard_writer import ShardSample, write_shard
+from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.errors import StoreWriteError, WorkerDiedError
 from arraystore.lock import lock_path
 from arraystore.store import is_store
 from arraystore.verify import verify
-from converters.sa1b.shard_writer import ShardSample, write_shard
-from converters.sa1b.source import Sa1bTarSource
 
 LAYOUT = Layout("sharded", shard_size=2)
 CLI_LAYOUT = ["--layout", "sharded", "--shard-size", "2"]
@@ -165,7 +165,7 @@ def test_a_script_without_a_main_guard_gets_the_fix_in_the_error(tmp_path, twelv
     script = tmp_path / "convert.py"
     script.write_text(
         "from arraystore import ingest\n"
-        "from converters.sa1b.source import Sa1bTarSource\n"
+        "from arraystore.converters.sa1b.source import Sa1bTarSource\n"
         f"ingest(Sa1bTarSource(), [{str(shard)!r}], {str(tmp_path / 's.zarr')!r}, workers=2)\n"
     )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,

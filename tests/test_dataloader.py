@@ -17,14 +17,14 @@ import pytest
 from torch.utils.data import ConcatDataset, DataLoader
 
 from arraystore import Layout, ingest
-from converters.sa1b.source import Sa1bTarSource
-from loaders import ZarrDistillDataset, collate_distill, dataloader_kwargs
-from loaders.dataloader import resolve_workers
+from arraystore.converters.sa1b.source import Sa1bTarSource
+from arraystore.loaders import ZarrDistillDataset, collate_distill, dataloader_kwargs
+from arraystore.loaders.dataloader import resolve_workers
 
 LOADER_SCRIPT = textwrap.dedent("""
     import sys
     from torch.utils.data import DataLoader
-    from loaders import ZarrDistillDataset, collate_distill
+    from arraystore.loaders import ZarrDistillDataset, collate_distill
 
     path, context, *backends = sys.argv[1:]
     for backend in backends:

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from arraystore.converters.sa1b.derive import MaskAccumulator, derive_fields
+from arraystore.converters.sa1b.members import decode_jpeg, parse_annotations
+from arraystore.converters.sa1b.shard_writer import ShardSample, write_shard
+from arraystore.converters.sa1b.source import Sa1bTarSource
+from arraystore.kinds.sa1b import MAP_SIZES
 from benchmarks.data import sa1b_like
 from benchmarks.derive import full_frame_derive
-from converters.sa1b.derive import MaskAccumulator, derive_fields
-from converters.sa1b.fields import MAP_SIZES
-from converters.sa1b.members import decode_jpeg, parse_annotations
-from converters.sa1b.shard_writer import ShardSample, write_shard
-from converters.sa1b.source import Sa1bTarSource
 
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "sa1b_sample.tar"
 

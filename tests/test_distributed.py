@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 from arraystore import Layout, SampleReader, Store, ingest, open_xarray
+from arraystore.converters.sa1b.shard_writer import ShardSample, write_members, write_shard
+from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.distributed import ingest_distributed
 from arraystore.errors import SampleError
 from arraystore.info import store_info
 from arraystore.verify import verify
-from converters.sa1b.shard_writer import ShardSample, write_members, write_shard
-from converters.sa1b.source import Sa1bTarSource
 
 LAYOUT = Layout("sharded", shard_size=2)
 

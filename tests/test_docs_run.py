@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 from arraystore import ingest
-from converters.gopro.source import GoproSpikeSource
-from converters.gopro.tree_writer import write_gopro_tree
-from converters.npz.examples import write_referring, write_sav_pairs
-from converters.npz.source import NpzDirectorySource
-from converters.sa1b.source import Sa1bTarSource
-from converters.sa1b_bin.exporter import BinExporter
+from arraystore.converters.gopro.source import GoproSpikeSource
+from arraystore.converters.gopro.tree_writer import write_gopro_tree
+from arraystore.converters.npz.examples import write_referring, write_sav_pairs
+from arraystore.converters.npz.source import NpzDirectorySource
+from arraystore.converters.sa1b.source import Sa1bTarSource
+from arraystore.converters.sa1b_bin.exporter import BinExporter
 from tests.conftest import s3_copy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,7 +72,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Path:
     ingest(GoproSpikeSource(), [root / "gopro"], root / "gopro.zarr", workers=1)
     cache = write_vis_cache(root / "cache" / "vis_embed",
                             [(397133, 15466), (397133, 3289650), (139, 5931152)])
-    from converters.coco_panoptic.vis_cache import VisCacheSource
+    from arraystore.converters.coco_panoptic.vis_cache import VisCacheSource
 
     ingest(VisCacheSource(), [cache], root / "coco_vis.zarr", workers=1)
     ingest(NpzDirectorySource(), [write_sav_pairs(root / "sav_npz", 12)], root / "sav.zarr",

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from arraystore import SampleReader, Store, ingest
 from arraystore.cli import cli
-from converters.sa1b.fixes import fix_edges
-from converters.sa1b.source import Sa1bTarSource
+from arraystore.converters.sa1b.fixes import fix_edges
+from arraystore.converters.sa1b.source import Sa1bTarSource
 
 EDGES = ("edge_256x256", "edge_64x64", "edge_32x32")
 

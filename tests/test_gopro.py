@@ -12,9 +12,9 @@ from click.testing import CliRunner
 
 from arraystore import SampleReader, ingest
 from arraystore.cli import cli
+from arraystore.converters.gopro.source import GoproSpikeSource, natural_key
+from arraystore.converters.gopro.tree_writer import write_gopro_tree
 from arraystore.errors import OptionError, SampleError, SourceError
-from converters.gopro.source import GoproSpikeSource, natural_key
-from converters.gopro.tree_writer import write_gopro_tree
 
 IMAGE = (72, 128)
 SPIKE = (10, 40, 64)

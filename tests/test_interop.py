@@ -10,7 +10,7 @@ import xarray as xr
 import zarr
 
 import arraystore
-from loaders import ZarrDistillDataset
+from arraystore.loaders import ZarrDistillDataset
 
 
 def test_plain_libraries_agree_with_the_loader(layout_store) -> None:
@@ -54,7 +54,7 @@ def test_xarray_view_is_lazy_named_and_indexed_by_sample(layout_store) -> None:
 @pytest.mark.parametrize("committed_only", [True, False])
 def test_xarray_view_hides_uncommitted_samples(tmp_path, shard, committed_only) -> None:
     from arraystore import Store, ingest
-    from converters.sa1b.source import Sa1bTarSource
+    from arraystore.converters.sa1b.source import Sa1bTarSource
 
     out = tmp_path / "s.zarr"
     ingest(Sa1bTarSource(), [shard], out, workers=1)
@@ -97,8 +97,8 @@ def test_consolidated_metadata_follows_appends_and_fixes(tmp_path, shard) -> Non
     import json
 
     from arraystore import Store, ingest
-    from converters.npz.examples import write_sav_pairs
-    from converters.npz.source import NpzDirectorySource
+    from arraystore.converters.npz.examples import write_sav_pairs
+    from arraystore.converters.npz.source import NpzDirectorySource
 
     out = tmp_path / "s.zarr"
     ingest(NpzDirectorySource(), [write_sav_pairs(tmp_path / "a", 3, size=32)], out, workers=1)

@@ -10,9 +10,9 @@ import pytest
 from conftest import BACKENDS
 
 from arraystore import SampleReader
+from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.errors import ChecksumMismatchError
-from converters.sa1b.source import Sa1bTarSource
-from loaders import DISTILL_FIELDS, ZarrDistillDataset
+from arraystore.loaders import DISTILL_FIELDS, ZarrDistillDataset
 
 
 @pytest.fixture(scope="session")

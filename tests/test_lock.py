@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from arraystore import ingest
+from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.lock import StoreLock, StoreLockedError, lock_path
-from converters.sa1b.source import Sa1bTarSource
 
 HOLD_AND_DIE = """
 import os, sys

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from arraystore import Layout, SampleReader, ingest
+from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.errors import ChecksumMismatchError, StoreFormatError
-from arraystore.readers import direct
+from arraystore.loaders import BatchLoader, ZarrDistillDataset, collate_distill
+from arraystore.readers import local_files
 from arraystore.readers.mapped import ENV_SWITCH, MIN_MAPPED_CHUNK, MappedShard
-from converters.sa1b.source import Sa1bTarSource
-from loaders import BatchLoader, ZarrDistillDataset, collate_distill
 from tests.conftest import BACKENDS, assert_same_values
 
 
@@ -39,7 +39,7 @@ def counting_preadv(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls.append(offset)
         return real(fd, buffers, offset)
 
-    monkeypatch.setattr(direct.os, "preadv", preadv)
+    monkeypatch.setattr(local_files.os, "preadv", preadv)
     return calls
 
 
@@ -127,7 +127,7 @@ def test_a_shard_truncated_in_place_is_an_error_not_a_crash(tmp_path: Path,
 
 
 def test_evicted_shards_unmap(sharded: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(direct, "OPEN_SHARDS", 1)
+    monkeypatch.setattr(local_files, "OPEN_SHARDS", 1)
     reference = SampleReader(sharded, backend="zarr")
     reader = SampleReader(sharded, backend="direct")
     field_reader = reader.field_reader("image")[0]

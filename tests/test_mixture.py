@@ -19,21 +19,21 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from arraystore import ingest
 from arraystore.cli import cli
+from arraystore.converters.npz.examples import write_referring, write_sav_pairs
+from arraystore.converters.npz.source import NpzDirectorySource
+from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.errors import OptionError
-from arraystore.mix import MissingSourceError, MixSpecError, read_mix_toml
-from arraystore.reader import SampleReader
-from converters.npz.examples import write_referring, write_sav_pairs
-from converters.npz.source import NpzDirectorySource
-from converters.sa1b.source import Sa1bTarSource
-from loaders import (
+from arraystore.loaders import (
     LengthGroupedSampler,
     MixSource,
     Mixture,
     WeightedSourceSampler,
     ZarrDistillDataset,
 )
-from loaders.batched import Batched
-from loaders.samplers import length_grouped_indices
+from arraystore.loaders.batched import Batched
+from arraystore.loaders.samplers import length_grouped_indices
+from arraystore.mix import MissingSourceError, MixSpecError, read_mix_toml
+from arraystore.reader import SampleReader
 
 
 class Lengths(Dataset):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from arraystore import SampleReader, Store, ingest, open_xarray
+from arraystore.converters.npz.source import NpzDirectorySource
 from arraystore.errors import SampleError
-from converters.npz.source import NpzDirectorySource
 
 
 def npz_folder(root, count=4, seed=0):

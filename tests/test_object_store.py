@@ -23,10 +23,10 @@ from crc32c import crc32c
 from arraystore import SampleReader, Store, open_xarray
 from arraystore.cli import cli
 from arraystore.errors import StoreFormatError
+from arraystore.loaders import ZarrDistillDataset
 from arraystore.location import Location, parse_storage_options
 from arraystore.lock import StoreLock, StoreLockedError
 from arraystore.verify import verify
-from loaders import ZarrDistillDataset
 
 LAYOUT_OPTIONS = {"raw": ["--layout", "raw"],
                   "sharded": ["--layout", "sharded", "--shard-size", "2"]}
@@ -317,7 +317,7 @@ def test_a_paused_writer_whose_lock_is_broken_changes_nothing_committed(bucket, 
 
     from conftest import photo, rectangle
 
-    from converters.sa1b.shard_writer import ShardSample, write_shard
+    from arraystore.converters.sa1b.shard_writer import ShardSample, write_shard
 
     rng = np.random.default_rng(3)
     shard = write_shard(tmp_path / "many.tar", [

@@ -15,12 +15,17 @@ from conftest import known_samples
 
 from arraystore import SampleReader, ingest
 from arraystore.cli import cli
+from arraystore.converters.sa1b.source import Sa1bTarSource
+from arraystore.converters.sa1b_bin.exporter import BinExporter
 from arraystore.errors import IncompatibleStoreError, OptionError
+from arraystore.loaders import (
+    EmbeddingTable,
+    MaskEmbeddingDataset,
+    SpikeClipDataset,
+    ZarrDistillDataset,
+)
 from arraystore.lock import StoreLock, lock_path
 from arraystore.show import show
-from converters.sa1b.source import Sa1bTarSource
-from converters.sa1b_bin.exporter import BinExporter
-from loaders import EmbeddingTable, MaskEmbeddingDataset, SpikeClipDataset, ZarrDistillDataset
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from arraystore import SampleReader, ingest
-from converters.sa1b.shard_writer import ShardSample
-from converters.sa1b.source import Sa1bTarSource
+from arraystore.converters.sa1b.shard_writer import ShardSample
+from arraystore.converters.sa1b.source import Sa1bTarSource
 
 MAX_BOXES = 2
 

@@ -19,10 +19,10 @@ from conftest import photo, rectangle
 from sam2.build_sam import build_sam2
 
 from arraystore import SampleReader, Store, ingest
-from converters.sa1b.fixes import fix_features
-from converters.sa1b.shard_writer import ShardSample, write_shard
-from converters.sa1b.source import Sa1bTarSource
-from converters.sa1b.teacher import Sam2Teacher, TeacherError, file_sha256
+from arraystore.converters.sa1b.fixes import fix_features
+from arraystore.converters.sa1b.shard_writer import ShardSample, write_shard
+from arraystore.converters.sa1b.source import Sa1bTarSource
+from arraystore.converters.sa1b.teacher import Sam2Teacher, TeacherError, file_sha256
 
 pytestmark = pytest.mark.slow
 MODEL, CONFIG = "sam2.1_hiera_t", "configs/sam2.1/sam2.1_hiera_t.yaml"

@@ -1,5 +1,5 @@
-"""The batch buffers DataLoader workers reuse (``loaders.shared_ring``): a batch crosses as a
-reference into its segment and comes back as the same tensors; a segment is reused only once
+"""The batch buffers DataLoader workers reuse (``arraystore.loaders.shared_ring``): a batch crosses
+as a reference into its segment and comes back as the same tensors; a segment is reused only once
 the main process let go of every tensor of its batch, so a batch kept by the training loop is
 never overwritten; without the ring (no memfd) a batch goes into fresh shared memory."""
 
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from loaders import shared_ring
+from arraystore.loaders import shared_ring
 
 
 @pytest.fixture(autouse=True)
@@ -193,7 +193,7 @@ HOLDING_SCRIPT = textwrap.dedent("""
     import sys
     import torch
     from torch.utils.data import DataLoader
-    from loaders import ZarrDistillDataset, collate_distill, shared_ring
+    from arraystore.loaders import ZarrDistillDataset, collate_distill, shared_ring
 
     class CountingSegments(ZarrDistillDataset):
         def __getitems__(self, indices):
@@ -251,7 +251,7 @@ def test_copies_in_the_worker_do_not_go_through_the_main_process_path() -> None:
 EPOCHS_SCRIPT = textwrap.dedent("""
     import sys
     from torch.utils.data import DataLoader
-    from loaders import ZarrDistillDataset, collate_distill
+    from arraystore.loaders import ZarrDistillDataset, collate_distill
 
     def mapped_segments():
         with open("/proc/self/maps") as maps:

@@ -14,6 +14,12 @@ from test_gopro import GEOMETRY, IMAGE, SPIKE
 
 from arraystore import Field, Layout, SampleReader, Schema, Store, ingest
 from arraystore.cli import cli
+from arraystore.converters.gopro.source import GoproSpikeSource
+from arraystore.converters.gopro.tree_writer import write_gopro_tree
+from arraystore.converters.npz.source import NpzDirectorySource
+from arraystore.converters.sa1b.source import Sa1bTarSource
+from arraystore.converters.sa1b.view import COLORS
+from arraystore.converters.sa1b_bin.source import BinDirectorySource
 from arraystore.errors import UnknownFieldError
 from arraystore.show import (
     CELL,
@@ -25,12 +31,6 @@ from arraystore.show import (
     NothingToShowError,
     show,
 )
-from converters.gopro.source import GoproSpikeSource
-from converters.gopro.tree_writer import write_gopro_tree
-from converters.npz.source import NpzDirectorySource
-from converters.sa1b.source import Sa1bTarSource
-from converters.sa1b.view import COLORS
-from converters.sa1b_bin.source import BinDirectorySource
 
 ROW = ROW_HEADER + TITLE + CELL + PAD
 
@@ -163,7 +163,7 @@ def test_generic_view_of_other_kinds(tmp_path) -> None:
 def test_embedding_table_as_one_scatter(tmp_path) -> None:
     """An embedding store (imported from a generated .npy cache, no model): one row, a PCA
     scatter of the rows shown coloured by category, and what they are."""
-    from converters.coco_panoptic.vis_cache import VisCacheSource
+    from arraystore.converters.coco_panoptic.vis_cache import VisCacheSource
 
     cache = tmp_path / "cache"
     cache.mkdir()

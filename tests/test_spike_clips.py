@@ -16,12 +16,12 @@ from test_gopro import GEOMETRY, IMAGE, SPIKE, reference_voxels
 from torch.utils.data import DataLoader, default_collate
 
 from arraystore import ingest
+from arraystore.converters.gopro.source import GoproSpikeSource
+from arraystore.converters.gopro.tree_writer import write_gopro_tree
 from arraystore.errors import IncompatibleStoreError, OptionError
-from converters.gopro.source import GoproSpikeSource
-from converters.gopro.tree_writer import write_gopro_tree
-from loaders import NoValidSamplesError, SpikeClipDataset, dataloader_kwargs, timed
-from loaders.frame_cache import FrameCache, worker_share
-from loaders.spike_clips import crop_windows, unit_floats
+from arraystore.loaders import NoValidSamplesError, SpikeClipDataset, dataloader_kwargs, timed
+from arraystore.loaders.frame_cache import FrameCache, worker_share
+from arraystore.loaders.spike_clips import crop_windows, unit_floats
 
 SEQUENCES = {"train": {"A": 8, "B": 5, "C": 2}, "test": {"D": 6}}
 

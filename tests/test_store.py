@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from arraystore import Field, Layout, SampleReader, Schema, Store, StoreWriter, ingest
+from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.errors import (
     DuplicateSampleError,
     IncompatibleStoreError,
@@ -18,7 +19,6 @@ from arraystore.errors import (
 )
 from arraystore.sample_ids import SampleIds
 from arraystore.store import open_for_writing
-from converters.sa1b.source import Sa1bTarSource
 
 TOY = Schema("toy", (Field("x", (2, 3), "float32", ("a2", "b3")),
                      Field("flag", (), "uint8", (), "block"),
@@ -128,7 +128,7 @@ def test_rerun_skips_ingested_inputs_and_resume_fills_the_rest(tmp_path, shard) 
 
 
 def test_appending_a_second_shard(tmp_path, samples) -> None:
-    from converters.sa1b.shard_writer import write_shard
+    from arraystore.converters.sa1b.shard_writer import write_shard
 
     first = write_shard(tmp_path / "a.tar", samples[:2])
     second = write_shard(tmp_path / "b.tar", samples[2:])

@@ -13,10 +13,10 @@ from conftest import LAYOUTS
 from crc32c import crc32c
 
 from arraystore import SampleReader, Store
+from arraystore.chunk_format import decode_vlen_utf8
 from arraystore.errors import ChecksumMismatchError, MissingChunkError, StoreFormatError
 from arraystore.keys import chunk_file
 from arraystore.readers import mapped
-from arraystore.readers.strings import decode_vlen_utf8
 from arraystore.schema import Field, Schema
 from arraystore.writer import StoreWriter
 

@@ -15,10 +15,10 @@ from click.testing import CliRunner
 
 from arraystore import Layout, SampleReader, Store, ingest
 from arraystore.cli import cli
+from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.errors import StoreFormatError
+from arraystore.loaders import ZarrDistillDataset
 from arraystore.verify import verify
-from converters.sa1b.source import Sa1bTarSource
-from loaders import ZarrDistillDataset
 
 
 @pytest.fixture(params=["raw", "sharded"])

@@ -11,9 +11,9 @@ from crc32c import crc32c
 
 from arraystore import Layout, SampleReader, Store, ingest
 from arraystore.cli import cli
+from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.errors import ChecksumMismatchError
 from arraystore.verify import verify
-from converters.sa1b.source import Sa1bTarSource
 
 
 def test_clean_stores_pass(layout_store) -> None:

@@ -9,6 +9,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from arraystore.chunk_format import parse_shard_index, shard_index_bytes
+from arraystore.errors import ChecksumMismatchError, MissingChunkError, StoreFormatError
 from arraystore.layout import Layout
 from arraystore.location import Location
 from arraystore.region import Region
@@ -78,3 +80,30 @@ class Backend(ABC):
         then may call ``while_waiting`` once, on the calling thread, with the values it has
         (index in ``readers`` -> value) while the others are still being read."""
         return [reader.read_sample(sample) for reader in readers]
+
+
+def missing_chunk(field: str, sample: int, where: str) -> MissingChunkError:
+    """The error for a committed sample whose chunk (or inner chunk) ``where`` is absent."""
+    return MissingChunkError(
+        f"field {field!r}, sample {sample}: {where} is missing although the sample is "
+        f"committed; the store is damaged (`arraystore verify` lists every such sample; "
+        f"re-ingest its source)")
+
+
+def undecodable(field: str, sample: int, library: str, exc: Exception) -> StoreFormatError:
+    """The error for chunks a library could not decode (a codec's own exception, typed): a
+    :class:`ChecksumMismatchError` for a crc32c that does not match."""
+    text = str(exc).lower()
+    kind = ChecksumMismatchError if "checksum" in text or "digest" in text else StoreFormatError
+    return kind(f"field {field!r}, samples from {sample}: a chunk does not decode "
+                f"({library}: {type(exc).__name__}: {exc}); the store is damaged (`arraystore "
+                f"verify --deep` lists every such sample; re-ingest its source)")
+
+
+def fetch_shard_index(location: Location, key: str, size: int, shard_size: int,
+                      chunk_bytes: int | None) -> np.ndarray:
+    """:func:`parse_shard_index` of the shard ``key`` of ``size`` bytes at ``location``, read
+    with one ranged read (its index always carries a crc32c: zarr's default index codecs)."""
+    index_bytes = shard_index_bytes(shard_size, True)
+    raw = location.read_range(key, size - index_bytes, size) if size >= index_bytes else b""
+    return parse_shard_index(raw, size, shard_size, True, location.where(key), chunk_bytes)

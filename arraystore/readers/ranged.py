@@ -1,6 +1,6 @@
 """The direct read path in an object store: ranged GETs where a disk has ``pread``.
 
-The same bytes as :mod:`arraystore.readers.direct` reads, fetched over HTTP: a per-sample chunk
+The same bytes as :mod:`arraystore.readers.local_files` reads, fetched over HTTP: a per-sample chunk
 is one GET of its object; in the sharded layout a shard's index (the last bytes of the shard
 object, one suffix-range GET) is fetched once and cached, then each sample is one ranged GET of
 its inner chunk. Every request of one item (all its fields, and the indexes of shards not seen
@@ -17,18 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
-from arraystore.errors import StoreFormatError
-from arraystore.keys import ChunkPaths
-from arraystore.location import ObjectLocation
-from arraystore.readers.base import FieldReader
-from arraystore.readers.direct import (
+from arraystore.chunk_format import (
     CRC_BYTES,
     EMPTY,
     check_crc,
-    missing_chunk,
     parse_shard_index,
     shard_index_bytes,
 )
+from arraystore.errors import StoreFormatError
+from arraystore.keys import ChunkPaths
+from arraystore.location import ObjectLocation
+from arraystore.readers.base import FieldReader, missing_chunk
 from arraystore.schema import Field
 
 CACHED_INDEXES = 256

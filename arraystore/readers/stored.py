@@ -12,10 +12,11 @@ checked again by the same reader.
 
 from __future__ import annotations
 
+from arraystore.chunk_format import EMPTY
 from arraystore.keys import chunk_key
 from arraystore.layout import Layout
 from arraystore.location import Location
-from arraystore.readers.direct import EMPTY, fetch_shard_index, missing_chunk
+from arraystore.readers.base import fetch_shard_index, missing_chunk
 from arraystore.schema import Field
 
 CHECKED_SHARDS = 4096  # complete shards remembered per reader (a set of ints)

@@ -12,47 +12,13 @@ The values equal zarr-python's: a ``StringDType`` array, ``str`` for one sample.
 from __future__ import annotations
 
 import os
-import struct
 
 import numpy as np
 
+from arraystore.chunk_format import CRC_BYTES, check_crc, decode_vlen_utf8
 from arraystore.errors import StoreFormatError
-from arraystore.readers.base import FieldReader
-from arraystore.readers.direct import (
-    CRC_BYTES,
-    ChunkFileReader,
-    ShardReader,
-    check_crc,
-    missing_chunk,
-)
-
-_U32 = struct.Struct("<I")
-
-
-def decode_vlen_utf8(data: bytes, count: int, what: str) -> list[str]:
-    """The ``count`` strings of one ``vlen-utf8`` chunk's bytes ``data`` (crc removed); a
-    :class:`StoreFormatError` naming ``what`` for any count, length or UTF-8 that does not fit."""
-    if len(data) < _U32.size or _U32.unpack_from(data)[0] != count:
-        found = _U32.unpack_from(data)[0] if len(data) >= _U32.size else "no"
-        raise StoreFormatError(f"{what}: a string chunk of {found} items, expected {count}")
-    values, at = [], _U32.size
-    for _ in range(count):
-        if at + _U32.size > len(data):
-            raise StoreFormatError(f"{what}: the string chunk ends inside an item's length")
-        (length,) = _U32.unpack_from(data, at)
-        at += _U32.size
-        if at + length > len(data):
-            raise StoreFormatError(f"{what}: a string of {length} bytes runs past the chunk's "
-                                   f"{len(data)} bytes")
-        try:
-            values.append(data[at:at + length].decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise StoreFormatError(f"{what}: a string is not valid UTF-8 ({exc})") from exc
-        at += length
-    if at != len(data):
-        raise StoreFormatError(f"{what}: {len(data) - at} bytes after the chunk's {count} "
-                               f"strings")
-    return values
+from arraystore.readers.base import FieldReader, missing_chunk
+from arraystore.readers.local_files import ChunkFileReader, ShardReader
 
 
 def _strings(values: list[str], shape: tuple[int, ...]) -> np.ndarray:

@@ -12,8 +12,7 @@ import numpy as np
 
 from arraystore.layout import Layout
 from arraystore.location import LocalLocation, Location, ObjectLocation
-from arraystore.readers.base import Backend, FieldReader
-from arraystore.readers.direct import missing_chunk, undecodable
+from arraystore.readers.base import Backend, FieldReader, missing_chunk, undecodable
 from arraystore.readers.stored import StoredChunks
 from arraystore.region import Region
 from arraystore.schema import Field

@@ -14,8 +14,7 @@ import zarr
 
 from arraystore.layout import Layout
 from arraystore.location import Location
-from arraystore.readers.base import Backend, FieldReader
-from arraystore.readers.direct import undecodable
+from arraystore.readers.base import Backend, FieldReader, undecodable
 from arraystore.readers.stored import StoredChunks
 from arraystore.region import Region
 from arraystore.schema import Field

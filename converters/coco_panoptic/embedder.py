@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from arraystore.compat import ensure_torchvision_ops
 from arraystore.errors import ArrayStoreError
-from converters.torchvision_ops import ensure_torchvision_ops
 
 DEFAULT_MODEL = "ViT-B-16-SigLIP"
 
@@ -130,7 +130,7 @@ class SiglipEmbedder:
         self.width = embedding_width(model)
 
     def describe(self) -> dict[str, Any]:
-        from converters.sa1b.teacher import file_sha256
+        from arraystore.converters.sa1b.teacher import file_sha256
 
         return {"model": self.model_name, "pretrained_tag": self.tag,
                 "weights": str(self.weights) if self.weights else None,

@@ -2,9 +2,9 @@
 embedding per COCO panoptic segment (docs/formats.md).
 
 A record is an image with its listed segments; workers decode the image and its panoptic PNG,
-cut each segment's faded crop (:mod:`converters.coco_panoptic.crops`) and preprocess it with the
-pretrained tag's transform; the model runs as a batch stage in the writer process, as the SAM2
-teacher does. A segment listed in the JSON but absent from the PNG is left out with a report
+cut each segment's faded crop (:mod:`arraystore.converters.coco_panoptic.crops`) and preprocess it
+with the pretrained tag's transform; the model runs as a batch stage in the writer process, as the
+SAM2 teacher does. A segment listed in the JSON but absent from the PNG is left out with a report
 line. A record names its segments, so an image whose segments are all committed is skipped
 without being decoded: a killed run resumes where it stopped.
 """
@@ -20,15 +20,19 @@ from typing import Any
 import cv2
 import numpy as np
 
+from arraystore.converters.coco_panoptic.crops import crop_segment, segment_ids
+from arraystore.converters.coco_panoptic.embedder import (
+    DEFAULT_MODEL,
+    embedding_width,
+    pretrained_config,
+)
+from arraystore.converters.device import device_problem
 from arraystore.errors import OptionError, SampleError, SourceError
+from arraystore.kinds.mask_embeddings import KIND, embeddings_schema
 from arraystore.plugins import PluginOption
 from arraystore.schema import Schema
 from arraystore.sources import BatchStage, Part, Record, Skip, Source, SourceUnit
 from arraystore.stages import ModelStage
-from converters.coco_panoptic.crops import crop_segment, segment_ids
-from converters.coco_panoptic.embedder import DEFAULT_MODEL, embedding_width, pretrained_config
-from converters.coco_panoptic.fields import KIND, embeddings_schema
-from converters.device import device_problem
 
 PIXELS = "_pixels"  # the preprocessed crop, consumed by the model stage
 
@@ -149,7 +153,7 @@ class CocoEmbeddingsSource(Source):
                          parts=tuple(part_id(image_id, i) for i in ids))
 
     def prepare_worker(self) -> None:
-        from converters.coco_panoptic.embedder import image_transform
+        from arraystore.converters.coco_panoptic.embedder import image_transform
 
         cv2.setNumThreads(1)
         self._transform = image_transform(self.settings["model"], self.settings["pretrained_tag"])
@@ -189,7 +193,7 @@ class CocoEmbeddingsSource(Source):
         return self.settings["device"]
 
     def batch_stage(self) -> BatchStage | None:
-        from converters.coco_panoptic.embedder import SiglipEmbedder
+        from arraystore.converters.coco_panoptic.embedder import SiglipEmbedder
 
         s = self.settings
         embedder = SiglipEmbedder(s["model"], s["weights"], s["pretrained_tag"], s["device"],

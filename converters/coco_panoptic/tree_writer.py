@@ -16,7 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from converters.coco_panoptic.crops import segment_ids
+from arraystore.converters.coco_panoptic.crops import segment_ids
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 ABSENT_SEGMENT = 0x0A0B0C  # listed, never painted

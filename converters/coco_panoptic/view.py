@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from arraystore.errors import ArrayStoreError
+from arraystore.kinds.mask_embeddings import KIND
 from arraystore.schema import Schema
 from arraystore.sources import Record
 from arraystore.views import Panel, SummaryRow, View
@@ -26,7 +27,7 @@ CROPS_SHOWN = 8  # crops of the first rows, one row of panels
 
 
 class EmbeddingsView(View):
-    kind = "mask_embeddings"
+    kind = KIND
     per_sample = False
     default_count = 2000
 
@@ -78,7 +79,7 @@ class CropCutter:
     files the store recorded: what is shown is exactly what the model was fed."""
 
     def __init__(self, meta: Mapping[str, Any]) -> None:
-        from converters.coco_panoptic.source import CocoEmbeddingsSource
+        from arraystore.converters.coco_panoptic.source import CocoEmbeddingsSource
 
         settings = meta.get("extra", {}).get("embeddings")
         if not settings:
@@ -100,7 +101,7 @@ class CropCutter:
 
     def model_input(self, row: Mapping[str, Any]) -> np.ndarray:
         """The row's crop as the model saw it: preprocessed, then mapped back to RGB uint8."""
-        from converters.coco_panoptic.source import PIXELS, part_id
+        from arraystore.converters.coco_panoptic.source import PIXELS, part_id
 
         image_id, segment_id = int(row["image_id"]), int(row["segment_id"])
         if image_id not in self.records:

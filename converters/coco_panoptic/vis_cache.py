@@ -23,15 +23,15 @@ from typing import Any
 import numpy as np
 from rich.progress import Progress
 
+from arraystore.converters.coco_panoptic.source import part_id
 from arraystore.errors import SampleError, SourceError
 from arraystore.exporters import Exporter
+from arraystore.kinds.mask_embeddings import KIND, embeddings_schema
 from arraystore.ownership import refuse_output_inside_store
 from arraystore.plugins import PluginOption
 from arraystore.reader import SampleReader
 from arraystore.schema import Schema
 from arraystore.sources import Record, Source, SourceUnit
-from converters.coco_panoptic.fields import KIND, embeddings_schema
-from converters.coco_panoptic.source import part_id
 
 INDEX = "inst2feat.tsv"
 HEADER = ("image_id", "segment_id", "feat_file")

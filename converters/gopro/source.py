@@ -24,19 +24,20 @@ import cv2
 import numpy as np
 
 from arraystore.errors import OptionError, SampleError, SourceError
-from arraystore.plugins import PluginOption
-from arraystore.schema import Schema
-from arraystore.sources import Record, Source, SourceUnit
-from converters.gopro.fields import (
+from arraystore.kinds.gopro_spike import (
     DEFAULT_BINS,
     KIND,
     SPIKE_FRAMES,
     SPIKE_HEIGHT,
     SPIKE_WIDTH,
     VOXEL_MODES,
+    check_bins,
     gopro_schema,
+    spike_to_voxel,
 )
-from loaders.spike_voxels import check_bins, spike_to_voxel
+from arraystore.plugins import PluginOption
+from arraystore.schema import Schema
+from arraystore.sources import Record, Source, SourceUnit
 
 ROLES = ("blur", "sharp", "spike")
 SUFFIXES = {"blur": (".png", ".jpg", ".jpeg"), "sharp": (".png", ".jpg", ".jpeg"),

@@ -8,16 +8,15 @@ from typing import Any
 
 import numpy as np
 
+from arraystore.kinds.gopro_spike import DEFAULT_BINS, KIND, spike_to_voxel
 from arraystore.schema import Schema
 from arraystore.views import Panel, View, field_panels
-from converters.gopro.fields import DEFAULT_BINS
-from loaders.spike_voxels import spike_to_voxel
 
 TEXT_FIELDS = ("split", "sequence", "frame", "frame_index")
 
 
 class GoproView(View):
-    kind = "gopro_spike"
+    kind = KIND
 
     def fields(self, schema: Schema, asked: Sequence[str]) -> tuple[str, ...]:
         if asked:

@@ -16,7 +16,13 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from converters.sa1b.fields import EDGE_SIZES, EDGE_VERSION, IMAGE_SIZE, MAP_SIZES, MASK_SIZE
+from arraystore.kinds.sa1b import (
+    EDGE_SIZES,
+    EDGE_VERSION,
+    IMAGE_SIZE,
+    MAP_SIZES,
+    MASK_SIZE,
+)
 
 
 @dataclass(frozen=True)

@@ -15,19 +15,19 @@ from typing import Any
 import numpy as np
 from rich.progress import Progress
 
+from arraystore.converters.device import device_problem
+from arraystore.converters.sa1b.derive import MaskAccumulator
+from arraystore.converters.sa1b.members import parse_annotations
+from arraystore.converters.sa1b.tar_shard import read_groups
+from arraystore.converters.sa1b.teacher_models import SAM2_CONFIGS
 from arraystore.errors import IncompatibleStoreError, OptionError, SampleError, SourceError
 from arraystore.fixes import Fix
+from arraystore.kinds.sa1b import EDGE_VERSION, KIND
 from arraystore.plugins import PluginOption
 from arraystore.reader import SampleReader
 from arraystore.sources import SourceUnit
 from arraystore.store import Store, utc_now
 from arraystore.update import StoreUpdater
-from converters.device import device_problem
-from converters.sa1b.derive import MaskAccumulator
-from converters.sa1b.fields import EDGE_VERSION, KIND
-from converters.sa1b.members import parse_annotations
-from converters.sa1b.tar_shard import read_groups
-from converters.sa1b.teacher_models import SAM2_CONFIGS
 
 EDGE_WRITE_BATCH = 64
 
@@ -103,7 +103,7 @@ class FeaturesFix(Fix):
 
     def apply(self, store: str | os.PathLike[str], *, progress: bool = False,
               **options: Any) -> dict[str, Any]:
-        from converters.sa1b.teacher import Sam2Teacher
+        from arraystore.converters.sa1b.teacher import Sam2Teacher
 
         teacher = Sam2Teacher(options["model"], options["weights"], options.get("device", "cpu"),
                               options.get("batch_size", 8), options.get("amp", False))

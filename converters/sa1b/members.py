@@ -15,8 +15,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from arraystore.converters.sa1b.derive import Annotation
 from arraystore.errors import SampleError
-from converters.sa1b.derive import Annotation
 
 P4_SHAPE, P5_SHAPE = (256, 64, 64), (256, 32, 32)
 P4_KEYS = ("P4_S16", "IMAGE_EMB_S16")  # IMAGE_EMB_S16 is the seeds' alias of P4

@@ -10,16 +10,16 @@ from typing import Any
 import cv2
 import numpy as np
 
+from arraystore.converters.device import device_problem
+from arraystore.converters.sa1b.derive import derive_fields
+from arraystore.converters.sa1b.members import decode_jpeg, load_features, parse_annotations
+from arraystore.converters.sa1b.tar_shard import count_sample_keys, read_groups
+from arraystore.converters.sa1b.teacher_models import SAM2_CONFIGS
 from arraystore.errors import SampleError, SourceError
+from arraystore.kinds.sa1b import DEFAULT_MAX_BOXES, KIND, sa1b_schema
 from arraystore.plugins import PluginOption
 from arraystore.schema import Schema
 from arraystore.sources import BatchStage, Record, Source, SourceUnit
-from converters.device import device_problem
-from converters.sa1b.derive import derive_fields
-from converters.sa1b.fields import DEFAULT_MAX_BOXES, KIND, sa1b_schema
-from converters.sa1b.members import decode_jpeg, load_features, parse_annotations
-from converters.sa1b.tar_shard import count_sample_keys, read_groups
-from converters.sa1b.teacher_models import SAM2_CONFIGS
 
 TAR_PATTERNS = ("*.tar", "*.tar.gz", "*.tgz")
 
@@ -117,8 +117,8 @@ class Sa1bTarSource(Source):
     def batch_stage(self) -> BatchStage | None:
         """With ``--teacher``, features come from SAM2 (replacing any NPZ features); the model
         lives in the writer process while the workers decode ahead."""
+        from arraystore.converters.sa1b.teacher import Sam2Teacher, TeacherError
         from arraystore.stages import ModelStage
-        from converters.sa1b.teacher import Sam2Teacher, TeacherError
 
         if not self.settings["teacher"]:
             if self.settings["weights"]:

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from arraystore.converters.sa1b.teacher_models import SAM2_CONFIGS
 from arraystore.errors import ArrayStoreError
-from converters.sa1b.teacher_models import SAM2_CONFIGS
 
 KEEP_ALL_LEVELS = "++model.image_encoder.scalp=0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -10,6 +10,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from arraystore.kinds.sa1b import KIND
 from arraystore.schema import Schema
 from arraystore.views import Panel, View, field_panels
 
@@ -36,7 +37,7 @@ def pca_rgb(features: np.ndarray) -> np.ndarray:
 
 
 class Sa1bView(View):
-    kind = "sa1b"
+    kind = KIND
 
     def fields(self, schema: Schema, asked: Sequence[str]) -> tuple[str, ...]:
         names: list[str] = []

@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 from rich.progress import Progress
 
+from arraystore.converters.sa1b_bin.source import CONFIG_ATTR
 from arraystore.errors import IncompatibleStoreError, StoreExistsError
 from arraystore.exporters import Exporter
+from arraystore.kinds.sa1b import KIND
+from arraystore.kinds.sa1b_bin import CONFIG_FILE, DEFAULT_MAX_BOXES, KEYS_FILE, bin_files
 from arraystore.ownership import refuse_output_inside_store
 from arraystore.reader import SampleReader
-from converters.sa1b.fields import KIND
-from converters.sa1b_bin.source import CONFIG_ATTR
-from loaders.bin_format import CONFIG_FILE, DEFAULT_MAX_BOXES, KEYS_FILE, bin_files
 
 PARTIAL = ".partial"
 

@@ -16,10 +16,16 @@ from typing import Any
 import numpy as np
 
 from arraystore.errors import SampleError, SourceError
+from arraystore.kinds.sa1b import KIND, sa1b_schema
+from arraystore.kinds.sa1b_bin import (
+    BinFile,
+    bin_files,
+    max_boxes_of,
+    open_bin_directory,
+    read_config,
+)
 from arraystore.schema import Schema
 from arraystore.sources import Record, Source, SourceUnit
-from converters.sa1b.fields import KIND, sa1b_schema
-from loaders.bin_format import BinFile, bin_files, max_boxes_of, open_bin_directory, read_config
 
 CONFIG_ATTR = "bin_config"
 

@@ -1,4 +1,7 @@
-"""Let ``torchvision`` import beside a CPU-only torch (open_clip and timm import it).
+"""Workarounds for the environment, in one place; each says why it exists and when it can go.
+
+The one there is now lets ``torchvision`` import beside a CPU-only torch (open_clip and timm
+import it).
 
 PyPI's torchvision 0.28.0 is a CUDA build: its C++ library (``torchvision/_C``) does not load
 with the CPU torch, and then ``import torchvision`` fails on registering fake kernels for
@@ -8,7 +11,7 @@ torchvision's Python side needs (``nms``, ``qnms``). Nothing here implements the
 transforms this project uses never call them, and a call would fail loudly.
 
 A user's own script may import open_clip (or torchvision) before anything of arraystore:
-``python -m converters.torchvision_ops --install-hook`` (the README's set-up runs it) writes a
+``python -m arraystore.compat --install-hook`` (the README's set-up runs it) writes a
 ``.pth`` file into the environment's site-packages that, at interpreter start, loads this file
 alone (not its package: no import cost) and adds :class:`DeclareOpsOnImport`, which runs
 :func:`ensure_torchvision_ops` just before torchvision is first imported. It goes -- with this
@@ -93,10 +96,12 @@ HOOK_FILE = "arraystore-torchvision-ops.pth"
 
 
 def hook_line(module_file: str) -> str:
-    """The ``.pth`` line that loads ``module_file`` (this file) alone and starts watching."""
-    return ("import importlib.util as u; s = u.spec_from_file_location("
-            f"'arraystore_torchvision_ops', {module_file!r}); m = u.module_from_spec(s); "
-            "s.loader.exec_module(m); m.watch_for_torchvision()\n")
+    """The ``.pth`` line that loads ``module_file`` (this file) alone and starts watching; it
+    does nothing once that file is gone (a moved checkout must not break every interpreter)."""
+    return ("import os, importlib.util as u; s = u.spec_from_file_location("
+            f"'arraystore_compat', {module_file!r}) if os.path.isfile({module_file!r}) else None; "
+            "m = s and u.module_from_spec(s); "
+            "s and (s.loader.exec_module(m), m.watch_for_torchvision())\n")
 
 
 def install_hook(site_packages: str | None = None) -> Path:
@@ -110,5 +115,5 @@ def install_hook(site_packages: str | None = None) -> Path:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--install-hook"]:
-        sys.exit("usage: python -m converters.torchvision_ops --install-hook")
+        sys.exit("usage: python -m arraystore.compat --install-hook")
     print(f"wrote {install_hook()}")

@@ -1,10 +1,11 @@
-"""The raw fixed-stride ``.bin`` format (docs/formats.md) (``BinaryDistillDataset``).
+"""The raw fixed-stride ``.bin`` layout of ``sa1b`` samples (docs/formats.md), which
+``BinaryDistillDataset`` reads.
 
 One file per group of fields; sample ``i`` of a file sits at byte ``i * item_size``; within an
 item the fields follow one another in a fixed order, little-endian, C order. ``config.json``
 holds the global configuration and ``keys.txt`` the sample ids, one per line. This module is the
 single statement of that layout: the reference reader, the ``bin`` source and the ``bin`` exporter
-all use it. It needs only NumPy, so converters may import it without importing torch.
+all use it. It needs only NumPy. Its sizes are the ``sa1b`` kind's (:mod:`.sa1b`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from arraystore.errors import ArrayStoreError
+from arraystore.kinds.sa1b import DEFAULT_MAX_BOXES, EDGE_SIZES, IMAGE_SIZE, MAP_SIZES, MASK_SIZE
 
 CONFIG_FILE = "config.json"
 KEYS_FILE = "keys.txt"
-DEFAULT_MAX_BOXES = 1
 
 
 class BinConfigNotFoundError(ArrayStoreError, FileNotFoundError):
@@ -71,17 +72,17 @@ def bin_files(max_boxes: int = DEFAULT_MAX_BOXES) -> tuple[BinFile, ...]:
     """The files of a ``.bin`` dataset with ``max_boxes`` boxes per sample (usually 1)."""
     k = max_boxes
     maps = tuple(
-        BinPart(f"{kind}_map_{s}", (s, s), "<f4") for s in (128, 64, 32) for kind in ("fg", "bg")
+        BinPart(f"{kind}_map_{s}", (s, s), "<f4") for s in MAP_SIZES for kind in ("fg", "bg")
     )
     return (
-        BinFile("images.bin", (BinPart("image", (1024, 1024, 3), "|u1"),)),
+        BinFile("images.bin", (BinPart("image", (IMAGE_SIZE, IMAGE_SIZE, 3), "|u1"),)),
         BinFile("features.bin", (BinPart("P4_S16", (1, 256, 64, 64), "<f4"),
                                  BinPart("P5_S32", (1, 256, 32, 32), "<f4"))),
         BinFile("edge_maps.bin", tuple(BinPart(f"edge_{s}x{s}", (s, s), "|u1")
-                                       for s in (256, 64, 32))),
+                                       for s in EDGE_SIZES)),
         BinFile("weight_maps.bin", maps),
         BinFile("bboxes.bin", (BinPart("bboxes", (k, 4), "<f4"),)),
-        BinFile("masks.bin", (BinPart("masks", (k, 256, 256), "|u1"),)),
+        BinFile("masks.bin", (BinPart("masks", (k, MASK_SIZE, MASK_SIZE), "|u1"),)),
         BinFile("metadata.bin", (BinPart("metadata", (5,), "<i4"),)),
     )
 
