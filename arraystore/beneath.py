@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import stat
 import sys
 
 from arraystore.errors import StoreFormatError
+from arraystore.per_process import PerProcess
 
 _SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437}.get(os.uname().machine)
 _RESOLVE_NO_SYMLINKS, _RESOLVE_BENEATH = 0x04, 0x08
@@ -39,20 +41,11 @@ class StoreRoot:
 
     def __init__(self, root: str) -> None:
         self.root = root
-        self._fd: tuple[int, int] | None = None  # (pid, descriptor)
-
-    def __getstate__(self) -> dict[str, object]:
-        return {"root": self.root, "_fd": None}
-
-    def __del__(self) -> None:
-        if self._fd is not None and self._fd[0] == os.getpid():
-            os.close(self._fd[1])
+        self._fd = PerProcess(functools.partial(os.open, root, os.O_RDONLY | os.O_DIRECTORY
+                                                | os.O_CLOEXEC), close=os.close)
 
     def fd(self) -> int:
-        if self._fd is None or self._fd[0] != os.getpid():
-            self._fd = (os.getpid(), os.open(self.root, os.O_RDONLY | os.O_DIRECTORY
-                                             | os.O_CLOEXEC))
-        return self._fd[1]
+        return self._fd.get()
 
     def open(self, key: str) -> int | None:
         """:func:`open_beneath` of ``key`` below this root."""

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from arraystore.beneath import open_beneath
 from arraystore.errors import ArrayStoreError, MissingExtraError, OptionError, StoreAccessError
 from arraystore.keys import fsync_path
+from arraystore.per_process import PerProcess
 
 T = TypeVar("T")
 
@@ -344,6 +345,19 @@ def _precondition_failed(exc: OSError) -> bool:
             or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412)
 
 
+def _connect(url: str, storage_options: Mapping[str, Any]) -> tuple[Any, str]:
+    """An fsspec file system for ``url`` and the store's root in it."""
+    import fsspec
+
+    try:
+        fs, root = fsspec.url_to_fs(url, **storage_options)
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"{url}: {exc}. Object stores need the 'scale' extra: pip install "
+            f"'arraystore[scale]' (s3fs; gcsfs or adlfs for gs:// and az://)") from exc
+    return fs, root.rstrip("/")
+
+
 class ObjectLocation(Location):
     """A prefix of an object store, through fsspec; pickles as its URL and options and opens
     its client again in each process (a client is not fork-safe)."""
@@ -360,23 +374,11 @@ class ObjectLocation(Location):
         self.url = url.rstrip("/")
         self.path = self.url
         self.storage_options = dict(storage_options or {})
-        self._client: tuple[int, Any, str] | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None}
+        # a client per process: its connections and event loop are not a forked child's
+        self._client = PerProcess(functools.partial(_connect, self.url, self.storage_options))
 
     def _fs(self) -> tuple[Any, str]:
-        if self._client is None or self._client[0] != os.getpid():
-            import fsspec
-
-            try:
-                fs, root = fsspec.url_to_fs(self.url, **self.storage_options)
-            except ImportError as exc:
-                raise MissingExtraError(
-                    f"{self.url}: {exc}. Object stores need the 'scale' extra: pip install "
-                    f"'arraystore[scale]' (s3fs; gcsfs or adlfs for gs:// and az://)") from exc
-            self._client = (os.getpid(), fs, root.rstrip("/"))
-        return self._client[1], self._client[2]
+        return self._client.get()
 
     @property
     def fs(self) -> Any:

@@ -9,16 +9,15 @@ blocks cached; :meth:`SampleReader.read_region` reads a window of a sample.
 
 from __future__ import annotations
 
-import functools
-import os
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from arraystore.errors import IncompatibleStoreError, SampleNotCommittedError
 from arraystore.location import Location
+from arraystore.per_process import PerProcess
 from arraystore.readers import Backend, FieldReader, backend_chain
 from arraystore.region import normalize_region
 from arraystore.sample_ids import SampleIds
@@ -28,6 +27,17 @@ from arraystore.store import Store, StoreTarget
 CACHED_BLOCKS = 4
 # block-chunked fields; per backend: the backend, its field names, their readers
 ReadPlan = tuple[tuple[Field, ...], tuple[tuple[Backend, tuple[str, ...], list[FieldReader]], ...]]
+
+
+class _Opened:
+    """What a reader opens in the process that reads (:mod:`arraystore.per_process`): its
+    backends, field readers, cached blocks and read plans."""
+
+    def __init__(self) -> None:
+        self.backends: dict[str, Backend] = {}
+        self.readers: dict[str, tuple[FieldReader, str]] = {}
+        self.blocks: dict[str, OrderedDict[int, np.ndarray]] = {}
+        self.plans: dict[tuple[str, ...], ReadPlan] = {}
 
 
 class SampleReader:
@@ -56,24 +66,7 @@ class SampleReader:
         # request each saved); on a disk reading it again is cheaper than pickling it
         self._array_json = {} if self.location.is_local else store.array_json
         self._sample_ids: SampleIds | None = None
-        self._reset()
-
-    def _reset(self) -> None:
-        self._pid = os.getpid()
-        self._backends: dict[str, Backend] = {}
-        self._readers: dict[str, tuple[FieldReader, str]] = {}
-        self._blocks: dict[str, OrderedDict[int, np.ndarray]] = {}
-        self._plans: dict[tuple[str, ...], ReadPlan] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        for key in ("_backends", "_readers", "_blocks", "_plans"):
-            state[key] = {}
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._pid = os.getpid()
+        self._open = PerProcess(_Opened)
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -89,18 +82,17 @@ class SampleReader:
 
     def field_reader(self, name: str) -> tuple[FieldReader, str]:
         """The reader serving ``name`` in this process and the name of its backend."""
-        if self._pid != os.getpid():  # forked: handles of the parent are not ours
-            self._reset()
-        if name not in self._readers:
+        opened = self._open.get()
+        if name not in opened.readers:
             field = self.schema[name]
             backend_cls = next(b for b in self._chain
                                if b.supports(field, self.layout, self.location))
-            backend = self._backends.get(backend_cls.name)
+            backend = opened.backends.get(backend_cls.name)
             if backend is None:
-                backend = self._backends[backend_cls.name] = backend_cls(
+                backend = opened.backends[backend_cls.name] = backend_cls(
                     self.location, self.layout, self._array_json)
-            self._readers[name] = (backend.open_field(field), backend_cls.name)
-        return self._readers[name]
+            opened.readers[name] = (backend.open_field(field), backend_cls.name)
+        return opened.readers[name]
 
     def backend_of(self, name: str) -> str:
         return self.field_reader(name)[1]
@@ -125,9 +117,10 @@ class SampleReader:
         """A block-chunked field's value in slot ``position``, from the cached block."""
         size = self.layout.block_size
         block_index, row = divmod(position, size)
-        cache = self._blocks.get(field.name)
+        blocks = self._open.get().blocks
+        cache = blocks.get(field.name)
         if cache is None:
-            cache = self._blocks[field.name] = OrderedDict()
+            cache = blocks[field.name] = OrderedDict()
         block = cache.get(block_index)
         if block is None or row >= len(block):
             start = block_index * size
@@ -182,32 +175,18 @@ class SampleReader:
         values = np.asarray(self._store().array(name)[:extent])
         return values if len(self.positions) == extent else values[self.positions]
 
-    def read(self, index: int, fields: Sequence[str] | None = None,
-             while_waiting: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def read(self, index: int, fields: Sequence[str] | None = None) -> dict[str, Any]:
         """The ``index``-th committed sample: field name -> array (or str). Per-sample fields
         served by one backend are read together (in an object store, concurrently; from a
-        disk in two halves at once, or, once in memory, with each copy split across torch's
-        intra-op threads: :mod:`arraystore.readers.halves`). ``while_waiting``: work on what
-        has been read while a helper thread still reads the rest (building an item from some
-        of its fields), called at most once with the values read so far; not called when
-        nothing overlaps."""
+        disk in two halves at once: :mod:`arraystore.readers.halves`)."""
         position = self.position(index)
         names = tuple(fields or self.fields)
-        plan = self._plans.get(names) if self._pid == os.getpid() else None
+        plan = self._open.get().plans.get(names)
         if plan is None:
             plan = self._plan(names)
         values = {field.name: self._block_value(field, position) for field in plan[0]}
-        called = while_waiting is None
-
-        def early(group: tuple[str, ...], got: dict[int, np.ndarray]) -> None:
-            nonlocal called
-            if not called:
-                called = True
-                while_waiting({**values, **{group[i]: v for i, v in got.items()}})
-
         for backend, group, readers in plan[1]:
-            hook = None if called else functools.partial(early, group)
-            values.update(zip(group, backend.read_fields(readers, position, hook), strict=True))
+            values.update(zip(group, backend.read_fields(readers, position), strict=True))
         return {name: values[name] for name in names}
 
     def read_into(self, index: int, name: str, out: np.ndarray) -> None:
@@ -228,10 +207,11 @@ class SampleReader:
             if self.schema[name].chunking == "sample":
                 together.setdefault(self.backend_of(name), []).append(name)
         blocks = tuple(self.schema[n] for n in names if self.schema[n].chunking != "sample")
-        plan = (blocks, tuple((self._backends[b], tuple(group),
+        opened = self._open.get()
+        plan = (blocks, tuple((opened.backends[b], tuple(group),
                                [self.field_reader(n)[0] for n in group])
                               for b, group in together.items()))
-        self._plans[names] = plan
+        opened.plans[names] = plan
         return plan
 
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from arraystore import Store
-from arraystore.converters.sa1b.shard_writer import ShardSample, random_masks, write_shard
+from arraystore.testing.sa1b_shards import ShardSample, random_masks, write_shard
 
 # SA-1B images are about 1500 x 2250; some are portrait, a few smaller than 1024
 SIZES = ((1500, 2250), (2250, 1500), (1200, 1800), (768, 1024))

@@ -26,9 +26,9 @@ from arraystore.converters.sa1b.derive import (
     resize_image,
 )
 from arraystore.converters.sa1b.members import decode_jpeg, parse_annotations
-from arraystore.converters.sa1b.shard_writer import write_shard
 from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.kinds.sa1b import EDGE_SIZES, MAP_SIZES
+from arraystore.testing.sa1b_shards import write_shard
 from benchmarks.data import sa1b_like
 from benchmarks.report import header, plot_bars, save_report
 from benchmarks.run import interleaved

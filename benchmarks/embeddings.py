@@ -25,12 +25,12 @@ import numpy as np
 from arraystore import Layout, Store, ingest
 from arraystore.converters.coco_panoptic.embedder import SiglipEmbedder
 from arraystore.converters.coco_panoptic.source import PIXELS, CocoEmbeddingsSource
-from arraystore.converters.coco_panoptic.tree_writer import write_coco_panoptic
 from arraystore.converters.coco_panoptic.vis_cache import TsvExporter
 from arraystore.info import store_info
 from arraystore.kinds.mask_embeddings import embeddings_schema
 from arraystore.loaders import EmbeddingTable
 from arraystore.store import COMMITTED_ARRAY, SAMPLE_ARRAY
+from arraystore.testing.coco_panoptic_trees import write_coco_panoptic
 from benchmarks.busy import CONDITIONS, condition
 from benchmarks.data import fill_store
 from benchmarks.report import command_line, machine, plot_bars, save_report

@@ -30,8 +30,8 @@ from arraystore import Layout, ingest
 from arraystore import location as location_module
 from arraystore import lock as lock_module
 from arraystore import store as store_module
-from arraystore.converters.sa1b.shard_writer import ShardSample, random_masks, write_shard
 from arraystore.converters.sa1b.source import Sa1bTarSource
+from arraystore.testing.sa1b_shards import ShardSample, random_masks, write_shard
 from benchmarks.busy import CONDITIONS, condition
 from benchmarks.report import header, plot_bars, save_report
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from arraystore.loaders.distill_item import ALL_KEYS, buildable_part, distill_item
+from arraystore.loaders.distill_item import distill_item
 from arraystore.readers.base import FieldReader
 from arraystore.readers.halves import read_in_halves, split_by_size
 
@@ -64,8 +64,5 @@ class InMemoryDataset:
         if self.split is None:
             fresh = {name: value.copy() for name, value in self.values[index].items()}
             return distill_item(fresh, self.ids[index])
-        early: dict[str, Any] = {}
-        copies = read_in_halves(self.fields, index, self.split, lambda got: early.update(
-            buildable_part({self.names[i]: v for i, v in got.items()}, ALL_KEYS)))
-        return distill_item(dict(zip(self.names, copies, strict=True)), self.ids[index],
-                            ALL_KEYS, early)
+        copies = read_in_halves(self.fields, index, self.split)
+        return distill_item(dict(zip(self.names, copies, strict=True)), self.ids[index])

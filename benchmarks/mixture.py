@@ -26,7 +26,6 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from arraystore import Field, Layout, Schema, Store, ingest
-from arraystore.converters.npz.examples import write_referring, write_sav_pairs
 from arraystore.converters.npz.source import NpzDirectorySource
 from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.loaders import (
@@ -38,6 +37,7 @@ from arraystore.loaders import (
     packed_default_collate,
 )
 from arraystore.store import COMMITTED_ARRAY, SAMPLE_ARRAY
+from arraystore.testing.npz_examples import write_referring, write_sav_pairs
 from benchmarks.busy import CONDITIONS, STEP_SECONDS, condition, training_step
 from benchmarks.data import fill_store
 from benchmarks.report import command_line, machine, plot_bars, save_report

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from arraystore import Layout, ingest
-from arraystore.converters.sa1b.shard_writer import write_shard
 from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.distributed import ingest_distributed
 from arraystore.loaders import ZarrDistillDataset
+from arraystore.testing.sa1b_shards import write_shard
 from benchmarks.data import sa1b_like
 from benchmarks.report import header, plot_bars, save_report
 from benchmarks.run import interleaved, read_run

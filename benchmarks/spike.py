@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader
 
 from arraystore import Layout, ingest
 from arraystore.converters.gopro.source import GoproSpikeSource
-from arraystore.converters.gopro.tree_writer import write_gopro_tree
 from arraystore.info import store_info
 from arraystore.loaders import SpikeClipDataset
+from arraystore.testing.gopro_trees import write_gopro_tree
 from benchmarks.report import command_line, machine, plot_bars, save_report
 from benchmarks.run import interleaved
 from benchmarks.spike_folder import FolderClipDataset

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from arraystore.kinds.sa1b_bin import BinFile, BinFormatError, open_bin_directory
 from arraystore.loaders.distill_item import DISTILL_FIELDS, distill_item
+from arraystore.per_process import PerProcess
 
 
 class BinaryDistillDataset(Dataset):
@@ -31,26 +32,16 @@ class BinaryDistillDataset(Dataset):
             (spec, part, spec.offset_of(part.field))
             for spec in self.files for part in spec.parts if part.field in DISTILL_FIELDS
         ]
-        self._fds: dict[str, int] = {}
-        self._pid = -1
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fds": {}, "_pid": -1}
-
-    def __del__(self) -> None:
-        if getattr(self, "_pid", -1) == os.getpid():
-            for fd in self._fds.values():
-                os.close(fd)
+        self._fds = PerProcess(dict, close=_close_all)  # file name -> descriptor
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def _fd(self, name: str) -> int:
-        if self._pid != os.getpid():
-            self._fds, self._pid = {}, os.getpid()
-        if name not in self._fds:
-            self._fds[name] = os.open(self.root / name, os.O_RDONLY)
-        return self._fds[name]
+        fds = self._fds.get()
+        if name not in fds:
+            fds[name] = os.open(self.root / name, os.O_RDONLY)
+        return fds[name]
 
     def read_fields(self, index: int) -> dict[str, np.ndarray]:
         """The raw field values of sample ``index`` (P4 without its leading axis of 1)."""
@@ -73,3 +64,8 @@ class BinaryDistillDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return distill_item(self.read_fields(index), self.keys[index])
+
+
+def _close_all(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)

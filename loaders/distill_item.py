@@ -75,23 +75,12 @@ def fields_for(keys: Iterable[str]) -> tuple[str, ...]:
 DISTILL_FIELDS: tuple[str, ...] = fields_for(ALL_KEYS)
 
 
-def distill_item(values: Values, image_id: str, keys: Sequence[str] = ALL_KEYS,
-                 built: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The training dict of one sample (or its ``keys`` only) from the stored field values;
-    the keys in ``built`` (from :func:`buildable_part`) are taken from there."""
-    built = built or {}
-    item = {key: built[key] if key in built else ITEM_KEYS[key][1](values)
-            for key in keys if key in ITEM_KEYS}
+def distill_item(values: Values, image_id: str, keys: Sequence[str] = ALL_KEYS) -> dict[str, Any]:
+    """The training dict of one sample (or its ``keys`` only) from the stored field values."""
+    item = {key: ITEM_KEYS[key][1](values) for key in keys if key in ITEM_KEYS}
     if "image_id" in keys:
         item["image_id"] = image_id
     return item
-
-
-def buildable_part(values: Values, keys: Sequence[str]) -> dict[str, Any]:
-    """The item keys among ``keys`` whose fields are all in ``values`` already, built: what
-    can be done while the rest of the sample is still being read."""
-    return {key: ITEM_KEYS[key][1](values) for key in keys
-            if key in ITEM_KEYS and all(f in values for f in ITEM_KEYS[key][0])}
 
 
 _STACKED = ("image", "teacher_features", "edge_256x256", "fg_map", "bg_map", "edge_map")

@@ -8,12 +8,14 @@ that process, so it never crosses a fork or a pickle.
 
 from __future__ import annotations
 
-import os
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 import numpy as np
 from torch.utils.data import get_worker_info
+
+from arraystore.per_process import PerProcess
 
 
 class FrameCache:
@@ -67,16 +69,12 @@ class ProcessLocalCache:
 
     def __init__(self, total_bytes: int) -> None:
         self.total_bytes = int(total_bytes)
-        self._pid = -1
-        self._cache: FrameCache | None = None
-
-    def __getstate__(self) -> dict:
-        return {"total_bytes": self.total_bytes, "_pid": -1, "_cache": None}
+        self._cache = PerProcess(functools.partial(_worker_cache, self.total_bytes))
 
     def get(self) -> FrameCache | None:
         """This process's cache, or None when the budget is zero."""
-        if self.total_bytes <= 0:
-            return None
-        if self._pid != os.getpid():
-            self._pid, self._cache = os.getpid(), FrameCache(worker_share(self.total_bytes))
-        return self._cache
+        return self._cache.get() if self.total_bytes > 0 else None
+
+
+def _worker_cache(total_bytes: int) -> FrameCache:
+    return FrameCache(worker_share(total_bytes))

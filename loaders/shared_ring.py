@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from arraystore.per_process import PerProcess
+
 HEADER = 64  # byte 0: held by the main process; bytes 8..24: the segment's token
 TOKEN = slice(8, 24)
 MAX_SEGMENTS = 8  # per worker: enough for prefetch_factor batches in flight plus a few held
@@ -85,7 +87,6 @@ class _Ring:
     """The segments of this process (a forked child starts with none of its parent's)."""
 
     def __init__(self) -> None:
-        self.pid = os.getpid()
         self.segments: list[Segment] = []
 
     def buffer(self, nbytes: int) -> torch.Tensor | None:
@@ -107,22 +108,15 @@ class _Ring:
         return next((s for s in self.segments if s.local_views and s.data_ptr == pointer), None)
 
 
-_ring: _Ring | None = None
+_ring = PerProcess(_Ring)
 SUPPORTED = hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
-
-
-def _this_ring() -> _Ring:
-    global _ring
-    if _ring is None or _ring.pid != os.getpid():
-        _ring = _Ring()
-    return _ring
 
 
 def worker_buffer(nbytes: int) -> torch.Tensor:
     """``nbytes`` of shared memory for a batch built in a DataLoader worker: a reused segment
     of this worker's ring where one is free, else a fresh shared-memory segment. Wrap the batch
     built on it with :func:`shippable` so it crosses as a reference into the segment."""
-    reused = _this_ring().buffer(nbytes) if SUPPORTED else None
+    reused = _ring.get().buffer(nbytes) if SUPPORTED else None
     if reused is not None:
         return reused
     return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
@@ -236,7 +230,7 @@ class RingBatch(dict):
 def shippable(batch: dict[str, Any]) -> dict[str, Any]:
     """``batch`` as a :class:`RingBatch` if any of its tensors (nested in dicts, lists and
     tuples) lives in a segment of this process's ring, else unchanged."""
-    ring = _ring if _ring is not None and _ring.pid == os.getpid() else None
+    ring = _ring.peek()
     if ring is None or not ring.segments:
         return batch
     owners = (ring.owner(v) for v in _leaves(batch) if isinstance(v, torch.Tensor))
@@ -283,7 +277,6 @@ class _KeptMappings:
     most ``KEPT_MAPPINGS`` are kept (least recently used go first)."""
 
     def __init__(self) -> None:
-        self.pid = os.getpid()
         self.kept: OrderedDict[tuple[int, int, bytes], tuple[mmap.mmap, tuple]] = OrderedDict()
         self.calls = 0
         self.lock = threading.Lock()  # batches arrive on a pin-memory thread too
@@ -318,37 +311,23 @@ class _KeptMappings:
                 del self.kept[key]
 
 
-_kept: _KeptMappings | None = None
+def _unmap_kept(kept: _KeptMappings) -> None:
+    """Unmap the kept mappings; one a batch still uses stays (until that batch goes)."""
+    for mapping, _ in kept.kept.values():
+        with contextlib.suppress(BufferError):
+            mapping.close()
 
 
-def _kept_mappings() -> _KeptMappings:
-    global _kept
-    if _kept is None or _kept.pid != os.getpid():
-        _kept = _KeptMappings()
-    return _kept
-
-
-def _forget_kept_mappings() -> None:
-    """In a forked child (a DataLoader worker forked for the next epoch): unmap the parent's
-    kept mappings, which the child would otherwise hold, and with them the memory of segments
-    whose workers are gone, for its whole life. A mapping a batch in the child still uses
-    stays."""
-    global _kept
-    if _kept is not None:
-        for mapping, _ in _kept.kept.values():
-            with contextlib.suppress(BufferError):
-                mapping.close()
-        _kept = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_kept_mappings)
+# in a forked child (a DataLoader worker forked for the next epoch) the parent's kept mappings
+# are unmapped: the child would otherwise hold them, and with them the memory of segments whose
+# workers are gone, for its whole life
+_kept = PerProcess(_KeptMappings, close=_unmap_kept, close_in_child=True)
 
 
 def _map(pid: int, fd: int, token: bytes, nbytes: int) -> torch.UntypedStorage:
     """In the main process: a worker's segment mapped here, as a storage whose last user
     releases the segment back to the worker."""
-    mapping = _kept_mappings().mapping(pid, fd, token, nbytes)
+    mapping = _kept.get().mapping(pid, fd, token, nbytes)
     array = np.frombuffer(mapping, np.uint8, nbytes, HEADER)
     weakref.finalize(array, _release, mapping)
     return torch.from_numpy(array).untyped_storage()

@@ -20,7 +20,6 @@ from arraystore.loaders.distill_item import (
     ALL_KEYS,
     ITEM_KEYS,
     STACKED_SLOTS,
-    buildable_part,
     collate_distill,
     distill_item,
     fields_for,
@@ -62,13 +61,9 @@ class ZarrDistillDataset(Dataset):
         return len(self.reader)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """The item; the keys whose fields arrive first are built while the rest is still
-        being read (the reader's helper thread reads the larger half of the item, unless the
-        item is in memory and torch's intra-op threads copy it)."""
-        early: dict[str, Any] = {}
-        values = self.reader.read(
-            index, while_waiting=lambda got: early.update(buildable_part(got, self.keys)))
-        return distill_item(values, self.sample_ids[index], self.keys, early)
+        """The item: its fields read (on a disk in two halves at once,
+        :mod:`arraystore.readers.halves`), then the dict built."""
+        return distill_item(self.reader.read(index), self.sample_ids[index], self.keys)
 
     def batch_slots(self) -> list[Slot]:
         """The item keys batched by stacking, as slots of a batch buffer."""

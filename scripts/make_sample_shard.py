@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from skimage import data
 
-from arraystore.converters.sa1b.shard_writer import ShardSample, random_masks, write_shard
+from arraystore.testing.sa1b_shards import ShardSample, random_masks, write_shard
 
 IMAGES = {  # key -> (loader, number of annotations)
     "sa_1": (data.astronaut, 5),

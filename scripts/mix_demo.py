@@ -13,10 +13,10 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from arraystore import ingest
-from arraystore.converters.npz.examples import write_referring, write_sav_pairs
 from arraystore.converters.npz.source import NpzDirectorySource
 from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.loaders import LengthGroupedSampler, MixSource, Mixture, ZarrDistillDataset
+from arraystore.testing.npz_examples import write_referring, write_sav_pairs
 
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "sa1b_sample.tar"
 

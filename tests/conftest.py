@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner, Result
 
 from arraystore import Layout, ingest
-from arraystore.converters.sa1b.shard_writer import ShardSample, write_shard
+from arraystore.cli import cli
 from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.kinds.sa1b_bin import CONFIG_FILE, KEYS_FILE, bin_files
+from arraystore.testing.sa1b_shards import ShardSample, write_shard
 
 LAYOUTS = {
     "raw": Layout("raw", checksum=False),
@@ -242,3 +244,12 @@ def assert_same_values(got, expected, where: str = "") -> None:
             assert_same_values(a, b, f"{where}[{number}]")
     else:
         assert type(got) is type(expected) and got == expected, where
+
+
+def run_cli(*args: object, check: bool = False) -> Result:
+    """The command line run in this process on ``args`` (each as ``str``), exceptions it does
+    not handle raised as they are; ``check``: exit code 0 asserted, the output as the message."""
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    if check:
+        assert result.exit_code == 0, result.output
+    return result

@@ -181,3 +181,12 @@ def test_a_built_wheel_holds_one_top_level_package(tmp_path: Path) -> None:
     entry_points = zipfile.ZipFile(wheel).read(
         next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "= converters." not in entry_points and "= arraystore.converters." in entry_points
+
+
+def test_one_fork_hook_and_no_process_id_checks() -> None:
+    """Per-process state goes through :mod:`arraystore.per_process`, whose fork hook is the only
+    one; no module compares process ids to find out whether it was forked."""
+    hooks = [m for m, p in KNOWN.items() if "register_at_fork" in p.read_text()]
+    assert hooks == ["arraystore.per_process"]
+    compared = re.compile(r"[!=]=\s*os\.getpid\(\)|os\.getpid\(\)\s*[!=]=")
+    assert [m for m, p in KNOWN.items() if compared.search(p.read_text())] == []

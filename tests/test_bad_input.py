@@ -14,15 +14,15 @@ import pytest
 from conftest import photo, rectangle, write_bin_dataset
 
 from arraystore import SampleReader, ingest
-from arraystore.converters.sa1b.shard_writer import (
+from arraystore.converters.sa1b.source import Sa1bTarSource
+from arraystore.converters.sa1b_bin.source import BinDirectorySource
+from arraystore.errors import SampleError, SourceError
+from arraystore.testing.sa1b_shards import (
     ShardSample,
     npz_bytes,
     sample_members,
     write_members,
 )
-from arraystore.converters.sa1b.source import Sa1bTarSource
-from arraystore.converters.sa1b_bin.source import BinDirectorySource
-from arraystore.errors import SampleError, SourceError
 
 RNG = np.random.default_rng(7)
 GOOD = [ShardSample(f"ok_{i}", photo(RNG, 300, 400), [rectangle((300, 400), 10, 10, 90, 90)])

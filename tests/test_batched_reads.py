@@ -20,20 +20,8 @@ from arraystore import SampleReader
 from arraystore.errors import StoreFormatError
 from arraystore.loaders import ZarrDistillDataset, collate_distill
 from arraystore.loaders.batched import Batched, allocate_arrays
-from arraystore.loaders.distill_item import distill_item
 from arraystore.machine import available_cores
-
-
-def assert_batches_equal(got: dict, expected: dict, where: str) -> None:
-    assert list(got) == list(expected), where
-    for key, value in expected.items():
-        if isinstance(value, torch.Tensor):
-            assert got[key].dtype == value.dtype and got[key].shape == value.shape, (where, key)
-            assert torch.equal(got[key], value), (where, key)
-        elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
-            assert all(torch.equal(a, b) for a, b in zip(got[key], value, strict=True)), key
-        else:
-            assert got[key] == value, (where, key)
+from tests.conftest import assert_same_values
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -43,9 +31,9 @@ def test_getitems_equals_per_item_reads_and_collate(located_store, backend: str)
     indices = [4, 0, 2, 2, 3]
     batched = dataset.__getitems__(indices)
     expected = collate_distill([dataset[i] for i in indices])
-    assert_batches_equal(collate_distill(batched), expected, f"{layout}/{backend}")
+    assert_same_values(collate_distill(batched), expected, f"{layout}/{backend}")
     for item, index in zip(batched, indices, strict=True):  # any collate_fn sees real items
-        assert_batches_equal(collate_distill([item]), collate_distill([dataset[index]]),
+        assert_same_values(collate_distill([item]), collate_distill([dataset[index]]),
                              f"{layout}/{backend} item {index}")
 
 
@@ -64,7 +52,7 @@ def test_a_subset_of_keys_batches_too(layout_store) -> None:
     keys = ("image", "edge_map", "num_bboxes", "image_id")
     dataset = ZarrDistillDataset(path, keys=keys)
     batch = collate_distill(dataset.__getitems__([1, 3]))
-    assert_batches_equal(batch, collate_distill([dataset[1], dataset[3]]), "subset")
+    assert_same_values(batch, collate_distill([dataset[1], dataset[3]]), "subset")
     assert batch["image_id"] == [dataset.sample_ids[1], dataset.sample_ids[3]]
     only_stacked = ZarrDistillDataset(path, keys=("teacher_features",))
     assert isinstance(only_stacked.__getitems__([0]), Batched)
@@ -140,7 +128,7 @@ FORKED_HALVES = textwrap.dedent("""
         return len(indices)
 
     check([0])
-    splits = reader._backends["direct"]._splits.values()
+    splits = reader._open.get().backends["direct"]._splits.values()
     assert any(s is not None for s in splits), "the halves were not used"
     with mp.get_context("fork").Pool(2) as pool:  # the children start their own helper
         print(sum(pool.map(check, [[1, 2], [3, 4]])) + 1)
@@ -159,28 +147,6 @@ def test_halves_read_the_same_before_and_after_fork(layout_store) -> None:
     assert result.stdout.strip() == "5"
 
 
-@pytest.mark.parametrize("layout_store", ["raw", "sharded"], indirect=True)
-def test_work_while_waiting_gets_the_calling_threads_half(layout_store) -> None:
-    """``read(while_waiting=...)`` hands the fields this thread read, once, while the helper
-    reads the heavier half; the item built that way equals the one built after the read."""
-    _, path = layout_store
-    reader = SampleReader(path, backend="direct")
-    seen: list[dict] = []
-    values = reader.read(1, while_waiting=seen.append)
-    if available_cores() < 2:
-        assert seen == []  # nothing overlaps on one core
-        return
-    assert len(seen) == 1 and 0 < len(seen[0]) < len(values)
-    largest = max(values, key=lambda n: getattr(values[n], "nbytes", 0))
-    assert largest not in seen[0]  # the helper thread's
-    for name, value in seen[0].items():
-        np.testing.assert_array_equal(value, values[name], err_msg=name)
-    dataset = ZarrDistillDataset(path, backend="direct")
-    plain = distill_item(dataset.reader.read(1), dataset.sample_ids[1])
-    assert_batches_equal(collate_distill([dataset[1]]), collate_distill([plain]), "overlap")
-    assert list(dataset[1]) == list(plain)
-
-
 def test_a_failure_in_the_helper_half_reaches_the_caller(tmp_path, shard) -> None:
     from arraystore import Layout, ingest
     from arraystore.converters.sa1b.source import Sa1bTarSource
@@ -189,7 +155,7 @@ def test_a_failure_in_the_helper_half_reaches_the_caller(tmp_path, shard) -> Non
     ingest(Sa1bTarSource(), [shard], path, layout=Layout("raw"), progress=False)
     reader = SampleReader(path, backend="direct")
     reader.read(0)
-    split = next(iter(reader._backends["direct"]._splits.values()))
+    split = next(iter(reader._open.get().backends["direct"]._splits.values()))
     if split is None:
         pytest.skip("one core: no helper half")
     names = [n for n in reader.fields if reader.schema[n].chunking == "sample"]

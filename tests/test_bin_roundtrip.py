@@ -14,17 +14,7 @@ from arraystore.converters.sa1b_bin.exporter import BinExporter
 from arraystore.converters.sa1b_bin.source import BinDirectorySource
 from arraystore.kinds.sa1b_bin import bin_files
 from arraystore.loaders import BinaryDistillDataset, ZarrDistillDataset
-
-
-def assert_items_equal(got: dict, expected: dict) -> None:
-    assert list(got) == list(expected)
-    for key, value in expected.items():
-        if hasattr(value, "dtype"):
-            assert got[key].dtype == value.dtype, key
-            assert tuple(got[key].shape) == tuple(value.shape), key
-            np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(value), key)
-        else:
-            assert got[key] == value and type(got[key]) is type(value), key
+from tests.conftest import assert_same_values
 
 
 @pytest.mark.parametrize("layout", ["raw", "sharded+crc32c", "raw+zstd"])
@@ -54,7 +44,7 @@ def test_zarr_loader_equals_reference_bin_loader(tmp_path, backend: str) -> None
     reference, dataset = BinaryDistillDataset(original), ZarrDistillDataset(store, backend)
     assert len(reference) == len(dataset) == 6
     for index in range(6):
-        assert_items_equal(dataset[index], reference[index])
+        assert_same_values(dataset[index], reference[index], str(index))
 
 
 def test_reference_item_is_the_seed_contract(tmp_path) -> None:

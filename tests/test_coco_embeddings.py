@@ -19,10 +19,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from arraystore import SampleReader, Store, ingest
-from arraystore.cli import cli
 from arraystore.compat import ensure_torchvision_ops
 from arraystore.converters.coco_panoptic.embedder import (
     EmbedderError,
@@ -30,10 +28,11 @@ from arraystore.converters.coco_panoptic.embedder import (
     image_transform,
 )
 from arraystore.converters.coco_panoptic.source import CocoEmbeddingsSource
-from arraystore.converters.coco_panoptic.tree_writer import ABSENT_SEGMENT, write_coco_panoptic
 from arraystore.converters.coco_panoptic.vis_cache import VisCacheSource
 from arraystore.errors import OptionError, SourceError
 from arraystore.loaders import EmbeddingTable, MaskEmbeddingDataset
+from arraystore.testing.coco_panoptic_trees import ABSENT_SEGMENT, write_coco_panoptic
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
 MODEL = "ViT-B-16-SigLIP"
@@ -191,7 +190,7 @@ def test_embedding_table_lookups(store) -> None:
 def test_export_and_reimport_the_old_cache(store, tmp_path) -> None:
     out, _ = store
     cache = tmp_path / "vis_embed"
-    result = CliRunner().invoke(cli, ["export", "tsv", str(out), str(cache)])
+    result = run_cli("export", "tsv", str(out), str(cache))
     assert result.exit_code == 0, result.output
     lines = (cache / "inst2feat.tsv").read_text().splitlines()
     assert lines[0] == "image_id\tsegment_id\tfeat_file"
@@ -199,7 +198,7 @@ def test_export_and_reimport_the_old_cache(store, tmp_path) -> None:
     name = lines[1].split("\t")[2]
     assert name.startswith("000000397133_") and np.load(cache / name).dtype == np.float16
     again = tmp_path / "again.zarr"
-    result = CliRunner().invoke(cli, ["ingest", "vis-cache", str(cache), "--out", str(again)])
+    result = run_cli("ingest", "vis-cache", str(cache), "--out", str(again))
     assert result.exit_code == 0, result.output
     first, second = SampleReader(out), SampleReader(again)
     assert list(first.sample_ids) == list(second.sample_ids)
@@ -207,7 +206,7 @@ def test_export_and_reimport_the_old_cache(store, tmp_path) -> None:
         np.testing.assert_array_equal(first.column(name), second.column(name))
     assert (second.column("category_id") == -1).all()  # the cache never had them
     cache2 = tmp_path / "vis_embed2"
-    assert CliRunner().invoke(cli, ["export", "tsv", str(again), str(cache2)]).exit_code == 0
+    assert run_cli("export", "tsv", str(again), str(cache2)).exit_code == 0
     for path in cache.iterdir():
         assert (cache2 / path.name).read_bytes() == path.read_bytes(), path.name
 
@@ -325,10 +324,10 @@ def test_torchvision_shim_only_when_the_native_ops_are_missing() -> None:
 
 def test_ingest_command_line(coco, weights, tmp_path) -> None:
     out = tmp_path / "cli.zarr"
-    result = CliRunner().invoke(cli, ["ingest", "coco-embeddings", str(coco[0]), "--split",
+    result = run_cli("ingest", "coco-embeddings", str(coco[0]), "--split",
                                       "val2017", "--out", str(out), "--model", MODEL,
                                       "--weights", str(weights), "--batch-size", "8",
-                                      "--bg-alpha", "0.5", "--pad-ratio", "0", "--workers", "1"])
+                                      "--bg-alpha", "0.5", "--pad-ratio", "0", "--workers", "1")
     assert result.exit_code == 0, result.output
     segments = sum(len(a["segments_info"]) for a in coco[1]["annotations"]) - 1  # one absent
     assert f"{segments} samples ingested" in result.output and "1 skipped" in result.output
@@ -345,20 +344,20 @@ def test_reimport_with_the_annotations_brings_back_category_area_and_box(store, 
     from) gives every row its category, area and box back, as the direct ingest has them."""
     out, _ = store
     cache = tmp_path / "vis_embed"
-    assert CliRunner().invoke(cli, ["export", "tsv", str(out), str(cache)]).exit_code == 0
+    assert run_cli("export", "tsv", str(out), str(cache)).exit_code == 0
     again = tmp_path / "again.zarr"
     annotations = coco[0] / "annotations" / "panoptic_val2017.json"
-    result = CliRunner().invoke(cli, ["ingest", "vis-cache", str(cache), "--out", str(again),
-                                      "--annotations", str(annotations)])
+    result = run_cli("ingest", "vis-cache", str(cache), "--out", str(again),
+                                      "--annotations", str(annotations))
     assert result.exit_code == 0, result.output
     first, second = SampleReader(out), SampleReader(again)
     for name in ("category_id", "area", "bbox", "embedding"):
         np.testing.assert_array_equal(first.column(name), second.column(name), name)
     assert (second.column("category_id") >= 0).all()
     assert (second.column("crop_box") == -1).all()  # not recoverable from a cache
-    missing = CliRunner().invoke(cli, ["ingest", "vis-cache", str(cache), "--out",
+    missing = run_cli("ingest", "vis-cache", str(cache), "--out",
                                        str(tmp_path / "x.zarr"), "--annotations",
-                                       str(tmp_path / "nope.json")])
+                                       str(tmp_path / "nope.json"))
     assert missing.exit_code != 0 and "nope.json" in missing.output
     assert "Traceback" not in missing.output and not (tmp_path / "x.zarr").exists()
 
@@ -401,7 +400,7 @@ def test_show_draws_the_crops_the_model_was_fed(store, weights, tmp_path) -> Non
         again = embedder(pixels[None])[0].astype(np.float64)
         stored = row["embedding"].astype(np.float64)
         assert again @ stored / np.linalg.norm(again) / np.linalg.norm(stored) > 0.99
-    result = CliRunner().invoke(cli, ["show", str(out), "-o", str(tmp_path / "cli.png")])
+    result = run_cli("show", str(out), "-o", str(tmp_path / "cli.png"))
     assert result.exit_code == 0 and f"{len(reader)} samples drawn" in result.output
 
 

@@ -19,11 +19,11 @@ import zarr.storage._local as zarr_local
 from conftest import photo, rectangle
 
 from arraystore import Layout, SampleReader, ingest
-from arraystore.converters.sa1b.shard_writer import ShardSample, write_shard
 from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.errors import StoreWriteError, WorkerDiedError
 from arraystore.lock import lock_path
 from arraystore.store import is_store
+from arraystore.testing.sa1b_shards import ShardSample, write_shard
 from arraystore.verify import verify
 
 LAYOUT = Layout("sharded", shard_size=2)

@@ -81,7 +81,7 @@ def test_dataset_pickles_without_handles(store) -> None:
     dataset = ZarrDistillDataset(store)
     first = dataset[0]
     clone = pickle.loads(pickle.dumps(dataset))
-    assert clone.reader._readers == {}
+    assert clone.reader._open.peek() is None  # nothing opened before its first read
     np.testing.assert_array_equal(clone[0]["image"], first["image"])
     assert len(pickle.dumps(dataset)) < 10_000
 
@@ -91,7 +91,8 @@ def test_keys_subset_reads_only_the_fields_it_needs(store) -> None:
     item = dataset[1]
     assert list(item) == ["image", "num_bboxes", "image_id"]
     assert item["image_id"] == "small" and item["num_bboxes"] == 1
-    assert set(dataset.reader._readers) == {"image", "metadata"}  # nothing else is opened
+    opened = dataset.reader._open.get().readers
+    assert set(opened) == {"image", "metadata"}  # nothing else is opened
     assert dataset.reader.fields == ("image", "metadata")
     with pytest.raises(KeyError, match="unknown item keys"):
         ZarrDistillDataset(store, keys=("teacher_feature",))

@@ -11,9 +11,9 @@ import pytest
 
 from arraystore.converters.sa1b.derive import MaskAccumulator, derive_fields
 from arraystore.converters.sa1b.members import decode_jpeg, parse_annotations
-from arraystore.converters.sa1b.shard_writer import ShardSample, write_shard
 from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.kinds.sa1b import MAP_SIZES
+from arraystore.testing.sa1b_shards import ShardSample, write_shard
 from benchmarks.data import sa1b_like
 from benchmarks.derive import full_frame_derive
 

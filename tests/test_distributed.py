@@ -12,16 +12,16 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from arraystore import Layout, SampleReader, Store, ingest, open_xarray
-from arraystore.converters.sa1b.shard_writer import ShardSample, write_members, write_shard
 from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.distributed import ingest_distributed
 from arraystore.errors import SampleError
 from arraystore.info import store_info
+from arraystore.testing.sa1b_shards import ShardSample, write_members, write_shard
 from arraystore.verify import verify
+from tests.conftest import assert_same_values
 
 LAYOUT = Layout("sharded", shard_size=2)
 
@@ -58,9 +58,7 @@ def assert_same_samples(got: str | Path, expected: Path) -> None:
     a, b = SampleReader(got), SampleReader(expected)
     assert list(a.sample_ids) == list(b.sample_ids)
     for index in range(len(b)):
-        x, y = a.read(index), b.read(index)
-        for name, value in y.items():
-            np.testing.assert_array_equal(x[name], value, err_msg=f"{index}: {name}")
+        assert_same_values(a.read(index), b.read(index), str(index))
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

@@ -19,11 +19,11 @@ import pytest
 
 from arraystore import ingest
 from arraystore.converters.gopro.source import GoproSpikeSource
-from arraystore.converters.gopro.tree_writer import write_gopro_tree
-from arraystore.converters.npz.examples import write_referring, write_sav_pairs
 from arraystore.converters.npz.source import NpzDirectorySource
 from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.converters.sa1b_bin.exporter import BinExporter
+from arraystore.testing.gopro_trees import write_gopro_tree
+from arraystore.testing.npz_examples import write_referring, write_sav_pairs
 from tests.conftest import s3_copy
 
 REPO = Path(__file__).resolve().parent.parent

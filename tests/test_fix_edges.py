@@ -7,12 +7,11 @@ import json
 import tarfile
 
 import numpy as np
-from click.testing import CliRunner
 
 from arraystore import SampleReader, Store, ingest
-from arraystore.cli import cli
 from arraystore.converters.sa1b.fixes import fix_edges
 from arraystore.converters.sa1b.source import Sa1bTarSource
+from tests.conftest import run_cli
 
 EDGES = ("edge_256x256", "edge_64x64", "edge_32x32")
 
@@ -61,8 +60,8 @@ def test_fix_edges_from_json_folder_and_other_kernel(tmp_path, shard) -> None:
     summary = fix_edges(out, [folder])
     assert not summary["ok"] and summary["fixed"] == 4
     assert "'small'" in summary["failures"][0]
-    result = CliRunner().invoke(cli, ["fix", "edges", str(out), "--annotations", str(shard),
-                                      "--kernel-size", "5"])
+    result = run_cli("fix", "edges", str(out), "--annotations", str(shard),
+                                      "--kernel-size", "5")
     assert result.exit_code == 0, result.output
     wide = read_edges(out)
     assert {s["edge_version"] for s in wide.values()} == {"B_v1_k5"}

@@ -8,22 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from arraystore import SampleReader, ingest
-from arraystore.cli import cli
 from arraystore.converters.gopro.source import GoproSpikeSource, natural_key
-from arraystore.converters.gopro.tree_writer import write_gopro_tree
 from arraystore.errors import OptionError, SampleError, SourceError
+from arraystore.testing.gopro_trees import write_gopro_tree
+from tests.conftest import run_cli
 
 IMAGE = (72, 128)
 SPIKE = (10, 40, 64)
 GEOMETRY = {"spike_height": SPIKE[1], "spike_width": SPIKE[2]}
 SEQUENCES = {"train": {"GOPR0372_07_00": 6, "seq with spaces": 4}, "test": {"GOPR0384_11_00": 3}}
-
-
-def run(*args: str):
-    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +88,7 @@ def test_bins_must_divide_the_frames_before_anything_is_written(tmp_path, tree) 
                                           r"\[1, 2, 5, 10\]"):
         ingest(GoproSpikeSource(voxels="precompute", bins=3, **GEOMETRY), [tree], out)
     assert not out.exists()
-    result = run("ingest", "gopro", str(tree), "--out", str(out), "--voxels", "precompute",
+    result = run_cli("ingest", "gopro", str(tree), "--out", str(out), "--voxels", "precompute",
                  "--bins", "4")
     assert result.exit_code == 1 and "bins=4" in result.output and not out.exists()
     with pytest.raises(OptionError, match="--voxels 'always'"):
@@ -124,7 +119,7 @@ def test_broken_frames_fail_with_the_file_named(tmp_path, broken_tree) -> None:
 
 def test_broken_frames_skipped_and_reported(tmp_path, broken_tree) -> None:
     out = tmp_path / "s.zarr"
-    result = run("ingest", "gopro", str(broken_tree), "--out", str(out), "--on-error", "skip",
+    result = run_cli("ingest", "gopro", str(broken_tree), "--out", str(out), "--on-error", "skip",
                  "--spike-height", "40", "--spike-width", "64", "--workers", "2")
     assert result.exit_code == 0, result.output
     assert "3 samples ingested" in result.output and "3 skipped" in result.output
@@ -139,7 +134,7 @@ def test_broken_frames_skipped_and_reported(tmp_path, broken_tree) -> None:
 
 
 def test_fail_is_one_line(tmp_path, broken_tree) -> None:
-    result = run("ingest", "gopro", str(broken_tree), "--out", str(tmp_path / "o.zarr"),
+    result = run_cli("ingest", "gopro", str(broken_tree), "--out", str(tmp_path / "o.zarr"),
                  "--spike-height", "40", "--spike-width", "64", "--workers", "1")
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "000001.dat" in result.output and "Cannot reshape spike data" in result.output
@@ -167,4 +162,4 @@ def test_rerun_skips_sequences_already_ingested(tmp_path, tree) -> None:
     again = ingest(GoproSpikeSource(**GEOMETRY), [tree], out, workers=1)
     assert first.ingested == 13 and again.ingested == 0
     assert len(again.units_already_done) == 3
-    assert run("info", str(out)).output.count("gopro_spike") == 1
+    assert run_cli("info", str(out)).output.count("gopro_spike") == 1

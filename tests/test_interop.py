@@ -97,8 +97,8 @@ def test_consolidated_metadata_follows_appends_and_fixes(tmp_path, shard) -> Non
     import json
 
     from arraystore import Store, ingest
-    from arraystore.converters.npz.examples import write_sav_pairs
     from arraystore.converters.npz.source import NpzDirectorySource
+    from arraystore.testing.npz_examples import write_sav_pairs
 
     out = tmp_path / "s.zarr"
     ingest(NpzDirectorySource(), [write_sav_pairs(tmp_path / "a", 3, size=32)], out, workers=1)

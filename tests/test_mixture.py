@@ -13,13 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from conftest import assert_same_values
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from arraystore import ingest
-from arraystore.cli import cli
-from arraystore.converters.npz.examples import write_referring, write_sav_pairs
 from arraystore.converters.npz.source import NpzDirectorySource
 from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.errors import OptionError
@@ -34,6 +31,8 @@ from arraystore.loaders.batched import Batched
 from arraystore.loaders.samplers import length_grouped_indices
 from arraystore.mix import MissingSourceError, MixSpecError, read_mix_toml
 from arraystore.reader import SampleReader
+from arraystore.testing.npz_examples import write_referring, write_sav_pairs
+from tests.conftest import run_cli
 
 
 class Lengths(Dataset):
@@ -344,16 +343,16 @@ def test_toml_and_describe(stores, tmp_path) -> None:
         warnings.simplefilter("ignore")
         mixture = Mixture.from_toml(toml)
     assert len(mixture) == 6 + 28 and mixture.missing == [str(tmp_path / "openimages.zarr")]
-    result = CliRunner().invoke(cli, ["mix", "describe", str(toml)])
+    result = run_cli("mix", "describe", str(toml))
     assert result.exit_code == 0, result.output
     for text in ("sav", "refcoco", "npz", "82.4%", "17.6%", "missing", "openimages",
                  "optional source missing"):
         assert text in result.output, text
     toml.write_text(toml.read_text().replace("required = false", "required = true"))
-    result = CliRunner().invoke(cli, ["mix", "describe", str(toml)])
+    result = run_cli("mix", "describe", str(toml))
     assert result.exit_code == 1 and "required source missing" in result.output
     toml.write_text('[[source]]\npath = "x"\ndataset_type = "y"\nrepeat = 2\n')
-    result = CliRunner().invoke(cli, ["mix", "describe", str(toml)])
+    result = run_cli("mix", "describe", str(toml))
     assert result.exit_code == 1 and "unknown keys ['repeat']" in result.output
 
 
@@ -418,7 +417,7 @@ def test_toml_values_are_checked_for_type_and_range(tmp_path, line, message) -> 
     toml.write_text(f'[[source]]\npath = "a.zarr"\ndataset_type = "a"\n{line}\n')
     with pytest.raises(MixSpecError, match=re.escape(message)):
         read_mix_toml(toml)
-    result = CliRunner().invoke(cli, ["mix", "describe", str(toml)])
+    result = run_cli("mix", "describe", str(toml))
     assert result.exit_code == 1 and "Traceback" not in result.output
 
 

@@ -16,46 +16,33 @@ import fsspec
 import numpy as np
 import pytest
 import xarray as xr
-from click.testing import CliRunner
 from conftest import new_bucket, s3_copy
 from crc32c import crc32c
 
 from arraystore import SampleReader, Store, open_xarray
-from arraystore.cli import cli
 from arraystore.errors import StoreFormatError
 from arraystore.loaders import ZarrDistillDataset
 from arraystore.location import Location, parse_storage_options
 from arraystore.lock import StoreLock, StoreLockedError
 from arraystore.verify import verify
+from tests.conftest import assert_same_values, run_cli
 
 LAYOUT_OPTIONS = {"raw": ["--layout", "raw"],
                   "sharded": ["--layout", "sharded", "--shard-size", "2"]}
 
 
-def invoke(*args: str) -> str:
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
 def assert_items_equal(a, b, where: str) -> None:
+    """Every item of ``a`` equals the same item of ``b`` (Datasets or readers)."""
     assert len(a) == len(b), where
     for index in range(len(a)):
-        x, y = a[index], b[index]
-        assert x.keys() == y.keys(), where
-        for key, value in x.items():
-            if hasattr(value, "shape"):
-                np.testing.assert_array_equal(np.asarray(y[key]), np.asarray(value),
-                                              err_msg=f"{where}: {key}")
-            else:
-                assert y[key] == value, f"{where}: {key}"
+        assert_same_values(a[index], b[index], f"{where}[{index}]")
 
 
 def ingest_to(shard: Path, layout: str, *outs: Path | str) -> None:
     """The same shard ingested by the CLI to each of ``outs`` (folders, bucket URLs)."""
     for out in outs:
-        invoke("ingest", "sa1b", shard, "--out", out, "--workers", "1",
-               *LAYOUT_OPTIONS[layout])
+        run_cli("ingest", "sa1b", shard, "--out", out, "--workers", "1",
+                *LAYOUT_OPTIONS[layout], check=True)
 
 
 @pytest.fixture(params=list(LAYOUT_OPTIONS))
@@ -77,27 +64,29 @@ def read_only_twins(request, tmp_path_factory, shard, s3_endpoint) -> tuple[Path
 
 def test_every_command_and_loader_on_s3_equals_local(twins, tmp_path, shard) -> None:
     local, url = twins
-    ours, theirs = (json.loads(invoke("info", where, "--json")) for where in (url, local))
+    ours, theirs = (json.loads(run_cli("info", where, "--json", check=True).output)
+                    for where in (url, local))
     assert ours["committed"] == theirs["committed"] == 5
     assert ours["files"] == theirs["files"] and ours["layout"] == theirs["layout"]
     assert [a["shape"] for a in ours["arrays"]] == [a["shape"] for a in theirs["arrays"]]
-    assert "ok: 5 committed samples" in invoke("verify", url, "--deep")
+    assert "ok: 5 committed samples" in run_cli("verify", url, "--deep", check=True).output
     for backend in ("auto", "direct", "tensorstore", "zarr"):
         assert_items_equal(ZarrDistillDataset(local), ZarrDistillDataset(url, backend=backend),
                            f"ZarrDistillDataset {backend}")
     assert_items_equal(SampleReader(local), SampleReader(url), "SampleReader")
     xr.testing.assert_equal(open_xarray(url).load(), open_xarray(local).load())  # attrs: times
-    invoke("show", url, "-o", tmp_path / "s3.png")
+    run_cli("show", url, "-o", tmp_path / "s3.png", check=True)
     assert (tmp_path / "s3.png").stat().st_size > 0
     for where in (url, local):  # an in-place fix: read, rewrite whole files, set flags
-        assert "recomputed" in invoke("fix", "edges", where, "--annotations", shard, "--force")
+        assert "recomputed" in run_cli("fix", "edges", where, "--annotations", shard, "--force",
+                                       check=True).output
     np.testing.assert_array_equal(SampleReader(url).column("edge_flag"), 1)
     (tmp_path / "mix.toml").write_text(
         f'[[source]]\npath = "{url}"\ndataset_type = "sa1b"\nrepeats = 2\n')
-    assert "epoch with repeats: 10 samples from 1 sources" in invoke(
-        "mix", "describe", tmp_path / "mix.toml")
-    invoke("export", "bin", url, tmp_path / "from_s3")
-    invoke("export", "bin", local, tmp_path / "from_local")
+    assert "epoch with repeats: 10 samples from 1 sources" in run_cli(
+        "mix", "describe", tmp_path / "mix.toml", check=True).output
+    run_cli("export", "bin", url, tmp_path / "from_s3", check=True)
+    run_cli("export", "bin", local, tmp_path / "from_local", check=True)
     for exported in sorted((tmp_path / "from_local").iterdir()):
         assert (tmp_path / "from_s3" / exported.name).read_bytes() == exported.read_bytes()
 
@@ -168,19 +157,20 @@ def test_plain_xarray_opens_the_s3_store_from_one_metadata_request(read_only_twi
 
 def test_storage_options_reach_the_client(read_only_twins, s3_endpoint) -> None:
     _, url = read_only_twins
-    out = invoke("info", url, "--storage-option", f"endpoint_url={s3_endpoint}",
-                 "--storage-option", "client_kwargs.region_name=us-east-1")
+    out = run_cli("info", url, "--storage-option", f"endpoint_url={s3_endpoint}",
+                 "--storage-option", "client_kwargs.region_name=us-east-1", check=True).output
     assert "5 committed of 5" in out
     assert parse_storage_options(["a.b=1", "c=true", "d=x"]) == {"a": {"b": 1}, "c": True,
                                                                   "d": "x"}
-    result = CliRunner().invoke(cli, ["info", url, "--storage-option", "nonsense"])
+    result = run_cli("info", url, "--storage-option", "nonsense")
     assert result.exit_code == 2 and "expected KEY=VALUE" in result.output
 
 
 def test_direct_reads_are_ranged_gets_with_cached_shard_indexes(tmp_path, shard, bucket,
                                                                 monkeypatch) -> None:
     url = f"{bucket}/s.zarr"
-    invoke("ingest", "sa1b", shard, "--out", url, "--workers", "1", *LAYOUT_OPTIONS["sharded"])
+    run_cli("ingest", "sa1b", shard, "--out", url, "--workers", "1", *LAYOUT_OPTIONS["sharded"],
+            check=True)
     reader = SampleReader(url, backend="direct", fields=("image", "masks"))
     location = reader.location
     calls: list[list[tuple[int, int | None]]] = []
@@ -224,18 +214,18 @@ def test_stale_lock_is_taken_over_only_with_break_lock(shard, bucket) -> None:
     url = f"{bucket}/s.zarr"
     put_lock(url, pid=4242, host="gone", command="arraystore ingest", since=ago(3600),
              heartbeat=ago(3600), token="theirs")
-    refused = CliRunner().invoke(cli, ["ingest", "sa1b", str(shard), "--out", url])
+    refused = run_cli("ingest", "sa1b", str(shard), "--out", url)
     assert refused.exit_code == 1
     assert "pid 4242 on gone" in refused.output and "--break-lock" in refused.output
-    invoke("ingest", "sa1b", shard, "--out", url, "--workers", "1", "--break-lock")
+    run_cli("ingest", "sa1b", shard, "--out", url, "--workers", "1", "--break-lock", check=True)
     assert Store.open(url).num_committed() == 5
 
 
 def test_live_lock_is_never_broken(shard, bucket) -> None:
     url = f"{bucket}/s.zarr"
     put_lock(url, pid=4242, host="busy", heartbeat=ago(1), token="theirs")
-    refused = CliRunner().invoke(cli, ["ingest", "sa1b", str(shard), "--out", url,
-                                       "--break-lock"])
+    refused = run_cli("ingest", "sa1b", str(shard), "--out", url,
+                                       "--break-lock")
     assert refused.exit_code == 1 and "last heartbeat 1 s ago" in refused.output
 
 
@@ -281,7 +271,7 @@ def test_crafted_stores_on_s3_are_refused(layout, shard, bucket) -> None:
     edit(url, "zarr.json", absurd)
     with pytest.raises(StoreFormatError, match="array 'image' disagrees"):
         ZarrDistillDataset(url)
-    result = CliRunner().invoke(cli, ["verify", url])
+    result = run_cli("verify", url)
     assert result.exit_code == 1 and "shape" in result.output
 
     def climbing(doc):
@@ -294,7 +284,8 @@ def test_crafted_stores_on_s3_are_refused(layout, shard, bucket) -> None:
 
 def test_shard_index_asking_for_a_huge_chunk_is_refused_on_s3(tmp_path, shard, bucket) -> None:
     url = f"{bucket}/s.zarr"
-    invoke("ingest", "sa1b", shard, "--out", url, "--workers", "1", *LAYOUT_OPTIONS["sharded"])
+    run_cli("ingest", "sa1b", shard, "--out", url, "--workers", "1", *LAYOUT_OPTIONS["sharded"],
+            check=True)
     fs, root = fsspec.url_to_fs(url)
     key = f"{root}/image/c/0/0/0/0"
     data = bytearray(fs.cat_file(key))  # ends with the index (2 x 2 uint64) and its crc32c
@@ -317,14 +308,14 @@ def test_a_paused_writer_whose_lock_is_broken_changes_nothing_committed(bucket, 
 
     from conftest import photo, rectangle
 
-    from arraystore.converters.sa1b.shard_writer import ShardSample, write_shard
+    from arraystore.testing.sa1b_shards import ShardSample, write_shard
 
     rng = np.random.default_rng(3)
     shard = write_shard(tmp_path / "many.tar", [
         ShardSample(f"s{i:02d}", photo(rng, 600, 800), [rectangle((600, 800), 10, 10, 300, 400)])
         for i in range(24)])
     local = tmp_path / "local.zarr"
-    invoke("ingest", "sa1b", shard, "--out", local, "--workers", "1")
+    run_cli("ingest", "sa1b", shard, "--out", local, "--workers", "1", check=True)
     url = f"{bucket}/s.zarr"
     env = {**os.environ, "ARRAYSTORE_LOCK_STALE_S": "2"}
     command = [sys.executable, "-m", "arraystore", "ingest", "sa1b", str(shard), "--out", url,

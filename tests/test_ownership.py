@@ -10,11 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from conftest import known_samples
 
 from arraystore import SampleReader, ingest
-from arraystore.cli import cli
 from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.converters.sa1b_bin.exporter import BinExporter
 from arraystore.errors import IncompatibleStoreError, OptionError
@@ -26,6 +24,7 @@ from arraystore.loaders import (
 )
 from arraystore.lock import StoreLock, lock_path
 from arraystore.show import show
+from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -84,7 +83,7 @@ def test_two_writers_through_two_spellings_race(tmp_path, shard) -> None:
     reader = SampleReader(real)
     ids = list(reader.sample_ids)
     assert len(ids) == len(set(ids)) == 5
-    verified = CliRunner().invoke(cli, ["verify", str(real), "--deep"])
+    verified = run_cli("verify", str(real), "--deep")
     assert verified.exit_code == 0, verified.output
 
 
@@ -94,7 +93,7 @@ def test_show_never_writes_into_a_store(store, inside) -> None:
     target = store / inside
     with pytest.raises(OptionError, match="inside the store"):
         show(store, out=target)
-    result = CliRunner().invoke(cli, ["show", str(store), "-o", str(target)])
+    result = run_cli("show", str(store), "-o", str(target))
     assert result.exit_code == 1 and "inside the store" in result.output
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
 
@@ -109,7 +108,7 @@ def test_show_through_a_link_into_the_store_is_refused(store, tmp_path) -> None:
 def test_export_never_writes_into_a_store(store) -> None:
     with pytest.raises(OptionError, match="inside the store"):
         BinExporter().export(store, store / "bin")
-    result = CliRunner().invoke(cli, ["export", "bin", str(store), str(store / "image")])
+    result = run_cli("export", "bin", str(store), str(store / "image"))
     assert result.exit_code == 1 and "inside the store" in result.output
     assert not (store / "bin").exists()
 
@@ -118,12 +117,12 @@ def test_overwrite_refuses_to_delete_its_own_inputs(tmp_path, shard) -> None:
     out = tmp_path / "s.zarr"
     ingest(Sa1bTarSource(), [shard], out, workers=1)
     kept = shutil.copy(shard, out / "shard.tar")
-    result = CliRunner().invoke(cli, ["ingest", "sa1b", str(kept), "--out", str(out),
-                                      "--overwrite", "--workers", "1"])
+    result = run_cli("ingest", "sa1b", str(kept), "--out", str(out),
+                                      "--overwrite", "--workers", "1")
     assert result.exit_code == 1 and "would delete the input" in result.output, result.output
     assert Path(kept).is_file() and len(SampleReader(out)) == 5
-    again = CliRunner().invoke(cli, ["ingest", "sa1b", str(shard), "--out", str(out),
-                                     "--overwrite", "--workers", "1"])
+    again = run_cli("ingest", "sa1b", str(shard), "--out", str(out),
+                                     "--overwrite", "--workers", "1")
     assert again.exit_code == 0, again.output  # an input outside it: replaced as asked
 
 
@@ -134,7 +133,7 @@ def test_readers_of_another_kind_say_so(store, reader) -> None:
 
 
 def test_export_tsv_of_an_sa1b_store_says_so(store, tmp_path) -> None:
-    result = CliRunner().invoke(cli, ["export", "tsv", str(store), str(tmp_path / "out")])
+    result = run_cli("export", "tsv", str(store), str(tmp_path / "out"))
     assert result.exit_code == 1 and "holds kind 'sa1b'" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
 
@@ -152,7 +151,7 @@ def test_messages_keep_their_brackets(tmp_path) -> None:
     """Rich would read ``[bold]`` or ``[x]`` in a path as markup and drop it; a read-only
     command does not claim that committed samples were kept."""
     odd = tmp_path / "[bold]odd[x].zarr"
-    result = CliRunner().invoke(cli, ["info", str(odd)])
+    result = run_cli("info", str(odd))
     assert result.exit_code == 1 and "[bold]odd[x].zarr" in result.output
     assert "committed samples are kept" not in result.output
 
@@ -169,7 +168,7 @@ def test_sizes_below_their_minimum_are_refused_where_parsed(store, shard, tmp_pa
                                                             message) -> None:
     """(``--max-samples -1`` had meant all samples but one.)"""
     filled = [a.format(store=store, shard=shard, tmp=tmp_path) for a in args]
-    result = CliRunner().invoke(cli, filled)
+    result = run_cli(*filled)
     assert result.exit_code == 2 and message in result.output, result.output
     assert "Traceback" not in result.output and not (tmp_path / "x.zarr").exists()
     with pytest.raises(OptionError, match="--max-boxes must be an integer >= 1"):
@@ -199,7 +198,7 @@ def test_bad_options_are_one_line_errors(store, shard, tmp_path, monkeypatch, ar
     monkeypatch.chdir(tmp_path)
     (tmp_path / "occupied.txt").write_text("not a store")  # so that "." is not empty
     filled = [a.format(store=store, shard=shard, tmp=tmp_path) for a in args]
-    result = CliRunner().invoke(cli, filled)
+    result = run_cli(*filled)
     assert result.exit_code == code and message in result.output, result.output
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
@@ -229,7 +228,7 @@ def test_an_unreachable_object_store_is_a_typed_error(s3_endpoint, shard, monkey
         SampleReader(url, storage_options=options)
     flags = [f"--storage-option={k}={v}" for k, v in options.items() if isinstance(v, str)]
     if flags:
-        result = CliRunner().invoke(cli, ["ingest", "sa1b", str(shard), "--out", url, *flags])
+        result = run_cli("ingest", "sa1b", str(shard), "--out", url, *flags)
         assert result.exit_code == 1 and "could not be reached" in result.output, result.output
         assert "committed samples are kept" not in result.output
 
@@ -252,7 +251,7 @@ def test_malformed_schema_or_layout_metadata_is_refused(store, tmp_path) -> None
         document = json.loads((copy / "zarr.json").read_text())
         document["attributes"]["arraystore"][part] = value
         (copy / "zarr.json").write_text(json.dumps(document))
-        result = CliRunner().invoke(cli, ["info", str(copy)])
+        result = run_cli("info", str(copy))
         assert result.exit_code == 1, result.output
         assert "the schema or layout in the store's zarr.json is malformed" in result.output
         assert "Traceback" not in result.output

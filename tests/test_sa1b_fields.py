@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from arraystore import SampleReader, ingest
-from arraystore.converters.sa1b.shard_writer import ShardSample
 from arraystore.converters.sa1b.source import Sa1bTarSource
+from arraystore.testing.sa1b_shards import ShardSample
 
 MAX_BOXES = 2
 
@@ -118,7 +118,7 @@ def test_fields_match_their_definitions(
     np.testing.assert_allclose(got["bboxes"], expected_boxes, rtol=1e-6)
     np.testing.assert_array_equal(got["masks"], expected_masks)
     np.testing.assert_array_equal(got["box_areas"][:n], [areas[i] for i in chosen])
-    position = [s.key for s in samples].index(key) + 1  # shard_writer: id = 1000 * image_id + n
+    position = [s.key for s in samples].index(key) + 1  # sa1b_shards: id = 1000 * image_id + n
     np.testing.assert_array_equal(got["box_annotation_ids"][:n], [1000 * position + i
                                                                   for i in chosen])
     assert (got["box_areas"][n:] == -1).all() and (got["box_annotation_ids"][n:] == -1).all()

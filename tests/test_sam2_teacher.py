@@ -20,9 +20,9 @@ from sam2.build_sam import build_sam2
 
 from arraystore import SampleReader, Store, ingest
 from arraystore.converters.sa1b.fixes import fix_features
-from arraystore.converters.sa1b.shard_writer import ShardSample, write_shard
 from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.converters.sa1b.teacher import Sam2Teacher, TeacherError, file_sha256
+from arraystore.testing.sa1b_shards import ShardSample, write_shard
 
 pytestmark = pytest.mark.slow
 MODEL, CONFIG = "sam2.1_hiera_t", "configs/sam2.1/sam2.1_hiera_t.yaml"

@@ -21,10 +21,10 @@ from arraystore.loaders import shared_ring
 
 
 @pytest.fixture(autouse=True)
-def own_ring(monkeypatch) -> None:
+def own_ring() -> None:
     """Each test starts with an empty ring and no kept mappings of its own."""
-    monkeypatch.setattr(shared_ring, "_ring", None)
-    monkeypatch.setattr(shared_ring, "_kept", None)
+    shared_ring._ring.close()
+    shared_ring._kept.close()
 
 
 def ring_batch(nbytes: int = 4096, fill: int = 7) -> dict:
@@ -138,10 +138,10 @@ def test_kept_mappings_of_segments_their_worker_dropped_are_let_go() -> None:
     pickle.loads(pickle.dumps(batch))
     del batch
     gc.collect()
-    kept = shared_ring._kept_mappings().kept
+    kept = shared_ring._kept.get().kept
     dropped_key = next(iter(kept))
     inode = str(os.fstat(dropped.fd).st_ino)
-    shared_ring._this_ring().segments.remove(dropped)
+    shared_ring._ring.get().segments.remove(dropped)
     dropped.close()
     replacement = ring_batch()  # the same descriptor number, another segment
     assert replacement.segments[0].fd == dropped.fd
@@ -177,7 +177,7 @@ def test_kept_mappings_are_bounded(monkeypatch) -> None:
     held = [ring_batch(nbytes=4096 * (n + 1)) for n in range(3)]  # three segments, all busy
     for batch in held:
         pickle.loads(pickle.dumps(batch))
-    kept = shared_ring._kept_mappings().kept
+    kept = shared_ring._kept.get().kept
     assert [key[2] for key in kept] == [b.segments[0].token for b in held[1:]]
 
 
@@ -198,7 +198,7 @@ HOLDING_SCRIPT = textwrap.dedent("""
     class CountingSegments(ZarrDistillDataset):
         def __getitems__(self, indices):
             batched = super().__getitems__(indices)
-            batched.batch["segments"] = len(shared_ring._this_ring().segments)
+            batched.batch["segments"] = len(shared_ring._ring.get().segments)
             return batched
 
     path, context, hold = sys.argv[1], sys.argv[2], sys.argv[3] == "hold"

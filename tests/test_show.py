@@ -9,13 +9,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from test_gopro import GEOMETRY, IMAGE, SPIKE
 
 from arraystore import Field, Layout, SampleReader, Schema, Store, ingest
-from arraystore.cli import cli
 from arraystore.converters.gopro.source import GoproSpikeSource
-from arraystore.converters.gopro.tree_writer import write_gopro_tree
 from arraystore.converters.npz.source import NpzDirectorySource
 from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.converters.sa1b.view import COLORS
@@ -31,6 +28,8 @@ from arraystore.show import (
     NothingToShowError,
     show,
 )
+from arraystore.testing.gopro_trees import write_gopro_tree
+from tests.conftest import run_cli
 
 ROW = ROW_HEADER + TITLE + CELL + PAD
 
@@ -91,12 +90,12 @@ def test_feature_panel_says_not_computed(sa1b_store) -> None:
 
 def test_chosen_samples_and_fields_through_the_cli(sa1b_store, tmp_path) -> None:
     out = tmp_path / "look.png"
-    result = CliRunner().invoke(cli, ["show", str(sa1b_store), "small", "ties", "-o", str(out),
-                                      "--fields", "image", "bg_map_64", "edge_64x64"])
+    result = run_cli("show", str(sa1b_store), "small", "ties", "-o", str(out),
+                                      "--fields", "image", "bg_map_64", "edge_64x64")
     assert result.exit_code == 0, result.output
     assert f"2 samples drawn: {out}" in result.output
     assert png(out).shape[:2] == (PAD + 2 * ROW, PAD + 3 * (CELL + PAD))
-    result = CliRunner().invoke(cli, ["show", str(sa1b_store)])
+    result = run_cli("show", str(sa1b_store))
     assert result.exit_code == 0 and f"{sa1b_store}.show.png" in result.output
 
 
@@ -118,7 +117,7 @@ def test_errors_name_what_is_wrong(sa1b_store, tmp_path) -> None:
     Store.create(empty, Schema("toy", (Field("x", (4, 4), "float32", ("a", "b")),)), Layout("raw"))
     with pytest.raises(NothingToShowError, match="has no committed samples to show"):
         show(empty)
-    result = CliRunner().invoke(cli, ["show", str(empty)])
+    result = run_cli("show", str(empty))
     assert result.exit_code == 1 and "Traceback" not in result.output
 
 
@@ -154,8 +153,8 @@ def test_generic_view_of_other_kinds(tmp_path) -> None:
     check_png(result, 3)
     titles = [p for p in result.panels if p.row == 0]
     assert len(titles) == 2  # image1 (RGB) and mask1 (colour map); scalars as text
-    result = CliRunner().invoke(cli, ["show", str(out), "--fields", "image1", "mask1",
-                                      "-o", str(tmp_path / "f.png")])
+    result = run_cli("show", str(out), "--fields", "image1", "mask1",
+                                      "-o", str(tmp_path / "f.png"))
     assert result.exit_code == 0, result.output
     assert png(tmp_path / "f.png").shape[1] == PAD + 2 * (CELL + PAD)
 

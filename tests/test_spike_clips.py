@@ -17,11 +17,11 @@ from torch.utils.data import DataLoader, default_collate
 
 from arraystore import ingest
 from arraystore.converters.gopro.source import GoproSpikeSource
-from arraystore.converters.gopro.tree_writer import write_gopro_tree
 from arraystore.errors import IncompatibleStoreError, OptionError
 from arraystore.loaders import NoValidSamplesError, SpikeClipDataset, dataloader_kwargs, timed
 from arraystore.loaders.frame_cache import FrameCache, worker_share
 from arraystore.loaders.spike_clips import crop_windows, unit_floats
+from arraystore.testing.gopro_trees import write_gopro_tree
 
 SEQUENCES = {"train": {"A": 8, "B": 5, "C": 2}, "test": {"D": 6}}
 

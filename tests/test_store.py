@@ -128,7 +128,7 @@ def test_rerun_skips_ingested_inputs_and_resume_fills_the_rest(tmp_path, shard) 
 
 
 def test_appending_a_second_shard(tmp_path, samples) -> None:
-    from arraystore.converters.sa1b.shard_writer import write_shard
+    from arraystore.testing.sa1b_shards import write_shard
 
     first = write_shard(tmp_path / "a.tar", samples[:2])
     second = write_shard(tmp_path / "b.tar", samples[2:])

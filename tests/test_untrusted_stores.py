@@ -11,14 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from arraystore import Layout, SampleReader, Store, ingest
-from arraystore.cli import cli
 from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.errors import StoreFormatError
 from arraystore.loaders import ZarrDistillDataset
 from arraystore.verify import verify
+from tests.conftest import run_cli
 
 
 @pytest.fixture(params=["raw", "sharded"])
@@ -45,7 +44,7 @@ def test_schema_that_disagrees_with_the_arrays_is_refused(store) -> None:
         Store.open(store)
     with pytest.raises(StoreFormatError, match="disagrees"):
         ZarrDistillDataset(store)  # never gets to allocate 2.7 TiB
-    result = CliRunner().invoke(cli, ["info", str(store)])
+    result = run_cli("info", str(store))
     assert result.exit_code == 1 and "disagrees" in result.output
     report = verify(store)
     assert not report.ok and any(p.field == "image" and "shape" in p.message

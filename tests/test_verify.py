@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 from conftest import BACKENDS
 from crc32c import crc32c
 
 from arraystore import Layout, SampleReader, Store, ingest
-from arraystore.cli import cli
 from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.errors import ChecksumMismatchError
 from arraystore.verify import verify
+from tests.conftest import run_cli
 
 
 def test_clean_stores_pass(layout_store) -> None:
@@ -84,15 +83,15 @@ def test_faults_are_reported(tmp_path, shard, fault: str) -> None:
     assert sample in problem.sample
     assert message in problem.message or message in str(report.problems)
     assert str(out) in problem.file
-    result = CliRunner().invoke(cli, ["verify", str(out), "--deep"])
+    result = run_cli("verify", str(out), "--deep")
     assert result.exit_code == 1 and field in result.output
 
 
 def test_cli_exit_status(tmp_path, shard) -> None:
     out = make(tmp_path, shard, Layout("raw"))
-    result = CliRunner().invoke(cli, ["verify", str(out)])
+    result = run_cli("verify", str(out))
     assert result.exit_code == 0 and "ok" in result.output
-    result = CliRunner().invoke(cli, ["verify", str(tmp_path / "nothing")])
+    result = run_cli("verify", str(tmp_path / "nothing"))
     assert result.exit_code == 1
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -15,9 +15,6 @@ from arraystore.layout import Layout
 from arraystore.location import Location
 from arraystore.region import Region
 from arraystore.schema import Field
-
-# work a backend runs on the calling thread while the rest of an item is read
-WhileWaiting = Callable[[dict[int, np.ndarray]], None]
 
 
 class FieldReader(ABC):
@@ -73,12 +70,9 @@ class Backend(ABC):
     def open_field(self, field: Field) -> FieldReader:
         """A reader for ``field``; cheap to call, handles open lazily where possible."""
 
-    def read_fields(self, readers: Sequence[FieldReader], sample: int,
-                    while_waiting: WhileWaiting | None = None) -> list[np.ndarray]:
+    def read_fields(self, readers: Sequence[FieldReader], sample: int) -> list[np.ndarray]:
         """Sample ``sample`` of the fields of ``readers`` (opened by this backend). This
-        default reads them one after the other; a backend that can overlap them does, and
-        then may call ``while_waiting`` once, on the calling thread, with the values it has
-        (index in ``readers`` -> value) while the others are still being read."""
+        default reads them one after the other; a backend that can overlap them does."""
         return [reader.read_sample(sample) for reader in readers]
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from arraystore.chunk_format import plain_chunks
 from arraystore.layout import Layout
 from arraystore.location import LocalLocation, Location
-from arraystore.readers.base import Backend, FieldReader, WhileWaiting
+from arraystore.readers.base import Backend, FieldReader
 from arraystore.readers.halves import Split, read_in_halves, split_by_size
 from arraystore.readers.local_files import ChunkFileReader, ShardReader
 from arraystore.readers.ranged import (
@@ -64,8 +64,7 @@ class DirectBackend(Backend):
             return RangedFieldReader(field, self.location, chunks.chunk_crc)
         return RangedBlockReader(field, self.location, chunks.per_chunk, chunks.chunk_crc)
 
-    def read_fields(self, readers: Sequence[FieldReader], sample: int,
-                    while_waiting: WhileWaiting | None = None) -> list[np.ndarray]:
+    def read_fields(self, readers: Sequence[FieldReader], sample: int) -> list[np.ndarray]:
         """One sample of several fields: from an object store as one batch of concurrent ranged
         GETs; from a disk in two halves of the item's bytes at once (:mod:`.halves`; a thread
         per field made items slower on 2 cores, one hand-off per item makes them faster)."""
@@ -74,5 +73,5 @@ class DirectBackend(Backend):
             if key not in self._splits:
                 self._splits[key] = split_by_size(
                     [r.field.nbytes for r in readers])  # type: ignore[attr-defined]
-            return read_in_halves(readers, sample, self._splits[key], while_waiting)
+            return read_in_halves(readers, sample, self._splits[key])
         return fetch_samples(self.location, [(r, sample) for r in readers])
