@@ -18,6 +18,7 @@ bar shows with each worker's throughput.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -35,17 +36,18 @@ from arraystore.errors import (
 from arraystore.ingest import (
     IngestReport,
     already_ingested,
-    derive_record,
+    derive_here,
     write_report,
     writing,
 )
+from arraystore.ingest_loop import ingest_unit_samples
 from arraystore.layout import Layout
 from arraystore.location import Location
 from arraystore.machine import available_cores
 from arraystore.regions import file_unit, release, reserve
-from arraystore.sources import BatchStage, Part, Skip, Source, SourceUnit
+from arraystore.sources import BatchStage, Skip, Source, SourceUnit
 from arraystore.store import Store, StoreTarget, WriteMode, utc_now
-from arraystore.writer import StoreWriter, sample_id_problem, stack_column, validate_sample
+from arraystore.writer import StoreWriter, stack_column, validate_sample
 
 PROGRESS_TOPIC = "arraystore-progress"
 PROGRESS_EVERY_S = 1.0
@@ -70,6 +72,11 @@ class UnitResult:
     seconds: float
     nbytes: int
     failure: Skip | None = None  # with on_error "fail": the broken sample; nothing written
+    # what the unit's loop counted (arraystore.ingest_loop)
+    ingested: int = 0
+    already_stored: int = 0  # ids the store held when the task started: not decoded again
+    stage_seconds: float = 0.0
+    waiting_seconds: float = 0.0
 
 
 @dataclass
@@ -124,116 +131,81 @@ def ingest_unit(source: Source, unit: SourceUnit, location: Location, start: int
     worker = get_worker().address
     stage = _prepared_stage(source)
     store = Store.open(location, mode="r+", check_arrays=False)
-    fields = store.schema.fields
-    per_sample = [f for f in fields if f.chunking == "sample"]
-    flush_every = max(file_unit(store), 16)
-    result = UnitResult(unit.identity(), str(unit.path), start, [], {f.name: [] for f in fields
-                                                                 if f.chunking == "block"},
-                        [], "", worker, 0.0, 0)
-    buffered: list[dict[str, Any]] = []
-    pending: list[tuple[str, dict[str, Any]]] = []  # derived, waiting for the batch stage
-    seen: set[str] = set()
-    last_report = time.perf_counter()
+    region = _Region(store, start, stop, unit)
+    result = region.result
+    result.worker = worker
+    last_report = [time.perf_counter()]
 
-    def report(force: bool = False) -> None:
-        nonlocal last_report
+    def progressed(_: int | None) -> None:
         now = time.perf_counter()
-        if force or now - last_report >= PROGRESS_EVERY_S:
+        if now - last_report[0] >= PROGRESS_EVERY_S:
             get_worker().log_event(PROGRESS_TOPIC, {
                 "unit": unit.label, "worker": worker, "samples": len(result.ids),
-                "bytes": unit.bytes_read, "busy": now - last_report})
-            last_report = now
-
-    def flush() -> None:
-        if not buffered:
-            return
-        first = start + len(result.ids) - len(buffered)
-        for f in per_sample:
-            store.check_writable(f, first, first + len(buffered))
-            store.array(f.name)[first: first + len(buffered)] = stack_column(
-                f, [values[f.name] for values in buffered])
-        buffered.clear()
-
-    def write_pending() -> None:
-        if stage is not None and pending:
-            stage([values for _, values in pending])
-        for sample_id, values in pending:
-            validate_sample(fields, sample_id, values)
-            if start + len(result.ids) >= stop:
-                raise DistributedIngestError(
-                    f"{unit.path}: more samples than the {stop - start} its scan counted; "
-                    f"the source's max_samples is wrong")
-            result.ids.append(sample_id)
-            for name, column in result.blocks.items():
-                column.append(values[name])
-            buffered.append(values)
-            if len(buffered) >= flush_every:
-                flush()
-        pending.clear()
-        report()
-
-    def add(sample_id: str, values: dict[str, Any], where: str) -> None:
-        if sample_id in seen:
-            fail_or_skip(SampleError(where, sample_id, "duplicate sample id in this input"))
-            return
-        seen.add(sample_id)
-        pending.append((sample_id, values))
-        if len(pending) >= (stage.batch_size if stage is not None else 1):
-            write_pending()
-
-    def fail_or_skip(error: SampleError) -> None:
-        if on_error == "fail":
-            raise _Failed(Skip(error.where, error.sample_id, error.reason))
-        result.skipped.append(Skip(error.where, error.sample_id, error.reason))
+                "bytes": unit.bytes_read, "busy": now - last_report[0]})
+            last_report[0] = now
 
     try:
-        _read_unit(source, unit, add, fail_or_skip, result)
-    except _Failed as stop:  # returned, not raised: the driver raises it (and commits none)
+        ingest_unit_samples(source, unit, functools.partial(derive_here, source), region, stage,
+                            store.committed_ids(), on_error, result, progressed)
+    except SampleError as exc:  # returned, not raised: the driver raises it (commits none)
         result.ids.clear()
-        result.failure = stop.skip
+        result.failure = Skip(exc.where, exc.sample_id, exc.reason)
         return result
-    write_pending()
-    flush()
-    report(force=True)
+    except SourceError as exc:
+        result.ids.clear()
+        result.failure = Skip(exc.path, "*", f"rest of the input unreadable: {exc.reason}")
+        return result
+    region.flush()
+    last_report[0] -= PROGRESS_EVERY_S  # the last report, whenever the one before was
+    progressed(None)
     result.sha256 = unit.digest.hexdigest()
     result.seconds = time.perf_counter() - started
     result.nbytes = unit.bytes_read
     return result
 
 
-class _Failed(Exception):
-    """A unit stops at a broken sample (``on_error="fail"``)."""
+class _Region:
+    """A task's sink: its samples written into the region ``[start, stop)`` of the store, the
+    per-sample fields a file (shard) at a time, the block-chunked values kept for the driver."""
 
-    def __init__(self, skip: Skip) -> None:
-        super().__init__(skip.reason)
-        self.skip = skip
+    def __init__(self, store: Store, start: int, stop: int, unit: SourceUnit) -> None:
+        self.store, self.start, self.stop = store, start, stop
+        self.fields = store.schema.fields
+        self.per_sample = [f for f in self.fields if f.chunking == "sample"]
+        self.flush_every = max(file_unit(store), 16)
+        self.result = UnitResult(unit.identity(), str(unit.path), start, [],
+                                 {f.name: [] for f in self.fields if f.chunking == "block"},
+                                 [], "", "", 0.0, 0)
+        self.held: set[str] = set()
+        self.buffered: list[dict[str, Any]] = []
 
+    def __contains__(self, sample_id: object) -> bool:
+        return sample_id in self.held
 
-def _read_unit(source: Source, unit: SourceUnit, add: Callable[[str, dict[str, Any], str], None],
-               fail_or_skip: Callable[[SampleError], None], result: UnitResult) -> None:
-    """Derive every record of ``unit`` in this process, handing each sample to ``add``."""
-    try:
-        for item in source.records(unit):
-            if isinstance(item, SampleError):
-                fail_or_skip(item)
-                continue
-            problem = sample_id_problem(item.sample_id)
-            if problem:
-                fail_or_skip(SampleError(item.where, item.sample_id, problem))
-                continue
-            values, where, reason = derive_record(item, source)
-            if values is None:
-                fail_or_skip(SampleError(where, item.sample_id, reason))
-            elif isinstance(values, list):
-                for part in values:
-                    if isinstance(part, Part):
-                        add(part.sample_id, part.values, item.where)
-                    else:
-                        result.skipped.append(part)
-            else:
-                add(item.sample_id, values, item.where)
-    except SourceError as exc:
-        fail_or_skip(SampleError(exc.path, "*", f"rest of the input unreadable: {exc.reason}"))
+    def append(self, sample_id: str, values: dict[str, Any]) -> None:
+        validate_sample(self.fields, sample_id, values)
+        result = self.result
+        if self.start + len(result.ids) >= self.stop:
+            raise DistributedIngestError(
+                f"{result.path}: more samples than the {self.stop - self.start} its scan "
+                f"counted; the source's max_samples is wrong")
+        result.ids.append(sample_id)
+        self.held.add(sample_id)
+        for name, column in result.blocks.items():
+            column.append(values[name])
+        self.buffered.append(values)
+        if len(self.buffered) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffered:
+            return
+        first = self.start + len(self.result.ids) - len(self.buffered)
+        for f in self.per_sample:
+            self.store.check_writable(f, first, first + len(self.buffered))
+            self.store.array(f.name)[first: first + len(self.buffered)] = stack_column(
+                f, [values[f.name] for values in self.buffered])
+        self.buffered.clear()
 
 
 @contextmanager
@@ -371,7 +343,8 @@ def _commit_unit(writer: StoreWriter, store: Store, result: UnitResult,
     """Commit one finished unit's samples and record the unit (one metadata write)."""
     duplicates = writer.commit_region(result.start, result.ids, result.blocks)
     report.ingested += len(result.ids) - len(duplicates)
-    report.already_stored += len(duplicates)
+    report.already_stored += len(duplicates) + result.already_stored
+    report.stage_seconds += result.stage_seconds
     report.skipped.extend(result.skipped)
     release(store, result.unit)
     store.provenance.setdefault("sources", []).append({

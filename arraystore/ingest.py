@@ -32,7 +32,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from arraystore.errors import SampleError, SourceError, WorkerDiedError
+from arraystore.errors import SampleError, WorkerDiedError
+from arraystore.ingest_loop import DerivedRecord, ingest_unit_samples
 from arraystore.layout import Layout
 from arraystore.location import Location
 from arraystore.lock import StoreLock
@@ -47,7 +48,7 @@ from arraystore.sources import (
     default_workers,
 )
 from arraystore.store import Store, StoreTarget, WriteMode, open_for_writing, utc_now
-from arraystore.writer import StoreWriter, sample_id_problem
+from arraystore.writer import StoreWriter
 
 OnError = Literal["fail", "skip"]
 ON_ERROR_CHOICES: tuple[str, ...] = ("fail", "skip")
@@ -101,6 +102,13 @@ def derive_record(record: Record, source: Source | None = None) -> Derived:
         return None, record.where, f"{type(exc).__name__}: {exc}"
 
 
+def derive_here(source: Source, items: Iterable[Record | SampleError]) -> Iterator[DerivedRecord]:
+    """Each record derived in this process, in order; an error passes through as it is."""
+    for item in items:
+        yield (item, None, item.where, item.reason) if isinstance(item, SampleError) else (
+            item, *derive_record(item, source))
+
+
 class DerivePool:
     """Derive records in worker processes, yielding results in input order, few in flight.
 
@@ -126,13 +134,9 @@ class DerivePool:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def derive(
-        self, items: Iterable[Record | SampleError]
-    ) -> Iterator[tuple[Record | SampleError, dict[str, Any] | None, str, str]]:
+    def derive(self, items: Iterable[Record | SampleError]) -> Iterator[DerivedRecord]:
         if self._pool is None:
-            for item in items:
-                yield (item, None, item.where, item.reason) if isinstance(
-                    item, SampleError) else (item, *derive_record(item, self.source))
+            yield from derive_here(self.source, items)
             return
         window: deque[tuple[Record | SampleError, Future | None]] = deque()
         try:
@@ -267,91 +271,19 @@ def _run(source: Source, units: list[SourceUnit], store: Store, workers: int, on
     return report
 
 
-def _ingest_unit(
-    source: Source,
-    unit: SourceUnit,
-    writer: StoreWriter,
-    pool: DerivePool,
-    stage: BatchStage | None,
-    preexisting: set[str],
-    on_error: OnError,
-    report: IngestReport,
-    bar: Progress,
-) -> None:
+def _ingest_unit(source: Source, unit: SourceUnit, writer: StoreWriter, pool: DerivePool,
+                 stage: BatchStage | None, preexisting: set[str], on_error: OnError,
+                 report: IngestReport, bar: Progress) -> None:
     task = bar.add_task(unit.label, total=unit.size, samples=0)
 
-    def fresh(items: Iterable[Record | SampleError]) -> Iterator[Record | SampleError]:
-        """Records not stored yet; a record whose id no store can hold becomes its error."""
-        for item in items:
-            if isinstance(item, Record):
-                ids = item.parts or (item.sample_id,)
-                if all(i in preexisting for i in ids):  # nothing new: not even decoded
-                    report.already_stored += len(ids)
-                    continue
-                bad_id = sample_id_problem(item.sample_id)
-                if bad_id:
-                    item = SampleError(item.where, item.sample_id, bad_id)
-            yield item
+    def progressed(completed: int | None) -> None:
+        if completed is None:
+            bar.update(task, samples=report.ingested)
+        else:
+            bar.update(task, completed=completed)
 
-    pending: dict[str, dict[str, Any]] = {}  # derived, waiting for the batch stage
-
-    def write_pending() -> None:
-        if stage is not None and pending:
-            started = time.perf_counter()
-            stage(list(pending.values()))
-            report.stage_seconds += time.perf_counter() - started
-        for sample_id, values in pending.items():
-            writer.append(sample_id, values)
-            report.ingested += 1
-        pending.clear()
-        bar.update(task, samples=report.ingested)
-
-    def fail_or_skip(error: SampleError) -> None:
-        if on_error == "fail":
-            write_pending()  # the good samples before the bad one are kept
-            raise error
-        report.skipped.append(Skip(error.where, error.sample_id, error.reason))
-
-    def add(sample_id: str, values: dict[str, Any], where: str) -> None:
-        if sample_id in writer or sample_id in pending:
-            fail_or_skip(SampleError(where, sample_id,
-                                     "duplicate sample id: stored earlier in this run"))
-            return
-        pending[sample_id] = values
-        if len(pending) >= (stage.batch_size if stage is not None else 1):
-            write_pending()
-
-    results = pool.derive(fresh(source.records(unit)))
-    try:
-        while True:
-            started = time.perf_counter()
-            try:
-                item, values, where, reason = next(results)
-            except StopIteration:
-                break
-            report.waiting_seconds += time.perf_counter() - started
-            if isinstance(item, SampleError):
-                fail_or_skip(item)
-                continue
-            bar.update(task, completed=item.progress)
-            if values is None:
-                fail_or_skip(SampleError(where, item.sample_id, reason))
-            elif isinstance(values, list):  # the parts of a record that yields several samples
-                for part in values:
-                    if isinstance(part, Skip):
-                        report.skipped.append(part)
-                    elif part.sample_id in preexisting:
-                        report.already_stored += 1
-                    else:
-                        add(part.sample_id, part.values, item.where)
-            else:
-                add(item.sample_id, values, item.where)
-    except SourceError as exc:
-        write_pending()
-        if on_error == "fail":
-            raise
-        report.skipped.append(Skip(exc.path, "*", f"rest of the input unreadable: {exc.reason}"))
-    write_pending()
+    ingest_unit_samples(source, unit, pool.derive, writer, stage, preexisting, on_error, report,
+                        progressed)
     bar.update(task, completed=unit.size)
 
 

@@ -386,6 +386,10 @@ class Store:
         longer after an interrupted write; its tail names no committed sample)."""
         return np.asarray(self.array(SAMPLE_ARRAY)[:self.committed_extent()])
 
+    def committed_ids(self) -> set[str]:
+        """The ids of the committed samples."""
+        return {str(s) for s in self.sample_ids()[self.committed_mask()]}
+
     def num_committed(self) -> int:
         return int(self.committed_mask().sum())
 

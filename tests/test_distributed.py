@@ -19,7 +19,12 @@ from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.distributed import ingest_distributed
 from arraystore.errors import SampleError
 from arraystore.info import store_info
-from arraystore.testing.sa1b_shards import ShardSample, write_members, write_shard
+from arraystore.testing.sa1b_shards import (
+    ShardSample,
+    sample_members,
+    write_members,
+    write_shard,
+)
 from arraystore.verify import verify
 from tests.conftest import assert_same_values
 
@@ -155,3 +160,29 @@ def test_a_broken_sample_fails_or_is_skipped(cluster, shards, tmp_path) -> None:
                                 layout=LAYOUT, address=cluster, on_error="skip")
     assert report.ingested == 4 and [s.sample_id for s in report.skipped] == ["lonely"]
     assert Path(report.report_path).is_file()
+
+
+
+@pytest.mark.parametrize("scheduler", ["local", "dask"])
+def test_ids_already_stored_are_skipped_before_decoding(scheduler, cluster, samples,
+                                                        tmp_path) -> None:
+    """Both ingest loops skip a sample the store holds before decoding it: the stored copy of
+    the first sample is good, the shard's copy of it is not a JPEG, and ``on_error="fail"``
+    still ingests the rest of the shard."""
+    kept, rest = samples[0], samples[1:3]
+    out = tmp_path / "store.zarr"
+    ingest(Sa1bTarSource(), [write_shard(tmp_path / "kept.tar", [kept])], out, layout=LAYOUT,
+           workers=1)
+    broken = [(name, b"not a jpeg" if name.endswith(".jpg") else data)
+              for name, data in sample_members(kept, 1)]
+    shard = write_members(tmp_path / "again.tar", broken + [
+        member for number, sample in enumerate(rest, 2)
+        for member in sample_members(sample, number)])
+    if scheduler == "local":
+        report = ingest(Sa1bTarSource(), [shard], out, workers=1, on_error="fail")
+    else:
+        report = ingest_distributed(Sa1bTarSource(), [shard], out, address=cluster,
+                                    on_error="fail")
+    assert (report.already_stored, report.ingested) == (1, 2)
+    assert sorted(SampleReader(out).sample_ids) == sorted(s.key for s in samples[:3])
+    assert verify(out).ok
