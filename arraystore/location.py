@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -162,6 +162,15 @@ class Location(ABC):
     def problem(self, key: str) -> str | None:
         """Why ``key`` must not be read as part of this store, or None."""
 
+    @abstractmethod
+    def make_durable(self, keys: Iterable[str]) -> None:
+        """Bring what was written to ``keys`` onto stable storage (before a commit marks it)."""
+
+    @abstractmethod
+    def tensorstore_kvstore(self, key: str) -> dict[str, Any] | None:
+        """TensorStore's kvstore spec for ``key``; None where TensorStore has no driver for
+        this location (the reader then falls back to zarr-python)."""
+
 
 class LocalLocation(Location):
     is_local = True
@@ -171,6 +180,20 @@ class LocalLocation(Location):
 
     def file(self, key: str) -> Path:
         return self.path / key
+
+    def make_durable(self, keys: Iterable[str]) -> None:
+        """``fsync`` each key's file, then each folder holding one, then the root."""
+        folders = set()
+        for key in keys:
+            path = self.file(key)
+            fsync_path(path)
+            folders.add(path.parent)
+        for folder in sorted(folders, key=lambda p: -len(p.parts)):
+            fsync_path(folder)
+        fsync_path(self.path)
+
+    def tensorstore_kvstore(self, key: str) -> dict[str, Any] | None:
+        return {"driver": "file", "path": str(self.file(key))}
 
     def where(self, key: str) -> str:
         return str(self.file(key))
@@ -520,9 +543,11 @@ class ObjectLocation(Location):
     def problem(self, key: str) -> str | None:
         return None  # object keys are plain names: the schema's field names are identifiers
 
+    def make_durable(self, keys: Iterable[str]) -> None:
+        """Nothing to do: an object is durable once its PUT returned."""
+
     def tensorstore_kvstore(self, key: str) -> dict[str, Any] | None:
-        """TensorStore's kvstore spec for ``key``, for the services it speaks natively (S3 and
-        GCS); None for the others (the reader then falls back to zarr-python)."""
+        """S3 and GCS, which TensorStore speaks natively; None for the others."""
         bucket, _, prefix = f"{self.root}/{key}".partition("/")
         if self.scheme == "s3":
             spec: dict[str, Any] = {"driver": "s3", "bucket": bucket, "path": f"{prefix}/",

@@ -90,7 +90,7 @@ class StoreLock:
         self.location = Location.of(store)
         self.break_lock = break_lock
         self.stale_after_s = stale_after_s
-        if isinstance(self.location, ObjectLocation):
+        if not self.location.is_local:
             self.key = self.location.sibling(LOCK_SUFFIX)
         else:
             self.path = lock_path(self.location.path)
@@ -101,7 +101,7 @@ class StoreLock:
             lock, depth = _held[self.key]
             _held[self.key] = (lock, depth + 1)
             return
-        if isinstance(self.location, ObjectLocation):
+        if not self.location.is_local:
             lock = _ObjectLock(self.location, self.key, self.break_lock, self.stale_after_s)
         else:
             lock = _FileLock(self.location.path, self.path)

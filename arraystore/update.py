@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from arraystore.errors import SampleNotCommittedError, StoreWriteError
-from arraystore.keys import chunk_file, fsync_path, group_by_chunk
+from arraystore.keys import chunk_key, group_by_chunk
 from arraystore.lock import StoreLock
 from arraystore.store import Store
 
@@ -78,6 +78,7 @@ class StoreUpdater:
         array = self.store.array(name)
         per_file = self.store.layout.samples_per_file(field)
         row_of = {position: row for row, position in enumerate(positions)}
+        written = []
         for index, here in group_by_chunk(positions, per_file).items():
             start = index * per_file
             stop = min(start + per_file, array.shape[0])
@@ -86,7 +87,5 @@ class StoreUpdater:
                 current[position - start] = rows[row_of[position]]
             self.store.check_writable(field, start, stop)
             array[start:stop] = current  # the whole file, written once
-            if self.store.location.is_local:  # an object's PUT is durable when it returns
-                path = chunk_file(self.store.path / name, index, 1 + len(field.shape))
-                fsync_path(path)
-                fsync_path(path.parent)
+            written.append(chunk_key(name, index, 1 + len(field.shape)))
+        self.store.location.make_durable(written)  # before the flags that say it is done

@@ -11,14 +11,14 @@ chunk never reads as data.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 
 from arraystore.errors import DuplicateSampleError, SampleValidationError, StoreWriteError
-from arraystore.keys import chunk_file, fsync_path
+from arraystore.keys import chunk_file, chunk_key
 from arraystore.lock import StoreLock
 from arraystore.regions import PENDING, reserved_end
 from arraystore.schema import Field
@@ -221,7 +221,7 @@ class StoreWriter:
         self._sync(start, stop, written)
         self._lock.ensure_held()
         self.store.array(COMMITTED_ARRAY)[start:stop] = keep
-        self._sync_field(COMMITTED_FIELD, start, stop)
+        self.store.location.make_durable(self._keys(COMMITTED_FIELD, start, stop))
 
     def commit_region(self, start: int, ids: Sequence[str],
                       blocks: Mapping[str, Sequence[Any]]) -> list[str]:
@@ -261,24 +261,13 @@ class StoreWriter:
             partial.unlink(missing_ok=True)
 
     def _sync(self, start: int, stop: int, written: Sequence[Field]) -> None:
-        """Before the commit: the data on stable storage (an object store has it durably once
-        its PUT returned)."""
-        if not self.store.location.is_local:
-            return
-        for f in (*written, SAMPLE_FIELD):
-            self._sync_field(f, start, stop)
-        fsync_path(self.store.path)
+        """Before the commit: the data of samples ``start`` to ``stop`` on stable storage."""
+        self.store.location.make_durable(
+            key for f in (*written, SAMPLE_FIELD) for key in self._keys(f, start, stop))
 
-    def _sync_field(self, f: Field, start: int, stop: int) -> None:
-        if not self.store.location.is_local:
-            return
+    def _keys(self, f: Field, start: int, stop: int) -> Iterator[str]:
+        """The files samples ``start`` to ``stop`` of ``f`` were written to, and its metadata."""
         per_file = self.store.layout.samples_per_file(f)
-        array_dir = self.store.path / f.name
-        directories = set()
         for index in range(start // per_file, (stop - 1) // per_file + 1):
-            path = chunk_file(array_dir, index, 1 + len(f.shape))
-            fsync_path(path)
-            directories.add(path.parent)
-        for directory in directories:
-            fsync_path(directory)
-        fsync_path(array_dir / "zarr.json")
+            yield chunk_key(f.name, index, 1 + len(f.shape))
+        yield f"{f.name}/zarr.json"

@@ -190,3 +190,11 @@ def test_one_fork_hook_and_no_process_id_checks() -> None:
     assert hooks == ["arraystore.per_process"]
     compared = re.compile(r"[!=]=\s*os\.getpid\(\)|os\.getpid\(\)\s*[!=]=")
     assert [m for m, p in KNOWN.items() if compared.search(p.read_text())] == []
+
+
+def test_only_location_tells_disk_and_object_store_apart_by_type() -> None:
+    """What differs between a disk and an object store (durability, TensorStore's kvstore, the
+    lock's place) is asked of the :class:`Location`, not decided by its type elsewhere."""
+    by_type = re.compile(r"isinstance\([^)]*,\s*\(?\s*(Local|Object)Location")
+    assert [m for m, p in KNOWN.items()
+            if m != "arraystore.location" and by_type.search(p.read_text())] == []

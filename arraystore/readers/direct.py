@@ -15,7 +15,7 @@ import numpy as np
 
 from arraystore.chunk_format import plain_chunks
 from arraystore.layout import Layout
-from arraystore.location import LocalLocation, Location
+from arraystore.location import Location
 from arraystore.readers.base import Backend, FieldReader
 from arraystore.readers.halves import Split, read_in_halves, split_by_size
 from arraystore.readers.local_files import ChunkFileReader, ShardReader
@@ -44,13 +44,13 @@ class DirectBackend(Backend):
     def supports(cls, field: Field, layout: Layout, location: Location) -> bool:
         """Uncompressed layouts; string fields on a local disk (:mod:`.strings`)."""
         return layout.compression == "none" and (not field.is_string
-                                                 or isinstance(location, LocalLocation))
+                                                 or location.is_local)
 
     def open_field(self, field: Field) -> FieldReader:
         where = self.location.where(field.name)
         chunks = plain_chunks(self.array_meta(field.name), where, field.is_string)
         crcs = (chunks.chunk_crc, chunks.index_crc)
-        local = isinstance(self.location, LocalLocation)
+        local = self.location.is_local
         if chunks.shard_size is not None:
             if local:
                 shards = StringShardReader if field.is_string else ShardReader
@@ -68,7 +68,7 @@ class DirectBackend(Backend):
         """One sample of several fields: from an object store as one batch of concurrent ranged
         GETs; from a disk in two halves of the item's bytes at once (:mod:`.halves`; a thread
         per field made items slower on 2 cores, one hand-off per item makes them faster)."""
-        if isinstance(self.location, LocalLocation):
+        if self.location.is_local:
             key = tuple(map(id, readers))
             if key not in self._splits:
                 self._splits[key] = split_by_size(

@@ -11,20 +11,11 @@ from typing import Any
 import numpy as np
 
 from arraystore.layout import Layout
-from arraystore.location import LocalLocation, Location, ObjectLocation
+from arraystore.location import Location
 from arraystore.readers.base import Backend, FieldReader, missing_chunk, undecodable
 from arraystore.readers.stored import StoredChunks
 from arraystore.region import Region
 from arraystore.schema import Field
-
-
-def kvstore(location: Location, key: str) -> dict[str, Any] | None:
-    """TensorStore's kvstore spec of ``key`` at ``location``; None where it has no driver
-    (an object store other than S3 and GCS: the chain then falls back to zarr-python)."""
-    if isinstance(location, LocalLocation):
-        return {"driver": "file", "path": str(location.file(key))}
-    assert isinstance(location, ObjectLocation)
-    return location.tensorstore_kvstore(key)
 
 
 class TensorStoreFieldReader(FieldReader):
@@ -65,14 +56,14 @@ class TensorStoreBackend(Backend):
 
     @classmethod
     def supports(cls, field: Field, layout: Layout, location: Location) -> bool:
-        return not field.is_string and kvstore(location, "") is not None
+        return not field.is_string and location.tensorstore_kvstore("") is not None
 
     def open_field(self, field: Field) -> FieldReader:
         import tensorstore as ts  # imported here: only reading processes ever load it
 
         spec = {
             "driver": "zarr3",
-            "kvstore": kvstore(self.location, field.name),
+            "kvstore": self.location.tensorstore_kvstore(field.name),
             # a store grows while it is read: always see the current shape and chunks
             "recheck_cached_metadata": True,
             "recheck_cached_data": True,
