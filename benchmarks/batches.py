@@ -45,7 +45,7 @@ from benchmarks.busy import CONDITIONS, STEP_SECONDS, condition, training_step
 from benchmarks.data import fill_store
 from benchmarks.in_memory import InMemoryDataset
 from benchmarks.report import header, plot_bars, save_report
-from benchmarks.run import interleaved, loader_run, read_run
+from benchmarks.run import batches_of, interleaved, loader_run, read_run
 
 BATCH = 8
 ITEM_CEILING = "no I/O: the item dict from RAM copies by the same code (ceiling)"
@@ -233,20 +233,21 @@ def main() -> None:
                        for n, r in singles.items()}
         indices = rng.integers(0, args.samples, args.loader_items)
         order = indices.tolist()
+        batches = batches_of(indices, BATCH)
         step = [0.0]  # the training step after each batch: set per condition
         batched = {
-            "DataLoader, .bin per item + collate_distill": loader_run(binary, indices, BATCH,
+            "DataLoader, .bin per item + collate_distill": loader_run(binary, batches,
                                                                       step=step),
             "DataLoader, sharded store (__getitems__ into shared memory)":
-                loader_run(sharded, indices, BATCH, step=step),
+                loader_run(sharded, batches, step=step),
             "BatchLoader, sharded store, 2 threads": batches_run(
                 BatchLoader(sharded, BATCH, sampler=order, threads=2), step),
             "BatchLoader, raw store, 2 threads": batches_run(
                 BatchLoader(raw, BATCH, sampler=order, threads=2), step),
-            READ_BIN: loader_run(binary, indices, BATCH, read_batches=True, step=step),
-            READ_STORE: loader_run(sharded, indices, BATCH, read_batches=True, step=step),
-            NO_WORKERS_BIN: loader_run(binary, indices, BATCH, workers=0, step=step),
-            NO_WORKERS_STORE: loader_run(sharded, indices, BATCH, workers=0, step=step),
+            READ_BIN: loader_run(binary, batches, read_batches=True, step=step),
+            READ_STORE: loader_run(sharded, batches, read_batches=True, step=step),
+            NO_WORKERS_BIN: loader_run(binary, batches, workers=0, step=step),
+            NO_WORKERS_STORE: loader_run(sharded, batches, workers=0, step=step),
             "no I/O: the batches copied from RAM, 2 threads": no_io_run(columns, indices, step),
         }
         single, batches = {}, {}

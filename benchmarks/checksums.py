@@ -26,7 +26,7 @@ from benchmarks.batches import BATCH, LeanBinReader, item_reads_parser, random_c
 from benchmarks.busy import CONDITIONS, condition
 from benchmarks.data import fill_store
 from benchmarks.report import header, plot_bars, save_report
-from benchmarks.run import interleaved, loader_run, read_run
+from benchmarks.run import batches_of, interleaved, loader_run, read_run
 
 LEAN = ".bin lean (pread + frombuffer per field)"
 ITEMS = ("ZarrDistillDataset[i], sharded + crc32c (default)",
@@ -56,8 +56,9 @@ def measure(root: Path, samples: int, reads: int, loader_items: int,
     for name in CONDITIONS:
         with condition(name):
             runs = {label: read_run(reader, indices) for label, reader in items.items()}
-            runs[BATCHES[0]] = loader_run(stores["crc32c"], batch_indices, BATCH)
-            runs[BATCHES[1]] = loader_run(stores["plain"], batch_indices, BATCH)
+            batches = batches_of(batch_indices, BATCH)
+            runs[BATCHES[0]] = loader_run(stores["crc32c"], batches)
+            runs[BATCHES[1]] = loader_run(stores["plain"], batches)
             results[name] = interleaved(runs, rounds, seed=1)
     return results
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from arraystore import Field, Layout, Schema, Store, ingest
 from arraystore.converters.npz.source import NpzDirectorySource
@@ -38,10 +38,10 @@ from arraystore.loaders import (
 )
 from arraystore.store import COMMITTED_ARRAY, SAMPLE_ARRAY
 from arraystore.testing.npz_examples import write_referring, write_sav_pairs
-from benchmarks.busy import CONDITIONS, STEP_SECONDS, condition, training_step
+from benchmarks.busy import CONDITIONS, STEP_SECONDS, condition
 from benchmarks.data import fill_store
 from benchmarks.report import command_line, machine, plot_bars, save_report
-from benchmarks.run import interleaved
+from benchmarks.run import batches_of, interleaved, loader_run
 
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "sa1b_sample.tar"
 BATCH = 8
@@ -119,26 +119,9 @@ def scale(root: Path, big: int) -> list[tuple[str, float, float, str]]:
     return rows
 
 
-def loader_run(dataset: Any, batches: list[list[int]], collate: Callable,
-               step: list[float]) -> Callable[[], int]:
-    """A run of a persistent DataLoader over ``batches`` (lists of indices), ``step[0]``
-    seconds of a training step after each batch."""
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=2, collate_fn=collate,
-                        multiprocessing_context="forkserver", prefetch_factor=4,
-                        persistent_workers=True)
-    for _ in loader:
-        pass
-
-    def run() -> int:
-        for _ in loader:
-            training_step(step[0])
-        return sum(len(b) for b in batches)
-    return run
-
-
 def cut(indices: np.ndarray) -> list[list[int]]:
     """``indices`` as DataLoader batches of ``BATCH``."""
-    return [indices[i:i + BATCH].tolist() for i in range(0, len(indices), BATCH)]
+    return batches_of(indices, BATCH)
 
 
 def throughput(root: Path, items: int, rounds: int) -> tuple[dict, dict, dict]:
@@ -160,13 +143,13 @@ def throughput(root: Path, items: int, rounds: int) -> tuple[dict, dict, dict]:
     step = [0.0]
     runs = {"mixture (LengthGroupedSampler order)": loader_run(
         mixture, cut(np.array(list(LengthGroupedSampler(mixture, BATCH, seed=0)) * (
-            items // len(mixture) + 1))[:items]), mixture.collate, step)}
+            items // len(mixture) + 1))[:items]), mixture.collate, step=step)}
     for dataset, name in zip(mixture.datasets, mixture.dataset_types, strict=True):
         # the collate the mixture uses for this source: its own, else the packed default
         collate = getattr(dataset, "collate_fn", None) or packed_default_collate
         runs[f"{name} alone"] = loader_run(dataset, cut(rng.integers(0, len(dataset), items)),
-                                           collate, step)
-    runs["mixture (random order)"] = loader_run(mixture, cut(order), mixture.collate, step)
+                                           collate, step=step)
+    runs["mixture (random order)"] = loader_run(mixture, cut(order), mixture.collate, step=step)
     rates, costs = {}, {}
     for name in CONDITIONS:
         step[0] = STEP_SECONDS if name == "busy" else 0.0

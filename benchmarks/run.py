@@ -85,28 +85,33 @@ def read_pages(batch: dict[str, Any]) -> None:
         torch.empty(0, dtype=torch.uint8).set_(storage)[::4096].sum()
 
 
-def loader_run(dataset: Any, indices: np.ndarray, batch_size: int, workers: int = 2,
-               read_batches: bool = False, step: list[float] | None = None) -> Callable[[], int]:
-    """Items per round of a DataLoader with ``collate_distill`` (``workers`` 0: in this
-    process), the main process reading every page of each batch with ``read_batches``, and
-    doing ``step[0]`` seconds of a training step after each (``step`` is read every batch, so
-    a caller switches it between conditions)."""
+def batches_of(indices: np.ndarray, size: int) -> list[list[int]]:
+    """``indices`` cut into batches of ``size`` (the last one may be shorter)."""
+    return [indices[i:i + size].tolist() for i in range(0, len(indices), size)]
+
+
+def loader_run(dataset: Any, batches: list[list[int]], collate: Callable | None = collate_distill,
+               workers: int = 2, read_batches: bool = False,
+               step: list[float] | None = None) -> Callable[[], int]:
+    """Items per round of a persistent DataLoader over ``batches`` (lists of indices) with
+    ``collate`` (None: torch's default; ``workers`` 0: in this process), the main process
+    reading every page of each batch with ``read_batches``, and doing ``step[0]`` seconds of a
+    training step after each (``step`` is read every batch, so a caller switches it between
+    conditions)."""
     parallel = {"multiprocessing_context": "forkserver", "prefetch_factor": 4,
                 "persistent_workers": True} if workers else {}
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices.tolist(),
-                        num_workers=workers, collate_fn=collate_distill, **parallel)
-    for _ in loader:  # start the workers outside the timed rounds
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+                        **parallel)
+    for _ in loader:  # start the workers (and warm their caches) outside the timed rounds
         pass
 
     def run() -> int:
-        items = 0
         for batch in loader:
             if read_batches:
                 read_pages(batch)
             if step is not None:
                 training_step(step[0])
-            items += len(batch["image_id"])
-        return items
+        return sum(len(b) for b in batches)
     return run
 
 
@@ -176,8 +181,8 @@ def main() -> None:
         results.profiles = {name: time_shares(read_run(datasets[name], some))
                             for name in (DEFAULT, BIN)}
         print("DataLoader, 2 workers ...", flush=True)
-        runs = {name: loader_run(datasets[name], rng.integers(
-            0, args.samples, args.loader_items // (8 if name == TAR else 1)), BATCH)
+        runs = {name: loader_run(datasets[name], batches_of(rng.integers(
+            0, args.samples, args.loader_items // (8 if name == TAR else 1)), BATCH))
             for name in LOADER_READERS}
         results.loader = interleaved(runs, args.rounds, seed=2)
     print(write_report(results, Path(__file__).parent / "results" / args.name))

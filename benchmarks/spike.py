@@ -3,7 +3,9 @@ without the RAM cache) against the seed's folder path (``.dat`` + two PNG decode
 item, NumPy voxels), on generated data of the real sizes (720x1280 frames, 10x396x640 spikes).
 
 Readers take turns in a random order every round (``benchmarks.run.interleaved``), single
-process and through a DataLoader with 2 workers; ratios are within one run. Writes
+process and through a DataLoader with 2 workers; ratios are within one run. Everything runs
+twice: idle, and busy (:mod:`benchmarks.busy`: another process spinning on a core, and a 5 ms
+training step in the main process after every DataLoader batch). Writes
 ``benchmarks/results/<name>.md`` and ``<name>.png``.
 
 Usage: python -m benchmarks.spike [--frames 24] [--sequences 2] [-h for the rest]
@@ -18,15 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import DataLoader
 
 from arraystore import Layout, ingest
 from arraystore.converters.gopro.source import GoproSpikeSource
 from arraystore.info import store_info
 from arraystore.loaders import SpikeClipDataset
 from arraystore.testing.gopro_trees import write_gopro_tree
+from benchmarks.busy import CONDITIONS, STEP_SECONDS, condition
 from benchmarks.report import command_line, machine, plot_bars, save_report
-from benchmarks.run import interleaved
+from benchmarks.run import batches_of, interleaved, loader_run, read_run
 from benchmarks.spike_folder import FolderClipDataset
 
 FOLDER = "folder tree (seed path: .dat + PNG decode per item)"
@@ -38,26 +40,6 @@ LAYOUTS = {"raw": Layout("raw", checksum=False),  # as in their last report
 READ_FROM = Layout().name  # the clips are read from the store in the default layout
 CLIP = {"split": "train", "clip_len": 5, "crop_size": 256, "bins": 5, "seed": 0}
 SPIKE_SHAPE = (10, 396, 640)
-
-
-def read_run(dataset: Any, indices: np.ndarray):
-    def run() -> int:
-        for index in indices:
-            dataset[int(index)]
-        return len(indices)
-    return run
-
-
-def loader_run(dataset: Any, indices: np.ndarray, batch_size: int):
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices.tolist(), num_workers=2,
-                        multiprocessing_context="forkserver", prefetch_factor=4,
-                        persistent_workers=True)
-    for _ in loader:  # start the workers, and warm their caches, outside the timed rounds
-        pass
-
-    def run() -> int:
-        return sum(len(batch["sequence"]) for batch in loader)
-    return run
 
 
 def tree_bytes(root: Path) -> tuple[int, int]:
@@ -108,27 +90,36 @@ def main() -> None:
         for dataset in datasets.values():  # page cache, handles, and the RAM caches warm
             read_run(dataset, np.arange(clips))()
         rng = np.random.default_rng(0)
-        runs = {name: read_run(d, rng.integers(0, clips, args.folder_reads if name == FOLDER
-                                               else args.reads))
-                for name, d in datasets.items()}
-        single = interleaved(runs, args.rounds, seed=1)
-        print("DataLoader, 2 workers ...", flush=True)
-        runs = {name: loader_run(d, rng.integers(0, clips, 2 * (args.folder_reads if name == FOLDER
-                                                              else args.reads)), 4)
-                for name, d in datasets.items()}
-        loader = interleaved(runs, args.rounds, seed=2)
+        singles = {name: read_run(d, rng.integers(0, clips, args.folder_reads if name == FOLDER
+                                                  else args.reads))
+                   for name, d in datasets.items()}
+        step = [0.0]  # the training step after each DataLoader batch: set per condition
+        loaders = {name: loader_run(d, batches_of(rng.integers(
+            0, clips, 2 * (args.folder_reads if name == FOLDER else args.reads)), 4), None,
+            step=step) for name, d in datasets.items()}
+        single, loader = {}, {}
+        for name in CONDITIONS:
+            print(f"{name}: single process, then DataLoader (2 workers) ...", flush=True)
+            step[0] = STEP_SECONDS if name == "busy" else 0.0
+            with condition(name):
+                single[name] = interleaved(singles, args.rounds, seed=1)
+                loader[name] = interleaved(loaders, args.rounds, seed=2)
     print(write_report(args, single, loader, disk, Path(__file__).parent / "results" / args.name))
 
 
-def _table(rates: dict[str, tuple[float, float]]) -> list[str]:
-    base = rates[FOLDER][0]
-    lines = ["| reader | clips/s | × folder path | round spread |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {rate:.1f} | {rate / base:.1f} | ±{spread / 2:.0%} |"
-              for name, (rate, spread) in rates.items()]
+def _table(rates: dict[str, dict[str, tuple[float, float]]]) -> list[str]:
+    """One row per reader: clips/s idle and busy, each × the folder path in its condition."""
+    idle, busy = rates["idle"], rates["busy"]
+    lines = ["| reader | idle clips/s | busy clips/s | idle × folder path | busy × folder path "
+             "| round spread idle / busy |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {idle[name][0]:.1f} | {busy[name][0]:.1f} | "
+              f"{idle[name][0] / idle[FOLDER][0]:.1f} | {busy[name][0] / busy[FOLDER][0]:.1f} "
+              f"| ±{idle[name][1] / 2:.0%} / ±{busy[name][1] / 2:.0%} |" for name in idle]
     return lines
 
 
 def _targets(label: str, rates: dict[str, tuple[float, float]]) -> list[str]:
+    """The spike clips' targets, measured in one condition."""
     r = {name: rate for name, (rate, _) in rates.items()}
     checks = [
         ("realtime from the store vs the folder path", r[REALTIME] / r[FOLDER], 5.0),
@@ -158,14 +149,17 @@ def write_report(args: argparse.Namespace, single: dict, loader: dict,
         "- method: readers take turns within each round in a random order; the median round "
         "gives clips/s; *round spread* is half the range of a reader's round times over their "
         "median. Without a cache the store reads only each crop's rows; with it (4 GB, warmed "
-        "by one pass) whole frames come from RAM.",
+        "by one pass) whole frames come from RAM. Busy: another process spins on one core, "
+        "and the DataLoader rows run a 5 ms training step in the main process after each "
+        "batch; ratios compare readers within one condition.",
         "",
         "## Targets",
         "",
         "| target | goal | measured | |",
         "|---|---:|---:|---|",
-        *_targets("single process", single),
-        *_targets("DataLoader", loader),
+        *(row for name in CONDITIONS for row in (
+            *_targets(f"single process, {name}", single[name]),
+            *_targets(f"DataLoader, {name}", loader[name]))),
         "",
         "## Single process",
         "",
@@ -194,9 +188,11 @@ def write_report(args: argparse.Namespace, single: dict, loader: dict,
 
 
 def _plot(single: dict, loader: dict, path: Path) -> None:
-    plot_bars([(title, {n: r / rates[FOLDER][0] for n, (r, _) in rates.items()})
+    plot_bars([(f"{title}, {name}", {n: r / rates[name][FOLDER][0]
+                                     for n, (r, _) in rates[name].items()})
                for title, rates in (("single process", single),
-                                    ("DataLoader, 2 workers", loader))],
+                                    ("DataLoader, 2 workers", loader))
+               for name in CONDITIONS],
               path, "clips/s relative to the seed's folder path (log scale, higher is faster)",
               grey=(FOLDER,), log=True)
 
