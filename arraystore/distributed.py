@@ -136,9 +136,9 @@ def ingest_unit(source: Source, unit: SourceUnit, location: Location, start: int
     result.worker = worker
     last_report = [time.perf_counter()]
 
-    def progressed(_: int | None) -> None:
+    def report(force: bool = False) -> None:
         now = time.perf_counter()
-        if now - last_report[0] >= PROGRESS_EVERY_S:
+        if force or now - last_report[0] >= PROGRESS_EVERY_S:
             get_worker().log_event(PROGRESS_TOPIC, {
                 "unit": unit.label, "worker": worker, "samples": len(result.ids),
                 "bytes": unit.bytes_read, "busy": now - last_report[0]})
@@ -146,7 +146,7 @@ def ingest_unit(source: Source, unit: SourceUnit, location: Location, start: int
 
     try:
         ingest_unit_samples(source, unit, functools.partial(derive_here, source), region, stage,
-                            store.committed_ids(), on_error, result, progressed)
+                            store.committed_ids(), on_error, result, lambda _: report())
     except SampleError as exc:  # returned, not raised: the driver raises it (commits none)
         result.ids.clear()
         result.failure = Skip(exc.where, exc.sample_id, exc.reason)
@@ -156,8 +156,7 @@ def ingest_unit(source: Source, unit: SourceUnit, location: Location, start: int
         result.failure = Skip(exc.path, "*", f"rest of the input unreadable: {exc.reason}")
         return result
     region.flush()
-    last_report[0] -= PROGRESS_EVERY_S  # the last report, whenever the one before was
-    progressed(None)
+    report(force=True)
     result.sha256 = unit.digest.hexdigest()
     result.seconds = time.perf_counter() - started
     result.nbytes = unit.bytes_read
