@@ -30,7 +30,7 @@ from arraystore.converters.sa1b_bin.source import BinDirectorySource
 from arraystore.info import store_info
 from arraystore.kinds.sa1b_bin import bin_files
 from arraystore.loaders import BinaryDistillDataset, ZarrDistillDataset, collate_distill
-from benchmarks.busy import training_step
+from benchmarks.busy import CONDITIONS, STEP_SECONDS, condition, training_step
 from benchmarks.data import write_sa1b_shard
 from benchmarks.in_memory import InMemoryDataset
 from benchmarks.profile import time_shares
@@ -172,19 +172,27 @@ def main() -> None:
             for name in datasets:
                 if name != TAR:
                     read_run(datasets[name], np.arange(args.samples))()
-        runs = {name: read_run(d, rng.integers(0, args.samples,
-                                               args.tar_reads if name == TAR else args.reads))
-                for name, d in datasets.items()}
-        results.single = interleaved(runs, args.rounds, seed=1)
+        singles = {name: read_run(d, rng.integers(0, args.samples,
+                                                  args.tar_reads if name == TAR else args.reads))
+                   for name, d in datasets.items()}
         print("profiling ...", flush=True)
         some = rng.integers(0, args.samples, args.reads)
         results.profiles = {name: time_shares(read_run(datasets[name], some))
                             for name in (DEFAULT, BIN)}
-        print("DataLoader, 2 workers ...", flush=True)
-        runs = {name: loader_run(datasets[name], batches_of(rng.integers(
-            0, args.samples, args.loader_items // (8 if name == TAR else 1)), BATCH))
+        step = [0.0]  # the training step after each DataLoader batch: set per condition
+        loaders = {name: loader_run(datasets[name], batches_of(rng.integers(
+            0, args.samples, args.loader_items // (8 if name == TAR else 1)), BATCH), step=step)
             for name in LOADER_READERS}
-        results.loader = interleaved(runs, args.rounds, seed=2)
+        for name in CONDITIONS:
+            print(f"{name}: single process, then DataLoader (2 workers) ...", flush=True)
+            step[0] = STEP_SECONDS if name == "busy" else 0.0
+            with condition(name):
+                single, loader = (interleaved(singles, args.rounds, seed=1),
+                                  interleaved(loaders, args.rounds, seed=2))
+            if name == "busy":
+                results.busy_single, results.busy_loader = single, loader
+            else:
+                results.single, results.loader = single, loader
     print(write_report(results, Path(__file__).parent / "results" / args.name))
 
 

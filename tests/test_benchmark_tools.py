@@ -80,14 +80,21 @@ def test_report_has_targets_ceiling_and_profile(tmp_path: Path) -> None:
     single = dict(zip(readers, [(800.0, 0.2), (4.0, 0.1), (960.0, 0.3), (900.0, 0.2),
                                 (1600.0, 0.2)], strict=True))
     loader = {BIN: (160.0, 0.1), DEFAULT: (150.0, 0.1), NO_IO: (165.0, 0.1), TAR: (6.0, 0.1)}
+    busy_single = {name: (rate / 2, spread) for name, (rate, spread) in single.items()}
+    busy_loader = {**loader, DEFAULT: (170.0, 0.1)}
     results = Results(args={"samples": 4, "masks": 2}, single=single, loader=loader,
+                      busy_single=busy_single, busy_loader=busy_loader,
                       ingest={"1 worker": 3.0}, disk={".bin": (100, 9), "raw": (100, 50)},
                       item_bytes=8_000_000, batch_size=8,
                       profiles={DEFAULT: [("'copy_' of 'torch._C.TensorBase' objects", 0.6),
                                           ("posix.preadv", 0.15), ("x.py:1 f", 0.1)]})
     text = write_report(results, tmp_path / "report")
-    assert "| defaults (sharded / auto), single process | ≥ 1× | 1.20× | met |" in text
-    assert "**missed by 6%**" in text  # the DataLoader target: 150 / 160 = 0.94
+    assert "| defaults (sharded / auto), single process, idle | ≥ 1× | 1.20× | met |" in text
+    assert "| defaults (sharded / auto), single process, busy | ≥ 1× | 1.20× | met |" in text
+    assert ("| defaults (sharded / auto), DataLoader 2 workers, idle | ≥ 1× | 0.94× | "
+            "**missed by 6%** |") in text  # 150 / 160
+    assert "| defaults (sharded / auto), DataLoader 2 workers, busy | ≥ 1× | 1.06× | met |" in text
+    assert "| sharded / auto | 960.0 | 480.0 |" in text  # idle and busy columns
     assert "## Where the time goes" in text and "mapped shards) is 75% of the time" in text
     assert "runs at 0.50× of that" in text  # .bin against the no-I/O ceiling
     assert (tmp_path / "report.md").read_text() == text
