@@ -386,9 +386,11 @@ class Store:
         longer after an interrupted write; its tail names no committed sample)."""
         return np.asarray(self.array(SAMPLE_ARRAY)[:self.committed_extent()])
 
-    def committed_ids(self) -> set[str]:
-        """The ids of the committed samples."""
-        return {str(s) for s in self.sample_ids()[self.committed_mask()]}
+    def committed_ids(self, committed: np.ndarray | None = None) -> set[str]:
+        """The ids of the committed samples (``committed``: the :meth:`committed_mask` the
+        caller read already, not read again)."""
+        mask = self.committed_mask() if committed is None else committed
+        return {str(s) for s in self.sample_ids()[mask]}
 
     def num_committed(self) -> int:
         return int(self.committed_mask().sum())

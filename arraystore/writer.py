@@ -103,7 +103,7 @@ class StoreWriter:
         self.fields = store.schema.fields
         self.flush_every = flush_every or self._flush_unit(store)
         committed = store.committed_mask()
-        self.committed_ids = store.committed_ids()
+        self.committed_ids = store.committed_ids(committed)
         self.position = int(np.flatnonzero(committed)[-1]) + 1 if committed.any() else 0
         self._buffer: list[tuple[str, Mapping[str, Any]]] = []
         self._buffered_ids: set[str] = set()
