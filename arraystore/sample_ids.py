@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from typing import overload
 
@@ -51,6 +52,14 @@ class SampleIds(Sequence[str]):
         if missing:
             raise KeyError(missing)
         return positions
+
+    def prefix_digest(self, count: int) -> str:
+        """A short hash of the first ``count`` ids (the same whatever ids follow them): a
+        saved position checks with it that the samples it counted are still there."""
+        prefix = self._encoded[:count]
+        width = max(1, int(np.strings.str_len(prefix).max(initial=0)))
+        return hashlib.blake2b(prefix.astype(f"S{width}").tobytes(), digest_size=8,
+                               person=str(width).encode()).hexdigest()
 
     def __iter__(self) -> Iterator[str]:
         return (value.decode("utf-8") for value in self._encoded)

@@ -12,6 +12,13 @@ more batches have been drawn; then that buffer is filled again. Keep a batch lon
 on to its tensors across steps) with ``copy=True``, which hands out owned tensors. Batches
 equal a DataLoader's with ``collate_distill`` (or ``default_collate`` for
 :class:`~arraystore.loaders.StoreItems`) over the same index sequence.
+
+Resuming (torchdata's ``Stateful`` protocol): ``state_dict()`` counts the batches the caller has
+received, not those read ahead; after ``load_state_dict`` the next iteration yields the rest of
+that epoch. With one of arraystore's samplers the sampler resumes (any world size); otherwise
+the loader draws and skips the consumed batches' indices (nothing is read), so a sampler of
+your own must give the same order again. ``shuffle=True`` shuffles with ``seed + epoch`` (a
+random ``seed`` when none is given), the epoch counting the loader's completed iterations.
 """
 
 from __future__ import annotations
@@ -20,14 +27,16 @@ import pickle
 import threading
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 from torch.utils.data import BatchSampler, RandomSampler, Sampler, SequentialSampler
 
+from arraystore.errors import OptionError
 from arraystore.loaders.batched import Batched, allocate
+from arraystore.loaders.samplers import ResumableSampler
 
 
 class BatchLoader:
@@ -55,10 +64,16 @@ class BatchLoader:
             warnings.warn("pin_memory=True but no CUDA device: batches are not pinned",
                           stacklevel=2)
             pin_memory = False
+        self._generator = torch.Generator() if sampler is None and shuffle else None
+        self.seed = None if self._generator is None else \
+            int(torch.randint(2**62, ()).item()) if seed is None else int(seed)
         if sampler is None:
-            generator = torch.Generator().manual_seed(seed) if seed is not None else None
-            sampler = RandomSampler(dataset, generator=generator) if shuffle \
+            sampler = RandomSampler(dataset, generator=self._generator) if shuffle \
                 else SequentialSampler(dataset)
+        self.sampler = sampler
+        self.epoch = 0  # completed iterations
+        self._received = 0  # batches of this iteration handed to the caller
+        self._skip: int | None = None  # set by load_state_dict for the next iteration
         self.dataset = dataset
         self.batch_size = batch_size
         self.batch_sampler = BatchSampler(sampler, batch_size, drop_last)
@@ -67,6 +82,27 @@ class BatchLoader:
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch and the batches of it the caller received (and the sampler's state at
+        that point, when it is one of arraystore's)."""
+        resumable = isinstance(self.sampler, ResumableSampler)
+        return {"epoch": self.epoch, "batches": self._received, "seed": self.seed,
+                "sampler": self.sampler.state_dict(position=self._received * self.batch_size)
+                if resumable else None}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Make the next iteration yield the rest of ``state``'s epoch."""
+        if state["seed"] != self.seed:
+            raise OptionError(f"the saved BatchLoader state has seed={state['seed']}, this "
+                              f"loader {self.seed}: resume with the same shuffle and seed= "
+                              f"(a loader given no seed draws one)")
+        self.epoch = int(state["epoch"])
+        if state["sampler"] is not None and isinstance(self.sampler, ResumableSampler):
+            self.sampler.load_state_dict(state["sampler"])
+            self._skip = 0
+        else:
+            self._skip = int(state["batches"])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # 2 * prefetch + 1 buffers: prefetch batches in flight, prefetch + 1 still valid
@@ -81,7 +117,13 @@ class BatchLoader:
                 own.dataset = pickle.loads(blueprint)
             return own.dataset.fill_batch(indices, ring[number % len(ring)])
 
+        if self._generator is not None:
+            self._generator.manual_seed(self.seed + self.epoch)
         batches = iter(self.batch_sampler)
+        skip, self._skip = self._skip or 0, None
+        for _ in range(skip):  # drawn, not read
+            next(batches, None)
+        self._received = skip
         pending: deque[Future] = deque()
         with ThreadPoolExecutor(self.threads, thread_name_prefix="BatchLoader") as pool:
             try:
@@ -97,7 +139,9 @@ class BatchLoader:
                     if indices is not None:
                         pending.append(pool.submit(read, indices, number))
                         number += 1
+                    self._received += 1
                     yield _owned(batch) if self.copy else batch
+                self.epoch, self._received = self.epoch + 1, 0
             finally:
                 for future in pending:
                     future.cancel()

@@ -213,6 +213,27 @@ class Mixture(Dataset):
         source, local = self.locate(int(index))
         return self._mixture_item(source, self.datasets[source][local], int(index))
 
+    def set_epoch(self, epoch: int) -> None:
+        """Pass the epoch on to the sources that draw per epoch (random crops)."""
+        for dataset in self.datasets:
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The states of the sources that have one (torchdata's ``Stateful``), by
+        ``dataset_type``; where the epoch stands is the sampler's state."""
+        return {"sources": {s.dataset_type: d.state_dict()
+                            for s, d in zip(self.sources, self.datasets, strict=True)
+                            if hasattr(d, "state_dict") and hasattr(d, "load_state_dict")}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Give each present source its saved state (sources added since start fresh; those
+        gone are the sampler's to report)."""
+        for source, dataset in zip(self.sources, self.datasets, strict=True):
+            saved = state["sources"].get(source.dataset_type)
+            if saved is not None and hasattr(dataset, "load_state_dict"):
+                dataset.load_state_dict(saved)
+
     def _mixture_item(self, source: int, item: Any, index: int) -> dict[str, Any]:
         """A source's item as the mixture's: with its ``dataset_type`` and
         ``modality_length``."""

@@ -1,70 +1,173 @@
 """Samplers over a :class:`~arraystore.loaders.mixture.Mixture` (or any dataset with ``lengths``),
-for distributed training, seeded, resumable mid-epoch.
+for distributed training, seeded, resumable anywhere.
 
 Both compute an epoch's indices with NumPy from the lengths and source sizes alone (no per-index
 Python object: 10^7 indices are an int32 array), and yield this rank's share from a position.
-``state_dict()`` holds the epoch and that position (a few numbers, whatever the epoch's size);
-``load_state_dict()`` then makes the next ``iter()`` yield exactly the rest of that epoch. With a
-DataLoader that prefetches, save the position of what training consumed:
-``state_dict(position=batches_done * batch_size)``.
+They follow torchdata's ``Stateful`` protocol: ``state_dict()`` holds the epoch, the position and
+a few numbers per source (:mod:`arraystore.loaders.resume`), whatever the epoch's size;
+``load_state_dict()`` makes the next iteration of that epoch yield exactly its rest -- also on
+another world size, and with sources added, removed, reweighted or grown (each change is warned
+about and handled as :func:`arraystore.loaders.resume.changes` says).
+
+What was consumed, not what was prefetched: under torchdata's ``StatefulDataLoader`` the saved
+position is that of the batches the training loop received. Under a plain DataLoader (which
+prefetches), pass it: ``state_dict(position=batches_done * batch_size)``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from torch.utils.data import Sampler
 
 from arraystore.errors import OptionError
+from arraystore.loaders.resume import (
+    STATE_MARK,
+    STATE_VERSION,
+    MixtureChangedWarning,
+    Source,
+    carry_over,
+    changes,
+    check_unchanged,
+    extent,
+    find_state,
+    marks,
+    pad,
+    remainder,
+    sources_of,
+)
 
 SORT_BLOCK = 1 << 20  # megabatches are sorted this many indices at a time (bounded memory)
 
 
-class _ResumableSampler(Sampler[int]):
-    """Epoch, position and the rank's share; subclasses compute an epoch's global indices."""
+class ResumableSampler(Sampler[int]):
+    """Epoch, position, stages and the rank's share; subclasses compute an epoch's global
+    indices from recorded sources (:meth:`_base`)."""
 
     def __init__(self, world_size: int, rank: int, seed: int) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise OptionError(f"rank {rank} is not in [0, world_size={world_size})")
         self.world_size, self.rank, self.seed = world_size, rank, seed
         self.epoch = 0
-        self.position = 0  # indices of this epoch handed out by this rank
-        self._resume_at = 0
+        self.position = 0  # indices of this stage of the epoch handed out by this rank
+        self._stages: list[dict[str, Any]] | None = None  # of the iteration under way
+        self._loaded: tuple[int, list[dict[str, Any]], np.ndarray] | None = None
+        self._marks: list[dict[str, Any]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def _sources(self) -> list[Source]:
+        raise NotImplementedError
+
+    def _recorded(self) -> list[dict[str, Any]]:
+        """The present sources as a state records them (digests computed once)."""
+        if self._marks is None:
+            self._marks = marks(self._sources())
+        return self._marks
+
+    def _base_parameters(self) -> dict[str, Any]:
+        """What besides the sources decides an epoch's order (recorded in the first stage)."""
+        raise NotImplementedError
+
+    def _base(self, stage: Mapping[str, Any] | None, sources: list[Source],
+              epoch: int) -> np.ndarray | None:
+        """Epoch ``epoch``'s global order as ``stage`` (a first stage; ``None``: a fresh one)
+        drew it, from the present ``sources``; ``None`` if that order cannot be rebuilt without
+        a source now gone."""
+        raise NotImplementedError
+
     def epoch_indices(self) -> np.ndarray:
         """All ranks' indices of this epoch, padded to a multiple of ``world_size``."""
-        raise NotImplementedError
+        return pad(self._base(None, self._sources(), self.epoch), self.world_size)
 
     def rank_indices(self) -> np.ndarray:
         """This rank's indices of this epoch: every ``world_size``-th from ``rank``."""
         return self.epoch_indices()[self.rank::self.world_size]
 
+    def _fresh_stage(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "consumed": 0, "sources": self._recorded(),
+                **self._base_parameters()}
+
     def __iter__(self) -> Iterator[int]:
-        indices = self.rank_indices()
-        start, self._resume_at = self._resume_at, 0
-        for self.position, index in enumerate(indices[start:], start + 1):
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None and loaded[0] != self.epoch:
+            warnings.warn(f"{type(self).__name__}: a state of epoch {loaded[0]} was loaded, "
+                          f"then set_epoch({self.epoch}); epoch {self.epoch} starts from its "
+                          f"beginning", stacklevel=2)
+            loaded = None
+        if loaded is None:
+            self._stages = None  # one stage, recorded when a state is asked for
+            stream, start = self.epoch_indices(), 0
+        else:
+            _, self._stages, stream = loaded
+            start = self._stages[-1]["consumed"] // self.world_size
+        self.position = start
+        for index in stream[start * self.world_size + self.rank::self.world_size]:
+            self.position += 1
             yield int(index)
 
-    def state_dict(self, position: int | None = None) -> dict[str, int]:
-        """Where this rank stands: epoch, and how many of its indices were consumed (by
-        default, how many it handed out)."""
-        return {"epoch": self.epoch, "position": self.position if position is None else position,
-                "seed": self.seed, "world_size": self.world_size, "rank": self.rank}
+    def state_dict(self, position: int | None = None) -> dict[str, Any]:
+        """Where the job stands in this epoch. ``position``: this rank's indices consumed in
+        the epoch's current stage (by default, how many this rank handed out: under a
+        plain DataLoader that counts its prefetched batches too, so pass
+        ``batches_done * batch_size``)."""
+        position = self.position if position is None else int(position)
+        stages = [dict(s) for s in (self._stages or [self._fresh_stage()])]
+        stages[-1]["consumed"] = position * self.world_size
+        return {STATE_MARK: STATE_VERSION, "sampler": type(self).__name__, "epoch": self.epoch,
+                "seed": self.seed, "world_size": self.world_size, "rank": self.rank,
+                "position": position, "stages": stages}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume: the next ``iter()`` yields this rank's rest of ``state['epoch']``."""
-        for key in ("seed", "world_size"):
-            if state[key] != getattr(self, key):
-                raise OptionError(f"the saved sampler state has {key}={state[key]}, this "
-                                  f"sampler {getattr(self, key)}: resume with the same settings")
-        self.epoch = int(state["epoch"])
-        self.position = self._resume_at = int(state["position"])
+        """Resume: the next iteration of ``state``'s epoch yields this rank's share of the
+        epoch's rest (``state``: this sampler's, or any state holding one, such as a
+        ``StatefulDataLoader``'s). Another world size or changed sources are fine; a source
+        whose samples changed under the state raises
+        :class:`~arraystore.loaders.resume.StoreChangedError`."""
+        state = find_state(state, type(self).__name__)
+        if state["seed"] != self.seed:
+            raise OptionError(f"the saved sampler state has seed={state['seed']}, this sampler "
+                              f"{self.seed}: resume with the same seed")
+        epoch, stages = int(state["epoch"]), [dict(s) for s in state["stages"]]
+        sources = self._sources()
+        check_unchanged(stages, sources)
+        last = stages[-1]
+        if last["world_size"] == self.world_size and last["sources"] == self._recorded():
+            base = self._base(stages[0], sources, epoch)  # the last stage goes on where it stopped
+            stream = np.empty(0, np.int64) if base is None else pad(
+                remainder(base, [*stages[:-1], {**last, "consumed": 0}]), self.world_size)
+        else:  # a new stage: the rest, carried over to the present sources and world size
+            stream = pad(self._rest(epoch, stages, sources), self.world_size)
+            stages.append({"world_size": self.world_size, "consumed": 0,
+                           "sources": self._recorded()})
+        self._loaded = (epoch, stages, stream)
+        self.epoch, self.position = epoch, stages[-1]["consumed"] // self.world_size
+
+    def _rest(self, epoch: int, stages: list[dict[str, Any]],
+              sources: list[Source]) -> np.ndarray:
+        """The epoch's unconsumed indices in the present sources' numbering, after warning
+        about every change of sources."""
+        base = self._base(stages[0], sources, epoch)
+        if base is None:
+            said = changes(stages[-1]["sources"], self._recorded(), {}, epoch)
+            warnings.warn(MixtureChangedWarning(
+                f"{type(self).__name__}: the order of epoch {epoch} cannot be rebuilt without "
+                f"the sources now gone ({'; '.join(said)}), so epoch {epoch} ends where it was "
+                f"saved; the next epoch draws from the present sources"), stacklevel=3)
+            return np.empty(0, np.int64)
+        rest, dropped = carry_over(remainder(base, stages), stages[-1]["sources"],
+                                   self._recorded())
+        said = changes(stages[-1]["sources"], self._recorded(), dropped, epoch)
+        if said:
+            warnings.warn(MixtureChangedWarning(f"{type(self).__name__}: resuming epoch "
+                                                f"{epoch} with other sources: "
+                                                + "; ".join(said)), stacklevel=3)
+        return rest
 
 
 def _sorted_megabatches(lengths: np.ndarray, members: np.ndarray | None, group: int,
@@ -143,7 +246,7 @@ def dataset_lengths(dataset: Any, length_property: str) -> Any:
                       f"{length_property!r} (pass length_property= or lengths=)")
 
 
-class LengthGroupedSampler(_ResumableSampler):
+class LengthGroupedSampler(ResumableSampler):
     """Batches of similar ``modality_length`` (xtuner's ``LengthGroupedSampler``).
 
     Per epoch: a permutation seeded by ``seed + epoch``; megabatches of ``mega_batch_mult x
@@ -166,6 +269,7 @@ class LengthGroupedSampler(_ResumableSampler):
                  length_property: str = "modality_length") -> None:
         super().__init__(world_size, rank, seed)
         per_device_batch_size = _batch_size(per_device_batch_size, batch_size)
+        self.dataset = dataset
         self.lengths = np.asarray(dataset_lengths(dataset, length_property)
                                   if lengths is None else lengths)
         n = len(self.lengths)
@@ -182,15 +286,36 @@ class LengthGroupedSampler(_ResumableSampler):
     def __len__(self) -> int:
         return self.num_samples
 
-    def epoch_indices(self) -> np.ndarray:
-        rng = np.random.default_rng(self.seed + self.epoch)
-        indices = length_grouped_indices(self.lengths, self.group, rng)
-        if len(indices) == self.total_size:
-            return indices
-        return np.resize(indices, self.total_size)  # pads by repeating from the start
+    def _sources(self) -> list[Source]:
+        return sources_of(self.dataset, self.lengths)
+
+    def _base_parameters(self) -> dict[str, Any]:
+        return {"group": self.group}
+
+    def _base(self, stage: Mapping[str, Any], sources: list[Source],
+              epoch: int) -> np.ndarray | None:
+        lengths = self.lengths if stage is None or stage["sources"] == self._recorded() \
+            else _recorded_lengths(stage["sources"], sources)
+        if lengths is None:
+            return None
+        group = self.group if stage is None else stage["group"]
+        return length_grouped_indices(lengths, group,
+                                      np.random.default_rng(self.seed + epoch))
 
 
-class WeightedSourceSampler(_ResumableSampler):
+def _recorded_lengths(recorded: Sequence[Mapping[str, Any]],
+                      sources: Sequence[Source]) -> np.ndarray | None:
+    """The lengths the recorded sources had, from the present ones (their first ``size``
+    samples, which :func:`~arraystore.loaders.resume.check_unchanged` vouched for); ``None`` if
+    a recorded source is gone."""
+    by_name = {s.name: s for s in sources}
+    if any(m["name"] not in by_name for m in recorded):
+        return None
+    return np.concatenate([np.tile(by_name[m["name"]].lengths[:m["size"]], m["repeats"])
+                           for m in recorded])
+
+
+class WeightedSourceSampler(ResumableSampler):
     """Draws ``num_samples`` indices of a :class:`Mixture` per epoch: a source by weight, then
     a sample of it.
 
@@ -217,8 +342,7 @@ class WeightedSourceSampler(_ResumableSampler):
         self.weights = np.array([float(weights.get(t, 0.0)) for t in types])
         if (self.weights < 0).any() or not self.weights.sum() > 0:
             raise OptionError(f"weights must be >= 0 and not all 0, got {weights}")
-        self.sizes = np.asarray(mixture.sizes, np.int64)
-        self.offsets = np.asarray(mixture.offsets[:-1], np.int64)
+        self.mixture = mixture
         total = int(num_samples if num_samples is not None else len(mixture))
         self.num_samples = math.ceil(total / world_size)
         self.total_size = self.num_samples * world_size
@@ -228,27 +352,56 @@ class WeightedSourceSampler(_ResumableSampler):
 
     def draws_per_source(self) -> np.ndarray:
         """How many of an epoch's draws each source gets (largest-remainder rounding)."""
-        exact = self.total_size * self.weights / self.weights.sum()
-        counts = np.floor(exact).astype(np.int64)
-        short = self.total_size - int(counts.sum())
-        counts[np.argsort(-(exact - counts), kind="stable")[:short]] += 1
-        return counts
+        return _draws_per_source(self.weights, self.total_size)
 
-    def epoch_indices(self) -> np.ndarray:
-        rng = np.random.default_rng((self.seed, self.epoch))
-        counts = self.draws_per_source()
-        which = np.repeat(np.arange(len(counts), dtype=np.min_scalar_type(len(counts))), counts)
-        rng.shuffle(which)
-        wide = int(self.offsets[-1] + self.sizes[-1]) >= 2**31
-        indices = np.empty(self.total_size, np.int64 if wide else np.int32)
-        for source, count in enumerate(int(c) for c in counts):
-            if not count:
-                continue
-            size = int(self.sizes[source])
-            permutation = np.arange(size, dtype=indices.dtype) + self.offsets[source]
-            local = np.empty(count, indices.dtype)
-            for start in range(0, count, size):  # a fresh permutation per pass over it
-                rng.shuffle(permutation)
-                local[start:start + size] = permutation[:count - start]
-            indices[which == source] = local
-        return indices
+    def _sources(self) -> list[Source]:
+        return sources_of(self.mixture, np.asarray(self.mixture.lengths))
+
+    def _recorded(self) -> list[dict[str, Any]]:
+        if self._marks is None:
+            self._marks = marks(self._sources(), self.weights)
+        return self._marks
+
+    def _base_parameters(self) -> dict[str, Any]:
+        return {"draws": self.total_size}
+
+    def _base(self, stage: Mapping[str, Any] | None, sources: list[Source],
+              epoch: int) -> np.ndarray:
+        rng = np.random.default_rng((self.seed, epoch))
+        if stage is None:
+            return weighted_draws([s.size for s in sources], [s.offset for s in sources],
+                                  self.weights, self.total_size, rng)
+        recorded = stage["sources"]
+        return weighted_draws([m["size"] for m in recorded], extent(recorded)[:-1],
+                              np.array([m["weight"] for m in recorded]), stage["draws"], rng)
+
+
+def _draws_per_source(weights: np.ndarray, draws: int) -> np.ndarray:
+    exact = draws * weights / weights.sum()
+    counts = np.floor(exact).astype(np.int64)
+    short = draws - int(counts.sum())
+    counts[np.argsort(-(exact - counts), kind="stable")[:short]] += 1
+    return counts
+
+
+def weighted_draws(sizes: Sequence[int], offsets: Sequence[int], weights: np.ndarray,
+                   draws: int, rng: np.random.Generator) -> np.ndarray:
+    """``draws`` global indices: each source's share by weight (largest remainder), the
+    sources' draws shuffled together, a source's samples without replacement until it is used
+    up (a fresh permutation per pass). int32 unless the indices need more."""
+    counts = _draws_per_source(weights, draws)
+    which = np.repeat(np.arange(len(counts), dtype=np.min_scalar_type(len(counts))), counts)
+    rng.shuffle(which)
+    wide = int(offsets[-1] + sizes[-1]) >= 2**31
+    indices = np.empty(draws, np.int64 if wide else np.int32)
+    for source, count in enumerate(int(c) for c in counts):
+        if not count:
+            continue
+        size = int(sizes[source])
+        permutation = np.arange(size, dtype=indices.dtype) + offsets[source]
+        local = np.empty(count, indices.dtype)
+        for start in range(0, count, size):  # a fresh permutation per pass over it
+            rng.shuffle(permutation)
+            local[start:start + size] = permutation[:count - start]
+        indices[which == source] = local
+    return indices

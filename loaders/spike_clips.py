@@ -185,6 +185,19 @@ class SpikeClipDataset(Dataset):
         """Draw other crops this epoch (the crop seed is ``(seed, epoch, index)``)."""
         self.epoch = int(epoch)
 
+    def state_dict(self) -> dict[str, int]:
+        """What decides this epoch's crops (torchdata's ``Stateful``): epoch and seed."""
+        return {"epoch": self.epoch, "seed": self.seed, "clips": len(self)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Draw the crops of the saved epoch again."""
+        if state["seed"] != self.seed or state["clips"] != len(self):
+            raise OptionError(f"the saved SpikeClipDataset state (seed {state['seed']}, "
+                              f"{state['clips']} clips) is not this dataset's (seed "
+                              f"{self.seed}, {len(self)} clips of {self.reader.path} split "
+                              f"{self.split!r}): resume with the same store and options")
+        self.epoch = int(state["epoch"])
+
     def clip_frames(self, index: int) -> np.ndarray:
         """Reader indices of the frames of clip ``index``."""
         start = self._starts[index]

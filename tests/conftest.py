@@ -225,6 +225,19 @@ def located_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     return f"{layout}@s3", copies[layout]
 
 
+class Lengths(torch.utils.data.Dataset):
+    """A dataset that is only its lengths (items name themselves): for sampler arithmetic."""
+
+    def __init__(self, lengths) -> None:
+        self.modality_lengths = np.asarray(lengths)
+
+    def __len__(self) -> int:
+        return len(self.modality_lengths)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"index": index}
+
+
 def assert_same_values(got, expected, where: str = "") -> None:
     """Equal values in the same structure: dict keys in the same order, tensors and arrays of
     one dtype, lists and tuples of one type, nested in any of them."""

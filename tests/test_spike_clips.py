@@ -18,7 +18,14 @@ from torch.utils.data import DataLoader, default_collate
 from arraystore import ingest
 from arraystore.converters.gopro.source import GoproSpikeSource
 from arraystore.errors import IncompatibleStoreError, OptionError
-from arraystore.loaders import NoValidSamplesError, SpikeClipDataset, dataloader_kwargs, timed
+from arraystore.loaders import (
+    MixSource,
+    Mixture,
+    NoValidSamplesError,
+    SpikeClipDataset,
+    dataloader_kwargs,
+    timed,
+)
 from arraystore.loaders.frame_cache import FrameCache, worker_share
 from arraystore.loaders.spike_clips import crop_windows, unit_floats
 from arraystore.testing.gopro_trees import write_gopro_tree
@@ -281,3 +288,22 @@ def test_other_kinds_are_refused(layout_store) -> None:
     _, path = layout_store
     with pytest.raises(IncompatibleStoreError, match="SpikeClipDataset reads 'gopro_spike'"):
         SpikeClipDataset(path)
+
+
+def test_a_saved_state_draws_the_same_crops_again(store) -> None:
+    """The state (torchdata's Stateful, also through a Mixture) holds what decides an
+    epoch's crops."""
+    ds = make(store, seed=5)
+    ds.set_epoch(3)
+    origins = [ds.crop_origin(i) for i in range(len(ds))]
+    resumed = make(store, seed=5)
+    resumed.load_state_dict(pickle.loads(pickle.dumps(ds.state_dict())))
+    assert [resumed.crop_origin(i) for i in range(len(resumed))] == origins
+    mixture = Mixture([MixSource(make(store, seed=5), dataset_type="spike")])
+    mixture.set_epoch(3)
+    assert mixture.state_dict() == {"sources": {"spike": ds.state_dict()}}
+    fresh = Mixture([MixSource(make(store, seed=5), dataset_type="spike")])
+    fresh.load_state_dict(mixture.state_dict())
+    assert fresh.datasets[0].epoch == 3
+    with pytest.raises(OptionError, match="not this dataset's"):
+        make(store, seed=6).load_state_dict(ds.state_dict())
