@@ -21,6 +21,8 @@ from rich.table import Table
 
 from arraystore.errors import ArrayStoreError, OptionError
 from arraystore.exporters import Exporter
+from arraystore.field_values import values_from
+from arraystore.fields import add_field, drop_field
 from arraystore.fixes import Fix
 from arraystore.info import store_info
 from arraystore.ingest import ON_ERROR_CHOICES, IngestReport, ingest
@@ -364,6 +366,44 @@ def verify_command(store: str, deep: bool, as_json: bool,
                   f"{report.samples}, {report.chunks_checked} chunks checked"
                   + (", every sample decoded" if deep else ""), highlight=False)
     sys.exit(0 if report.ok else 1)
+
+
+@cli.group("fields")
+def fields_group() -> None:
+    """Add or drop per-sample fields of a store in place (nothing else is rewritten)."""
+
+
+@fields_group.command("add")
+@click.argument("store")
+@click.argument("name")
+@click.option("--from", "source", required=True,
+              help="a folder of <sample id>.npz files, or another store holding the field")
+@click.option("--key", default=None,
+              help="the array of each NPZ file [NAME, else the file's only array]")
+@click.option("--field", "source_field", default=None, help="the other store's field [NAME]")
+@click.option("--dims", default=None,
+              help="the field's dimension names, comma-separated [NAME_0,NAME_1,...; a "
+                   "store's: its own]")
+@click.option("--force", is_flag=True, help="also rewrite samples that hold a value")
+@click.option("--progress/--no-progress", default=sys.stderr.isatty(),
+              help="show a progress bar [on a terminal]")
+def fields_add(store: str, name: str, source: str, key: str | None, source_field: str | None,
+               dims: str | None, force: bool, progress: bool) -> None:
+    """Add field NAME to STORE from --from, keyed by sample id; re-run to resume or to fill
+    samples added since (flag has_NAME says which samples hold a value)."""
+    names = [d for d in dims.split(",") if d] if dims else None
+    values = _run(lambda: values_from(source, key=key, field=source_field, dims=names))
+    summary = _run(lambda: add_field(store, name, values, force=force, progress=progress),
+                   writes=True)
+    out.print(summary["message"], highlight=False)
+
+
+@fields_group.command("drop")
+@click.argument("store")
+@click.argument("name")
+def fields_drop(store: str, name: str) -> None:
+    """Remove field NAME (one added with `fields add`) and its flag from STORE."""
+    out.print(_run(lambda: drop_field(store, name))["message"], highlight=False)
 
 
 @cli.group()

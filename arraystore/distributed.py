@@ -182,6 +182,7 @@ class _Region:
         return sample_id in self.held
 
     def append(self, sample_id: str, values: dict[str, Any]) -> None:
+        values = dict(self.store.with_added_defaults(values))
         validate_sample(self.fields, sample_id, values)
         result = self.result
         if self.start + len(result.ids) >= self.stop:

@@ -112,6 +112,10 @@ class WorkerDiedError(ArrayStoreError, RuntimeError):
     """A worker process of an ingest died; committed samples are kept and a re-run resumes."""
 
 
+class UnknownSampleError(ArrayStoreError, ValueError):
+    """Values given for sample ids the store does not hold (nothing was written)."""
+
+
 class SampleNotCommittedError(ArrayStoreError, IndexError):
     """A read asked for a sample whose data is not (yet) complete."""
 

@@ -41,6 +41,7 @@ SAMPLE_ARRAY = "sample"
 COMMITTED_ARRAY = "committed"
 WRITER_KEY = "writer"  # the lock token of the writer that holds the store (its fencing token)
 REVOKED_KEY = "revoked"  # slot ranges no committed mark counts in (a broken lock's leftovers)
+ADDED_KEY = "added_fields"  # fields added in place (`arraystore fields add`), with their flags
 WriteMode = Literal["create", "append", "overwrite"]
 WRITE_MODES: tuple[str, ...] = ("create", "append", "overwrite")
 
@@ -458,6 +459,40 @@ class Store:
 
         self.location.update("zarr.json", rewrite)
 
+    @property
+    def added(self) -> list[str]:
+        """The fields added in place after the store was made (and their ``has_`` flags):
+        sources that append do not produce them."""
+        return [str(n) for n in self.meta.get(ADDED_KEY, [])]
+
+    def source_schema(self) -> Schema:
+        """The schema a source appending to this store produces: the store's, without the
+        fields added in place."""
+        added = set(self.added)
+        return Schema(self.kind, tuple(f for f in self.schema.fields if f.name not in added))
+
+    def with_added_defaults(self, values: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A sample from a source, completed with the fields added in place that it lacks:
+        zeros (an empty string), and so an unset ``has_`` flag."""
+        lacking = [n for n in self.added if n not in values]
+        if not lacking:
+            return values
+        return {**values, **{n: "" if self.schema[n].is_string else
+                             np.zeros(self.schema[n].shape, self.schema[n].dtype)
+                             for n in lacking}}
+
+    def change_fields(self, add: Sequence[Field] = (), drop: Sequence[str] = ()) -> None:
+        """Add fields (their arrays written already) to the schema, or drop fields from it,
+        in one rewrite of the store's metadata (consolidated metadata included): readers
+        see a field whole or not at all."""
+        kept = tuple(f for f in self.schema.fields if f.name not in set(drop))
+        schema = Schema(self.kind, kept + tuple(add))  # checks names and shared dimensions
+        self.meta["schema"] = schema.to_json()
+        self.meta[ADDED_KEY] = [n for n in self.added if n not in set(drop)] + \
+            [f.name for f in add]
+        self.schema = schema
+        self.save_meta()
+
     def check_compatible(self, schema: Schema, layout: Layout | None) -> None:
         """Refuse to append data of another kind, schema or layout; say which option differs."""
         if schema.kind != self.kind:
@@ -465,8 +500,8 @@ class Store:
                 f"{self.path} holds kind {self.kind!r}; cannot append kind {schema.kind!r}. "
                 f"Choose another --out."
             )
-        if schema != self.schema:
-            ours, theirs = self.schema.to_json()["fields"], schema.to_json()["fields"]
+        if schema != self.source_schema():
+            ours, theirs = self.source_schema().to_json()["fields"], schema.to_json()["fields"]
             diffs = sorted(
                 n for n in set(ours) | set(theirs) if ours.get(n) != theirs.get(n)
             )

@@ -17,6 +17,7 @@ import numpy as np
 from arraystore.errors import SampleNotCommittedError, StoreWriteError
 from arraystore.keys import chunk_key, group_by_chunk
 from arraystore.lock import StoreLock
+from arraystore.schema import Field
 from arraystore.store import Store
 
 
@@ -31,6 +32,11 @@ class StoreUpdater:
         self._lock.acquire()
         store.claim(self._lock.token)  # its token in the store: its metadata writes are fenced
         self.committed = store.committed_mask()
+        self.unlisted: dict[str, Field] = {}  # arrays written before they join the schema
+
+    def field(self, name: str) -> Field:
+        """The field of ``name``: the schema's, or one being added (:attr:`unlisted`)."""
+        return self.unlisted.get(name) or self.store.schema[name]
 
     def __enter__(self) -> StoreUpdater:
         return self
@@ -46,12 +52,13 @@ class StoreUpdater:
 
     def file_groups(self, positions: Sequence[int], fields: Sequence[str]) -> list[list[int]]:
         """``positions`` grouped by the file that holds them in ``fields``, in file order."""
-        per_file = max(self.store.layout.samples_per_file(self.store.schema[f]) for f in fields)
+        per_file = max(self.store.layout.samples_per_file(self.field(f)) for f in fields)
         return list(group_by_chunk(sorted(positions), per_file).values())
 
     def write(self, positions: Sequence[int], values: Mapping[str, np.ndarray],
               flags: Mapping[str, Any]) -> None:
-        """Set ``values[field][i]`` at ``positions[i]``, make it durable, then set ``flags``."""
+        """Set ``values[field][i]`` at ``positions[i]``, make it durable, then set ``flags``
+        (a value for every position, or one per position)."""
         positions = [int(p) for p in positions]
         uncommitted = [p for p in positions if not self.committed[p]]
         if uncommitted:
@@ -63,15 +70,15 @@ class StoreUpdater:
                 self._rewrite(name, positions, np.asarray(rows))
             self._lock.ensure_held()
             for name, value in flags.items():
-                self._rewrite(name, positions, np.full(len(positions), value,
-                                                       dtype=self.store.schema[name].numpy_dtype))
+                flag = np.asarray(value, dtype=self.field(name).numpy_dtype)
+                self._rewrite(name, positions, np.broadcast_to(flag, (len(positions),)))
         except OSError as exc:
             raise StoreWriteError(f"{self.store.path}: updating samples {positions[:5]}... "
                                   f"failed: {exc}; their flags are unchanged, re-run to "
                                   f"finish") from exc
 
     def _rewrite(self, name: str, positions: list[int], rows: np.ndarray) -> None:
-        field = self.store.schema[name]
+        field = self.field(name)
         if rows.shape != (len(positions), *field.shape):
             raise ValueError(f"{name}: rows of shape {rows.shape}, expected "
                              f"{(len(positions), *field.shape)}")

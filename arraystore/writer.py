@@ -174,6 +174,7 @@ class StoreWriter:
         """Queue one sample; it is written and committed at the next flush."""
         if sample_id in self:
             raise DuplicateSampleError(f"{self.store.path}: sample {sample_id!r} is already stored")
+        values = self.store.with_added_defaults(values)
         validate_sample(self.fields, sample_id, values)
         self._buffer.append((sample_id, values))
         self._buffered_ids.add(sample_id)
