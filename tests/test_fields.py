@@ -90,6 +90,9 @@ def test_everything_sees_an_added_field_and_appends_leave_it_unset(tmp_path) -> 
     assert "teacher" in open_xarray(store).data_vars
     assert {"teacher", "has_teacher"} <= {a.name for a in store_info(store).arrays}
     assert "teacher" in StoreItems(store)[0]
+    shown = run_cli("show", store, "--fields", "teacher", "-o", tmp_path / "look.png",
+                    check=True)
+    assert "samples drawn" in shown.output and (tmp_path / "look.png").stat().st_size > 0
     more = write_sav_pairs(tmp_path / "more", 2, size=16, seed=4)
     for path in more.iterdir():
         path.rename(path.with_name("z" + path.name))

@@ -101,6 +101,25 @@ def test_stateful_dataloader_resumes_what_training_received(kind) -> None:
     assert [batch_keys(b) for b in resumed] == expected  # the next epoch is whole again
 
 
+def test_another_worker_count_loads_the_sampler_from_the_loader_state() -> None:
+    """StatefulDataLoader refuses another num_workers; the sampler finds its own state in the
+    loader's and resumes under a loader of 1 worker."""
+    mixture = lengths_mixture()
+
+    def loader(workers: int):
+        sampler = make("length", mixture)
+        return StatefulDataLoader(mixture, batch_size=BATCH, sampler=sampler,
+                                  num_workers=workers, collate_fn=mixture.collate)
+
+    expected = [batch_keys(b) for b in loader(2)]
+    interrupted = loader(2)
+    received = [batch_keys(b) for _, b in zip(range(3), interrupted, strict=False)]
+    state = interrupted.state_dict()
+    resumed = loader(1)
+    resumed.sampler.load_state_dict(state)
+    assert received + [batch_keys(b) for b in resumed] == expected
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_plain_dataloader_resumes_from_the_consumed_position(kind) -> None:
     mixture = lengths_mixture()
