@@ -19,6 +19,7 @@ from arraystore.errors import IncompatibleStoreError, SampleNotCommittedError
 from arraystore.location import Location
 from arraystore.per_process import PerProcess
 from arraystore.readers import Backend, FieldReader, backend_chain
+from arraystore.readers.ranged import RangedFieldReader, fetch_samples
 from arraystore.region import normalize_region
 from arraystore.sample_ids import SampleIds
 from arraystore.schema import Field
@@ -38,6 +39,7 @@ class _Opened:
         self.readers: dict[str, tuple[FieldReader, str]] = {}
         self.blocks: dict[str, OrderedDict[int, np.ndarray]] = {}
         self.plans: dict[tuple[str, ...], ReadPlan] = {}
+        self.ahead: dict[tuple[str, int], np.ndarray] = {}  # (field, slot): fetched ahead
 
 
 class SampleReader:
@@ -189,13 +191,40 @@ class SampleReader:
             values.update(zip(group, backend.read_fields(readers, position), strict=True))
         return {name: values[name] for name in names}
 
+    def fetch_ahead(self, indices: Sequence[int], names: Sequence[str]) -> None:
+        """Fetch the per-sample chunks of fields ``names`` of the ``indices``-th committed
+        samples in one concurrent batch of GETs (neighbouring ranges of a shard joined), where
+        they come from an object store by ranged GETs; :meth:`read_into` then takes them
+        (what a batch is about to read: a batch costs about two round trips, not one a
+        field and sample). Holds one batch: a new call drops what the last left. Fields read
+        otherwise (from a disk, through TensorStore) are not touched."""
+        wanted: list[tuple[RangedFieldReader, int]] = []
+        keys: list[tuple[str, int]] = []
+        for name in names:
+            reader = self.field_reader(name)[0] if self.schema[name].chunking == "sample" \
+                else None
+            if isinstance(reader, RangedFieldReader):
+                positions = [self.position(int(i)) for i in indices]
+                wanted += [(reader, p) for p in positions]
+                keys += [(name, p) for p in positions]
+        if wanted:
+            ahead = self._open.get().ahead
+            ahead.clear()
+            ahead.update(zip(keys, fetch_samples(self.location, wanted), strict=True))
+
     def read_into(self, index: int, name: str, out: np.ndarray) -> None:
         """Field ``name`` of the ``index``-th committed sample written into ``out`` (its shape
         and dtype): a slot of a batch buffer, filled without an intermediate array where the
-        backend can (the direct backend ``preadv`` s into it)."""
+        backend can (the direct backend ``preadv`` s into it), or from what
+        :meth:`fetch_ahead` fetched."""
         position = self.position(index)
         if self.schema[name].chunking == "block":
             out[...] = self.read_field(name, position)
+            return
+        ahead = self._open.get().ahead
+        fetched = ahead.pop((name, position), None) if ahead else None
+        if fetched is not None:
+            out[...] = fetched
         else:
             self.field_reader(name)[0].read_into(position, out)
 

@@ -148,7 +148,11 @@ def fill(reader: SampleReader, slots: Sequence[Slot], buffers: Mapping[str, torc
     first ``len(indices)`` rows); returns each slot's batch tensor in the batch's layout.
 
     One thread fills a batch: the parallelism is across batches (DataLoader workers,
-    BatchLoader threads); splitting a batch's fields over threads too was no faster here."""
+    BatchLoader threads); splitting a batch's fields over threads too was no faster here. From
+    an object store the batch's chunks are fetched first, all at once
+    (:meth:`SampleReader.fetch_ahead`)."""
+    reader.fetch_ahead(indices, [slot.field for slot in slots])
+
     def one(slot: Slot) -> torch.Tensor:
         target = buffers[slot.key][: len(indices)]
         field = reader.schema[slot.field]

@@ -73,11 +73,14 @@ class MixSource:
 
 
 class StoreItems(Dataset):
-    """Any store as a map-style Dataset: item ``i`` is :meth:`SampleReader.read` of it."""
+    """Any store as a map-style Dataset: item ``i`` is :meth:`SampleReader.read` of it
+    (``storage_options``: of an object-store URL)."""
 
     def __init__(self, path: str | os.PathLike[str], fields: Sequence[str] | None = None,
-                 backend: str = "auto") -> None:
-        self.reader = SampleReader(path, backend=backend, fields=fields)
+                 backend: str = "auto",
+                 storage_options: Mapping[str, Any] | None = None) -> None:
+        self.reader = SampleReader(path, backend=backend, fields=fields,
+                                   storage_options=storage_options)
         self.slots = [Slot(name, name, torch_dtype(self.reader.schema[name].numpy_dtype))
                       for name in self.reader.fields if not self.reader.schema[name].is_string]
 

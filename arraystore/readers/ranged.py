@@ -31,6 +31,7 @@ from arraystore.readers.base import FieldReader, missing_chunk
 from arraystore.schema import Field
 
 CACHED_INDEXES = 256
+COALESCE_BYTES = 64 << 20  # the largest GET that joined ranges make
 
 Request = tuple[str, int, int]  # key, start, stop (start < 0: the last -start bytes)
 
@@ -168,9 +169,36 @@ def fetch_samples(location: ObjectLocation,
             in zip(wanted, requests, _get(location, requests), strict=True)]
 
 
+def coalesced(requests: Sequence[Request],
+              largest: int = COALESCE_BYTES) -> list[tuple[Request, list[int]]]:
+    """``requests`` as fewer GETs: ranges of one object that touch or overlap (neighbouring
+    inner chunks of a shard) joined up to ``largest`` bytes; each GET with the numbers of the
+    requests it serves. Suffix requests (the last bytes of an object) stay as they are."""
+    order = sorted(range(len(requests)), key=lambda n: (requests[n][0], requests[n][1]))
+    out: list[tuple[Request, list[int]]] = []
+    for number in order:
+        key, start, stop = requests[number]
+        if out and start >= 0:
+            (last_key, last_start, last_stop), served = out[-1]
+            if key == last_key and last_start >= 0 and start <= last_stop \
+                    and max(stop, last_stop) - last_start <= largest:
+                out[-1] = ((key, last_start, max(stop, last_stop)), [*served, number])
+                continue
+        out.append(((key, start, stop), [number]))
+    return out
+
+
 def _get(location: ObjectLocation, requests: Sequence[Request]) -> list[bytes | None]:
+    """The bytes of each request, fetched concurrently as :func:`coalesced` GETs."""
     if not requests:
         return []
-    return location.read_ranges([k for k, _, _ in requests],
-                                [s for _, s, _ in requests],
-                                [e if s >= 0 else None for _, s, e in requests])
+    gets = coalesced(requests)
+    got = location.read_ranges([k for (k, _, _), _ in gets], [s for (_, s, _), _ in gets],
+                               [e if s >= 0 else None for (_, s, e), _ in gets])
+    out: list[bytes | None] = [None] * len(requests)
+    for ((_, start, _), served), data in zip(gets, got, strict=True):
+        for number in served:
+            _, first, last = requests[number]
+            out[number] = data if data is None or len(served) == 1 \
+                else data[first - start:last - start]
+    return out

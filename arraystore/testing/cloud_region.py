@@ -1,0 +1,316 @@
+"""A cloud region on loopback, for tests and benchmarks: an S3-compatible object server that
+serves a folder, behind a shaping proxy that adds a round-trip delay and caps each connection's
+bandwidth.
+
+A simulation of a remote object store, not one: the server answers the requests this project's
+readers make (GET with ``Range``, HEAD, ListObjectsV2; PUT and DELETE for completeness) from
+files, with no authentication, and sends object bodies with ``sendfile`` so that it costs
+little CPU (moto's Python server was the bottleneck of read benchmarks: its own CPU is what
+:meth:`Region.cpu_seconds` lets a benchmark report). The proxy delays every chunk of bytes by
+half the round trip in each direction (so a request's first byte comes one round trip after it
+was sent, however many requests are in flight) and paces each connection's download to the
+bandwidth cap. Each runs in a process of its own, so neither competes with the caller for the
+GIL. Buckets are the folders under ``root``; objects are the files beneath them.
+
+``python -m arraystore.testing.cloud_region serve ROOT`` and ``... proxy HOST:PORT`` run them
+by hand; each prints the port it listens on. ``GET /_region/stats`` on the server counts the
+requests it answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+DEFAULT_RTT_MS = 20.0
+DEFAULT_MB_PER_S = 100.0
+PUMP_BYTES = 256 * 1024
+STATS_PATH = "_region/stats"  # GET: the requests served so far, as JSON
+
+
+def _xml(body: str) -> bytes:
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n' + body).encode()
+
+
+def _error(code: str, status: int, message: str) -> Any:
+    from aiohttp import web
+
+    return web.Response(status=status, content_type="application/xml",
+                        body=_xml(f"<Error><Code>{code}</Code><Message>{escape(message)}"
+                                  f"</Message></Error>"))
+
+
+def _etag(path: Path) -> str:
+    stat = path.stat()
+    return f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'
+
+
+def _listing(bucket: Path, prefix: str, delimiter: str, max_keys: int,
+             after: str) -> bytes:
+    keys = sorted(str(p.relative_to(bucket)) for p in bucket.rglob("*") if p.is_file())
+    contents, prefixes = [], []
+    for key in keys:
+        if not key.startswith(prefix) or key <= after:
+            continue
+        rest = key[len(prefix):]
+        if delimiter and delimiter in rest:
+            common = prefix + rest.split(delimiter, 1)[0] + delimiter
+            if common not in prefixes:
+                prefixes.append(common)
+            continue
+        contents.append(key)
+    listed = (contents + prefixes)[:max_keys]
+    truncated = len(contents) + len(prefixes) > max_keys
+    parts = [f"<ListBucketResult><Name>{escape(bucket.name)}</Name>"
+             f"<Prefix>{escape(prefix)}</Prefix><KeyCount>{len(listed)}</KeyCount>"
+             f"<MaxKeys>{max_keys}</MaxKeys><IsTruncated>{str(truncated).lower()}</IsTruncated>"]
+    if truncated:
+        parts.append(f"<NextContinuationToken>{escape(listed[-1])}</NextContinuationToken>")
+    for key in (k for k in listed if k in contents):
+        path = bucket / key
+        modified = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(path.stat().st_mtime))
+        parts.append(f"<Contents><Key>{escape(key)}</Key><LastModified>{modified}"
+                     f"</LastModified><ETag>{escape(_etag(path))}</ETag>"
+                     f"<Size>{path.stat().st_size}</Size><StorageClass>STANDARD</StorageClass>"
+                     f"</Contents>")
+    parts += [f"<CommonPrefixes><Prefix>{escape(p)}</Prefix></CommonPrefixes>"
+              for p in listed if p in prefixes]
+    return _xml("".join(parts) + "</ListBucketResult>")
+
+
+def object_app(root: Path) -> Any:
+    """The aiohttp application of the object server over ``root``."""
+    from aiohttp import web
+
+    root = root.resolve()
+
+    def located(request: web.Request) -> tuple[Path, str]:
+        bucket, _, key = request.match_info["path"].partition("/")
+        folder = (root / bucket).resolve()
+        if folder.parent != root:
+            raise web.HTTPBadRequest(text="bad bucket name")
+        target = (folder / key).resolve() if key else folder
+        if key and folder not in target.parents:
+            raise web.HTTPBadRequest(text="key out of its bucket")
+        return target, key
+
+    served = {"requests": 0, "gets": 0}
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if request.match_info["path"] == STATS_PATH:
+            return web.json_response(served)
+        served["requests"] += 1
+        served["gets"] += request.method == "GET"
+        target, key = located(request)
+        bucket = target if not key else root / request.match_info["path"].split("/", 1)[0]
+        if not bucket.is_dir() and request.method != "PUT":
+            return _error("NoSuchBucket", 404, f"no bucket {bucket.name}")
+        if request.method in ("GET", "HEAD") and not key:
+            if request.method == "HEAD":
+                return web.Response()
+            query = request.query
+            return web.Response(content_type="application/xml", body=_listing(
+                bucket, query.get("prefix", ""), query.get("delimiter", ""),
+                int(query.get("max-keys", 1000)),
+                query.get("continuation-token", query.get("start-after", ""))))
+        if request.method in ("GET", "HEAD"):
+            if not target.is_file():
+                return _error("NoSuchKey", 404, f"no object {key}")
+            response = web.FileResponse(target, chunk_size=PUMP_BYTES)
+            response.headers["ETag"] = _etag(target)
+            return response
+        if request.method == "PUT":
+            if not key:
+                target.mkdir(exist_ok=True)
+                return web.Response()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+            with partial.open("wb") as out:
+                async for block in request.content.iter_chunked(PUMP_BYTES):
+                    out.write(block)
+            partial.replace(target)
+            return web.Response(headers={"ETag": _etag(target)})
+        if request.method == "DELETE":
+            if key and target.is_file():
+                target.unlink()
+            return web.Response(status=204)
+        return _error("NotImplemented", 501, f"{request.method} is not served here")
+
+    app = web.Application(client_max_size=1 << 34)
+    app.router.add_route("*", "/{path:.*}", handle)
+    return app
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float,
+                bytes_per_second: float | None) -> None:
+    """Copy ``reader`` to ``writer``, each chunk delivered ``delay`` seconds after it arrived,
+    at most ``bytes_per_second`` (paced from the first byte of a burst)."""
+    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+    async def receive() -> None:
+        while block := await reader.read(PUMP_BYTES):
+            queue.put_nowait((time.monotonic() + delay, block))
+        queue.put_nowait((0.0, b""))
+
+    receiving = asyncio.ensure_future(receive())
+    sent, since = 0, 0.0
+    try:
+        while True:
+            due, block = await queue.get()
+            if not block:
+                break
+            now = time.monotonic()
+            if due > now:
+                await asyncio.sleep(due - now)
+            if bytes_per_second:
+                if queue.empty() and sent and time.monotonic() - since > sent / bytes_per_second:
+                    sent, since = 0, time.monotonic()  # idle: a new burst
+                if not sent:
+                    since = time.monotonic()
+                sent += len(block)
+                ahead = since + sent / bytes_per_second - time.monotonic()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            writer.write(block)
+            await writer.drain()
+    except (ConnectionError, asyncio.CancelledError):
+        pass
+    finally:
+        receiving.cancel()
+        writer.close()
+
+
+async def _proxy(listen_port: int, upstream: tuple[str, int], rtt: float,
+                 bytes_per_second: float) -> None:
+    async def connection(client_reader: asyncio.StreamReader,
+                         client_writer: asyncio.StreamWriter) -> None:
+        try:
+            server_reader, server_writer = await asyncio.open_connection(*upstream)
+        except OSError:
+            client_writer.close()
+            return
+        await asyncio.gather(_pump(client_reader, server_writer, rtt / 2, None),
+                             _pump(server_reader, client_writer, rtt / 2, bytes_per_second))
+
+    server = await asyncio.start_server(connection, "127.0.0.1", listen_port)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+async def _serve(root: Path, port: int) -> None:
+    from aiohttp import web
+
+    runner = web.AppRunner(object_app(root), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    print(site._server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.Event().wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` has used (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Region:
+    """A running region: ``endpoint`` is the proxy's (what clients use), ``direct`` the
+    server's own, unshaped."""
+
+    root: Path
+    endpoint: str
+    direct: str
+    server_pid: int
+    proxy_pid: int
+    rtt_ms: float
+    mb_per_s: float
+
+    def storage_options(self, direct: bool = False) -> dict[str, Any]:
+        """s3fs options for a store in this region (``direct``: bypassing the proxy)."""
+        return {"endpoint_url": self.direct if direct else self.endpoint, "key": "region",
+                "secret": "region-secret", "client_kwargs": {"region_name": "us-east-1"}}
+
+    def requests(self) -> dict[str, int]:
+        """Requests the server has answered so far (all, and GETs)."""
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.direct}/{STATS_PATH}") as answer:
+            return json.loads(answer.read())
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU the server and the proxy have used so far."""
+        return {"server": cpu_seconds(self.server_pid), "proxy": cpu_seconds(self.proxy_pid)}
+
+    def describe(self) -> str:
+        return (f"a simulated object store on loopback: an S3-compatible file server "
+                f"(arraystore.testing.cloud_region, sendfile) behind a proxy adding "
+                f"{self.rtt_ms:g} ms of round trip and capping each connection at "
+                f"{self.mb_per_s:g} MB/s")
+
+
+def _started(command: list[str]) -> tuple[subprocess.Popen, int]:
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    if not line.strip().isdigit():
+        process.kill()
+        raise RuntimeError(f"{' '.join(command)} did not start (printed {line!r})")
+    return process, int(line)
+
+
+@contextmanager
+def cloud_region(root: str | os.PathLike[str], rtt_ms: float = DEFAULT_RTT_MS,
+                 mb_per_s: float = DEFAULT_MB_PER_S) -> Iterator[Region]:
+    """Start the server over ``root`` (buckets are its folders) and the proxy in front of it;
+    stop both on exit."""
+    module = [sys.executable, "-m", "arraystore.testing.cloud_region"]
+    server, port = _started([*module, "serve", os.fspath(root)])
+    try:
+        proxy, proxy_port = _started([*module, "proxy", f"127.0.0.1:{port}", "--rtt-ms",
+                                      str(rtt_ms), "--mb-per-s", str(mb_per_s)])
+        try:
+            yield Region(Path(root), f"http://127.0.0.1:{proxy_port}",
+                         f"http://127.0.0.1:{port}", server.pid, proxy.pid, rtt_ms, mb_per_s)
+        finally:
+            proxy.terminate()
+            proxy.wait()
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="the object server over a folder")
+    serve.add_argument("root", type=Path)
+    serve.add_argument("--port", type=int, default=0)
+    proxy = commands.add_parser("proxy", help="the shaping proxy in front of a server")
+    proxy.add_argument("upstream", help="HOST:PORT")
+    proxy.add_argument("--port", type=int, default=0)
+    proxy.add_argument("--rtt-ms", type=float, default=DEFAULT_RTT_MS)
+    proxy.add_argument("--mb-per-s", type=float, default=DEFAULT_MB_PER_S)
+    args = parser.parse_args()
+    if args.command == "serve":
+        asyncio.run(_serve(args.root, args.port))
+    else:
+        host, _, port = args.upstream.rpartition(":")
+        asyncio.run(_proxy(args.port, (host, int(port)), args.rtt_ms / 1000,
+                           args.mb_per_s * 1e6))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Reading from a simulated cloud region (``arraystore.testing.cloud_region``: an S3-compatible
+file server behind a proxy with a round-trip delay and a bandwidth cap): items equal the local
+ones on every uncompressed layout, a batch's chunks come in one concurrent round (neighbouring
+inner chunks of a shard in one GET), and the proxy really delays and paces."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from conftest import LAYOUTS, _layout_store, assert_same_values
+
+from arraystore.loaders import StoreItems, ZarrDistillDataset, collate_distill
+from arraystore.readers.ranged import coalesced
+from arraystore.testing.cloud_region import cloud_region
+
+RTT_MS = 20.0
+UNCOMPRESSED = [name for name, layout in LAYOUTS.items() if layout.compression == "none"]
+
+
+@pytest.fixture(scope="module")
+def region(tmp_path_factory, shard):
+    root = tmp_path_factory.mktemp("region")
+    (root / "stores").mkdir()
+    for layout in UNCOMPRESSED:
+        shutil.copytree(_layout_store(layout, tmp_path_factory, shard),
+                        root / "stores" / f"{layout}.zarr")
+    with cloud_region(root, rtt_ms=RTT_MS, mb_per_s=100) as running:
+        yield running
+
+
+@pytest.mark.parametrize("layout", UNCOMPRESSED)
+def test_batches_from_the_region_equal_local_batches(region, layout, tmp_path_factory,
+                                                      shard) -> None:
+    local = ZarrDistillDataset(_layout_store(layout, tmp_path_factory, shard))
+    remote = ZarrDistillDataset(f"s3://stores/{layout}.zarr",
+                                storage_options=region.storage_options())
+    indices = list(range(len(local)))[::-1]
+    before = region.requests()["gets"]
+    got = collate_distill(remote.__getitems__(indices))
+    gets = region.requests()["gets"] - before
+    assert_same_values(got, collate_distill(local.__getitems__(indices)), layout)
+    fields = len(remote.batch_slots())
+    if layout.startswith("raw"):  # a GET per (field, sample) chunk file, all in one round
+        assert gets <= fields * len(indices) + 2 * fields
+    else:  # a shard's neighbouring inner chunks in one GET, after its index
+        shards = -(-len(indices) // LAYOUTS[layout].shard_size)
+        assert gets <= 2 * fields * shards + 2 * fields
+    items = StoreItems(f"s3://stores/{layout}.zarr", storage_options=region.storage_options())
+    assert_same_values(items[1], StoreItems(_layout_store(layout, tmp_path_factory, shard))[1])
+
+
+def test_the_proxy_delays_and_paces(region) -> None:
+    (region.root / "stores" / "blob").write_bytes(np.random.default_rng(0).bytes(20_000_000))
+    fs = fsspec.filesystem("s3", **region.storage_options(), skip_instance_cache=True)
+    start = time.perf_counter()
+    fs.info("stores/blob")
+    assert time.perf_counter() - start >= RTT_MS / 1000  # one request: at least a round trip
+    start = time.perf_counter()
+    data = fs.cat_file("stores/blob")
+    assert len(data) == 20_000_000
+    assert time.perf_counter() - start >= 20_000_000 / 100e6  # at most 100 MB/s a connection
+    assert fs.cat_file("stores/blob", start=5, end=9) == data[5:9]
+    assert region.cpu_seconds()["server"] > 0
+
+
+def test_coalesced_joins_touching_ranges_of_one_object() -> None:
+    requests = [("s/0", 100, 200), ("s/0", 0, 100), ("s/1", 0, 50), ("s/0", -40, 0),
+                ("s/0", 300, 400), ("s/0", 200, 300)]
+    gets = coalesced(requests)
+    assert [get for get, _ in gets] == [("s/0", -40, 0), ("s/0", 0, 400), ("s/1", 0, 50)]
+    assert gets[1][1] == [1, 0, 5, 4]
+    assert [get for get, _ in coalesced(requests, largest=200)][1:3] == [("s/0", 0, 200),
+                                                                         ("s/0", 200, 400)]
+
+
+def test_a_dataloader_over_the_region(region) -> None:
+    remote = ZarrDistillDataset("s3://stores/sharded+crc32c.zarr",
+                                storage_options=region.storage_options())
+    loader = torch.utils.data.DataLoader(remote, batch_size=3, num_workers=2,
+                                         collate_fn=collate_distill)
+    assert sum(len(batch["image_id"]) for batch in loader) == len(remote)
