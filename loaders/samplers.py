@@ -170,15 +170,48 @@ class ResumableSampler(Sampler[int]):
         return rest
 
 
+Locality = tuple[int, int] | None  # (samples per block, blocks per window), or fully random
+
+
+def shuffle(order: np.ndarray, rng: np.random.Generator, locality: Locality = None) -> None:
+    """Shuffle ``order`` in place: fully (``locality`` None: ``rng.shuffle``), or keeping
+    neighbours near (``(block, window)``: ``order``'s runs of ``block`` entries -- samples
+    that sit in one shard when ``order`` is ascending -- put in random order, then the entries
+    shuffled within each run of ``window`` blocks). ``window`` is the knob: 1 reads a block's
+    samples one after another (shard-sequential, in random order), larger mixes more blocks,
+    and a window as large as the order is a full shuffle."""
+    if locality is None:
+        rng.shuffle(order)
+        return
+    block, window = locality
+    count = len(order)
+    blocks = -(-count // block)
+    starts = rng.permutation(blocks).astype(np.int64) * block
+    sizes = np.minimum(starts + block, count) - starts
+    first = np.repeat(np.cumsum(sizes) - sizes, sizes)  # where each entry's block begins
+    source = np.repeat(starts, sizes) + (np.arange(count) - first)
+    keys = np.repeat(np.arange(blocks) // window, sizes) + rng.random(count)
+    order[:] = order[source[np.argsort(keys, kind="stable")]]
+
+
+def check_locality(locality: Locality) -> Locality:
+    if locality is not None and (len(locality) != 2 or min(locality) < 1):
+        raise OptionError(f"locality={locality!r}: give (samples per block, blocks per window), "
+                          f"both >= 1, or None for a full shuffle")
+    return None if locality is None else (int(locality[0]), int(locality[1]))
+
+
 def _sorted_megabatches(lengths: np.ndarray, members: np.ndarray | None, group: int,
-                        rng: np.random.Generator, absolute: bool = False) -> np.ndarray:
+                        rng: np.random.Generator, absolute: bool = False,
+                        locality: Locality = None) -> np.ndarray:
     """``members`` (int32 indices into ``lengths``; default: all of them) shuffled, cut into
     megabatches of ``group`` and each sorted by length (``absolute``: by its absolute value),
     largest first (stable: ties keep their random order). Works in place on ``members``: the
     shuffle makes the same swaps as ``rng.permutation(len(members))`` would, and sort keys are
-    gathered a block of megabatches at a time, so memory stays one int32 per index."""
+    gathered a block of megabatches at a time, so memory stays one int32 per index.
+    ``locality``: see :func:`shuffle`."""
     order = np.arange(len(lengths), dtype=np.int32) if members is None else members
-    rng.shuffle(order)
+    shuffle(order, rng, locality)
     step = max(group, (SORT_BLOCK // group) * group)
     for start in range(0, len(order), step):  # blocks of whole megabatches
         block = order[start:start + step]
@@ -193,25 +226,28 @@ def _sorted_megabatches(lengths: np.ndarray, members: np.ndarray | None, group: 
     return order
 
 
-def length_grouped_indices(lengths: np.ndarray, group: int,
-                           rng: np.random.Generator) -> np.ndarray:
+def length_grouped_indices(lengths: np.ndarray, group: int, rng: np.random.Generator,
+                           locality: Locality = None) -> np.ndarray:
     """The reference recipe's (xtuner's) order: megabatches of ``group`` random indices, each
     sorted by length descending. When positive (multimodal) and negative (text-only) lengths
     mix, each kind is cut into megabatches on its own (by absolute length); the megabatches of
     both, but for each kind's last, are shuffled together; the two last ones go at the end as
-    one megabatch sorted by absolute length. Returns int32 indices."""
+    one megabatch sorted by absolute length. Returns int32 indices. ``locality``: megabatches
+    of neighbouring samples (:func:`shuffle`) instead of random ones."""
     lengths = np.asarray(lengths)
     positive = lengths > 0
     if not (positive | (lengths < 0)).all():
         raise OptionError("modality lengths must not be 0 (negative: text-only samples)")
     if positive.all() or not positive.any():  # one kind: by the length itself, as the
-        return _sorted_megabatches(lengths, None, group, rng)  # reference does (-1 before -9)
+        return _sorted_megabatches(lengths, None, group, rng,  # reference does (-1 before -9)
+                                   locality=locality)
     everything = np.arange(len(lengths), dtype=np.int32)
     kinds = [everything[positive], everything[~positive]]
     del everything, positive
     pieces, lasts = [], []
     for members in kinds:
-        ordered = _sorted_megabatches(lengths, members, group, rng, absolute=True)
+        ordered = _sorted_megabatches(lengths, members, group, rng, absolute=True,
+                                      locality=locality)
         cut = ((len(ordered) - 1) // group) * group  # the last megabatch, short or whole
         pieces += np.split(ordered[:cut], range(group, cut, group)) if cut else []
         lasts.append(ordered[cut:])
@@ -259,15 +295,19 @@ class LengthGroupedSampler(ResumableSampler):
     :func:`dataset_lengths`). Drop-in for both spellings of the reference code:
     ``LengthGroupedSampler(dataset, per_device_batch_size=8, length_property=
     "modality_length")`` (xtuner) and ``LengthGroupedSampler(dataset, batch_size=8,
-    world_size=W, rank=r, seed=42)`` (the mixing training script).
+    world_size=W, rank=r, seed=42)`` (the mixing training script). ``locality=(block,
+    window)`` draws megabatches of neighbouring samples (blocks of ``block`` consecutive
+    indices -- a shard's samples -- shuffled within windows of ``window`` blocks, see
+    :func:`shuffle`): fewer objects per batch from an object store, less random batches.
     """
 
     def __init__(self, dataset: Any, per_device_batch_size: int | None = None,
                  world_size: int = 1, rank: int = 0, seed: int = 0,
                  mega_batch_mult: int | None = None, lengths: np.ndarray | None = None, *,
                  batch_size: int | None = None,
-                 length_property: str = "modality_length") -> None:
+                 length_property: str = "modality_length", locality: Locality = None) -> None:
         super().__init__(world_size, rank, seed)
+        self.locality = check_locality(locality)
         per_device_batch_size = _batch_size(per_device_batch_size, batch_size)
         self.dataset = dataset
         self.lengths = np.asarray(dataset_lengths(dataset, length_property)
@@ -290,7 +330,7 @@ class LengthGroupedSampler(ResumableSampler):
         return sources_of(self.dataset, self.lengths)
 
     def _base_parameters(self) -> dict[str, Any]:
-        return {"group": self.group}
+        return {"group": self.group, "locality": self.locality}
 
     def _base(self, stage: Mapping[str, Any], sources: list[Source],
               epoch: int) -> np.ndarray | None:
@@ -298,9 +338,10 @@ class LengthGroupedSampler(ResumableSampler):
             else _recorded_lengths(stage["sources"], sources)
         if lengths is None:
             return None
-        group = self.group if stage is None else stage["group"]
-        return length_grouped_indices(lengths, group,
-                                      np.random.default_rng(self.seed + epoch))
+        group, locality = (self.group, self.locality) if stage is None \
+            else (stage["group"], _locality(stage))
+        return length_grouped_indices(lengths, group, np.random.default_rng(self.seed + epoch),
+                                      locality)
 
 
 def _recorded_lengths(recorded: Sequence[Mapping[str, Any]],
@@ -325,13 +366,15 @@ class WeightedSourceSampler(ResumableSampler):
     replacement (a permutation of its samples, another once it is used up). Rank ``r`` takes
     every ``world_size``-th draw from ``r``: the ranks' streams are disjoint. ``weights`` maps
     ``dataset_type`` to weight (default: each source's ``weight``, else 1); a source's repeats
-    are ignored here (weights replace them).
+    are ignored here (weights replace them). ``locality=(block, window)``: each source's
+    samples drawn near their neighbours (:func:`shuffle`).
     """
 
     def __init__(self, mixture: Any, weights: Mapping[str, float] | None = None,
                  num_samples: int | None = None, world_size: int = 1, rank: int = 0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, locality: Locality = None) -> None:
         super().__init__(world_size, rank, seed)
+        self.locality = check_locality(locality)
         types = list(mixture.dataset_types)
         weights = dict(weights) if weights is not None else {
             s.dataset_type: s.weight if s.weight is not None else 1.0 for s in mixture.sources}
@@ -363,17 +406,24 @@ class WeightedSourceSampler(ResumableSampler):
         return self._marks
 
     def _base_parameters(self) -> dict[str, Any]:
-        return {"draws": self.total_size}
+        return {"draws": self.total_size, "locality": self.locality}
 
     def _base(self, stage: Mapping[str, Any] | None, sources: list[Source],
               epoch: int) -> np.ndarray:
         rng = np.random.default_rng((self.seed, epoch))
         if stage is None:
             return weighted_draws([s.size for s in sources], [s.offset for s in sources],
-                                  self.weights, self.total_size, rng)
+                                  self.weights, self.total_size, rng, self.locality)
         recorded = stage["sources"]
         return weighted_draws([m["size"] for m in recorded], extent(recorded)[:-1],
-                              np.array([m["weight"] for m in recorded]), stage["draws"], rng)
+                              np.array([m["weight"] for m in recorded]), stage["draws"], rng,
+                              _locality(stage))
+
+
+def _locality(stage: Mapping[str, Any]) -> Locality:
+    """A recorded stage's locality (a list once the state went through JSON)."""
+    recorded = stage["locality"]
+    return None if recorded is None else (int(recorded[0]), int(recorded[1]))
 
 
 def _draws_per_source(weights: np.ndarray, draws: int) -> np.ndarray:
@@ -385,10 +435,12 @@ def _draws_per_source(weights: np.ndarray, draws: int) -> np.ndarray:
 
 
 def weighted_draws(sizes: Sequence[int], offsets: Sequence[int], weights: np.ndarray,
-                   draws: int, rng: np.random.Generator) -> np.ndarray:
+                   draws: int, rng: np.random.Generator,
+                   locality: Locality = None) -> np.ndarray:
     """``draws`` global indices: each source's share by weight (largest remainder), the
     sources' draws shuffled together, a source's samples without replacement until it is used
-    up (a fresh permutation per pass). int32 unless the indices need more."""
+    up (a fresh permutation per pass, :func:`shuffle` with ``locality``). int32 unless the
+    indices need more."""
     counts = _draws_per_source(weights, draws)
     which = np.repeat(np.arange(len(counts), dtype=np.min_scalar_type(len(counts))), counts)
     rng.shuffle(which)
@@ -401,7 +453,9 @@ def weighted_draws(sizes: Sequence[int], offsets: Sequence[int], weights: np.nda
         permutation = np.arange(size, dtype=indices.dtype) + offsets[source]
         local = np.empty(count, indices.dtype)
         for start in range(0, count, size):  # a fresh permutation per pass over it
-            rng.shuffle(permutation)
+            if locality is not None:
+                permutation.sort()  # neighbours are neighbouring samples again
+            shuffle(permutation, rng, locality)
             local[start:start + size] = permutation[:count - start]
         indices[which == source] = local
     return indices

@@ -28,6 +28,7 @@ from arraystore.loaders import (
     WeightedSourceSampler,
 )
 from arraystore.loaders.resume import MixtureChangedWarning, StoreChangedError
+from arraystore.loaders.samplers import shuffle
 from arraystore.testing.npz_examples import write_referring, write_sav_pairs
 
 BATCH = 4
@@ -50,14 +51,17 @@ def lengths_mixture(sizes=(300, 200), repeats=(1, 2), names=("a", "b"),
 
 
 def make(kind: str, mixture: Mixture, world_size: int = 1, rank: int = 0, **options):
-    if kind == "length":
-        return LengthGroupedSampler(mixture, BATCH, world_size=world_size, rank=rank, seed=3)
+    """A sampler of ``kind`` (``+local``: drawing neighbours near each other)."""
+    locality = (16, 2) if kind.endswith("+local") else None
+    if kind.startswith("length"):
+        return LengthGroupedSampler(mixture, BATCH, world_size=world_size, rank=rank, seed=3,
+                                    locality=locality)
     weights = options.get("weights", {t: 1 + n for n, t in enumerate(mixture.dataset_types)})
     return WeightedSourceSampler(mixture, weights, num_samples=450, world_size=world_size,
-                                 rank=rank, seed=3)
+                                 rank=rank, seed=3, locality=locality)
 
 
-KINDS = ["length", "weighted"]
+KINDS = ["length", "weighted", "length+local", "weighted+local"]
 
 
 def named(mixture: Mixture, indices) -> list[tuple[str, int]]:
@@ -161,7 +165,30 @@ def test_a_loaded_state_waits_for_the_iteration_that_draws(kind) -> None:
     with pytest.raises(OptionError, match="seed"):
         resumed.load_state_dict({**state, "seed": 99})
     with pytest.raises(ValueError, match="not a"):
-        make("length" if kind == "weighted" else "weighted", mixture).load_state_dict(state)
+        make("weighted" if kind.startswith("length") else "length",
+             mixture).load_state_dict(state)
+
+
+def test_locality_keeps_neighbours_together() -> None:
+    """Blocks of 16 neighbours, windows of 1 block: each block's samples come one after
+    another; a batch of 4 touches one block where a full shuffle touches ~4."""
+    order = np.arange(1000, dtype=np.int64)
+    shuffle(order, np.random.default_rng(0), (16, 1))
+    assert sorted(order.tolist()) == list(range(1000))
+    blocks = order // 16
+    assert (np.diff(blocks) != 0).sum() == 1000 // 16  # 63 blocks (the last of 8): 62 changes
+    assert not np.array_equal(order, np.sort(order))  # shuffled within each block
+    mixture = lengths_mixture(sizes=(3000, 2000), repeats=(1, 1))
+    local = WeightedSourceSampler(mixture, num_samples=4000, seed=1, locality=(16, 1))
+    anywhere = WeightedSourceSampler(mixture, num_samples=4000, seed=1)
+
+    def blocks_per_batch(sampler) -> float:
+        batches = np.asarray(list(sampler))[:4000].reshape(-1, BATCH)
+        return float(np.mean([len(set((b // 16).tolist())) for b in batches]))
+
+    assert blocks_per_batch(local) < 2.5 < 3.5 < blocks_per_batch(anywhere)
+    with pytest.raises(OptionError, match="locality"):
+        LengthGroupedSampler(mixture, BATCH, locality=(0, 4))
 
 
 def test_the_state_is_a_few_numbers_whatever_the_epoch() -> None:
@@ -277,8 +304,8 @@ def test_a_source_added_joins_at_the_next_epoch(kind) -> None:
     assert rest == saved_rest
     assert len(said) == 1 and "'c' is new: it joins at epoch 2" in said[0]
     resumed.set_epoch(2)
-    assert any(mixture_type == "c" for mixture_type, _ in named(resumed.dataset if kind ==
-               "length" else resumed.mixture, list(resumed)))
+    mixture = resumed.dataset if kind.startswith("length") else resumed.mixture
+    assert any(mixture_type == "c" for mixture_type, _ in named(mixture, list(resumed)))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -289,7 +316,7 @@ def test_a_source_removed(kind) -> None:
     saved_rest, resumed, rest, said = _resume_with(
         kind, lengths_mixture(), lengths_mixture(sizes=(300,), repeats=(1,), names=("a",)))
     assert len(said) == 1 and "'b' is gone" in said[0]
-    if kind == "weighted":
+    if kind.startswith("weighted"):
         assert rest == [s for s in saved_rest if s[0] == "a"]
         gone = sum(1 for s in saved_rest if s[0] == "b")
         assert f"its {gone} remaining indices of epoch 1 are skipped" in said[0]
@@ -298,8 +325,9 @@ def test_a_source_removed(kind) -> None:
     assert len(list(resumed)) == len(resumed)  # then whole epochs of the present sources
 
 
-def test_reweighted_sources_keep_the_saved_draws_for_the_rest() -> None:
-    saved_rest, _, rest, said = _resume_with("weighted", lengths_mixture(), lengths_mixture(),
+@pytest.mark.parametrize("kind", ["weighted", "weighted+local"])
+def test_reweighted_sources_keep_the_saved_draws_for_the_rest(kind) -> None:
+    saved_rest, _, rest, said = _resume_with(kind, lengths_mixture(), lengths_mixture(),
                                              weights={"a": 5, "b": 1})
     assert rest == saved_rest
     assert len(said) == 1 and said[0].count("keeps the saved draws") == 2
