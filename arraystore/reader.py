@@ -180,14 +180,19 @@ class SampleReader:
     def read(self, index: int, fields: Sequence[str] | None = None) -> dict[str, Any]:
         """The ``index``-th committed sample: field name -> array (or str). Per-sample fields
         served by one backend are read together (in an object store, concurrently; from a
-        disk in two halves at once: :mod:`arraystore.readers.halves`)."""
+        disk in two halves at once: :mod:`arraystore.readers.halves`), or taken from what
+        :meth:`fetch_ahead` fetched."""
         position = self.position(index)
         names = tuple(fields or self.fields)
         plan = self._open.get().plans.get(names)
         if plan is None:
             plan = self._plan(names)
         values = {field.name: self._block_value(field, position) for field in plan[0]}
+        ahead = self._open.get().ahead
         for backend, group, readers in plan[1]:
+            if ahead and all((name, position) in ahead for name in group):
+                values.update({name: ahead.pop((name, position)) for name in group})
+                continue
             values.update(zip(group, backend.read_fields(readers, position), strict=True))
         return {name: values[name] for name in names}
 
@@ -196,21 +201,25 @@ class SampleReader:
         samples in one concurrent batch of GETs (neighbouring ranges of a shard joined), where
         they come from an object store by ranged GETs; :meth:`read_into` then takes them
         (what a batch is about to read: a batch costs about two round trips, not one a
-        field and sample). Holds one batch: a new call drops what the last left. Fields read
-        otherwise (from a disk, through TensorStore) are not touched."""
-        wanted: list[tuple[RangedFieldReader, int]] = []
-        keys: list[tuple[str, int]] = []
+        field and sample). Holds one batch: what an earlier call fetched for other samples is
+        dropped, what it fetched for these is kept. Fields read otherwise (from a disk,
+        through TensorStore) are not touched."""
+        wanted: dict[tuple[str, int], tuple[RangedFieldReader, int]] = {}
         for name in names:
             reader = self.field_reader(name)[0] if self.schema[name].chunking == "sample" \
                 else None
             if isinstance(reader, RangedFieldReader):
-                positions = [self.position(int(i)) for i in indices]
-                wanted += [(reader, p) for p in positions]
-                keys += [(name, p) for p in positions]
-        if wanted:
-            ahead = self._open.get().ahead
-            ahead.clear()
-            ahead.update(zip(keys, fetch_samples(self.location, wanted), strict=True))
+                for index in indices:
+                    position = self.position(int(index))
+                    wanted[(name, position)] = (reader, position)
+        ahead = self._open.get().ahead
+        positions = {position for _, position in wanted}
+        for key in [k for k in ahead if k[1] not in positions]:
+            del ahead[key]
+        missing = [key for key in wanted if key not in ahead]
+        if missing:
+            fetched = fetch_samples(self.location, [wanted[key] for key in missing])
+            ahead.update(zip(missing, fetched, strict=True))
 
     def read_into(self, index: int, name: str, out: np.ndarray) -> None:
         """Field ``name`` of the ``index``-th committed sample written into ``out`` (its shape

@@ -1,0 +1,137 @@
+"""Remote benchmark: a DataLoader (2 workers) over one SA-1B store on the local disk and in a
+simulated cloud region (``arraystore.testing.cloud_region``: an S3-compatible file server on
+loopback behind a proxy adding a round trip and capping each connection's bandwidth), fully
+random and with locality-aware shuffling, idle and busy, interleaved round by round.
+
+There is no node-local cache yet: every remote pass reads through (cold). Reported per setting:
+items/s, × the local disk in the same order and condition, the server's and the proxy's CPU
+share of the remote rounds (so a slow server would show), requests and bytes per item, and the
+shuffle's quality: distinct shards per batch against a full shuffle's.
+
+Usage: python -m benchmarks.remote [--samples 64] [--rtt-ms 20] [--mb-per-s 100] [-h]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from arraystore import Layout, ingest
+from arraystore.converters.sa1b.source import Sa1bTarSource
+from arraystore.loaders import ZarrDistillDataset
+from arraystore.loaders.samplers import shuffle
+from arraystore.testing.cloud_region import Region, cloud_region
+from benchmarks.busy import CONDITIONS, STEP_SECONDS, condition
+from benchmarks.data import write_sa1b_shard
+from benchmarks.report import header, plot_bars, save_report
+from benchmarks.run import batches_of, interleaved, loader_run
+
+BATCH = 8
+SHARD = 16
+RESULTS = Path(__file__).parent / "results" / "remote"
+
+
+def orders(count: int, seed: int) -> dict[str, np.ndarray]:
+    """The index orders compared: a full shuffle, and locality windows of 1 and 2 shards."""
+    found = {}
+    for name, locality in (("fully random", None), ("locality (16, 2)", (SHARD, 2)),
+                           ("locality (16, 1)", (SHARD, 1))):
+        order = np.arange(count)
+        shuffle(order, np.random.default_rng(seed), locality)
+        found[name] = order
+    return found
+
+
+def shards_per_batch(order: np.ndarray) -> float:
+    return float(np.mean([len(set((np.asarray(b) // SHARD).tolist()))
+                          for b in batches_of(order, BATCH)]))
+
+
+def _measure(runs: dict[str, Any], region: Region, rounds: int) -> tuple[dict, dict, dict]:
+    rates, cpu, requests = {}, {}, {}
+    for name in CONDITIONS:
+        print(f"{name} ...", flush=True)
+        runs["step"][0] = STEP_SECONDS if name == "busy" else 0.0
+        with condition(name):
+            used, asked, start = region.cpu_seconds(), region.requests(), time.perf_counter()
+            rates[name] = interleaved(runs["loaders"], rounds, seed=3)
+            wall = time.perf_counter() - start
+            now, answered = region.cpu_seconds(), region.requests()
+        cpu[name] = {k: (now[k] - used[k]) / wall for k in now}
+        requests[name] = answered["requests"] - asked["requests"]
+    return rates, cpu, requests
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--rtt-ms", type=float, default=20.0)
+    parser.add_argument("--mb-per-s", type=float, default=100.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workdir", default=None, help="where the data goes (temporary)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="arraystore-remote-", dir=args.workdir) as tmp:
+        root = Path(tmp)
+        print("generating and ingesting ...", flush=True)
+        store = root / "sa1b.zarr"
+        ingest(Sa1bTarSource(), [write_sa1b_shard(root / "shard.tar", args.samples)], store,
+               layout=Layout("sharded", shard_size=SHARD), workers=2)
+        (root / "region" / "bucket").mkdir(parents=True)
+        shutil.copytree(store, root / "region" / "bucket" / "sa1b.zarr")
+        item_bytes = sum(p.stat().st_size for p in store.rglob("*") if p.is_file()) \
+            / args.samples
+        with cloud_region(root / "region", args.rtt_ms, args.mb_per_s) as region:
+            local = ZarrDistillDataset(store)
+            remote = ZarrDistillDataset("s3://bucket/sa1b.zarr",
+                                        storage_options=region.storage_options())
+            step = [0.0]
+            order_of = orders(args.samples, seed=0)
+            runs = {"step": step, "loaders": {
+                f"{where}, {name}": loader_run(dataset, batches_of(order, BATCH), step=step)
+                for name, order in order_of.items()
+                for where, dataset in (("local", local), ("remote", remote))}}
+            rates, cpu, requests = _measure(runs, region, args.rounds)
+            description = region.describe()
+    items = args.samples * args.rounds * len(order_of)  # remote items per condition
+    lines = [*header("Remote benchmark: a DataLoader over an object store, cold", "remote",
+                     vars(args)), "",
+             f"Simulation: {description}. No node-local cache: every remote pass reads "
+             f"through. A DataLoader of 2 workers, batches of {BATCH}, {args.samples} SA-1B "
+             f"samples ({item_bytes / 2**20:.1f} MiB each on disk) in a sharded store "
+             f"({SHARD} samples a shard); busy: a core spinning and a {STEP_SECONDS * 1000:.0f} ms "
+             f"training step per batch.", "",
+             "| order | shards per batch (full shuffle: the first) | idle items/s local / remote "
+             "| idle × local | busy items/s local / remote | busy × local |",
+             "|---|---:|---:|---:|---:|---:|"]
+    ratios = {}
+    for name, order in order_of.items():
+        cells = []
+        for when in CONDITIONS:
+            here, there = rates[when][f"local, {name}"][0], rates[when][f"remote, {name}"][0]
+            ratios[f"{name}, {when}"] = there / here
+            cells += [f"{here:.1f} / {there:.1f}", f"{there / here:.2f}"]
+        lines.append(f"| {name} | {shards_per_batch(order):.2f} | " + " | ".join(cells) + " |")
+    lines += ["", "| condition | server CPU | proxy CPU | requests per remote item |",
+              "|---|---:|---:|---:|"]
+    lines += [f"| {when} | {cpu[when]['server']:.0%} | {cpu[when]['proxy']:.0%} | "
+              f"{requests[when] / items:.1f} |" for when in CONDITIONS]
+    target = ratios["fully random, idle"], ratios["fully random, busy"]
+    lines += ["", "Targets of the object-storage issue (ratios within one run):",
+              f"- remote, cold, fully random ≥ 0.5× local: {target[0]:.2f}× idle, "
+              f"{target[1]:.2f}× busy — {'met' if min(target) >= 0.5 else 'missed'}",
+              "- warm cache ≥ 0.9× local, and ahead of MDS and LitData cold: not measured "
+              "(no node-local cache; the peers are not run here)", ""]
+    print(save_report(lines, RESULTS))
+    plot_bars([(f"remote × local, {when}", {name: ratios[f"{name}, {when}"]
+                                             for name in order_of}) for when in CONDITIONS],
+              RESULTS.with_suffix(".png"), "× local disk")
+
+
+if __name__ == "__main__":
+    main()
