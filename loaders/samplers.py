@@ -146,6 +146,7 @@ class ResumableSampler(Sampler[int]):
             stages.append({"world_size": self.world_size, "consumed": 0,
                            "sources": self._recorded()})
         self._loaded = (epoch, stages, stream)
+        self._stages = stages  # a state asked for before the next iteration is this one
         self.epoch, self.position = epoch, stages[-1]["consumed"] // self.world_size
 
     def _rest(self, epoch: int, stages: list[dict[str, Any]],

@@ -255,7 +255,11 @@ def test_resumes_chain_across_world_sizes(kind) -> None:
     third = [make(kind, mixture, 3, r) for r in range(3)]
     for sampler in third:
         sampler.load_state_dict(pickle.loads(pickle.dumps(second[1].state_dict())))
+    again = make(kind, mixture, 3, 0)
+    again.load_state_dict(third[0].state_dict())  # saved again before drawing: the same rest
+    assert len(third[0].state_dict()["stages"]) == 3
     streams = [t for t in taken] + [list(s) for s in third]
+    assert list(again) == streams[2]
     seen = Counter(np.concatenate(streams).tolist())
     assert not Counter(rest.tolist()) - seen
     assert sum((seen - Counter(rest.tolist())).values()) < 2 + 3  # the padding of two stages
