@@ -307,3 +307,23 @@ def test_a_saved_state_draws_the_same_crops_again(store) -> None:
     assert fresh.datasets[0].epoch == 3
     with pytest.raises(OptionError, match="not this dataset's"):
         make(store, seed=6).load_state_dict(ds.state_dict())
+
+
+def test_a_stateful_dataloader_resumes_the_clips_and_their_crops(store) -> None:
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def loader(ds):
+        ds.set_epoch(2)
+        return StatefulDataLoader(ds, batch_size=2, shuffle=True, num_workers=2,
+                                  generator=torch.Generator().manual_seed(4))
+
+    expected = [(b["crop_yx"], b["blur"]) for b in loader(make(store, seed=5))]
+    interrupted = loader(make(store, seed=5))
+    received = [(b["crop_yx"], b["blur"]) for _, b in zip(range(2), interrupted, strict=False)]
+    state = interrupted.state_dict()
+    resumed = loader(make(store, seed=5))
+    resumed.load_state_dict(state)
+    got = received + [(b["crop_yx"], b["blur"]) for b in resumed]
+    assert len(got) == len(expected)
+    for (crops, blur), (want_crops, want_blur) in zip(got, expected, strict=True):
+        assert torch.equal(crops, want_crops) and torch.equal(blur, want_blur)
