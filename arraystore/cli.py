@@ -377,22 +377,29 @@ def fields_group() -> None:
 @click.argument("store")
 @click.argument("name")
 @click.option("--from", "source", required=True,
-              help="a folder of <sample id>.npz files, or another store holding the field")
+              help="a folder of <sample id>.npz files, another store holding the field, or "
+                   "model:FILE.py:FACTORY (FACTORY() returns a model run on --input)")
 @click.option("--key", default=None,
               help="the array of each NPZ file [NAME, else the file's only array]")
 @click.option("--field", "source_field", default=None, help="the other store's field [NAME]")
 @click.option("--dims", default=None,
               help="the field's dimension names, comma-separated [NAME_0,NAME_1,...; a "
                    "store's: its own]")
+@click.option("--input", "input_field", default=None,
+              help="the stored field a model source reads (with --from model:...)")
+@click.option("--output", type=click.IntRange(0), default=0,
+              help="which of the model's outputs, if it returns several [0]")
 @click.option("--force", is_flag=True, help="also rewrite samples that hold a value")
 @click.option("--progress/--no-progress", default=sys.stderr.isatty(),
               help="show a progress bar [on a terminal]")
 def fields_add(store: str, name: str, source: str, key: str | None, source_field: str | None,
-               dims: str | None, force: bool, progress: bool) -> None:
+               dims: str | None, input_field: str | None, output: int, force: bool,
+               progress: bool) -> None:
     """Add field NAME to STORE from --from, keyed by sample id; re-run to resume or to fill
     samples added since (flag has_NAME says which samples hold a value)."""
     names = [d for d in dims.split(",") if d] if dims else None
-    values = _run(lambda: values_from(source, key=key, field=source_field, dims=names))
+    values = _run(lambda: values_from(source, key=key, field=source_field, dims=names,
+                                      input_field=input_field, output=output))
     summary = _run(lambda: add_field(store, name, values, force=force, progress=progress),
                    writes=True)
     out.print(summary["message"], highlight=False)

@@ -173,11 +173,50 @@ class ModelValues(FieldValues):
         return {"from": "model", "input": self.input_field, **self.model.describe()}
 
 
+MODEL_PREFIX = "model:"
+
+
+def load_model(spec: str) -> Model:
+    """The model ``model:FILE.py:FACTORY`` names: ``FACTORY()`` of the user's own Python file
+    (it builds the model from local weights), called once."""
+    import importlib.util
+
+    file, _, factory = spec[len(MODEL_PREFIX):].rpartition(":")
+    if not file or not factory:
+        raise OptionError(f"--from {spec}: write model:FILE.py:FACTORY (a function of that "
+                          f"file that returns the model)")
+    if not Path(file).is_file():
+        raise SourceError(file, "no such Python file (--from model:FILE.py:FACTORY)")
+    loaded = importlib.util.spec_from_file_location(Path(file).stem, file)
+    module = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(module)
+    if not callable(getattr(module, factory, None)):
+        raise OptionError(f"{file} has no function {factory!r} (--from model:FILE.py:FACTORY)")
+    model = getattr(module, factory)()
+    missing = [a for a in ("batch_size", "describe") if not hasattr(model, a)] + \
+        ([] if callable(model) else ["__call__"])
+    if missing:
+        raise OptionError(f"{file}:{factory}() returned a {type(model).__name__} without "
+                          f"{missing}: a model takes a batch of inputs (B, ...) and returns "
+                          f"(B, ...), and has batch_size and describe()")
+    return model
+
+
 def values_from(path: str | os.PathLike[str], *, key: str | None = None,
-                field: str | None = None, dims: Sequence[str] | None = None) -> FieldValues:
-    """The source ``--from path`` names: another store, or a folder of NPZ files."""
+                field: str | None = None, dims: Sequence[str] | None = None,
+                input_field: str | None = None, output: int = 0) -> FieldValues:
+    """The source ``--from path`` names: another store, a folder of NPZ files, or
+    ``model:FILE.py:FACTORY`` run on the store's ``input_field``."""
     from arraystore.store import is_store
 
+    if str(path).startswith(MODEL_PREFIX):
+        if input_field is None:
+            raise OptionError("--from model:... needs --input FIELD (the stored field the model "
+                              "reads)")
+        return ModelValues(load_model(str(path)), input_field, output, dims)
+    if input_field is not None:
+        raise OptionError("--input names the field a model reads: give --from model:FILE.py:"
+                          "FACTORY")
     if is_store(path):
         if key is not None:
             raise OptionError("--key picks an array of NPZ files; a store's field is --field")

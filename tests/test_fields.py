@@ -216,6 +216,45 @@ def test_from_a_model_on_a_stored_field(tmp_path) -> None:
     assert provenance["from"] == "model" and provenance["model"] == "tiny-conv"
 
 
+TEACHER_FILE = """
+import numpy as np
+
+
+class Halves:
+    batch_size = 2
+
+    def __call__(self, images):
+        return images.astype(np.float32)[:, ::2, ::2, 0] / 2
+
+    def describe(self):
+        return {"model": "halves"}
+
+
+def make():
+    return Halves()
+"""
+
+
+def test_from_a_model_file_on_the_command_line(tmp_path) -> None:
+    store = make_store(tmp_path)
+    (tmp_path / "teacher.py").write_text(TEACHER_FILE)
+    run_cli("fields", "add", store, "halves", "--from", f"model:{tmp_path}/teacher.py:make",
+            "--input", "image1", check=True)
+    reader = SampleReader(store)
+    image = reader.read(3)["image1"]
+    np.testing.assert_array_equal(reader.read(3)["halves"],
+                                  image.astype(np.float32)[::2, ::2, 0] / 2)
+    for args, message in (
+            (["--from", f"model:{tmp_path}/teacher.py:make"], "needs --input"),
+            (["--from", f"model:{tmp_path}/teacher.py:nothing", "--input", "image1"],
+             "has no function 'nothing'"),
+            (["--from", f"model:{tmp_path}/absent.py:make", "--input", "image1"],
+             "no such Python file"),
+            (["--from", str(tmp_path), "--input", "image1"], "--input names the field")):
+        result = run_cli("fields", "add", store, "other", *args)
+        assert result.exit_code == 1 and message in result.output, result.output
+
+
 def test_drop_only_added_fields(tmp_path) -> None:
     store = make_store(tmp_path)
     write_values(tmp_path / "teacher", list(SampleReader(store).sample_ids))
