@@ -314,9 +314,8 @@ def test_a_stateful_dataloader_resumes_the_clips_and_their_crops(store) -> None:
 
     def loader(ds):
         ds.set_epoch(2)
-        return StatefulDataLoader(ds, batch_size=2, shuffle=True, num_workers=2,
-                                  generator=torch.Generator().manual_seed(4),
-                                  multiprocessing_context="forkserver")  # TensorStore: no fork
+        return StatefulDataLoader(ds, batch_size=2, shuffle=True,  # workers: test_resume.py
+                                  generator=torch.Generator().manual_seed(4))
 
     expected = [(b["crop_yx"], b["blur"]) for b in loader(make(store, seed=5))]
     interrupted = loader(make(store, seed=5))
