@@ -74,6 +74,9 @@ class BatchLoader:
         self.epoch = 0  # completed iterations
         self._received = 0  # batches of this iteration handed to the caller
         self._skip: int | None = None  # set by load_state_dict for the next iteration
+        # where arraystore's sampler stood in the epoch when this iteration began (a resumed
+        # sampler counts its stage from there), and where a loaded state puts it
+        self._from = self._loaded_from = 0
         self.dataset = dataset
         self.batch_size = batch_size
         self.batch_sampler = BatchSampler(sampler, batch_size, drop_last)
@@ -88,7 +91,8 @@ class BatchLoader:
         that point, when it is one of arraystore's)."""
         resumable = isinstance(self.sampler, ResumableSampler)
         return {"epoch": self.epoch, "batches": self._received, "seed": self.seed,
-                "sampler": self.sampler.state_dict(position=self._received * self.batch_size)
+                "sampler": self.sampler.state_dict(
+                    position=self._from + self._received * self.batch_size)
                 if resumable else None}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -100,7 +104,7 @@ class BatchLoader:
         self.epoch = int(state["epoch"])
         if state["sampler"] is not None and isinstance(self.sampler, ResumableSampler):
             self.sampler.load_state_dict(state["sampler"])
-            self._skip = 0
+            self._skip, self._loaded_from = 0, self.sampler.position
         else:
             self._skip = int(state["batches"])
 
@@ -121,6 +125,7 @@ class BatchLoader:
             self._generator.manual_seed(self.seed + self.epoch)
         batches = iter(self.batch_sampler)
         skip, self._skip = self._skip or 0, None
+        self._from, self._loaded_from = self._loaded_from, 0
         for _ in range(skip):  # drawn, not read
             next(batches, None)
         self._received = skip
