@@ -94,7 +94,7 @@ class NpzFolderValues(FieldValues):
     def declare(self, name: str) -> Field:
         self.name = name
         first = next(iter(self.files))
-        return _declared(name, self._load(first), self.dims, str(self.files[first]))
+        return _declared(name, self._load(first), self.dims, str(self.folder))
 
     def ids(self) -> Sequence[str]:
         return list(self.files)

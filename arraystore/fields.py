@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -68,7 +69,7 @@ def add_field(store_path: str | os.PathLike[str], name: str, source: FieldValues
         committed = np.flatnonzero(updater.committed)
         ids = [str(s) for s in store.sample_ids()[committed]]
         if name in store.added:
-            if store.schema[name] != field:
+            if replace(store.schema[name], description=field.description) != field:
                 raise OptionError(f"{store.path}: field {name!r} was added as "
                                   f"{store.schema[name].to_json()}; this source gives "
                                   f"{field.to_json()}: drop it first to change it")

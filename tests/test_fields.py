@@ -100,10 +100,14 @@ def test_everything_sees_an_added_field_and_appends_leave_it_unset(tmp_path) -> 
     reader = SampleReader(store)
     assert len(reader) == COUNT + 2
     assert not reader.read(COUNT)["has_teacher"] and not reader.read(COUNT)["teacher"].any()
+    write_values(tmp_path / "more_teacher", [reader.sample_ids[COUNT]], seed=9)  # elsewhere
+    result = run_cli("fields", "add", store, "teacher", "--from", tmp_path / "more_teacher",
+                     check=True)
+    assert "1 samples written; 8 of 9 committed samples hold a value" in result.output
     write_values(tmp_path / "teacher", [reader.sample_ids[COUNT]], seed=9)
     result = run_cli("fields", "add", store, "teacher", "--from", tmp_path / "teacher",
                      check=True)
-    assert "1 samples written; 8 of 9 committed samples hold a value" in result.output
+    assert "0 samples written; 8 of 9 committed samples hold a value" in result.output
 
 
 def test_unknown_ids_and_bad_values_are_refused_before_anything_is_written(tmp_path) -> None:
