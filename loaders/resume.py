@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from arraystore.errors import ArrayStoreError
+from arraystore.errors import ArrayStoreError, OptionError
 from arraystore.reader import SampleReader
 
 STATE_MARK = "arraystore_sampler"  # the key that tells a sampler's state inside a loader's
@@ -200,10 +200,10 @@ def find_state(state: Mapping[str, Any], sampler: str) -> Mapping[str, Any]:
         if isinstance(value, Mapping):
             if STATE_MARK in value:
                 if value.get("sampler") != sampler:
-                    raise ValueError(f"the state is a {value.get('sampler')}'s, not a "
-                                     f"{sampler}'s")
+                    raise OptionError(f"the state is a {value.get('sampler')}'s, not a "
+                                      f"{sampler}'s")
                 return value
             pending.extend(reversed(list(value.values())))
         elif isinstance(value, list | tuple):
             pending.extend(reversed(value))
-    raise ValueError(f"no {sampler} state in the given state (keys: {sorted(state)[:8]})")
+    raise OptionError(f"no {sampler} state in the given state (keys: {sorted(state)[:8]})")

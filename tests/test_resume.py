@@ -164,7 +164,7 @@ def test_a_loaded_state_waits_for_the_iteration_that_draws(kind) -> None:
     assert fourth == list(check)
     with pytest.raises(OptionError, match="seed"):
         resumed.load_state_dict({**state, "seed": 99})
-    with pytest.raises(ValueError, match="not a"):
+    with pytest.raises(OptionError, match="not a"):
         make("weighted" if kind.startswith("length") else "length",
              mixture).load_state_dict(state)
 
