@@ -105,12 +105,10 @@ def _fill(updater: StoreUpdater, field: Field, committed: np.ndarray, ids: list[
     with Progress(disable=not progress) as bar:
         task = bar.add_task(f"fields add {field.name}", total=len(positions))
         for group in updater.file_groups(positions, (field.name,)):
-            values = source.read([id_at[p] for p in group], group)
+            values = _group_values(source, field, group, id_at)
             have = [(p, v) for p, v in zip(group, values, strict=True) if v is not None]
             if have:
-                updater.write([p for p, _ in have],
-                              {field.name: np.stack([_checked(v, field, id_at[p])
-                                                     for p, v in have])},
+                updater.write([p for p, _ in have], {field.name: np.stack([v for _, v in have])},
                               {FLAG_PREFIX + field.name: True})
                 written += len(have)
             bar.advance(task, len(group))
@@ -144,12 +142,12 @@ def _write_new(updater: StoreUpdater, store: Store, field: Field, committed: np.
         task = bar.add_task(f"fields add {field.name}", total=len(committed),
                             completed=sum(len(g) for g in groups[:record["files_done"]]))
         for number, group in enumerate(groups[record["files_done"]:], record["files_done"]):
-            values = source.read([id_at[p] for p in group], group)
+            values = _group_values(source, field, group, id_at)
             has = np.array([v is not None for v in values])
             rows = np.zeros((len(group), *field.shape), field.dtype)
             for row, value in enumerate(values):
                 if value is not None:
-                    rows[row] = _checked(value, field, id_at[group[row]])
+                    rows[row] = value
             updater.write(group, {field.name: rows}, {flag.name: has})
             written += int(has.sum())
             bar.advance(task, len(group))
@@ -161,6 +159,15 @@ def _write_new(updater: StoreUpdater, store: Store, field: Field, committed: np.
         del store.meta[ADDING_KEY]
     store.change_fields(add=[field, flag])
     return written
+
+
+def _group_values(source: FieldValues, field: Field, group: list[int],
+                  id_at: dict[int, str]) -> list[np.ndarray | None]:
+    """``source``'s values of the samples at store positions ``group`` (None: it has none),
+    each checked against ``field``."""
+    values = source.read([id_at[p] for p in group], group)
+    return [None if value is None else _checked(value, field, id_at[p])
+            for p, value in zip(group, values, strict=True)]
 
 
 def _checked(value: Any, field: Field, sample_id: str) -> np.ndarray:

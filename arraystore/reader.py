@@ -184,11 +184,12 @@ class SampleReader:
         :meth:`fetch_ahead` fetched."""
         position = self.position(index)
         names = tuple(fields or self.fields)
-        plan = self._open.get().plans.get(names)
+        opened = self._open.get()
+        plan = opened.plans.get(names)
         if plan is None:
             plan = self._plan(names)
         values = {field.name: self._block_value(field, position) for field in plan[0]}
-        ahead = self._open.get().ahead
+        ahead = opened.ahead
         for backend, group, readers in plan[1]:
             if ahead and all((name, position) in ahead for name in group):
                 values.update({name: ahead.pop((name, position)) for name in group})

@@ -135,16 +135,27 @@ def carry_over(indices: np.ndarray, old: Sequence[Mapping[str, Any]],
     return carried[carried >= 0], dropped
 
 
-def check_unchanged(stages: Sequence[Mapping[str, Any]], sources: Sequence[Source]) -> None:
+def check_unchanged(stages: Sequence[Mapping[str, Any]], sources: Sequence[Source],
+                    present: Sequence[Mapping[str, Any]]) -> None:
     """Raise :class:`StoreChangedError` if a source that a stage drew from is still here but
-    its recorded samples are not what they were."""
+    its recorded samples are not what they were. ``present``: the sources' own marks
+    (:func:`marks`), whose digests serve where a stage recorded a source at its present size;
+    each other prefix is hashed once."""
     by_name = {s.name: s for s in sources}
+    digests = {(m["name"], m["size"]): m["digest"] for m in present}
     for stage in stages:
         for mark in stage["sources"]:
             source = by_name.get(mark["name"])
             if source is None:
                 continue
-            if source.size < mark["size"] or source.digest(mark["size"]) != mark["digest"]:
+            if source.size < mark["size"]:
+                digest = None
+            else:
+                key = (mark["name"], mark["size"])
+                if key not in digests:
+                    digests[key] = source.digest(mark["size"])
+                digest = digests[key]
+            if digest != mark["digest"]:
                 raise StoreChangedError(
                     f"{source.label()}: the saved sampler state was drawn from its first "
                     f"{mark['size']} samples, which have changed since (now {source.size} "

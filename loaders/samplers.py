@@ -135,7 +135,7 @@ class ResumableSampler(Sampler[int]):
                               f"{self.seed}: resume with the same seed")
         epoch, stages = int(state["epoch"]), [dict(s) for s in state["stages"]]
         sources = self._sources()
-        check_unchanged(stages, sources)
+        check_unchanged(stages, sources, self._recorded())
         last = stages[-1]
         if last["world_size"] == self.world_size and last["sources"] == self._recorded():
             base = self._base(stages[0], sources, epoch)  # the last stage goes on where it stopped
