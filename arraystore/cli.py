@@ -29,6 +29,7 @@ from arraystore.ingest import ON_ERROR_CHOICES, IngestReport, ingest
 from arraystore.layout import COMPRESSIONS, LAYOUT_NAMES, MAX_SHARD_SIZE, Layout
 from arraystore.location import parse_storage_options
 from arraystore.mix import describe_mix, read_mix_toml
+from arraystore.node_cache import NodeCache
 from arraystore.plugins import (
     EXPORTERS_GROUP,
     FIXES_GROUP,
@@ -411,6 +412,38 @@ def fields_add(store: str, name: str, source: str, key: str | None, source_field
 def fields_drop(store: str, name: str) -> None:
     """Remove field NAME (one added with `fields add`) and its flag from STORE."""
     out.print(_run(lambda: drop_field(store, name))["message"], highlight=False)
+
+
+@cli.group("cache")
+def cache_group() -> None:
+    """The node-local cache of reads from object stores (cache_dir= on readers and loaders,
+    or ARRAYSTORE_CACHE_DIR)."""
+
+
+@cache_group.command("info")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def cache_info(folder: str, as_json: bool) -> None:
+    """Entries, bytes and objects the cache FOLDER holds, and the stores they come from."""
+    held = _run(lambda: NodeCache(folder).usage())
+    if as_json:
+        out.print_json(json.dumps({"path": str(held.path), "entries": held.entries,
+                                   "bytes": held.bytes, "objects": held.objects,
+                                   "stores": list(held.stores)}))
+        return
+    out.print(f"{held.path}: {held.entries} entries, {_human(held.bytes)} from {held.objects} "
+              f"objects of {len(held.stores)} stores", highlight=False)
+    for store in held.stores:
+        out.print(f"  {store}", highlight=False)
+
+
+@cache_group.command("clear")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+def cache_clear(folder: str) -> None:
+    """Delete the entries of the cache FOLDER (only files the cache wrote)."""
+    held = _run(lambda: NodeCache(folder).clear())
+    out.print(f"{held.path}: deleted {held.entries} entries, {_human(held.bytes)}",
+              highlight=False)
 
 
 @cli.group()

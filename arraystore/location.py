@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from arraystore.beneath import open_beneath
 from arraystore.errors import ArrayStoreError, MissingExtraError, OptionError, StoreAccessError
 from arraystore.keys import fsync_path
+from arraystore.node_cache import NodeCache
 from arraystore.per_process import PerProcess
 
 T = TypeVar("T")
@@ -67,6 +68,7 @@ class Location(ABC):
 
     is_local: bool
     path: Path | str  # what the user named: a Path, or the URL
+    cache: NodeCache | None = None  # where ranged reads keep what they fetch (object stores)
 
     def __str__(self) -> str:
         return str(self.path)
@@ -86,6 +88,11 @@ class Location(ABC):
             raise OptionError(f"{target}: --storage-option is for object-store URLs "
                               f"(s3://...), not local paths; drop it")
         return LocalLocation(Path(target))
+
+    def cached(self, cache: NodeCache | None) -> Location:
+        """This location with its ranged reads kept in ``cache``: a local store is read
+        directly, so only an object store's location takes one."""
+        return self
 
     @abstractmethod
     def where(self, key: str) -> str:
@@ -387,7 +394,8 @@ class ObjectLocation(Location):
 
     is_local = False
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None,
+                 cache: NodeCache | None = None) -> None:
         from fsspec.registry import known_implementations, registry
 
         scheme = url.split("://", 1)[0]
@@ -397,11 +405,16 @@ class ObjectLocation(Location):
         self.url = url.rstrip("/")
         self.path = self.url
         self.storage_options = dict(storage_options or {})
+        self.cache = cache
         # a client per process: its connections and event loop are not a forked child's
         self._client = PerProcess(functools.partial(_connect, self.url, self.storage_options))
 
     def _fs(self) -> tuple[Any, str]:
         return self._client.get()
+
+    def cached(self, cache: NodeCache | None) -> ObjectLocation:
+        return self if cache == self.cache else \
+            ObjectLocation(self.url, self.storage_options, cache)
 
     @property
     def fs(self) -> Any:
@@ -454,6 +467,43 @@ class ObjectLocation(Location):
 
     def read_many(self, keys: Sequence[str]) -> list[bytes | None]:
         return self.read_ranges(keys, [0] * len(keys), [None] * len(keys))
+
+    @_remote
+    def versions(self, keys: Sequence[str]) -> list[tuple[int, str] | None]:
+        """Each object's size and version tag (its ETag, else its modification time), asked
+        of the service now (concurrent HEADs, listings cached by the client ignored); None
+        where the object does not exist."""
+        fs, paths = self.fs, [self.key_path(k) for k in keys]
+        if getattr(fs, "async_impl", False):
+            import asyncio
+
+            from fsspec.asyn import sync
+
+            fresh = {"refresh": True} if self.scheme == "s3" else {}
+
+            async def each() -> list[Any]:
+                return await asyncio.gather(*(fs._info(p, **fresh) for p in paths),
+                                            return_exceptions=True)
+
+            got = sync(fs.loop, each)
+        else:
+            got = []
+            for path in paths:
+                try:
+                    got.append(fs.info(path))
+                except OSError as exc:
+                    got.append(exc)
+        out: list[tuple[int, str] | None] = []
+        for key, info in zip(keys, got, strict=True):
+            if isinstance(info, FileNotFoundError):
+                out.append(None)
+            elif isinstance(info, BaseException):
+                raise OSError(f"{self.where(key)}: {info}") from info
+            else:
+                tag = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "updated")
+                            if info.get(k)), "")
+                out.append((int(info.get("size") or 0), str(tag)))
+        return out
 
     def update(self, key: str, change: Callable[[bytes], bytes | None]) -> bytes:
         """Rewrite ``key`` as ``change`` makes its current bytes (None: leave it), and only if

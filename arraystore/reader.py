@@ -9,6 +9,7 @@ blocks cached; :meth:`SampleReader.read_region` reads a window of a sample.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 
 from arraystore.errors import IncompatibleStoreError, SampleNotCommittedError
 from arraystore.location import Location
+from arraystore.node_cache import CachedRange, NodeCache
 from arraystore.per_process import PerProcess
 from arraystore.readers import Backend, FieldReader, backend_chain
 from arraystore.readers.ranged import RangedFieldReader, fetch_samples
@@ -49,9 +51,11 @@ class SampleReader:
         self, path: StoreTarget, backend: str = "auto",
         fields: Sequence[str] | None = None,
         storage_options: Mapping[str, Any] | None = None,
-        *, kind: str | None = None, user: str = "SampleReader",
+        *, cache_dir: str | os.PathLike[str] | None = None, cache_limit: int | str | None = None,
+        kind: str | None = None, user: str = "SampleReader",
     ) -> None:
-        self.location = Location.of(path, storage_options)
+        self.location = Location.of(path, storage_options).cached(
+            NodeCache.configured(cache_dir, cache_limit))
         self.path = self.location.path
         self.backend = backend
         self._chain = backend_chain(backend)
@@ -192,7 +196,7 @@ class SampleReader:
         ahead = opened.ahead
         for backend, group, readers in plan[1]:
             if ahead and all((name, position) in ahead for name in group):
-                values.update({name: ahead.pop((name, position)) for name in group})
+                values.update({name: self._take_ahead(name, position) for name in group})
                 continue
             values.update(zip(group, backend.read_fields(readers, position), strict=True))
         return {name: values[name] for name in names}
@@ -219,8 +223,25 @@ class SampleReader:
             del ahead[key]
         missing = [key for key in wanted if key not in ahead]
         if missing:
-            fetched = fetch_samples(self.location, [wanted[key] for key in missing])
+            fetched = fetch_samples(self.location, [wanted[key] for key in missing], lazy=True)
             ahead.update(zip(missing, fetched, strict=True))
+
+    def _take_ahead(self, name: str, position: int,
+                    out: np.ndarray | None = None) -> np.ndarray:
+        """What :meth:`fetch_ahead` fetched for field ``name`` of slot ``position`` (in
+        ``out`` when given): an array, or a node-local cache entry read now (straight into
+        ``out``; read again from the store if it was evicted or damaged since)."""
+        got = self._open.get().ahead.pop((name, position))
+        if isinstance(got, CachedRange):
+            reader = self.field_reader(name)[0]
+            got = reader.read_cached(position, got, out)
+            if got is None:
+                got = reader.read_sample(position)
+            elif out is not None:
+                return out
+        if out is not None:
+            out[...] = got
+        return got
 
     def read_into(self, index: int, name: str, out: np.ndarray) -> None:
         """Field ``name`` of the ``index``-th committed sample written into ``out`` (its shape
@@ -232,9 +253,8 @@ class SampleReader:
             out[...] = self.read_field(name, position)
             return
         ahead = self._open.get().ahead
-        fetched = ahead.pop((name, position), None) if ahead else None
-        if fetched is not None:
-            out[...] = fetched
+        if ahead and (name, position) in ahead:
+            self._take_ahead(name, position, out)
         else:
             self.field_reader(name)[0].read_into(position, out)
 

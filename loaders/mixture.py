@@ -25,7 +25,7 @@ from arraystore.loaders.batched import Batched, Slot, allocate, fill, torch_dtyp
 from arraystore.loaders.packed_collate import collate_packed
 from arraystore.loaders.shared_ring import shippable
 from arraystore.loaders.zarr_dataset import ZarrDistillDataset
-from arraystore.location import Location
+from arraystore.location import Location, is_url
 from arraystore.mix import (
     MissingSourceError,
     MixEntry,
@@ -74,13 +74,16 @@ class MixSource:
 
 class StoreItems(Dataset):
     """Any store as a map-style Dataset: item ``i`` is :meth:`SampleReader.read` of it
-    (``storage_options``: of an object-store URL)."""
+    (``storage_options``: of an object-store URL; ``cache_dir``, ``cache_limit``: its node-local
+    cache)."""
 
     def __init__(self, path: str | os.PathLike[str], fields: Sequence[str] | None = None,
-                 backend: str = "auto",
-                 storage_options: Mapping[str, Any] | None = None) -> None:
+                 backend: str = "auto", storage_options: Mapping[str, Any] | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None,
+                 cache_limit: int | str | None = None) -> None:
         self.reader = SampleReader(path, backend=backend, fields=fields,
-                                   storage_options=storage_options)
+                                   storage_options=storage_options, cache_dir=cache_dir,
+                                   cache_limit=cache_limit)
         self.slots = [Slot(name, name, torch_dtype(self.reader.schema[name].numpy_dtype))
                       for name in self.reader.fields if not self.reader.schema[name].is_string]
 
@@ -145,11 +148,17 @@ class Mixture(Dataset):
     """Map-style, picklable mixture of sources; see the module docstring.
 
     ``collate_fn``: the collate for every batch (default: :meth:`collate`, which groups items
-    by ``dataset_type`` when their keys differ).
+    by ``dataset_type`` when their keys differ). ``storage_options``, ``cache_dir`` and
+    ``cache_limit`` apply to every source given as an object-store URL.
     """
 
     def __init__(self, sources: Sequence[MixSource],
-                 collate_fn: Callable[[list[Any]], Any] | None = None) -> None:
+                 collate_fn: Callable[[list[Any]], Any] | None = None, *,
+                 storage_options: Mapping[str, Any] | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None,
+                 cache_limit: int | str | None = None) -> None:
+        self._remote = {"storage_options": storage_options, "cache_dir": cache_dir,
+                        "cache_limit": cache_limit}
         self.sources: list[MixSource] = []
         self.datasets: list[Any] = []
         self.missing: list[str] = []
@@ -181,7 +190,8 @@ class Mixture(Dataset):
         if not isinstance(source.source, str | os.PathLike):
             return source.source
         path = source.source  # a local path or an object-store URL
-        if not Location.of(path).exists():
+        remote = self._remote if is_url(path) else {}  # a local source takes none
+        if not Location.of(path, remote.get("storage_options")).exists():
             if source.required:
                 raise MissingSourceError(f"mixture source {source.dataset_type!r}: no store at "
                                          f"{path} (mark it required=False to train without it)")
@@ -190,8 +200,8 @@ class Mixture(Dataset):
             self.missing.append(str(path))
             return None
         if source.item == "distill":
-            return ZarrDistillDataset(path, source.backend)
-        return StoreItems(path, source.fields, source.backend)
+            return ZarrDistillDataset(path, source.backend, **remote)
+        return StoreItems(path, source.fields, source.backend, **remote)
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str], **kwargs: Any) -> Mixture:

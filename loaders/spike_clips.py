@@ -94,6 +94,7 @@ class SpikeClipDataset(Dataset):
     ``blur``, ``sharp`` (T, 3, c, c) float32 in [0, 1]; ``spike_vox`` (T, bins, h', w')
     float32; ``sequence``; ``frames`` (stems); ``crop_yx`` (y, x in image pixels). Clips whose
     voxels are all zero are returned and counted in ``stats["all_zero_voxels"]`` (per process).
+    ``storage_options``, ``cache_dir``, ``cache_limit``: for a store in an object store.
     """
 
     def __init__(
@@ -108,6 +109,9 @@ class SpikeClipDataset(Dataset):
         seed: int = 0,
         clip_stride: int = 1,
         backend: str = "auto",
+        storage_options: Mapping[str, Any] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_limit: int | str | None = None,
     ) -> None:
         if voxels not in VOXEL_MODES:
             raise OptionError(f"voxels={voxels!r}: choose one of {VOXEL_MODES}")
@@ -120,7 +124,8 @@ class SpikeClipDataset(Dataset):
         self.bins, self.voxels, self.seed, self.epoch = bins, voxels, seed, 0
         self.spike_field = "spike" if voxels == "realtime" else "spike_vox"
         self.reader = SampleReader(path, backend=backend, fields=(),  # reads name their field
-                                   kind=KIND, user="SpikeClipDataset")
+                                   storage_options=storage_options, cache_dir=cache_dir,
+                                   cache_limit=cache_limit, kind=KIND, user="SpikeClipDataset")
         schema = self.reader.schema
         self._check_voxels(path)
         self.image_hw = schema["blur"].shape[:2]

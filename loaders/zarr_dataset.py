@@ -8,6 +8,7 @@ committed samples exist for it, and only the fields the item needs are read.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,7 +35,8 @@ class ZarrDistillDataset(Dataset):
     ``backend``: ``auto`` (direct ``pread`` for uncompressed layouts, TensorStore for compressed
     ones), ``direct``, ``tensorstore`` or ``zarr``. ``keys``: the item keys to return (default:
     all of them); only the store fields those keys need are read. ``path`` may be an
-    object-store URL (``s3://bucket/sa1b.zarr``) with its ``storage_options``.
+    object-store URL (``s3://bucket/sa1b.zarr``) with its ``storage_options``; ``cache_dir``
+    and ``cache_limit`` keep what is fetched on the node (:mod:`arraystore.node_cache`).
     """
 
     collate_fn = staticmethod(collate_distill)  # how its items batch (a Mixture uses it)
@@ -42,11 +44,12 @@ class ZarrDistillDataset(Dataset):
     def __init__(
         self, path: StoreTarget, backend: str = "auto",
         keys: Sequence[str] = ALL_KEYS, storage_options: Mapping[str, Any] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None, cache_limit: int | str | None = None,
     ) -> None:
         self.keys = tuple(keys)
         self.reader = SampleReader(path, backend=backend, fields=fields_for(self.keys),
-                                   storage_options=storage_options, kind=KIND,
-                                   user="ZarrDistillDataset")
+                                   storage_options=storage_options, cache_dir=cache_dir,
+                                   cache_limit=cache_limit, kind=KIND, user="ZarrDistillDataset")
         self.sample_ids = self.reader.sample_ids  # every item names its id: read once, here
 
     @property

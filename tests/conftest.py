@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from arraystore import Layout, ingest
 from arraystore.cli import cli
 from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.kinds.sa1b_bin import CONFIG_FILE, KEYS_FILE, bin_files
+from arraystore.testing.cloud_region import Region, cloud_region
 from arraystore.testing.sa1b_shards import ShardSample, write_shard
 
 LAYOUTS = {
@@ -102,6 +104,23 @@ def _layout_store(layout: str, tmp_path_factory: pytest.TempPathFactory, shard: 
         ingest(Sa1bTarSource(max_boxes=2), [shard], out, layout=LAYOUTS[layout], workers=1)
         _LAYOUT_STORES[layout] = out
     return _LAYOUT_STORES[layout]
+
+
+UNCOMPRESSED = [name for name, layout in LAYOUTS.items() if layout.compression == "none"]
+REGION_RTT_MS = 20.0
+
+
+@pytest.fixture(scope="module")
+def region(tmp_path_factory: pytest.TempPathFactory, shard: Path) -> Iterator[Region]:
+    """A simulated cloud region (``arraystore.testing.cloud_region``) holding the known shard
+    ingested in each uncompressed layout, as ``s3://stores/<layout>.zarr``."""
+    root = tmp_path_factory.mktemp("region")
+    (root / "stores").mkdir()
+    for layout in UNCOMPRESSED:
+        shutil.copytree(_layout_store(layout, tmp_path_factory, shard),
+                        root / "stores" / f"{layout}.zarr")
+    with cloud_region(root, rtt_ms=REGION_RTT_MS, mb_per_s=100) as running:
+        yield running
 
 
 @pytest.fixture(scope="session", params=list(LAYOUTS))

@@ -5,32 +5,16 @@ inner chunks of a shard in one GET), and the proxy really delays and paces."""
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import fsspec
 import numpy as np
 import pytest
 import torch
-from conftest import LAYOUTS, _layout_store, assert_same_values
+from conftest import LAYOUTS, REGION_RTT_MS, UNCOMPRESSED, _layout_store, assert_same_values
 
 from arraystore.loaders import StoreItems, ZarrDistillDataset, collate_distill
 from arraystore.readers.ranged import coalesced
-from arraystore.testing.cloud_region import cloud_region
-
-RTT_MS = 20.0
-UNCOMPRESSED = [name for name, layout in LAYOUTS.items() if layout.compression == "none"]
-
-
-@pytest.fixture(scope="module")
-def region(tmp_path_factory, shard):
-    root = tmp_path_factory.mktemp("region")
-    (root / "stores").mkdir()
-    for layout in UNCOMPRESSED:
-        shutil.copytree(_layout_store(layout, tmp_path_factory, shard),
-                        root / "stores" / f"{layout}.zarr")
-    with cloud_region(root, rtt_ms=RTT_MS, mb_per_s=100) as running:
-        yield running
 
 
 @pytest.mark.parametrize("layout", UNCOMPRESSED)
@@ -59,7 +43,7 @@ def test_the_proxy_delays_and_paces(region) -> None:
     fs = fsspec.filesystem("s3", **region.storage_options(), skip_instance_cache=True)
     start = time.perf_counter()
     fs.info("stores/blob")
-    assert time.perf_counter() - start >= RTT_MS / 1000  # one request: at least a round trip
+    assert time.perf_counter() - start >= REGION_RTT_MS / 1000  # at least a round trip
     start = time.perf_counter()
     data = fs.cat_file("stores/blob")
     assert len(data) == 20_000_000

@@ -11,9 +11,11 @@ store: a shard index pointing elsewhere yields an error, not a large allocation.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,12 +23,14 @@ from arraystore.chunk_format import (
     CRC_BYTES,
     EMPTY,
     check_crc,
+    crc_matches,
     parse_shard_index,
     shard_index_bytes,
 )
 from arraystore.errors import StoreFormatError
 from arraystore.keys import ChunkPaths
 from arraystore.location import ObjectLocation
+from arraystore.node_cache import CachedRange
 from arraystore.readers.base import FieldReader, missing_chunk
 from arraystore.schema import Field
 
@@ -81,6 +85,25 @@ class RangedFieldReader(FieldReader):
         samples = list(range(start, stop))
         return np.stack(fetch_samples(self.location, [(self, s) for s in samples]))
 
+    def read_cached(self, sample: int, entry: CachedRange,
+                    out: np.ndarray | None = None) -> np.ndarray | None:
+        """The sample from its node-local cache entry, read straight into ``out`` (a batch
+        slot; a fresh array if None); None where the entry was evicted or failed its check
+        since it was found (the caller reads the sample again)."""
+        direct = out is not None and out.dtype == self.dtype and out.flags.c_contiguous
+        target = out if direct else np.empty(self.field.shape, self.dtype)
+        view = memoryview(target.reshape(-1).view(np.uint8))
+        tail = memoryview(bytearray(CRC_BYTES if self.checksum else 0))
+        if not entry.read_into([view, tail] if self.checksum else [view],
+                               check_crc=not self.checksum):
+            return None
+        if self.checksum and not crc_matches(view, tail):  # the chunk's own crc32c
+            entry.discard()
+            return None
+        if out is not None and not direct:
+            out[...] = target
+        return target
+
 
 class RangedBlockReader(RangedFieldReader):
     """A field chunked in blocks of ``per_chunk`` samples (ids, flags): whole chunks fetched."""
@@ -94,7 +117,7 @@ class RangedBlockReader(RangedFieldReader):
         first, last = start // self.per_chunk, (stop - 1) // self.per_chunk
         keys = [self.keys.path(i) for i in range(first, last + 1)]
         nbytes = self.per_chunk * self.field.nbytes + (CRC_BYTES if self.checksum else 0)
-        got = self.location.read_ranges(keys, [0] * len(keys), [nbytes] * len(keys))
+        got = _get(self.location, [(key, 0, nbytes) for key in keys])
         chunks = []
         for index, (key, data) in enumerate(zip(keys, got, strict=True), first):
             if data is None:
@@ -152,10 +175,12 @@ class RangedShardReader(RangedFieldReader):
         return key, int(offset), int(offset + nbytes)
 
 
-def fetch_samples(location: ObjectLocation,
-                  wanted: Sequence[tuple[RangedFieldReader, int]]) -> list[np.ndarray]:
+def fetch_samples(location: ObjectLocation, wanted: Sequence[tuple[RangedFieldReader, int]],
+                  lazy: bool = False) -> list[np.ndarray | CachedRange]:
     """The samples ``wanted`` (reader, sample) as arrays: first the shard indexes none of them
-    has cached (one concurrent batch of requests), then every chunk (a second)."""
+    has cached (one concurrent batch of requests), then every chunk (a second). ``lazy``:
+    a sample the node-local cache holds comes as its entry, for
+    :meth:`RangedFieldReader.read_cached` into a batch slot."""
     needed: dict[tuple[int, int], tuple[RangedFieldReader, int, Request]] = {}
     for reader, sample in wanted:
         for shard, req in reader.missing_indexes(sample):
@@ -165,8 +190,9 @@ def fetch_samples(location: ObjectLocation,
         for (reader, shard, _), raw in zip(needed.values(), got, strict=True):
             reader.store_index(shard, raw)
     requests = [reader.request(sample) for reader, sample in wanted]
-    return [reader.decode(sample, request, data) for (reader, sample), request, data
-            in zip(wanted, requests, _get(location, requests), strict=True)]
+    return [data if isinstance(data, CachedRange) else reader.decode(sample, request, data)
+            for (reader, sample), request, data
+            in zip(wanted, requests, _get(location, requests, lazy), strict=True)]
 
 
 def coalesced(requests: Sequence[Request],
@@ -188,7 +214,20 @@ def coalesced(requests: Sequence[Request],
     return out
 
 
-def _get(location: ObjectLocation, requests: Sequence[Request]) -> list[bytes | None]:
+def _get(location: ObjectLocation, requests: Sequence[Request],
+         lazy: bool = False) -> list[Any]:
+    """The bytes of each request: from the location's node-local cache where it holds them
+    (:mod:`arraystore.node_cache`; ``lazy``: as entries, read later), the others fetched
+    concurrently as :func:`coalesced` GETs (and kept in the cache)."""
+    if not requests:
+        return []
+    if location.cache is not None:
+        return location.cache.get(location.url, requests, functools.partial(_fetch, location),
+                                  location.versions, lazy)
+    return _fetch(location, requests)
+
+
+def _fetch(location: ObjectLocation, requests: Sequence[Request]) -> list[bytes | None]:
     """The bytes of each request, fetched concurrently as :func:`coalesced` GETs."""
     if not requests:
         return []

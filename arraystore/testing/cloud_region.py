@@ -14,13 +14,14 @@ GIL. Buckets are the folders under ``root``; objects are the files beneath them.
 
 ``python -m arraystore.testing.cloud_region serve ROOT`` and ``... proxy HOST:PORT`` run them
 by hand; each prints the port it listens on. ``GET /_region/stats`` on the server counts the
-requests it answered.
+requests it answered, its GETs and the object bytes it sent.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -53,6 +54,17 @@ def _error(code: str, status: int, message: str) -> Any:
 def _etag(path: Path) -> str:
     stat = path.stat()
     return f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'
+
+
+def _body_bytes(asked: slice, size: int) -> int:
+    """The bytes a GET of a ``size``-byte object sends for its ``Range`` (parsed by aiohttp:
+    ``slice(start, stop)``, a negative start for a suffix, both None for the whole)."""
+    start, stop = asked.start, asked.stop
+    if start is None:
+        return size
+    if start < 0:
+        return min(-start, size)
+    return max(0, min(size, size if stop is None else stop) - start)
 
 
 def _listing(bucket: Path, prefix: str, delimiter: str, max_keys: int,
@@ -104,7 +116,7 @@ def object_app(root: Path) -> Any:
             raise web.HTTPBadRequest(text="key out of its bucket")
         return target, key
 
-    served = {"requests": 0, "gets": 0}
+    served = {"requests": 0, "gets": 0, "bytes": 0}  # bytes: of object bodies sent
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if request.match_info["path"] == STATS_PATH:
@@ -128,6 +140,9 @@ def object_app(root: Path) -> Any:
                 return _error("NoSuchKey", 404, f"no object {key}")
             response = web.FileResponse(target, chunk_size=PUMP_BYTES)
             response.headers["ETag"] = _etag(target)
+            if request.method == "GET":
+                with contextlib.suppress(ValueError):  # a bad Range: answered 416, no body
+                    served["bytes"] += _body_bytes(request.http_range, target.stat().st_size)
             return response
         if request.method == "PUT":
             if not key:
@@ -244,7 +259,8 @@ class Region:
                 "secret": "region-secret", "client_kwargs": {"region_name": "us-east-1"}}
 
     def requests(self) -> dict[str, int]:
-        """Requests the server has answered so far (all, and GETs)."""
+        """Requests the server has answered so far (all, and GETs) and the object bytes it
+        sent."""
         import json
         import urllib.request
 
