@@ -27,9 +27,9 @@ Why it can be trusted:
 - **One download per range.** A process fetching a range holds the range's lock file
   (``flock``); another process wanting it waits for the first and reads its entry.
 - **A bound.** ``cache_limit`` (bytes or ``"50GB"``; ``ARRAYSTORE_CACHE_LIMIT``) bounds the
-  entries' bytes: past it, the least recently used entries (a hit touches the entry's mtime)
-  are deleted down to 90% of the limit. Only files named as entries beneath ``objects/`` are
-  ever deleted; anything else in the folder is left alone.
+  entries' bytes: past it, the least recently used entries (a hit touches the entry's mtime,
+  at most once a minute) are deleted down to 90% of the limit. Only files named as entries
+  beneath ``objects/`` are ever deleted; anything else in the folder is left alone.
 - **A full disk** (or any failure to write an entry) turns writing off for the process with one
   :class:`CacheWarning`: reads go through to the object store, as without a cache.
 """
@@ -44,7 +44,9 @@ import json
 import os
 import re
 import struct
+import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,8 @@ OBJECTS = "objects"
 OBJECT_FILE = "object"
 USAGE_FILE = "usage"
 LOW_WATER = 0.9  # eviction deletes down to this share of the limit
+TOUCH_SECONDS = 60.0  # a read marks an entry used when it was last marked longer ago
+OPEN_ENTRIES = 64  # entries a process holds open, most recently read
 HEADER = struct.Struct("<4sIQ8s")  # magic, crc32c of the bytes, their length, version digest
 MAGIC = b"ASC1"
 ENTRY_NAME = re.compile(r"^(\d+-\d+|last-\d+)$")
@@ -132,29 +136,41 @@ class CachedRange:
         where the entry is gone (evicted) or does not check out (then it is deleted).
         ``check_crc=False``: the caller checks the bytes itself (a chunk with its own crc32c)
         and calls :meth:`discard` when they fail."""
-        try:
-            descriptor = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
+        opened = self.cache.opened(self.path)
+        if opened is None:
             return False
         header = bytearray(HEADER.size)
         try:
-            read = os.preadv(descriptor, [header, *parts], 0)
+            read = os.preadv(opened.descriptor, [header, *parts], 0)
+            magic, crc, length, version = HEADER.unpack(header)
+            good = read == HEADER.size + self.size and magic == MAGIC \
+                and length == self.size and version == self.digest \
+                and not (check_crc and _crc(parts) != crc)
+            if good and time.monotonic() - opened.touched > TOUCH_SECONDS:
+                os.utime(opened.descriptor)  # most recently used (an inode write: not always)
+                opened.touched = time.monotonic()
         except OSError:
             return False
-        finally:
-            os.close(descriptor)
-        magic, crc, length, version = HEADER.unpack(header)
-        if read != HEADER.size + self.size or magic != MAGIC or length != self.size \
-                or version != self.digest or (check_crc and _crc(parts) != crc):
+        if not good:
             self.discard()
-            return False
-        with contextlib.suppress(OSError):
-            os.utime(self.path)  # most recently used
-        return True
+        return good
 
     def discard(self) -> None:
-        """Delete the entry (damaged), taking its bytes off the cache's usage."""
+        """Delete the entry (damaged), taking its bytes off the cache's usage; warns once per
+        process, naming the cache folder."""
         self.cache.discard(Path(self.path))
+
+
+class _Opened:
+    """An entry this process holds open: an entry is never rewritten in place (a new one is
+    renamed over it), so its descriptor reads whole, consistent bytes for as long as it is
+    open, even once evicted."""
+
+    __slots__ = ("descriptor", "touched")
+
+    def __init__(self, descriptor: int) -> None:
+        self.descriptor = descriptor
+        self.touched = float("-inf")  # when this process last marked it used
 
 
 def _crc(parts: Sequence[memoryview]) -> int:
@@ -165,13 +181,22 @@ def _crc(parts: Sequence[memoryview]) -> int:
 
 
 class _State:
-    """One process's view of a cache: the version of each object it asked for, and whether
-    it may write."""
+    """One process's view of a cache: the version of each object it asked for, whether it
+    may write, and the entries it holds open (at most :data:`OPEN_ENTRIES`; an evicted
+    entry's disk space is freed when it is closed)."""
 
     def __init__(self) -> None:
         self.versions: dict[str, bytes | None] = {}  # object URL -> version digest (None: gone)
         self.folders: dict[tuple[str, str], Path] = {}  # (store URL, key) -> object's folder
+        self.opened: OrderedDict[str, _Opened] = OrderedDict()
         self.writing = True
+        self.warned = False
+
+    def close(self) -> None:
+        for entry in self.opened.values():
+            with contextlib.suppress(OSError):
+                os.close(entry.descriptor)
+        self.opened.clear()
 
 
 class NodeCache:
@@ -181,7 +206,8 @@ class NodeCache:
     def __init__(self, path: str | os.PathLike[str], limit: int | str = DEFAULT_LIMIT) -> None:
         self.path = Path(path).expanduser().absolute()
         self.limit = parse_size(limit)
-        self._state = PerProcess(_State)
+        # a forked child closes the descriptors it inherited (the parent's stay open)
+        self._state = PerProcess(_State, close=_State.close, close_in_child=True)
 
     @classmethod
     def configured(cls, cache_dir: str | os.PathLike[str] | None = None,
@@ -224,7 +250,7 @@ class NodeCache:
                 path = f"{self._object_folder(url, key)}/{entry_name(start, stop)}"
                 if not lazy:
                     out[number] = self._read(url, key, start, stop, digest)
-                elif os.path.isfile(path):
+                elif path in state.opened or os.path.isfile(path):
                     out[number] = CachedRange(self, path, entry_size(start, stop), digest)
             if out[number] is None:
                 missing.append(number)
@@ -251,10 +277,15 @@ class NodeCache:
         folder = self._object_folder(url, key)
         try:
             current = json.loads((folder / OBJECT_FILE).read_text())
-        except (OSError, ValueError):
+        except FileNotFoundError:
             current = None
+        except (OSError, ValueError):  # not a record this cache wrote: its entries are suspect
+            current = None
+            self._warn_damaged(folder / OBJECT_FILE)
         if current == record or not state.writing:
             return digest
+        for path in [p for p in state.opened if p.startswith(f"{folder}/")]:
+            self._close(path)  # entries of the version being replaced
         try:
             folder.mkdir(parents=True, exist_ok=True)
             self._mark()
@@ -274,9 +305,43 @@ class NodeCache:
                             size, digest)
         return data if entry.read_into([data]) else None
 
+    def opened(self, path: str) -> _Opened | None:
+        """The entry at ``path`` held open by this process (opened now if it is not), or None
+        where there is none."""
+        opened = self._state.get().opened
+        entry = opened.get(path)
+        if entry is not None:
+            opened.move_to_end(path)
+            return entry
+        try:
+            entry = opened[path] = _Opened(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            return None
+        while len(opened) > OPEN_ENTRIES:
+            os.close(opened.popitem(last=False)[1].descriptor)
+        return entry
+
+    def _close(self, path: str) -> None:
+        entry = self._state.get().opened.pop(path, None)
+        if entry is not None:
+            os.close(entry.descriptor)
+
     def discard(self, entry: Path) -> None:
-        """Delete a damaged entry (and take its bytes off the usage)."""
+        """Delete a damaged entry (and take its bytes off the usage), with a warning."""
+        self._close(str(entry))
         self._add_usage(-_remove_entry(entry))
+        self._warn_damaged(entry)
+
+    def _warn_damaged(self, path: Path) -> None:
+        """Warn, once per process and naming the folder, that a file of the cache was damaged
+        (it is deleted or rewritten: what it held is read again from the object store)."""
+        state = self._state.get()
+        if not state.warned:
+            state.warned = True
+            warnings.warn(f"{self.path}: a cache file was damaged (truncated, overwritten, or "
+                          f"of another arraystore version): replaced, what it held read again "
+                          f"from the object store ({path.relative_to(self.path)}; later ones "
+                          f"are replaced without a warning)", CacheWarning, stacklevel=2)
 
     def _fill(self, url: str, requests: Sequence[Request], missing: list[int],
               out: list[bytes | memoryview | None], fetch: Fetch,

@@ -21,7 +21,7 @@ from conftest import UNCOMPRESSED, _layout_store, assert_same_values, run_cli
 from arraystore import SampleReader
 from arraystore.errors import OptionError
 from arraystore.loaders import ZarrDistillDataset, collate_distill
-from arraystore.node_cache import ENV_DIR, MARKER, NodeCache, parse_size
+from arraystore.node_cache import ENV_DIR, MARKER, CacheWarning, NodeCache, parse_size
 
 
 def url(name: str) -> str:
@@ -111,7 +111,8 @@ def test_a_damaged_entry_is_fetched_again_and_replaced(region, tmp_path) -> None
     damaged.write_bytes(bytes(raw))
     reader = cached_reader(region, "raw+crc32c", cache)
     got: list[dict] = []
-    again = served(region, lambda: got.extend(read_all(reader)))
+    with pytest.warns(CacheWarning, match="damaged"):
+        again = served(region, lambda: got.extend(read_all(reader)))
     assert again["gets"] == 1  # the damaged entry only
     for index, sample in enumerate(got):
         assert_same_values(sample, expected[index], f"sample {index}")
@@ -135,10 +136,37 @@ def test_a_damaged_entry_read_into_a_batch_is_fetched_again(region, layout, tmp_
     again = ZarrDistillDataset(url(layout), storage_options=region.storage_options(),
                                cache_dir=cache)
     got: list = []
-    refetched = served(region, lambda: got.append(collate_distill(again.__getitems__(indices))))
+    with pytest.warns(CacheWarning, match="damaged"):
+        refetched = served(region, lambda: got.append(collate_distill(
+            again.__getitems__(indices))))
     assert refetched["gets"] == 1
     assert_same_values(got[0], expected)
     assert damaged.read_bytes() != bytes(raw)
+
+
+def test_a_cache_folder_of_garbage_is_rebuilt_with_a_warning_naming_it(region,
+                                                                     tmp_path) -> None:
+    """Entries truncated or overwritten (another format, garbage) and object records that do
+    not parse: detected, deleted and fetched again; the warning names the folder."""
+    cache = tmp_path / "cache"
+    expected = read_all(cached_reader(region, "sharded+crc32c", cache))
+    rng = np.random.default_rng(5)
+    for number, path in enumerate(sorted((cache / "objects").rglob("*"))):
+        if not path.is_file():
+            continue
+        if path.name == "object":
+            path.write_text("{not json")
+        elif number % 2:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        else:
+            path.write_bytes(rng.bytes(path.stat().st_size))
+    reader = cached_reader(region, "sharded+crc32c", cache)
+    with pytest.warns(CacheWarning, match=str(cache)):
+        got = read_all(reader)
+    for index, sample in enumerate(got):
+        assert_same_values(sample, expected[index], f"sample {index}")
+    rebuilt = cached_reader(region, "sharded+crc32c", cache)
+    assert served(region, lambda: read_all(rebuilt))["gets"] == 0
 
 
 def test_the_limit_holds_least_recently_used_go_first_and_foreign_files_stay(
