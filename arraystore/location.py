@@ -375,6 +375,14 @@ def _precondition_failed(exc: OSError) -> bool:
             or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412)
 
 
+def _version(info: Mapping[str, Any]) -> tuple[int, str]:
+    """An object's size and version tag from fsspec's ``info``: its ETag where the service
+    gives one, else its modification time."""
+    tag = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "updated")
+                if info.get(k)), "")
+    return int(info.get("size") or 0), str(tag)
+
+
 def _connect(url: str, storage_options: Mapping[str, Any]) -> tuple[Any, str]:
     """An fsspec file system for ``url`` and the store's root in it."""
     import fsspec
@@ -455,14 +463,20 @@ class ObjectLocation(Location):
         negative start with a stop of None asks for the object's last ``-start`` bytes."""
         got = self.fs.cat_ranges([self.key_path(k) for k in keys], list(starts), list(stops),
                                  on_error="return")
-        out: list[bytes | None] = []
-        for key, value in zip(keys, got, strict=True):
-            if isinstance(value, FileNotFoundError):
+        return self._answers(keys, got, lambda data: data)
+
+    def _answers(self, keys: Sequence[str], got: Sequence[Any],
+                 value: Callable[[Any], T]) -> list[T | None]:
+        """``value`` of each object's answer in ``got``; None where the object does not exist;
+        any other failure raised, naming its object."""
+        out: list[T | None] = []
+        for key, answer in zip(keys, got, strict=True):
+            if isinstance(answer, FileNotFoundError):
                 out.append(None)
-            elif isinstance(value, BaseException):
-                raise OSError(f"{self.url}/{key}: {value}") from value
+            elif isinstance(answer, BaseException):
+                raise OSError(f"{self.where(key)}: {answer}") from answer
             else:
-                out.append(value)
+                out.append(value(answer))
         return out
 
     def read_many(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -493,17 +507,7 @@ class ObjectLocation(Location):
                     got.append(fs.info(path))
                 except OSError as exc:
                     got.append(exc)
-        out: list[tuple[int, str] | None] = []
-        for key, info in zip(keys, got, strict=True):
-            if isinstance(info, FileNotFoundError):
-                out.append(None)
-            elif isinstance(info, BaseException):
-                raise OSError(f"{self.where(key)}: {info}") from info
-            else:
-                tag = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "updated")
-                            if info.get(k)), "")
-                out.append((int(info.get("size") or 0), str(tag)))
-        return out
+        return self._answers(keys, got, _version)
 
     def update(self, key: str, change: Callable[[bytes], bytes | None]) -> bytes:
         """Rewrite ``key`` as ``change`` makes its current bytes (None: leave it), and only if

@@ -70,7 +70,7 @@ HEADER = struct.Struct("<4sIQ8s")  # magic, crc32c of the bytes, their length, v
 MAGIC = b"ASC1"
 ENTRY_NAME = re.compile(r"^(\d+-\d+|last-\d+)$")
 # what a write killed midway leaves: a temporary file (``cache clear`` deletes them)
-TEMPORARY = re.compile(r"^\.(\d+-\d+|last-\d+|object|ARRAYSTORE_CACHE)\.\d+\.tmp$")
+TEMPORARY = re.compile(r"^\.(\d+-\d+|last-\d+|object)\.\d+\.tmp$")
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
          "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}

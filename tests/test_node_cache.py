@@ -169,6 +169,27 @@ def test_a_cache_folder_of_garbage_is_rebuilt_with_a_warning_naming_it(region,
     assert served(region, lambda: read_all(rebuilt))["gets"] == 0
 
 
+def test_what_a_killed_writer_leaves_is_never_served_and_clear_removes_it(region,
+                                                                        tmp_path) -> None:
+    """An entry is written to a temporary file and renamed into place: a process killed
+    mid-write leaves only the temporary file, which no reader takes for the entry."""
+    cache = tmp_path / "cache"
+    expected = read_all(cached_reader(region, "raw", cache))
+    entry = max((p for p in (cache / "objects").rglob("*") if p.name[0].isdigit()),
+                key=lambda p: p.stat().st_size)
+    leftover = entry.with_name(f".{entry.name}.4242.tmp")
+    leftover.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])  # a half-written one
+    entry.unlink()
+    reader = cached_reader(region, "raw", cache)
+    got: list[dict] = []
+    assert served(region, lambda: got.extend(read_all(reader)))["gets"] == 1
+    for index, sample in enumerate(got):
+        assert_same_values(sample, expected[index], f"sample {index}")
+    assert entry.exists() and leftover.exists()
+    run_cli("cache", "clear", cache, check=True)
+    assert not leftover.exists()
+
+
 def test_the_limit_holds_least_recently_used_go_first_and_foreign_files_stay(
         region, tmp_path) -> None:
     cache = tmp_path / "cache"
