@@ -305,11 +305,28 @@ REMOTE_LIBRARIES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "aiohtt
                     "azure")
 
 
+SERVICE_ERRNOS = (errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO))  # s3fs: 503 and 500
+CUT_ANSWERS = ("ClientPayloadError", "ServerDisconnectedError", "ContentLengthError")
+
+
+def service_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is the service failing to answer (throttled, a
+    server error, a connection cut mid-answer) rather than the store being out of reach."""
+    while exc is not None:
+        if (isinstance(exc, OSError) and exc.errno in SERVICE_ERRNOS) \
+                or type(exc).__name__ in CUT_ANSWERS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 @contextlib.contextmanager
 def remote_failures(url: str) -> Iterator[None]:
-    """Turn the failures of the storage libraries (no credentials, no server, no permission)
-    into a :class:`StoreAccessError` naming ``url`` and what to check; a missing key stays
-    ``FileNotFoundError`` and the project's own errors pass through."""
+    """Turn the failures of the storage libraries into a :class:`StoreAccessError` naming
+    ``url`` and what to check: the service failing after the client's retries (throttled,
+    server errors, cut answers), or the store out of reach (no credentials, no server, no
+    permission). A missing key stays ``FileNotFoundError`` and the project's own errors pass
+    through."""
     try:
         yield
     except (FileNotFoundError, FileExistsError, ArrayStoreError):
@@ -318,6 +335,14 @@ def remote_failures(url: str) -> Iterator[None]:
         library = type(exc).__module__.split(".")[0]
         if not isinstance(exc, OSError) and library not in REMOTE_LIBRARIES:
             raise
+        if service_failed(exc):
+            raise StoreAccessError(
+                f"{url}: the object store kept failing after the client's retries with "
+                f"backoff ({type(exc).__name__}: {exc}); the service may be overloaded or "
+                f"down: try again later, or allow more retries (storage options retries=N "
+                f"for cut answers, config_kwargs.retries.max_attempts=N for throttling and "
+                f"server errors)"
+            ) from exc
         raise StoreAccessError(
             f"{url}: the object store could not be reached ({type(exc).__name__}: {exc}); "
             f"check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "

@@ -15,6 +15,14 @@ GIL. Buckets are the folders under ``root``; objects are the files beneath them.
 ``python -m arraystore.testing.cloud_region serve ROOT`` and ``... proxy HOST:PORT`` run them
 by hand; each prints the port it listens on. ``GET /_region/stats`` on the server counts the
 requests it answered, its GETs and the object bytes it sent.
+
+Faults, for tests of what a reader does when the service misbehaves: ``POST /_region/faults``
+with ``{"mode": M, "count": N, "match": TEXT}`` makes the next ``N`` object GETs whose key
+contains ``TEXT`` fail (:meth:`Region.inject`). Modes: ``slowdown`` (503 SlowDown, S3's
+throttling answer), ``error`` (500 InternalError), ``cut`` (the connection closes halfway
+through the body it announced) and ``short`` (a well-formed answer one byte shorter than the
+range asked for, as a service answers for an object shorter than the reader believes). The
+stats list when each faulted request came (``faulted``, seconds on the server's clock).
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ DEFAULT_RTT_MS = 20.0
 DEFAULT_MB_PER_S = 100.0
 PUMP_BYTES = 256 * 1024
 STATS_PATH = "_region/stats"  # GET: the requests served so far, as JSON
+FAULTS_PATH = "_region/faults"  # POST: the next matching GETs fail (see the module's text)
+FAULT_MODES = ("slowdown", "error", "cut", "short")
 
 
 def _xml(body: str) -> bytes:
@@ -56,15 +66,48 @@ def _etag(path: Path) -> str:
     return f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'
 
 
-def _body_bytes(asked: slice, size: int) -> int:
-    """The bytes a GET of a ``size``-byte object sends for its ``Range`` (parsed by aiohttp:
-    ``slice(start, stop)``, a negative start for a suffix, both None for the whole)."""
+def _asked(asked: slice, size: int) -> tuple[int, int]:
+    """The bytes ``[start, stop)`` a GET of a ``size``-byte object asks for with its ``Range``
+    (parsed by aiohttp: ``slice(start, stop)``, a negative start for a suffix, both None for
+    the whole)."""
     start, stop = asked.start, asked.stop
     if start is None:
-        return size
+        return 0, size
     if start < 0:
-        return min(-start, size)
-    return max(0, min(size, size if stop is None else stop) - start)
+        return max(0, size + start), size
+    return start, max(start, min(size, size if stop is None else stop))
+
+
+async def _faulty(request: Any, target: Path, mode: str) -> Any:
+    """The answer of a GET of ``target`` that fails in ``mode`` (:data:`FAULT_MODES`)."""
+    from aiohttp import web
+
+    if mode == "slowdown":
+        return _error("SlowDown", 503, "Please reduce your request rate.")
+    if mode == "error":
+        return _error("InternalError", 500, "We encountered an internal error. Please try "
+                                            "again.")
+    size = target.stat().st_size
+    start, stop = _asked(request.http_range, size)
+    with target.open("rb") as file:
+        file.seek(start)
+        body = file.read(stop - start)
+    if mode == "short":
+        body = body[:-1]
+    ranged = request.headers.get("Range") is not None
+    response = web.StreamResponse(status=206 if ranged else 200, headers={
+        "ETag": _etag(target), "Content-Length": str(stop - start if mode == "cut"
+                                                     else len(body))})
+    if ranged:
+        response.headers["Content-Range"] = f"bytes {start}-{start + len(body) - 1}/{size}"
+    await response.prepare(request)
+    if mode == "cut":
+        await response.write(body[:len(body) // 2])
+        request.transport.close()
+        return response
+    await response.write(body)
+    await response.write_eof()
+    return response
 
 
 def _listing(bucket: Path, prefix: str, delimiter: str, max_keys: int,
@@ -116,11 +159,20 @@ def object_app(root: Path) -> Any:
             raise web.HTTPBadRequest(text="key out of its bucket")
         return target, key
 
-    served = {"requests": 0, "gets": 0, "bytes": 0}  # bytes: of object bodies sent
+    served: dict[str, Any] = {"requests": 0, "gets": 0, "bytes": 0,  # bytes: of bodies sent
+                              "faulted": []}
+    faults = {"mode": "", "count": 0, "match": ""}
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if request.match_info["path"] == STATS_PATH:
             return web.json_response(served)
+        if request.match_info["path"] == FAULTS_PATH:
+            asked = await request.json()
+            if asked.get("mode") not in FAULT_MODES:
+                raise web.HTTPBadRequest(text=f"mode must be one of {FAULT_MODES}")
+            faults.update(mode=asked["mode"], count=int(asked.get("count", 1)),
+                          match=str(asked.get("match", "")))
+            return web.json_response(faults)
         served["requests"] += 1
         served["gets"] += request.method == "GET"
         target, key = located(request)
@@ -138,11 +190,16 @@ def object_app(root: Path) -> Any:
         if request.method in ("GET", "HEAD"):
             if not target.is_file():
                 return _error("NoSuchKey", 404, f"no object {key}")
+            if request.method == "GET" and faults["count"] > 0 and faults["match"] in key:
+                faults["count"] -= 1
+                served["faulted"].append(time.monotonic())
+                return await _faulty(request, target, faults["mode"])
             response = web.FileResponse(target, chunk_size=PUMP_BYTES)
             response.headers["ETag"] = _etag(target)
             if request.method == "GET":
                 with contextlib.suppress(ValueError):  # a bad Range: answered 416, no body
-                    served["bytes"] += _body_bytes(request.http_range, target.stat().st_size)
+                    start, stop = _asked(request.http_range, target.stat().st_size)
+                    served["bytes"] += stop - start
             return response
         if request.method == "PUT":
             if not key:
@@ -259,13 +316,26 @@ class Region:
                 "secret": "region-secret", "client_kwargs": {"region_name": "us-east-1"}}
 
     def requests(self) -> dict[str, int]:
-        """Requests the server has answered so far (all, and GETs) and the object bytes it
-        sent."""
+        """Requests the server has answered so far (all, and GETs), the object bytes it sent
+        and when each faulted GET came (:meth:`inject`)."""
         import json
         import urllib.request
 
         with urllib.request.urlopen(f"{self.direct}/{STATS_PATH}") as answer:
             return json.loads(answer.read())
+
+    def inject(self, mode: str, count: int = 1, match: str = "") -> None:
+        """Make the next ``count`` object GETs whose key contains ``match`` fail in ``mode``
+        (:data:`FAULT_MODES`; the module's text says how each fails); replaces any faults
+        not yet used up."""
+        import json
+        import urllib.request
+
+        asked = urllib.request.Request(f"{self.direct}/{FAULTS_PATH}", method="POST",
+                                       data=json.dumps({"mode": mode, "count": count,
+                                                        "match": match}).encode())
+        with urllib.request.urlopen(asked) as answer:
+            answer.read()
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU the server and the proxy have used so far."""
