@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import logging
 import os
 import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,25 +167,47 @@ def write_bin_dataset(root: Path, num_samples: int, seed: int = 0, max_boxes: in
     return root
 
 
+def s3_environment(endpoint: str) -> dict[str, str]:
+    """The standard AWS variables that point a client at ``endpoint`` on loopback."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "arraystore-test",
+            "AWS_SECRET_ACCESS_KEY": "arraystore-test-secret", "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+MOTO_SERVER = """
+import logging, sys
+from moto.server import ThreadedMotoServer
+logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+print(server.get_host_and_port()[1], flush=True)
+sys.stdin.read()  # serve until the session closes this pipe
+"""
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """An S3-compatible server (moto's) on loopback for the session, with credentials and a
-    region in the standard AWS variables, as a user would configure access."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "arraystore-test",
-           "AWS_SECRET_ACCESS_KEY": "arraystore-test-secret", "AWS_REGION": "us-east-1",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    region in the standard AWS variables, as a user would configure access. It runs in a
+    process of its own: in the test's process its threads would take the GIL from the
+    client they answer."""
+    server = subprocess.Popen([sys.executable, "-c", MOTO_SERVER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    port = server.stdout.readline().strip()
+    if not port.isdigit():
+        server.kill()
+        raise RuntimeError(f"moto's server did not start (printed {port!r})")
+    env = s3_environment(f"http://127.0.0.1:{port}")
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
         yield env["AWS_ENDPOINT_URL"]
     finally:
-        server.stop()
+        server.stdin.close()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -191,12 +215,17 @@ def s3_endpoint() -> Iterator[str]:
                 os.environ[key] = value
 
 
-def new_bucket() -> str:
-    """Create a new, empty bucket on the session's S3 server: ``s3://<name>``."""
+@functools.cache
+def _s3_client(endpoint: str):
     import boto3
 
+    return boto3.client("s3", endpoint_url=endpoint)  # ~0.6 s to make one
+
+
+def new_bucket() -> str:
+    """Create a new, empty bucket on the session's S3 server: ``s3://<name>``."""
     name = f"arraystore-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=name)
+    _s3_client(os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket=name)
     return f"s3://{name}"
 
 
@@ -213,6 +242,31 @@ def s3_copy(local: Path, url: str) -> str:
     fs, root = fsspec.url_to_fs(url)
     fs.put(str(local), root, recursive=True)
     return url
+
+
+@pytest.fixture(scope="session")
+def folder_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Region]:
+    """An S3-compatible server over a folder (the loopback region's server, read unshaped at
+    ``.direct``): a store copied into ``root/<bucket>/`` is in the object store at once, no
+    upload. For tests that only read what they put there."""
+    with cloud_region(tmp_path_factory.mktemp("folder-s3"), rtt_ms=0, mb_per_s=0) as region:
+        yield region
+
+
+@pytest.fixture
+def folder_s3_bucket(folder_s3: Region, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A new bucket of :func:`folder_s3` (its folder; ``s3://<folder name>``), with the AWS
+    variables pointing at that server for the test, and fsspec's defaults for s3 too (its
+    clients are cached by their options, which the variables are not part of)."""
+    import fsspec.config
+
+    for key, value in s3_environment(folder_s3.direct).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": folder_s3.direct})
+    folder = folder_s3.root / f"arraystore-{uuid.uuid4().hex[:12]}"
+    folder.mkdir()
+    yield folder
+    shutil.rmtree(folder)
 
 
 @pytest.fixture(scope="session")
