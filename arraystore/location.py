@@ -312,10 +312,12 @@ CUT_ANSWERS = ("ClientPayloadError", "ServerDisconnectedError", "ContentLengthEr
 def service_failed(exc: BaseException) -> bool:
     """Whether ``exc`` (or what caused it) is the service failing to answer (throttled, a
     server error, a connection cut mid-answer) rather than the store being out of reach."""
-    while exc is not None:
+    seen: set[int] = set()  # a chain can loop back on itself
+    while exc is not None and id(exc) not in seen:
         if (isinstance(exc, OSError) and exc.errno in SERVICE_ERRNOS) \
                 or type(exc).__name__ in CUT_ANSWERS:
             return True
+        seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return False
 

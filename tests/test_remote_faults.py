@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Iterator
 
 import pytest
 from conftest import UNCOMPRESSED, _layout_store, assert_same_values
@@ -20,7 +21,7 @@ TIMEOUT_SECONDS = 60  # how long a read may retry before it must have given up
 
 
 @pytest.fixture
-def faulty(region: Region) -> Region:
+def faulty(region: Region) -> Iterator[Region]:
     """The module's region, its faults cleared after the test."""
     yield region
     region.inject("cut", 0)

@@ -315,7 +315,7 @@ class Region:
         return {"endpoint_url": self.direct if direct else self.endpoint, "key": "region",
                 "secret": "region-secret", "client_kwargs": {"region_name": "us-east-1"}}
 
-    def requests(self) -> dict[str, int]:
+    def requests(self) -> dict[str, Any]:
         """Requests the server has answered so far (all, and GETs), the object bytes it sent
         and when each faulted GET came (:meth:`inject`)."""
         import json
