@@ -17,7 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from arraystore import Layout, ingest
+from arraystore import Layout, SampleReader, ingest
 from arraystore.cli import cli
 from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.kinds.sa1b_bin import CONFIG_FILE, KEYS_FILE, bin_files
@@ -309,6 +309,12 @@ class Lengths(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return {"index": index}
+
+
+def per_sample_fields(reader: SampleReader) -> list[str]:
+    """The fields read by ranged GETs of per-sample chunks (what the node-local cache keeps
+    of an object store; block fields such as strings are read otherwise)."""
+    return [f.name for f in reader.schema.fields if f.chunking == "sample"]
 
 
 def assert_same_values(got, expected, where: str = "") -> None:

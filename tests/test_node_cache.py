@@ -16,7 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import UNCOMPRESSED, _layout_store, assert_same_values, run_cli
+from conftest import (
+    UNCOMPRESSED,
+    _layout_store,
+    assert_same_values,
+    per_sample_fields,
+    run_cli,
+)
 
 from arraystore import SampleReader
 from arraystore.errors import OptionError
@@ -26,11 +32,6 @@ from arraystore.node_cache import ENV_DIR, MARKER, CacheWarning, NodeCache, pars
 
 def url(name: str) -> str:
     return f"s3://stores/{name}.zarr"
-
-
-def per_sample_fields(reader: SampleReader) -> list[str]:
-    """The fields read by ranged GETs of per-sample chunks (what the cache keeps)."""
-    return [f.name for f in reader.schema.fields if f.chunking == "sample"]
 
 
 def cached_reader(region, name: str, cache: Path, **options) -> SampleReader:
