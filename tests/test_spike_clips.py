@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import shutil
 
 import cv2
 import numpy as np
@@ -43,9 +44,7 @@ def tree(tmp_path_factory):
 def store(request, tmp_path_factory, tree):
     """The tree with frame 3 of sequence A left out (its .dat is broken): a gap."""
     out = tmp_path_factory.mktemp("store") / "gopro.zarr"
-    broken = tree.parent / f"broken-{request.param}"
-    import shutil
-
+    broken = tmp_path_factory.mktemp("broken") / "root"  # pytest may set a param up twice
     shutil.copytree(tree, broken)
     (broken / "train" / "A" / "spike" / "000003.dat").write_bytes(b"short")
     ingest(GoproSpikeSource(voxels="precompute", **GEOMETRY), [broken], out,
