@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import shutil
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -443,9 +444,15 @@ class ObjectLocation(Location):
         self.cache = cache
         # a client per process: its connections and event loop are not a forked child's
         self._client = PerProcess(functools.partial(_connect, self.url, self.storage_options))
+        self._fetching = PerProcess(threading.RLock)
 
     def _fs(self) -> tuple[Any, str]:
         return self._client.get()
+
+    def fetching(self) -> threading.RLock:
+        """This process's lock around a fetch of samples: a read-ahead thread and the reader's
+        own thread take turns with the readers' shard-index caches."""
+        return self._fetching.get()
 
     def cached(self, cache: NodeCache | None) -> ObjectLocation:
         return self if cache == self.cache else \

@@ -9,15 +9,17 @@ blocks cached; :meth:`SampleReader.read_region` reads a window of a sample.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from arraystore.errors import IncompatibleStoreError, SampleNotCommittedError
-from arraystore.location import Location
+from arraystore.location import Location, ObjectLocation
 from arraystore.node_cache import CachedRange, NodeCache
 from arraystore.per_process import PerProcess
 from arraystore.readers import Backend, FieldReader, backend_chain
@@ -28,20 +30,42 @@ from arraystore.schema import Field
 from arraystore.store import Store, StoreTarget
 
 CACHED_BLOCKS = 4
+Fetched = np.ndarray | CachedRange  # a chunk fetched ahead: its array, or its cache entry
 # block-chunked fields; per backend: the backend, its field names, their readers
 ReadPlan = tuple[tuple[Field, ...], tuple[tuple[Backend, tuple[str, ...], list[FieldReader]], ...]]
 
 
 class _Opened:
     """What a reader opens in the process that reads (:mod:`arraystore.per_process`): its
-    backends, field readers, cached blocks and read plans."""
+    backends, field readers, cached blocks and read plans, what was fetched ahead, and the
+    read-ahead thread with the fetch it runs."""
 
     def __init__(self) -> None:
         self.backends: dict[str, Backend] = {}
         self.readers: dict[str, tuple[FieldReader, str]] = {}
         self.blocks: dict[str, OrderedDict[int, np.ndarray]] = {}
         self.plans: dict[tuple[str, ...], ReadPlan] = {}
-        self.ahead: dict[tuple[str, int], np.ndarray] = {}  # (field, slot): fetched ahead
+        self.ahead: dict[tuple[str, int], Fetched] = {}  # (field, slot): fetched ahead
+        self.pool: ThreadPoolExecutor | None = None
+        self.later: tuple[list[tuple[str, int]], Future[list[Fetched]]] | None = None
+
+    def fetch_later(self, location: ObjectLocation, keys: list[tuple[str, int]],
+                    wanted: list[tuple[RangedFieldReader, int]]) -> None:
+        """Start fetching ``wanted`` (the chunks of ``keys``) on the read-ahead thread."""
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="arraystore-read-ahead")
+        self.later = keys, self.pool.submit(fetch_samples, location, wanted, True)
+
+    def settle(self) -> None:
+        """Wait for the read-ahead fetch and keep what it fetched. A fetch that failed is
+        dropped: the chunks are fetched again when read, and a failure that persists is
+        raised there, naming its object."""
+        if self.later is None:
+            return
+        keys, future = self.later
+        self.later = None
+        with contextlib.suppress(Exception):
+            self.ahead.update(zip(keys, future.result(), strict=True))
 
 
 class SampleReader:
@@ -201,14 +225,42 @@ class SampleReader:
             values.update(zip(group, backend.read_fields(readers, position), strict=True))
         return {name: values[name] for name in names}
 
-    def fetch_ahead(self, indices: Sequence[int], names: Sequence[str]) -> None:
+    def fetch_ahead(self, indices: Sequence[int], names: Sequence[str],
+                    then: Sequence[int] = ()) -> None:
         """Fetch the per-sample chunks of fields ``names`` of the ``indices``-th committed
         samples in one concurrent batch of GETs (neighbouring ranges of a shard joined), where
         they come from an object store by ranged GETs; :meth:`read_into` then takes them
         (what a batch is about to read: a batch costs about two round trips, not one a
         field and sample). Holds one batch: what an earlier call fetched for other samples is
         dropped, what it fetched for these is kept. Fields read otherwise (from a disk,
-        through TensorStore) are not touched."""
+        through TensorStore) are not touched.
+
+        ``then``: the samples this process reads next (the next batch). Their chunks are
+        fetched on a thread of the reader's own while this batch is read and handed on, and
+        a later call for them takes what that fetch got: the link stays busy between batches.
+        At most one batch is fetched ahead, so a process holds at most two batches' bytes."""
+        opened = self._open.get()
+        wanted = self._ranged_chunks(indices, names)
+        if opened.later is not None and (then or not wanted.keys().isdisjoint(
+                opened.later[0])):
+            opened.settle()
+        ahead = opened.ahead
+        positions = {position for _, position in wanted}
+        for key in [k for k in ahead if k[1] not in positions]:
+            del ahead[key]
+        missing = [key for key in wanted if key not in ahead]
+        if missing:
+            fetched = fetch_samples(self.location, [wanted[key] for key in missing], lazy=True)
+            ahead.update(zip(missing, fetched, strict=True))
+        later = {key: chunk for key, chunk in self._ranged_chunks(then, names).items()
+                 if key not in wanted}
+        if later:
+            opened.fetch_later(self.location, list(later), list(later.values()))
+
+    def _ranged_chunks(self, indices: Sequence[int], names: Sequence[str]
+                       ) -> dict[tuple[str, int], tuple[RangedFieldReader, int]]:
+        """(field, slot) -> (its reader, slot) for the per-sample chunks of ``names`` of the
+        ``indices``-th committed samples that are read by ranged GETs."""
         wanted: dict[tuple[str, int], tuple[RangedFieldReader, int]] = {}
         for name in names:
             reader = self.field_reader(name)[0] if self.schema[name].chunking == "sample" \
@@ -217,14 +269,7 @@ class SampleReader:
                 for index in indices:
                     position = self.position(int(index))
                     wanted[(name, position)] = (reader, position)
-        ahead = self._open.get().ahead
-        positions = {position for _, position in wanted}
-        for key in [k for k in ahead if k[1] not in positions]:
-            del ahead[key]
-        missing = [key for key in wanted if key not in ahead]
-        if missing:
-            fetched = fetch_samples(self.location, [wanted[key] for key in missing], lazy=True)
-            ahead.update(zip(missing, fetched, strict=True))
+        return wanted
 
     def _take_ahead(self, name: str, position: int,
                     out: np.ndarray | None = None) -> np.ndarray:

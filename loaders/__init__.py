@@ -13,6 +13,7 @@ from typing import Any
 _EXPORTS = {
     "ZarrDistillDataset": "arraystore.loaders.zarr_dataset",
     "BatchLoader": "arraystore.loaders.batch_loader",
+    "ReadAhead": "arraystore.loaders.read_ahead",
     "BinaryDistillDataset": "arraystore.loaders.binary_dataset",
     "DISTILL_FIELDS": "arraystore.loaders.distill_item",
     "ALL_KEYS": "arraystore.loaders.distill_item",

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import get_worker_info
 from torch.utils.data._utils.collate import collate, default_collate_fn_map
 
+from arraystore.loaders.read_ahead import upcoming
 from arraystore.loaders.shared_ring import shippable, worker_buffer
 from arraystore.reader import SampleReader
 
@@ -143,15 +144,17 @@ def allocate(reader: SampleReader, slots: Sequence[Slot], n: int, *, pin: bool =
 
 
 def fill(reader: SampleReader, slots: Sequence[Slot], buffers: Mapping[str, torch.Tensor],
-         indices: Sequence[int]) -> dict[str, torch.Tensor]:
+         indices: Sequence[int], also: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     """Read the ``indices``-th committed samples of every slot's field into ``buffers`` (their
     first ``len(indices)`` rows); returns each slot's batch tensor in the batch's layout.
 
     One thread fills a batch: the parallelism is across batches (DataLoader workers,
     BatchLoader threads); splitting a batch's fields over threads too was no faster here. From
-    an object store the batch's chunks are fetched first, all at once
-    (:meth:`SampleReader.fetch_ahead`)."""
-    reader.fetch_ahead(indices, [slot.field for slot in slots])
+    an object store the batch's chunks, and those of fields ``also`` (read by the caller next),
+    are fetched first, all at once, and the next batch's start on the reader's read-ahead
+    thread where ``indices`` name it (:mod:`arraystore.loaders.read_ahead`,
+    :meth:`SampleReader.fetch_ahead`)."""
+    reader.fetch_ahead(indices, [*(slot.field for slot in slots), *also], upcoming(indices))
 
     def one(slot: Slot) -> torch.Tensor:
         target = buffers[slot.key][: len(indices)]

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from arraystore.loaders.batched import Batched, Slot, allocate, fill, torch_dtype
 from arraystore.loaders.packed_collate import collate_packed
+from arraystore.loaders.read_ahead import BatchWithNext, upcoming
 from arraystore.loaders.shared_ring import shippable
 from arraystore.loaders.zarr_dataset import ZarrDistillDataset
 from arraystore.location import Location, is_url
@@ -267,7 +268,11 @@ class Mixture(Dataset):
             rows.setdefault(source, []).append(row)
         if any(not hasattr(self.datasets[s], "__getitems__") for s in rows):
             return [self[int(i)] for i in indices]
-        reads = {s: self.datasets[s].__getitems__([located[r][1] for r in members])
+        then: dict[int, list[int]] = {}  # each source's part of the batch read next
+        for source, inner in (self.locate(int(i)) for i in upcoming(indices)):
+            then.setdefault(source, []).append(inner)
+        reads = {s: self.datasets[s].__getitems__(BatchWithNext(
+                     [located[r][1] for r in members], then.get(s, ())))
                  for s, members in rows.items()}
         items: list[dict[str, Any]] = [{}] * len(indices)
         for source, members in rows.items():

@@ -88,8 +88,7 @@ class ZarrDistillDataset(Dataset):
         rest = [k for k in self.keys if k not in STACKED_SLOTS]
         fields = fields_for(rest)
         # from an object store: every field of the batch in one round of requests
-        self.reader.fetch_ahead(indices, [*(s.field for s in self.batch_slots()), *fields])
-        stacked = fill(self.reader, self.batch_slots(), buffers, indices)
+        stacked = fill(self.reader, self.batch_slots(), buffers, indices, also=fields)
         items = [distill_item(self.reader.read(int(i), fields) if fields else {},
                               self.sample_ids[int(i)], rest) for i in indices]
         batch = {**stacked, **(collate_distill(items) if rest else {})}

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +123,29 @@ def region(tmp_path_factory: pytest.TempPathFactory, shard: Path) -> Iterator[Re
                         root / "stores" / f"{layout}.zarr")
     with cloud_region(root, rtt_ms=REGION_RTT_MS, mb_per_s=100) as running:
         yield running
+
+
+def url(name: str) -> str:
+    """The :func:`region` store named ``name``."""
+    return f"s3://stores/{name}.zarr"
+
+
+def served(region: Region, read: Callable[[], object]) -> dict[str, int]:
+    """What the region's server answered while ``read()`` ran: GETs, HEADs, bytes sent."""
+    before = region.requests()
+    read()
+    after = region.requests()
+    return {"gets": after["gets"] - before["gets"],
+            "heads": after["requests"] - after["gets"] - before["requests"] + before["gets"],
+            "bytes": after["bytes"] - before["bytes"]}
+
+
+def copy_store(region: Region, layout: str, name: str,
+               tmp_path_factory: pytest.TempPathFactory, shard: Path) -> None:
+    """A private copy of a layout's store in the region (a test that rewrites it)."""
+    target = region.root / "stores" / f"{name}.zarr"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(_layout_store(layout, tmp_path_factory, shard), target)
 
 
 @pytest.fixture(scope="session", params=list(LAYOUTS))

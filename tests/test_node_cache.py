@@ -20,18 +20,17 @@ from conftest import (
     UNCOMPRESSED,
     _layout_store,
     assert_same_values,
+    copy_store,
     per_sample_fields,
     run_cli,
+    served,
+    url,
 )
 
 from arraystore import SampleReader
 from arraystore.errors import OptionError
 from arraystore.loaders import ZarrDistillDataset, collate_distill
 from arraystore.node_cache import ENV_DIR, MARKER, CacheWarning, NodeCache, parse_size
-
-
-def url(name: str) -> str:
-    return f"s3://stores/{name}.zarr"
 
 
 def cached_reader(region, name: str, cache: Path, **options) -> SampleReader:
@@ -41,25 +40,8 @@ def cached_reader(region, name: str, cache: Path, **options) -> SampleReader:
                         fields=per_sample_fields(reader), **options)
 
 
-def served(region, read) -> dict[str, int]:
-    """What the region's server answered while ``read()`` ran: GETs, HEADs, bytes sent."""
-    before = region.requests()
-    read()
-    after = region.requests()
-    return {"gets": after["gets"] - before["gets"],
-            "heads": after["requests"] - after["gets"] - before["requests"] + before["gets"],
-            "bytes": after["bytes"] - before["bytes"]}
-
-
 def read_all(reader: SampleReader, indices=None) -> list[dict]:
     return [reader[i] for i in (range(len(reader)) if indices is None else indices)]
-
-
-def copy_store(region, layout: str, name: str, tmp_path_factory, shard) -> None:
-    """A private copy of a layout's store in the region (a test that rewrites it)."""
-    target = region.root / "stores" / f"{name}.zarr"
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(_layout_store(layout, tmp_path_factory, shard), target)
 
 
 @pytest.mark.parametrize("layout", UNCOMPRESSED)

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import BACKENDS
+from conftest import BACKENDS, served
 
 from arraystore import SampleReader
 
@@ -65,3 +65,21 @@ def test_bad_windows_are_refused(layout_store) -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             reader.read_region(0, "image", window)
+
+
+def test_remote_region_reads_fetch_only_the_window_rows(region) -> None:
+    reader = SampleReader("s3://stores/sharded.zarr", storage_options=region.storage_options())
+    reader.read_region(0, "image", (slice(0, 1), slice(0, 1)))  # the shard index
+    local = reader.read(0)
+
+    def fetched(name: str, window: tuple[slice, ...]) -> dict[str, int]:
+        got = []
+        answered = served(region, lambda: got.append(reader.read_region(0, name, window)))
+        np.testing.assert_array_equal(got[0], local[name][window])
+        return answered
+
+    assert fetched("image", (slice(100, 356), slice(700, 956))) == {
+        "gets": 1, "heads": 0, "bytes": 256 * 1024 * 3}  # the window's rows, not 3 MiB
+    assert fetched("masks", (slice(0, 2), slice(30, 90), slice(40, 200)))["gets"] == 2
+    span = fetched("P4_S16", (slice(0, 256), slice(8, 24), slice(0, 64)))  # 256 runs: a span
+    assert span["gets"] == 1 and span["bytes"] == (255 * 64 + 16) * 64 * 4

@@ -29,7 +29,7 @@ from arraystore.errors import ChecksumMismatchError, StoreFormatError
 from arraystore.keys import ChunkPaths
 from arraystore.readers.base import FieldReader, missing_chunk
 from arraystore.readers.mapped import MappedShard
-from arraystore.region import Region, region_shape
+from arraystore.region import Region, place_rows, region_shape, row_runs
 from arraystore.schema import Field
 
 OPEN_SHARDS = 32
@@ -63,31 +63,21 @@ def read_shard_index(fd: int, shard_size: int, checksum: bool, path: str,
 def read_window(fd: int, base: int, shape: tuple[int, ...], dtype: np.dtype, region: Region,
                 what: str) -> np.ndarray:
     """``region`` of the C-order array of ``shape`` stored uncompressed at byte ``base`` of
-    ``fd``, reading only the rows the window covers.
-
-    Let ``p`` be the first axis the window does not take whole: for each index of the axes
-    before it (taken whole), the rows ``region[p]`` with every later axis whole are one
-    contiguous byte range, read with one ``pread``. An image window is then one ``pread`` of
-    its rows; a (10, h, w) spike window ten. When the later axes are whole too, the rows land
-    straight in the output; otherwise they are sliced out of a reused row buffer.
-    """
+    ``fd``, reading only the rows the window covers: one ``pread`` per
+    :func:`~arraystore.region.row_runs` range (an image window, one; a (10, h, w) spike window,
+    ten). Where the window takes the rows whole they land straight in the output; otherwise
+    they are sliced out of a reused row buffer."""
     out = np.empty(region_shape(region), dtype)
-    whole = [r.start == 0 and r.stop == n for r, n in zip(region, shape, strict=True)]
-    p = whole.index(False) if False in whole else len(shape)
-    if p == len(shape):
-        _pread_into(fd, out, base, what)
-        return out
-    row_bytes = int(np.prod(shape[p + 1:], dtype=np.int64)) * dtype.itemsize
-    rest = region[p + 1:]
-    direct = all(whole[p + 1:])
-    rows = None if direct else np.empty((region[p].stop - region[p].start, *shape[p + 1:]), dtype)
-    for k, prefix in enumerate(np.ndindex(*shape[:p])):
-        offset = base + (k * shape[p] + region[p].start) * row_bytes
-        if direct:
-            _pread_into(fd, out[prefix], offset, what)
-        else:
-            _pread_into(fd, rows, offset, what)
-            out[prefix] = rows[(slice(None), *rest)]
+    rows = None
+    for run in row_runs(shape, dtype.itemsize, region):
+        target = out[run.prefix]
+        if target.nbytes == run.nbytes:
+            _pread_into(fd, target, base + run.offset, what)
+            continue
+        if rows is None:
+            rows = np.empty(run.nbytes // dtype.itemsize, dtype)
+        _pread_into(fd, rows, base + run.offset, what)
+        place_rows(out, run, rows, shape, region)
     return out
 
 

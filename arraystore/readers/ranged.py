@@ -32,10 +32,12 @@ from arraystore.keys import ChunkPaths
 from arraystore.location import ObjectLocation
 from arraystore.node_cache import CachedRange
 from arraystore.readers.base import FieldReader, missing_chunk
+from arraystore.region import Region, place_rows, region_shape, row_runs
 from arraystore.schema import Field
 
 CACHED_INDEXES = 256
 COALESCE_BYTES = 64 << 20  # the largest GET that joined ranges make
+SEPARATE_RUNS = 16  # a window of more row ranges than this is fetched as the span they cover
 
 Request = tuple[str, int, int]  # key, start, stop (start < 0: the last -start bytes)
 
@@ -85,6 +87,39 @@ class RangedFieldReader(FieldReader):
         samples = list(range(start, stop))
         return np.stack(fetch_samples(self.location, [(self, s) for s in samples]))
 
+    def read_region(self, sample: int, region: Region) -> np.ndarray:
+        """The window ``region`` of one sample, fetching only the rows it covers: one ranged
+        GET per :func:`~arraystore.region.row_runs` range, all at once, or, where a window
+        has more than :data:`SEPARATE_RUNS` of them, one GET of the span they cover (a
+        request costs a round trip; a (256, h, w) window of features would be 256). With
+        chunk checksums the whole chunk is fetched: its crc32c covers it all."""
+        if self.checksum:
+            return super().read_region(sample, region)
+        with self.location.fetching():
+            for shard, req in self.missing_indexes(sample):
+                self.store_index(shard, _get(self.location, [req])[0])
+            key, base, _ = self.request(sample)
+            runs = list(row_runs(self.field.shape, self.dtype.itemsize, region))
+            if len(runs) <= SEPARATE_RUNS:
+                got = _get(self.location, [(key, base + run.offset,
+                                            base + run.offset + run.nbytes) for run in runs])
+            else:  # one GET of the span they cover, cut up here
+                first, last = runs[0].offset, runs[-1].offset + runs[-1].nbytes
+                span = _get(self.location, [(key, base + first, base + last)])[0]
+                got = [None if span is None else memoryview(span)[
+                    run.offset - first:run.offset - first + run.nbytes] for run in runs]
+        out = np.empty(region_shape(region), self.dtype)
+        for run, data in zip(runs, got, strict=True):
+            where = f"field {self.field.name!r}, sample {sample}, {self.location.where(key)}"
+            if data is None:
+                raise missing_chunk(self.field.name, sample, self.location.where(key))
+            if len(data) != run.nbytes:
+                raise StoreFormatError(f"{where}: {len(data)} bytes fetched at byte "
+                                       f"{base + run.offset}, expected {run.nbytes} (the "
+                                       f"chunk ends early)")
+            place_rows(out, run, np.frombuffer(data, self.dtype), self.field.shape, region)
+        return out
+
     def read_cached(self, sample: int, entry: CachedRange,
                     out: np.ndarray | None = None) -> np.ndarray | None:
         """The sample from its node-local cache entry, read straight into ``out`` (a batch
@@ -117,7 +152,8 @@ class RangedBlockReader(RangedFieldReader):
         first, last = start // self.per_chunk, (stop - 1) // self.per_chunk
         keys = [self.keys.path(i) for i in range(first, last + 1)]
         nbytes = self.per_chunk * self.field.nbytes + (CRC_BYTES if self.checksum else 0)
-        got = _get(self.location, [(key, 0, nbytes) for key in keys])
+        with self.location.fetching():
+            got = _get(self.location, [(key, 0, nbytes) for key in keys])
         chunks = []
         for index, (key, data) in enumerate(zip(keys, got, strict=True), first):
             if data is None:
@@ -180,19 +216,21 @@ def fetch_samples(location: ObjectLocation, wanted: Sequence[tuple[RangedFieldRe
     """The samples ``wanted`` (reader, sample) as arrays: first the shard indexes none of them
     has cached (one concurrent batch of requests), then every chunk (a second). ``lazy``:
     a sample the node-local cache holds comes as its entry, for
-    :meth:`RangedFieldReader.read_cached` into a batch slot."""
-    needed: dict[tuple[int, int], tuple[RangedFieldReader, int, Request]] = {}
-    for reader, sample in wanted:
-        for shard, req in reader.missing_indexes(sample):
-            needed.setdefault((id(reader), shard), (reader, shard, req))
-    if needed:
-        got = _get(location, [req for _, _, req in needed.values()])
-        for (reader, shard, _), raw in zip(needed.values(), got, strict=True):
-            reader.store_index(shard, raw)
-    requests = [reader.request(sample) for reader, sample in wanted]
+    :meth:`RangedFieldReader.read_cached` into a batch slot. One fetch at a time per process
+    and location (a read-ahead thread's and the reader's own)."""
+    with location.fetching():
+        needed: dict[tuple[int, int], tuple[RangedFieldReader, int, Request]] = {}
+        for reader, sample in wanted:
+            for shard, req in reader.missing_indexes(sample):
+                needed.setdefault((id(reader), shard), (reader, shard, req))
+        if needed:
+            got = _get(location, [req for _, _, req in needed.values()])
+            for (reader, shard, _), raw in zip(needed.values(), got, strict=True):
+                reader.store_index(shard, raw)
+        requests = [reader.request(sample) for reader, sample in wanted]
+        fetched = _get(location, requests, lazy)
     return [data if isinstance(data, CachedRange) else reader.decode(sample, request, data)
-            for (reader, sample), request, data
-            in zip(wanted, requests, _get(location, requests, lazy), strict=True)]
+            for (reader, sample), request, data in zip(wanted, requests, fetched, strict=True)]
 
 
 def coalesced(requests: Sequence[Request],
