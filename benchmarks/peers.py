@@ -97,23 +97,33 @@ def import_peers() -> tuple[Any, Any, Any, Any]:
     return streaming, litdata, lance, pyarrow
 
 
-def write_mds(streaming: Any, out: Path, columns: dict[str, np.ndarray],
-              names: Sequence[str]) -> Any:
-    """An uncompressed MDS dataset of the items, opened as a local ``StreamingDataset``."""
+def mds_dataset(streaming: Any, out: Path, columns: dict[str, np.ndarray],
+                names: Sequence[str]) -> None:
+    """The items written as an uncompressed MDS dataset in ``out``."""
     encodings = {n: f"ndarray:{columns[n].dtype.name}:{','.join(map(str, columns[n].shape[1:]))}"
                  if columns[n].ndim > 1 else columns[n].dtype.name  # a scalar encoding
                  for n in names}
     with streaming.MDSWriter(out=str(out), columns=encodings, compression=None) as writer:
         for i in range(len(columns[names[0]])):
             writer.write({n: columns[n][i] for n in names})
+
+
+def write_mds(streaming: Any, out: Path, columns: dict[str, np.ndarray],
+              names: Sequence[str]) -> Any:
+    """An uncompressed MDS dataset of the items, opened as a local ``StreamingDataset``."""
+    mds_dataset(streaming, out, columns, names)
     return streaming.StreamingDataset(local=str(out), batch_size=1, shuffle=False)
 
 
-def write_litdata(litdata: Any, out: Path, flat: FlatFile, count: int) -> Any:
-    """The items through ``litdata.optimize`` (uncompressed, one worker), opened as a
-    ``litdata.StreamingDataset``."""
+def optimize_litdata(litdata: Any, out: Path, flat: FlatFile, count: int) -> None:
+    """The items written by ``litdata.optimize`` in ``out`` (uncompressed, one worker)."""
     litdata.optimize(fn=functools.partial(flat_item, flat), inputs=list(range(count)),
                      output_dir=str(out), chunk_bytes="64MB", num_workers=1, compression=None)
+
+
+def write_litdata(litdata: Any, out: Path, flat: FlatFile, count: int) -> Any:
+    """The items through ``litdata.optimize``, opened as a ``litdata.StreamingDataset``."""
+    optimize_litdata(litdata, out, flat, count)
     return litdata.StreamingDataset(str(out))
 
 

@@ -230,8 +230,9 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
     queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
     async def receive() -> None:
-        while block := await reader.read(PUMP_BYTES):
-            queue.put_nowait((time.monotonic() + delay, block))
+        with contextlib.suppress(ConnectionError):  # a peer that reset: the copy ends
+            while block := await reader.read(PUMP_BYTES):
+                queue.put_nowait((time.monotonic() + delay, block))
         queue.put_nowait((0.0, b""))
 
     receiving = asyncio.ensure_future(receive())
