@@ -7,6 +7,8 @@ sample concerned and, where one exists, the option that fixes the problem.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class ArrayStoreError(Exception):
     """Base class of every error raised by arraystore."""
@@ -98,6 +100,17 @@ class StoreLockedError(ArrayStoreError, BlockingIOError):
 class StoreAccessError(ArrayStoreError, OSError):
     """An object store could not be reached or refused the request (no credentials, no
     server, no permission); the message names the URL and what to check."""
+
+
+class ObjectChangedError(ArrayStoreError, OSError):
+    """Objects of a store in an object store were replaced while a reader was reading them
+    (their ETag is no longer the one the reader's earlier requests saw). Readers catch it,
+    forget what they knew of those objects and read them again; it reaches the caller only
+    when they change again at once. ``keys``: the objects' keys in the store."""
+
+    def __init__(self, message: str, keys: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.keys = tuple(keys)
 
 
 class ChecksumMismatchError(ArrayStoreError, OSError):

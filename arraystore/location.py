@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from arraystore.beneath import open_beneath
-from arraystore.errors import ArrayStoreError, MissingExtraError, OptionError, StoreAccessError
+from arraystore.errors import (
+    ArrayStoreError,
+    MissingExtraError,
+    ObjectChangedError,
+    OptionError,
+    StoreAccessError,
+)
 from arraystore.keys import fsync_path
 from arraystore.node_cache import NodeCache
 from arraystore.per_process import PerProcess
@@ -395,6 +401,34 @@ async def _update_s3_object(fs: Any, bucket: str, name: str,
     return None
 
 
+async def _get_s3_range(fs: Any, path: str, start: int, stop: int | None,
+                        tag: str | None) -> tuple[bytes, str]:
+    """Bytes ``[start, stop)`` of the object at ``path`` (a negative start: its last
+    ``-start`` bytes) and the ETag of the version they came from, with s3fs's client and its
+    retries; only from version ``tag`` where given (``If-Match``)."""
+    from s3fs.core import _error_wrapper
+
+    bucket, name = path.split("/", 1)
+    if start < 0:
+        asked = {"Range": f"bytes={start}"}
+    elif start or stop is not None:
+        asked = {"Range": f"bytes={start}-{'' if stop is None else stop - 1}"}
+    else:
+        asked = {}  # the whole object (a Range would be refused for an empty one)
+    if tag:
+        asked["IfMatch"] = tag
+
+    async def call_and_read() -> tuple[bytes, str]:
+        got = await fs._call_s3("get_object", Bucket=bucket, Key=name, **asked)
+        try:
+            return await got["Body"].read(), str(got.get("ETag") or "")
+        finally:
+            got["Body"].close()
+
+    # as s3fs's own ranged reads: a body cut off mid-read is tried again
+    return await _error_wrapper(call_and_read, retries=fs.retries)
+
+
 def _precondition_failed(exc: OSError) -> bool:
     """Whether s3fs's ``exc`` is S3's 412 Precondition Failed (another write came first): the
     service's own error code, on the botocore error s3fs keeps as the cause."""
@@ -457,6 +491,7 @@ class ObjectLocation(Location):
         # a client per process: its connections and event loop are not a forked child's
         self._client = PerProcess(functools.partial(_connect, self.url, self.storage_options))
         self._fetching = PerProcess(threading.RLock)
+        self._tags: PerProcess[dict[str, str]] = PerProcess(dict)  # key -> the ETag read
 
     def _fs(self) -> tuple[Any, str]:
         return self._client.get()
@@ -506,10 +541,54 @@ class ObjectLocation(Location):
     def read_ranges(self, keys: Sequence[str], starts: Sequence[int],
                     stops: Sequence[int | None]) -> list[bytes | None]:
         """Many ranges at once (concurrent requests); None where the object does not exist. A
-        negative start with a stop of None asks for the object's last ``-start`` bytes."""
-        got = self.fs.cat_ranges([self.key_path(k) for k in keys], list(starts), list(stops),
-                                 on_error="return")
-        return self._answers(keys, got, lambda data: data)
+        negative start with a stop of None asks for the object's last ``-start`` bytes.
+
+        On S3 every GET of an object this process has read before asks for the version it
+        read then (``If-Match`` on its ETag, recorded from the first answer or HEAD): an
+        object replaced since raises :class:`ObjectChangedError` naming it, and is
+        forgotten, so that the caller reads it again from the start (its shard index
+        first) rather than mixing ranges of two versions. Other services are read without
+        the condition."""
+        paths = [self.key_path(k) for k in keys]
+        if self.scheme != "s3":
+            got = self.fs.cat_ranges(paths, list(starts), list(stops), on_error="return")
+            return self._answers(keys, got, lambda data: data)
+        import asyncio
+
+        from fsspec.asyn import sync
+
+        tags = self._tags.get()
+
+        async def each() -> list[Any]:
+            return await asyncio.gather(*(
+                _get_s3_range(self.fs, path, start, stop, tags.get(key))
+                for key, path, start, stop in zip(keys, paths, starts, stops, strict=True)),
+                return_exceptions=True)
+
+        got = sync(self.fs.loop, each)
+        seen: dict[str, str] = {}
+        changed = {key for key, answer in zip(keys, got, strict=True)
+                   if isinstance(answer, OSError) and _precondition_failed(answer)}
+        for key, answer in zip(keys, got, strict=True):
+            if isinstance(answer, tuple) and answer[1] and \
+                    seen.setdefault(key, answer[1]) != answer[1]:
+                changed.add(key)  # replaced between two of these GETs
+        if changed:
+            for key in changed:
+                tags.pop(key, None)
+            raise ObjectChangedError(
+                f"{', '.join(self.where(k) for k in sorted(changed))}: replaced while being "
+                f"read (the ETag changed); read again", sorted(changed))
+        for key, tag in seen.items():
+            tags.setdefault(key, tag)
+        return self._answers(keys, [a[0] if isinstance(a, tuple) else a for a in got],
+                             lambda data: data)
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Forget the versions this process read of objects ``keys`` (they were replaced)."""
+        tags = self._tags.get()
+        for key in keys:
+            tags.pop(key, None)
 
     def _answers(self, keys: Sequence[str], got: Sequence[Any],
                  value: Callable[[Any], T]) -> list[T | None]:
@@ -553,7 +632,13 @@ class ObjectLocation(Location):
                     got.append(fs.info(path))
                 except OSError as exc:
                     got.append(exc)
-        return self._answers(keys, got, _version)
+        found = self._answers(keys, got, _version)
+        if self.scheme == "s3":  # what this process reads next must be of these versions
+            tags = self._tags.get()
+            for key, version in zip(keys, found, strict=True):
+                if version is not None:
+                    tags.setdefault(key, version[1])
+        return found
 
     def update(self, key: str, change: Callable[[bytes], bytes | None]) -> bytes:
         """Rewrite ``key`` as ``change`` makes its current bytes (None: leave it), and only if

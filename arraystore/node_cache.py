@@ -47,7 +47,7 @@ import struct
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,6 +257,13 @@ class NodeCache:
         if missing:
             self._fill(url, requests, missing, out, fetch, digests, state)
         return out
+
+    def forget(self, url: str, keys: Iterable[str]) -> None:
+        """Forget the versions this process learnt of objects ``keys`` of store ``url`` (they
+        were replaced): the next read asks the object store again."""
+        known = self._state.get().versions
+        for key in keys:
+            known.pop(f"{url}/{key}", None)
 
     def _versions(self, url: str, keys: list[str], versions: Versions,
                   state: _State) -> dict[str, bytes | None]:

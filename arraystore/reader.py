@@ -23,7 +23,7 @@ from arraystore.location import Location, ObjectLocation
 from arraystore.node_cache import CachedRange, NodeCache
 from arraystore.per_process import PerProcess
 from arraystore.readers import Backend, FieldReader, backend_chain
-from arraystore.readers.ranged import RangedFieldReader, fetch_samples
+from arraystore.readers.ranged import RangedFieldReader, fetch_samples, fetch_windows
 from arraystore.region import normalize_region
 from arraystore.sample_ids import SampleIds
 from arraystore.schema import Field
@@ -187,6 +187,27 @@ class SampleReader:
         if field.chunking == "block" or field.is_string:
             return np.asarray(self.read_field(name, position))[bounds]
         return self.field_reader(name)[0].read_region(position, bounds)
+
+    def read_regions(self, wanted: Sequence[tuple[int, str, Sequence[slice]]]
+                     ) -> list[np.ndarray]:
+        """:meth:`read_region` of each (index, field, region) of ``wanted``; from an object
+        store, every window read by ranged GETs fetched at once (a round of requests for all
+        of them, not one per window: :func:`~arraystore.readers.ranged.fetch_windows`)."""
+        out: list[np.ndarray] = [np.empty(0)] * len(wanted)
+        ranged: list[tuple[int, tuple[RangedFieldReader, int, tuple[slice, ...]]]] = []
+        for number, (index, name, region) in enumerate(wanted):
+            field = self.schema[name]
+            reader = self.field_reader(name)[0] \
+                if field.chunking == "sample" and not field.is_string else None
+            if isinstance(reader, RangedFieldReader):
+                bounds = normalize_region(region, field.shape, f"{self.path}: field {name!r}")
+                ranged.append((number, (reader, self.position(index), bounds)))
+            else:
+                out[number] = self.read_region(index, name, region)
+        windows = fetch_windows(self.location, [w for _, w in ranged]) if ranged else []
+        for (number, _), window in zip(ranged, windows, strict=True):
+            out[number] = window
+        return out
 
     def column(self, name: str) -> np.ndarray:
         """The values of a block-chunked field (ids, flags, indices) for every committed sample,

@@ -219,7 +219,7 @@ class SpikeClipDataset(Dataset):
                 splitmix64(draw) % (width - self.crop_size + 1))
 
     def _image_into(self, out: torch.Tensor, name: str, frame: int, region: Region,
-                    staging: torch.Tensor) -> None:
+                    staging: torch.Tensor, stored: np.ndarray | None) -> None:
         """The ``region`` of one frame's image into ``out`` (3, c, c) as float32 in [0, 1]
         (ToTensor's ``/ 255``, fused with the conversion: one pass over the output). From the
         RAM cache when there is one: cached frames are kept channels-first, and a window is
@@ -228,13 +228,12 @@ class SpikeClipDataset(Dataset):
         divided by :func:`unit_floats` on the calling thread. torch's division on two
         intra-op threads was faster on an idle machine (10 windows: 0.49 against 0.83 ms),
         but an OpenMP team in the caller's process stalls whenever another process takes one
-        of its cores, and hangs in a forked child. Without a cache, read straight from the
-        store, its channels split by OpenCV (several times faster than a permuted copy), each
-        converted by :func:`unit_floats`."""
+        of its cores, and hangs in a forked child. Without a cache, ``stored`` is the window
+        read from the store (:meth:`_read_windows`), its channels split by OpenCV (several
+        times faster than a permuted copy), each converted by :func:`unit_floats`."""
         cache = self.cache.get()
-        if cache is None:
-            window = self.reader.read_region(frame, name, region)
-            for channel, plane in enumerate(cv2.split(window)):
+        if cache is None:  # the window as read (:meth:`_read_windows`)
+            for channel, plane in enumerate(cv2.split(stored)):
                 unit_floats(plane, out[channel])
             return
         channels_first = cache.get_or_load((name, frame), lambda: np.ascontiguousarray(
@@ -243,17 +242,17 @@ class SpikeClipDataset(Dataset):
         np.copyto(staging.numpy(), window)
         unit_floats(staging.numpy(), out)
 
-    def _voxel_window(self, frame: int, region: Region) -> np.ndarray:
+    def _voxel_window(self, frame: int, region: Region, stored: np.ndarray | None) -> np.ndarray:
         """(bins, h', w') uint16 voxels of the spike ``region`` (rows, columns) of one frame.
-        Without a cache, the window alone is read (and, realtime, summed); with one, a frame's
+        Without a cache, ``stored`` is the window alone as read (:meth:`_read_windows`; summed
+        here, realtime); with one, a frame's
         voxels are read (and summed) once, whole, and kept, and the window is copied out of
         them contiguous (gathering its rows first makes the conversion to float32 ~25%
         cheaper than converting straight from the frame)."""
-        name = "spike_vox" if self.voxels == "precomputed" else "spike"
+        name = self._spike_field()
         window = (slice(None), *region)
         cache = self.cache.get()
-        if cache is None:
-            stored = self.reader.read_region(frame, name, window)
+        if cache is None:  # the window as read (:meth:`_read_windows`)
             return stored if name == "spike_vox" else spike_to_voxel(stored, self.bins)
 
         def whole() -> np.ndarray:
@@ -261,6 +260,23 @@ class SpikeClipDataset(Dataset):
             return stored if name == "spike_vox" else spike_to_voxel(stored, self.bins)
 
         return np.ascontiguousarray(cache.get_or_load(("voxels", frame), whole)[window])
+
+    def _spike_field(self) -> str:
+        return "spike_vox" if self.voxels == "precomputed" else "spike"
+
+    def _read_windows(self, frames: np.ndarray, image_region: Region,
+                      spike_region: Region) -> dict[tuple[str, int], np.ndarray]:
+        """Without a RAM cache, every window of a clip, read at once (from an object store,
+        one round of requests for all of them, not one per window): (field, frame) -> the
+        stored window. With a cache, nothing: frames are read whole, through it."""
+        if self.cache.get() is not None:
+            return {}
+        asked = [(int(frame), name, image_region) for frame in frames
+                 for name in ("blur", "sharp")]
+        asked += [(int(frame), self._spike_field(), (slice(None), *spike_region))
+                  for frame in frames]
+        return {(name, frame): window for (frame, name, _), window
+                in zip(asked, self.reader.read_regions(asked), strict=True)}
 
     def _windows(self, y: int, x: int) -> tuple[Region, Region]:
         """The image and spike windows of a crop at ``(y, x)``; whole frames without crops."""
@@ -291,10 +307,13 @@ class SpikeClipDataset(Dataset):
         voxels = out["spike_vox"].numpy()
         staging = torch.empty(out["blur"].shape[1:], dtype=torch.uint8)
         any_spike = False
+        stored = self._read_windows(frames, image_region, spike_region)
         for k, frame in enumerate(frames):
             for name in ("blur", "sharp"):
-                self._image_into(out[name][k], name, frame, image_region, staging)
-            window = self._voxel_window(frame, spike_region)
+                self._image_into(out[name][k], name, frame, image_region, staging,
+                                 stored.get((name, int(frame))))
+            window = self._voxel_window(frame, spike_region,
+                                        stored.get((self._spike_field(), int(frame))))
             any_spike = any_spike or bool(window.any())
             voxels[k] = window
         out["crop_yx"][0], out["crop_yx"][1] = y, x

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import LAYOUTS, assert_same_values
+from conftest import LAYOUTS, assert_same_values, served
 from test_gopro import GEOMETRY, IMAGE, SPIKE, reference_voxels
 from torch.utils.data import DataLoader, default_collate
 
@@ -80,6 +80,7 @@ def test_index_is_built_without_reading_a_frame(store, monkeypatch) -> None:
         raise AssertionError("a frame was read while building the index")
 
     monkeypatch.setattr(SampleReader, "read_region", no_frame_reads)
+    monkeypatch.setattr(SampleReader, "read_regions", no_frame_reads)
     monkeypatch.setattr(SampleReader, "read", no_frame_reads)
     assert len(make(store)) == 6
 
@@ -326,3 +327,20 @@ def test_a_stateful_dataloader_resumes_the_clips_and_their_crops(store) -> None:
     assert len(got) == len(expected)
     for (crops, blur), (want_crops, want_blur) in zip(got, expected, strict=True):
         assert torch.equal(crops, want_crops) and torch.equal(blur, want_blur)
+
+
+def test_clips_from_an_object_store_fetch_only_their_windows(store, region, request) -> None:
+    layout = request.node.callspec.params["store"]
+    if "zstd" in layout:
+        pytest.skip("compressed chunks are read whole (TensorStore)")
+    shutil.copytree(store, region.root / "stores" / f"gopro-{layout}.zarr", dirs_exist_ok=True)
+    remote = make(f"s3://stores/gopro-{layout}.zarr", storage_options=region.storage_options())
+    indices = [2, 0, 3]
+    got = []
+    windows = served(region, lambda: got.append(remote.__getitems__(indices)))
+    assert_same_values(got[0].batch, make(store).__getitems__(indices).batch)
+    frames = sorted({f for i in indices for f in remote.clip_frames(i)})
+    spikes = "spike_vox" if remote.voxels == "precomputed" else "spike"
+    whole = served(region, lambda: [remote.reader.read(f, ("blur", "sharp", spikes))
+                                    for f in frames])
+    assert windows["bytes"] < 0.6 * whole["bytes"]

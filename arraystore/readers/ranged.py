@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -27,12 +27,12 @@ from arraystore.chunk_format import (
     parse_shard_index,
     shard_index_bytes,
 )
-from arraystore.errors import StoreFormatError
+from arraystore.errors import ObjectChangedError, StoreFormatError
 from arraystore.keys import ChunkPaths
 from arraystore.location import ObjectLocation
 from arraystore.node_cache import CachedRange
 from arraystore.readers.base import FieldReader, missing_chunk
-from arraystore.region import Region, place_rows, region_shape, row_runs
+from arraystore.region import Region, RowRun, place_rows, region_shape, row_runs
 from arraystore.schema import Field
 
 CACHED_INDEXES = 256
@@ -40,6 +40,8 @@ COALESCE_BYTES = 64 << 20  # the largest GET that joined ranges make
 SEPARATE_RUNS = 16  # a window of more row ranges than this is fetched as the span they cover
 
 Request = tuple[str, int, int]  # key, start, stop (start < 0: the last -start bytes)
+T = TypeVar("T")
+Cuts = list[tuple[RowRun, int, int]]  # a window's row ranges: (rows, answer number, offset in it)
 
 
 class RangedFieldReader(FieldReader):
@@ -63,6 +65,9 @@ class RangedFieldReader(FieldReader):
 
     def store_index(self, shard: int, raw: bytes | None) -> None:
         """Cache a shard index fetched for :meth:`missing_indexes`."""
+
+    def forget(self, keys: Collection[str]) -> None:
+        """Drop what is cached of objects ``keys`` (they were replaced): shard indexes."""
 
     def request(self, sample: int) -> Request:
         return self.keys.path(sample), 0, self.chunk_bytes
@@ -88,36 +93,40 @@ class RangedFieldReader(FieldReader):
         return np.stack(fetch_samples(self.location, [(self, s) for s in samples]))
 
     def read_region(self, sample: int, region: Region) -> np.ndarray:
-        """The window ``region`` of one sample, fetching only the rows it covers: one ranged
-        GET per :func:`~arraystore.region.row_runs` range, all at once, or, where a window
-        has more than :data:`SEPARATE_RUNS` of them, one GET of the span they cover (a
-        request costs a round trip; a (256, h, w) window of features would be 256). With
-        chunk checksums the whole chunk is fetched: its crc32c covers it all."""
-        if self.checksum:
-            return super().read_region(sample, region)
-        with self.location.fetching():
-            for shard, req in self.missing_indexes(sample):
-                self.store_index(shard, _get(self.location, [req])[0])
-            key, base, _ = self.request(sample)
-            runs = list(row_runs(self.field.shape, self.dtype.itemsize, region))
-            if len(runs) <= SEPARATE_RUNS:
-                got = _get(self.location, [(key, base + run.offset,
-                                            base + run.offset + run.nbytes) for run in runs])
-            else:  # one GET of the span they cover, cut up here
-                first, last = runs[0].offset, runs[-1].offset + runs[-1].nbytes
-                span = _get(self.location, [(key, base + first, base + last)])[0]
-                got = [None if span is None else memoryview(span)[
-                    run.offset - first:run.offset - first + run.nbytes] for run in runs]
+        """The window ``region`` of one sample, fetching only the rows it covers
+        (:func:`fetch_windows`)."""
+        return fetch_windows(self.location, [(self, sample, region)])[0]
+
+    def window_requests(self, sample: int, region: Region) -> tuple[list[Request], Cuts]:
+        """The GETs of window ``region`` of ``sample`` (its shard index known), and where in
+        their answers each :func:`~arraystore.region.row_runs` range of rows lies: one GET per
+        range, or, where a window has more than :data:`SEPARATE_RUNS` of them, one GET of the
+        span they cover (a request costs a round trip; a (256, h, w) window of features
+        would be 256)."""
+        key, base, _ = self.request(sample)
+        runs = list(row_runs(self.field.shape, self.dtype.itemsize, region))
+        if len(runs) <= SEPARATE_RUNS:
+            return [(key, base + r.offset, base + r.offset + r.nbytes) for r in runs], \
+                [(run, number, 0) for number, run in enumerate(runs)]
+        first = runs[0].offset
+        return [(key, base + first, base + runs[-1].offset + runs[-1].nbytes)], \
+            [(run, 0, run.offset - first) for run in runs]
+
+    def window(self, sample: int, region: Region, requests: Sequence[Request], cuts: Cuts,
+               got: Sequence[Any]) -> np.ndarray:
+        """The window from ``got``, the answers to its :meth:`window_requests`."""
         out = np.empty(region_shape(region), self.dtype)
-        for run, data in zip(runs, got, strict=True):
-            where = f"field {self.field.name!r}, sample {sample}, {self.location.where(key)}"
-            if data is None:
+        for run, number, at in cuts:
+            key, start, _ = requests[number]
+            if got[number] is None:
                 raise missing_chunk(self.field.name, sample, self.location.where(key))
-            if len(data) != run.nbytes:
-                raise StoreFormatError(f"{where}: {len(data)} bytes fetched at byte "
-                                       f"{base + run.offset}, expected {run.nbytes} (the "
-                                       f"chunk ends early)")
-            place_rows(out, run, np.frombuffer(data, self.dtype), self.field.shape, region)
+            rows = memoryview(got[number])[at:at + run.nbytes]
+            if len(rows) != run.nbytes:
+                raise StoreFormatError(
+                    f"field {self.field.name!r}, sample {sample}, {self.location.where(key)}: "
+                    f"{len(rows)} bytes fetched at byte {start + at}, expected {run.nbytes} "
+                    f"(the chunk ends early)")
+            place_rows(out, run, np.frombuffer(rows, self.dtype), self.field.shape, region)
         return out
 
     def read_cached(self, sample: int, entry: CachedRange,
@@ -153,7 +162,8 @@ class RangedBlockReader(RangedFieldReader):
         keys = [self.keys.path(i) for i in range(first, last + 1)]
         nbytes = self.per_chunk * self.field.nbytes + (CRC_BYTES if self.checksum else 0)
         with self.location.fetching():
-            got = _get(self.location, [(key, 0, nbytes) for key in keys])
+            got = _fresh_if_replaced(self.location, [self], lambda: _get(
+                self.location, [(key, 0, nbytes) for key in keys]))
         chunks = []
         for index, (key, data) in enumerate(zip(keys, got, strict=True), first):
             if data is None:
@@ -198,6 +208,10 @@ class RangedShardReader(RangedFieldReader):
         if len(self._indexes) > CACHED_INDEXES:
             self._indexes.popitem(last=False)
 
+    def forget(self, keys: Collection[str]) -> None:
+        for shard in [s for s in self._indexes if self.keys.path(s) in keys]:
+            del self._indexes[shard]
+
     def request(self, sample: int) -> Request:
         shard, slot = divmod(sample, self.shard_size)
         index, key = self._indexes[shard], self.keys.path(shard)
@@ -218,19 +232,73 @@ def fetch_samples(location: ObjectLocation, wanted: Sequence[tuple[RangedFieldRe
     a sample the node-local cache holds comes as its entry, for
     :meth:`RangedFieldReader.read_cached` into a batch slot. One fetch at a time per process
     and location (a read-ahead thread's and the reader's own)."""
-    with location.fetching():
-        needed: dict[tuple[int, int], tuple[RangedFieldReader, int, Request]] = {}
-        for reader, sample in wanted:
-            for shard, req in reader.missing_indexes(sample):
-                needed.setdefault((id(reader), shard), (reader, shard, req))
-        if needed:
-            got = _get(location, [req for _, _, req in needed.values()])
-            for (reader, shard, _), raw in zip(needed.values(), got, strict=True):
-                reader.store_index(shard, raw)
+    def fetch() -> tuple[list[Request], list[Any]]:
+        _fetch_indexes(location, wanted)
         requests = [reader.request(sample) for reader, sample in wanted]
-        fetched = _get(location, requests, lazy)
+        return requests, _get(location, requests, lazy)
+
+    with location.fetching():
+        requests, fetched = _fresh_if_replaced(location, {r for r, _ in wanted}, fetch)
     return [data if isinstance(data, CachedRange) else reader.decode(sample, request, data)
             for (reader, sample), request, data in zip(wanted, requests, fetched, strict=True)]
+
+
+def fetch_windows(location: ObjectLocation,
+                  wanted: Sequence[tuple[RangedFieldReader, int, Region]]) -> list[np.ndarray]:
+    """Windows (reader, sample, region) of samples, fetching only the rows each covers, all
+    at once: the shard indexes none of them has cached (one concurrent batch of requests),
+    then every window's ranges (a second). A window of a field whose chunks carry a crc32c is
+    cut from the whole chunk, fetched with the others: the crc covers the whole chunk."""
+    whole = [n for n, (reader, _, _) in enumerate(wanted) if reader.checksum]
+    windows = [n for n in range(len(wanted)) if not wanted[n][0].checksum]
+
+    def fetch() -> tuple[list[tuple[list[Request], Cuts]], list[Any]]:
+        _fetch_indexes(location, [(reader, sample) for reader, sample, _ in wanted])
+        plans = [wanted[n][0].window_requests(wanted[n][1], wanted[n][2]) for n in windows]
+        return plans, _get(location, [r for requests, _ in plans for r in requests])
+
+    with location.fetching():
+        plans, got = _fresh_if_replaced(location, {r for r, _, _ in wanted}, fetch)
+    out: list[np.ndarray] = [np.empty(0)] * len(wanted)
+    done = 0
+    for n, (requests, cuts) in zip(windows, plans, strict=True):
+        reader, sample, region = wanted[n]
+        out[n] = reader.window(sample, region, requests, cuts, got[done:done + len(requests)])
+        done += len(requests)
+    chunks = fetch_samples(location, [wanted[n][:2] for n in whole])
+    for n, chunk in zip(whole, chunks, strict=True):
+        out[n] = np.ascontiguousarray(chunk[wanted[n][2]])
+    return out
+
+
+def _fetch_indexes(location: ObjectLocation,
+                   wanted: Iterable[tuple[RangedFieldReader, int]]) -> None:
+    """Fetch the shard indexes the samples ``wanted`` need that their readers have not
+    cached, in one concurrent batch of requests."""
+    needed: dict[tuple[int, int], tuple[RangedFieldReader, int, Request]] = {}
+    for reader, sample in wanted:
+        for shard, req in reader.missing_indexes(sample):
+            needed.setdefault((id(reader), shard), (reader, shard, req))
+    if needed:
+        got = _get(location, [req for _, _, req in needed.values()])
+        for (reader, shard, _), raw in zip(needed.values(), got, strict=True):
+            reader.store_index(shard, raw)
+
+
+def _fresh_if_replaced(location: ObjectLocation, readers: Iterable[RangedFieldReader],
+                       fetch: Callable[[], T]) -> T:
+    """``fetch()``; where objects it read were replaced meanwhile
+    (:class:`ObjectChangedError`), once more after forgetting what the readers and the
+    node-local cache knew of them (shard indexes, versions): a read sees one version of
+    each object, never ranges of two. Objects replaced again at once raise."""
+    try:
+        return fetch()
+    except ObjectChangedError as changed:
+        for reader in readers:
+            reader.forget(changed.keys)
+        if location.cache is not None:
+            location.cache.forget(location.url, changed.keys)
+        return fetch()
 
 
 def coalesced(requests: Sequence[Request],

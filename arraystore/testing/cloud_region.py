@@ -3,14 +3,14 @@ serves a folder, behind a shaping proxy that adds a round-trip delay and caps ea
 bandwidth.
 
 A simulation of a remote object store, not one: the server answers the requests this project's
-readers make (GET with ``Range``, HEAD, ListObjectsV2; PUT and DELETE for completeness) from
-files, with no authentication, and sends object bodies with ``sendfile`` so that it costs
-little CPU (moto's Python server was the bottleneck of read benchmarks: its own CPU is what
-:meth:`Region.cpu_seconds` lets a benchmark report). The proxy delays every chunk of bytes by
-half the round trip in each direction (so a request's first byte comes one round trip after it
-was sent, however many requests are in flight) and paces each connection's download to the
-bandwidth cap. Each runs in a process of its own, so neither competes with the caller for the
-GIL. Buckets are the folders under ``root``; objects are the files beneath them.
+readers make (GET with ``Range`` and ``If-Match``, HEAD, ListObjectsV2; PUT and DELETE for
+completeness) from files, with no authentication, and sends object bodies with ``sendfile`` so
+that it costs little CPU (moto's Python server was the bottleneck of read benchmarks: its own
+CPU is what :meth:`Region.cpu_seconds` lets a benchmark report). The proxy delays every chunk
+of bytes by half the round trip in each direction (so a request's first byte comes one round
+trip after it was sent, however many requests are in flight) and paces each connection's
+download to the bandwidth cap. Each runs in a process of its own, so neither competes with the
+caller for the GIL. Buckets are the folders under ``root``; objects are the files beneath them.
 
 ``python -m arraystore.testing.cloud_region serve ROOT`` and ``... proxy HOST:PORT`` run them
 by hand; each prints the port it listens on. ``GET /_region/stats`` on the server counts the
@@ -62,8 +62,10 @@ def _error(code: str, status: int, message: str) -> Any:
 
 
 def _etag(path: Path) -> str:
+    """The object's ETag: the one aiohttp's ``FileResponse`` sends for the file (it sets its
+    own on every GET and HEAD), so that ``If-Match`` compares what clients were given."""
     stat = path.stat()
-    return f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'
+    return f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
 
 
 def _asked(asked: slice, size: int) -> tuple[int, int]:
@@ -190,6 +192,10 @@ def object_app(root: Path) -> Any:
         if request.method in ("GET", "HEAD"):
             if not target.is_file():
                 return _error("NoSuchKey", 404, f"no object {key}")
+            asked_tag = request.headers.get("If-Match")
+            if asked_tag not in (None, "*", _etag(target)):
+                return _error("PreconditionFailed", 412, f"{key}: the object's ETag is not "
+                                                         f"{asked_tag}")
             if request.method == "GET" and faults["count"] > 0 and faults["match"] in key:
                 faults["count"] -= 1
                 served["faulted"].append(time.monotonic())

@@ -1,0 +1,90 @@
+"""An object of a store replaced while a reader has it open (the store rewritten in place under
+a training job): every GET of an object read before asks for the version read then
+(``If-Match``), so the reader notices, forgets the shard index it held and reads the object
+again. Values are the new object's, never ranges of the old index applied to the new bytes;
+with and without a node-local cache, in the DataLoader's batch path and item by item."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import _layout_store, assert_same_values, copy_store, per_sample_fields, url
+from crc32c import crc32c
+
+from arraystore import SampleReader
+from arraystore.errors import ObjectChangedError
+from arraystore.loaders import ZarrDistillDataset, collate_distill
+from arraystore.location import Location
+
+SHARD = 4  # the test layouts' samples per shard
+
+
+def swap_inner_chunks(shard: Path, first: int, second: int) -> None:
+    """Replace ``shard`` (uncompressed inner chunks, an index with crc32c at its end) with one
+    holding the same samples, the bytes of inner chunks ``first`` and ``second`` swapped and
+    their index entries too: the same values at other offsets, as a rewrite may lay out."""
+    data = bytearray(shard.read_bytes())
+    start = len(data) - 4 - SHARD * 16
+    index = np.frombuffer(bytes(data[start:-4]), "<u8").reshape(SHARD, 2).copy()
+    (a, size), (b, other) = index[first], index[second]
+    assert size == other
+    data[a:a + size], data[b:b + size] = data[b:b + size], data[a:a + size]
+    index[[first, second]] = index[[second, first]]
+    data[start:-4] = index.tobytes()
+    data[-4:] = crc32c(bytes(data[start:-4])).to_bytes(4, "little")
+    replacement = shard.with_name(f".{shard.name}.new")
+    replacement.write_bytes(bytes(data))
+    os.replace(replacement, shard)  # a new object: a new ETag
+
+
+def replace_first_shards(store: Path, fields: list[str]) -> None:
+    """Every field's first shard replaced, samples 2 and 3 swapped in it."""
+    for name in fields:
+        rank = len(json.loads((store / name / "zarr.json").read_text())["shape"])
+        swap_inner_chunks(store / name / "c" / "0" / Path(*["0"] * (rank - 1)), 2, 3)
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["no-cache", "cache"])
+def test_a_shard_replaced_under_a_reader_is_read_again(region, cache, tmp_path,
+                                                        tmp_path_factory, shard) -> None:
+    copy_store(region, "sharded", f"replaced-{cache}", tmp_path_factory, shard)
+    local = SampleReader(_layout_store("sharded", tmp_path_factory, shard))
+    fields = per_sample_fields(local)
+    reader = SampleReader(url(f"replaced-{cache}"), storage_options=region.storage_options(),
+                          fields=fields, cache_dir=tmp_path / "cache" if cache else "")
+    for index in (0, 1):  # the shard indexes (and, cached, these chunks) are now known
+        assert_same_values(reader.read(index), local.read(index, fields))
+    replace_first_shards(region.root / "stores" / f"replaced-{cache}.zarr", fields)
+    for index in (2, 3, 0, 1):
+        assert_same_values(reader.read(index), local.read(index, fields), f"sample {index}")
+
+
+def test_the_batch_path_reads_a_replaced_shard_again(region, tmp_path_factory, shard) -> None:
+    copy_store(region, "sharded", "replaced-batches", tmp_path_factory, shard)
+    local = ZarrDistillDataset(_layout_store("sharded", tmp_path_factory, shard))
+    remote = ZarrDistillDataset(url("replaced-batches"), storage_options=region.storage_options())
+    remote.__getitems__([0, 1])
+    replace_first_shards(region.root / "stores" / "replaced-batches.zarr",
+                        per_sample_fields(remote.reader))
+    assert_same_values(collate_distill(remote.__getitems__([3, 2])),
+                       collate_distill(local.__getitems__([3, 2])))
+
+
+def test_a_get_of_a_replaced_object_names_it_and_forgets_it(region, tmp_path_factory,
+                                                             shard) -> None:
+    copy_store(region, "raw", "replaced-object", tmp_path_factory, shard)
+    location = Location.of(url("replaced-object"), region.storage_options())
+    key = "image/c/0/0/0/0"
+    before = location.read_ranges([key], [0], [16])[0]
+    path = region.root / "stores" / "replaced-object.zarr" / key
+    changed = bytes(255 - b for b in path.read_bytes())
+    path.with_name("new").write_bytes(changed)
+    os.replace(path.with_name("new"), path)
+    with pytest.raises(ObjectChangedError, match=r"replaced-object\.zarr/image/c/0/0/0/0") as got:
+        location.read_ranges([key], [0], [16])
+    assert got.value.keys == (key,)
+    assert location.read_ranges([key], [0], [16])[0] == changed[:16] != before
