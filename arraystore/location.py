@@ -539,18 +539,18 @@ class ObjectLocation(Location):
 
     @_remote
     def read_ranges(self, keys: Sequence[str], starts: Sequence[int],
-                    stops: Sequence[int | None]) -> list[bytes | None]:
+                    stops: Sequence[int | None], versioned: bool = False) -> list[bytes | None]:
         """Many ranges at once (concurrent requests); None where the object does not exist. A
         negative start with a stop of None asks for the object's last ``-start`` bytes.
 
-        On S3 every GET of an object this process has read before asks for the version it
-        read then (``If-Match`` on its ETag, recorded from the first answer or HEAD): an
-        object replaced since raises :class:`ObjectChangedError` naming it, and is
-        forgotten, so that the caller reads it again from the start (its shard index
-        first) rather than mixing ranges of two versions. Other services are read without
-        the condition."""
+        ``versioned`` (the readers' chunk reads): on S3 every GET of an object this process
+        has read so before asks for the version it read then (``If-Match`` on its ETag,
+        recorded from the first answer or :meth:`versions`): an object replaced since raises
+        :class:`ObjectChangedError` naming it, and is forgotten, so that the caller reads it
+        again from the start (its shard index first) rather than mixing ranges of two
+        versions. Other services are read without the condition."""
         paths = [self.key_path(k) for k in keys]
-        if self.scheme != "s3":
+        if self.scheme != "s3" or not versioned:
             got = self.fs.cat_ranges(paths, list(starts), list(stops), on_error="return")
             return self._answers(keys, got, lambda data: data)
         import asyncio

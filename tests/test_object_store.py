@@ -176,9 +176,9 @@ def test_direct_reads_are_ranged_gets_with_cached_shard_indexes(tmp_path, shard,
     calls: list[list[tuple[int, int | None]]] = []
     real = location.read_ranges
 
-    def counting(keys, starts, stops):
+    def counting(keys, starts, stops, **options):
         calls.append(list(zip(starts, stops, strict=True)))
-        return real(keys, starts, stops)
+        return real(keys, starts, stops, **options)
 
     monkeypatch.setattr(location, "read_ranges", counting)
     reader.read(0)

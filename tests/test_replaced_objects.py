@@ -79,12 +79,12 @@ def test_a_get_of_a_replaced_object_names_it_and_forgets_it(region, tmp_path_fac
     copy_store(region, "raw", "replaced-object", tmp_path_factory, shard)
     location = Location.of(url("replaced-object"), region.storage_options())
     key = "image/c/0/0/0/0"
-    before = location.read_ranges([key], [0], [16])[0]
+    before = location.read_ranges([key], [0], [16], versioned=True)[0]
     path = region.root / "stores" / "replaced-object.zarr" / key
     changed = bytes(255 - b for b in path.read_bytes())
     path.with_name("new").write_bytes(changed)
     os.replace(path.with_name("new"), path)
     with pytest.raises(ObjectChangedError, match=r"replaced-object\.zarr/image/c/0/0/0/0") as got:
-        location.read_ranges([key], [0], [16])
+        location.read_ranges([key], [0], [16], versioned=True)
     assert got.value.keys == (key,)
-    assert location.read_ranges([key], [0], [16])[0] == changed[:16] != before
+    assert location.read_ranges([key], [0], [16], versioned=True)[0] == changed[:16] != before

@@ -339,7 +339,7 @@ def _fetch(location: ObjectLocation, requests: Sequence[Request]) -> list[bytes 
         return []
     gets = coalesced(requests)
     got = location.read_ranges([k for (k, _, _), _ in gets], [s for (_, s, _), _ in gets],
-                               [e if s >= 0 else None for (_, s, e), _ in gets])
+                               [e if s >= 0 else None for (_, s, e), _ in gets], versioned=True)
     out: list[bytes | None] = [None] * len(requests)
     for ((_, start, _), served), data in zip(gets, got, strict=True):
         for number in served:
