@@ -46,12 +46,14 @@ test: setup-test
 bench: setup-test
 	$(PY) -m benchmarks.run
 
-# the peers (MDS, LitData, Lance) in a venv of their own: mosaicml-streaming pins numpy<2.2
+# the peers (MDS, LitData, Lance) in a venv of their own: mosaicml-streaming pins numpy<2.2;
+# read from local files, then streamed cold from the simulated cloud region (s3fs: 'scale')
 BENCH_VENV := .venv-bench
 bench-peers:
 	python3 -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/python -m pip install -q -c constraints.txt -e ".[bench]"
+	$(BENCH_VENV)/bin/python -m pip install -q -c constraints.txt -e ".[bench,scale]"
 	$(BENCH_VENV)/bin/python -m benchmarks.peers
+	$(BENCH_VENV)/bin/python -m benchmarks.remote_peers
 
 clean:
 	rm -rf demo .pytest_cache

@@ -3,7 +3,8 @@ simulated cloud region (``arraystore.testing.cloud_region``: an S3-compatible fi
 loopback behind a proxy adding a round trip and capping each connection's bandwidth), fully
 random and with locality-aware shuffling, idle and busy, interleaved round by round.
 
-Remote passes are read through (cold: no node-local cache; with and without
+The loaders of one order are alive at a time (their workers stop before the next order's
+start). Remote passes are read through (cold: no node-local cache; with and without
 ``ReadAhead``, which has each worker fetch its next batch while it fills this one) and through
 a warm node-local cache (``cache_dir=``, filled by each loader's first, untimed pass).
 Reported per setting: items/s, × the local disk in the same order and condition, the server's
@@ -16,6 +17,7 @@ Usage: python -m benchmarks.remote [--samples 64] [--rtt-ms 20] [--mb-per-s 100]
 from __future__ import annotations
 
 import argparse
+import gc
 import shutil
 import tempfile
 import time
@@ -72,29 +74,41 @@ def link_ceiling(region: Region, root: Path, size: int = 256 << 20, requests: in
     return size / seconds / 1e6
 
 
-def _measure(runs: dict[str, Any], region: Region, rounds: int) -> tuple[dict, dict, dict]:
-    rates, cpu, requests = {}, {}, {}
+def _measure(loaders: dict[str, Any], step: list[float], region: Region, rounds: int,
+             totals: dict[str, dict[str, float]]) -> dict[str, dict]:
+    """Interleaved rounds of ``loaders``, idle then busy: their rates per condition; the
+    server's and proxy's CPU seconds, the wall time and the requests added to ``totals``."""
+    rates = {}
     for name in CONDITIONS:
         print(f"{name} ...", flush=True)
-        runs["step"][0] = STEP_SECONDS if name == "busy" else 0.0
+        step[0] = STEP_SECONDS if name == "busy" else 0.0
         with condition(name):
             used, asked, start = region.cpu_seconds(), region.requests(), time.perf_counter()
-            rates[name] = interleaved(runs["loaders"], rounds, seed=3)
+            rates[name] = interleaved(loaders, rounds, seed=3)
             wall = time.perf_counter() - start
             now, answered = region.cpu_seconds(), region.requests()
-        cpu[name] = {k: (now[k] - used[k]) / wall for k in now}
-        requests[name] = answered["requests"] - asked["requests"]
-    return rates, cpu, requests
+        total = totals.setdefault(name, {"wall": 0.0, "requests": 0.0})
+        total["wall"] += wall
+        total["requests"] += answered["requests"] - asked["requests"]
+        for key in now:
+            total[key] = total.get(key, 0.0) + now[key] - used[key]
+    return rates
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+def region_arguments(doc: str) -> argparse.ArgumentParser:
+    """The options of a benchmark in the simulated region, described by the first paragraph
+    of ``doc``: samples, the link (round trip, bandwidth), rounds and the working folder."""
+    parser = argparse.ArgumentParser(description=" ".join(doc.split("\n\n")[0].split()))
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--rtt-ms", type=float, default=20.0)
     parser.add_argument("--mb-per-s", type=float, default=100.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", default=None, help="where the data goes (temporary)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = region_arguments(__doc__).parse_args()
     with tempfile.TemporaryDirectory(prefix="arraystore-remote-", dir=args.workdir) as tmp:
         root = Path(tmp)
         print("generating and ingesting ...", flush=True)
@@ -115,14 +129,25 @@ def main() -> None:
                                         cache_dir=root / "cache", cache_limit="4GB")
             step = [0.0]
             order_of = orders(args.samples, seed=0)
-            runs = {"step": step, "loaders": {
-                f"{where}, {name}": loader_run(dataset, ReadAhead(batches_of(order, BATCH), 2)
-                                               if where == "ahead" else batches_of(order, BATCH),
-                                               step=step)
-                for name, order in order_of.items()
-                for where, dataset in (("local", local), ("remote", remote),
-                                       ("ahead", remote), ("warm", cached))}}
-            rates, cpu, requests = _measure(runs, region, args.rounds)
+            rates: dict[str, dict] = {name: {} for name in CONDITIONS}
+            totals: dict[str, dict[str, float]] = {}
+            for name, order in order_of.items():  # one order's loaders alive at a time
+                print(f"{name}:", flush=True)
+                loaders = {
+                    f"{where}, {name}": loader_run(dataset, ReadAhead(batches_of(order, BATCH),
+                                                                      2)
+                                                   if where == "ahead"
+                                                   else batches_of(order, BATCH), step=step)
+                    for where, dataset in (("local", local), ("remote", remote),
+                                           ("ahead", remote), ("warm", cached))}
+                for when, found in _measure(loaders, step, region, args.rounds,
+                                            totals).items():
+                    rates[when].update(found)
+                del loaders  # their workers go before the next order's start
+                gc.collect()
+            cpu = {when: {key: totals[when][key] / totals[when]["wall"]
+                          for key in ("server", "proxy")} for when in CONDITIONS}
+            requests = {when: totals[when]["requests"] for when in CONDITIONS}
             ceiling = link_ceiling(region, root / "region")
             description = region.describe()
     items = 2 * args.samples * args.rounds * len(order_of)  # cold items per condition
@@ -175,7 +200,8 @@ def main() -> None:
               f"{cold[1] / ratios['fully random, busy']:.2f}× busy",
               f"- warm cache ≥ 0.9× local (mean of the three orders' ratios): {warm[0]:.2f}× "
               f"idle, {warm[1]:.2f}× busy — {'met' if min(warm) >= 0.9 else 'missed'}",
-              "- ahead of MDS and LitData cold: not measured (the peers are not run here)", ""]
+              "- ahead of MDS and LitData cold: `benchmarks.remote_peers` (report "
+              "`remote_peers.md`; the peers need a venv of their own: `make bench-peers`)", ""]
     print(save_report(lines, RESULTS))
     plot_bars([(f"{kind} × local, {when}", {name: ratios[f"{name}, {when}{suffix}"]
                                             for name in order_of})
