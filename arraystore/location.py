@@ -19,6 +19,7 @@ import os
 import shutil
 import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -401,6 +402,20 @@ async def _update_s3_object(fs: Any, bucket: str, name: str,
     return None
 
 
+REMEMBERED_TAGS = 1 << 16  # objects whose version a process remembers (the least recent go)
+
+
+def _remember(tags: OrderedDict[str, str], key: str, tag: str) -> None:
+    """Record ``tag`` as the version of ``key`` this process reads, unless it knows one: the
+    version it read first stays, so that a later GET of another version fails its
+    ``If-Match``. Bounded, least recently recorded first out: more than the shard indexes
+    every reader of a process caches, far fewer than a raw layout's objects."""
+    if key not in tags:
+        tags[key] = tag
+        if len(tags) > REMEMBERED_TAGS:
+            tags.popitem(last=False)
+
+
 async def _get_s3_range(fs: Any, path: str, start: int, stop: int | None,
                         tag: str | None) -> tuple[bytes, str]:
     """Bytes ``[start, stop)`` of the object at ``path`` (a negative start: its last
@@ -491,7 +506,7 @@ class ObjectLocation(Location):
         # a client per process: its connections and event loop are not a forked child's
         self._client = PerProcess(functools.partial(_connect, self.url, self.storage_options))
         self._fetching = PerProcess(threading.RLock)
-        self._tags: PerProcess[dict[str, str]] = PerProcess(dict)  # key -> the ETag read
+        self._tags: PerProcess[OrderedDict[str, str]] = PerProcess(OrderedDict)  # key -> ETag
 
     def _fs(self) -> tuple[Any, str]:
         return self._client.get()
@@ -580,7 +595,7 @@ class ObjectLocation(Location):
                 f"{', '.join(self.where(k) for k in sorted(changed))}: replaced while being "
                 f"read (the ETag changed); read again", sorted(changed))
         for key, tag in seen.items():
-            tags.setdefault(key, tag)
+            _remember(tags, key, tag)
         return self._answers(keys, [a[0] if isinstance(a, tuple) else a for a in got],
                              lambda data: data)
 
@@ -637,7 +652,7 @@ class ObjectLocation(Location):
             tags = self._tags.get()
             for key, version in zip(keys, found, strict=True):
                 if version is not None:
-                    tags.setdefault(key, version[1])
+                    _remember(tags, key, version[1])
         return found
 
     def update(self, key: str, change: Callable[[bytes], bytes | None]) -> bytes:

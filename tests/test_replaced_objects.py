@@ -88,3 +88,19 @@ def test_a_get_of_a_replaced_object_names_it_and_forgets_it(region, tmp_path_fac
         location.read_ranges([key], [0], [16], versioned=True)
     assert got.value.keys == (key,)
     assert location.read_ranges([key], [0], [16], versioned=True)[0] == changed[:16] != before
+
+
+def test_the_versions_a_process_remembers_are_bounded(monkeypatch) -> None:
+    from collections import OrderedDict
+
+    from arraystore import location
+
+    monkeypatch.setattr(location, "REMEMBERED_TAGS", 2)
+    tags: OrderedDict[str, str] = OrderedDict()
+    location._remember(tags, "a", '"1"')
+    location._remember(tags, "a", '"2"')  # the version read first stays
+    location._remember(tags, "b", '"1"')
+    location._remember(tags, "c", '"1"')  # the least recent goes
+    assert tags == {"b": '"1"', "c": '"1"'}
+    location._remember(tags, "a", '"2"')
+    assert list(tags) == ["c", "a"] and tags["a"] == '"2"'
