@@ -244,11 +244,11 @@ class SpikeClipDataset(Dataset):
 
     def _voxel_window(self, frame: int, region: Region, stored: np.ndarray | None) -> np.ndarray:
         """(bins, h', w') uint16 voxels of the spike ``region`` (rows, columns) of one frame.
-        Without a cache, ``stored`` is the window alone as read (:meth:`_read_windows`; summed
-        here, realtime); with one, a frame's
-        voxels are read (and summed) once, whole, and kept, and the window is copied out of
-        them contiguous (gathering its rows first makes the conversion to float32 ~25%
-        cheaper than converting straight from the frame)."""
+        Without a cache, ``stored`` is the window alone as read (:meth:`_read_windows`),
+        summed here when voxels are computed in real time; with one, a frame's voxels are
+        read (and summed) once, whole, and kept, and the window is copied out of them
+        contiguous (gathering its rows first makes the conversion to float32 ~25% cheaper
+        than converting straight from the frame)."""
         name = self._spike_field()
         window = (slice(None), *region)
         cache = self.cache.get()
