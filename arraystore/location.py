@@ -384,17 +384,12 @@ async def _update_s3_object(fs: Any, bucket: str, name: str,
     """:meth:`ObjectLocation.update` on S3 (s3fs's client): the bytes stored then; None after
     100 lost races."""
     for _ in range(100):
-        got = await fs._call_s3("get_object", Bucket=bucket, Key=name)
-        try:
-            body = await got["Body"].read()
-        finally:
-            got["Body"].close()
+        body, tag = await _s3_get(fs, bucket, name)
         new = change(body)
         if new is None:
             return body
         try:
-            await fs._call_s3("put_object", Bucket=bucket, Key=name, Body=new,
-                              IfMatch=got["ETag"])
+            await fs._call_s3("put_object", Bucket=bucket, Key=name, Body=new, IfMatch=tag)
             return new
         except OSError as exc:
             if not _precondition_failed(exc):
@@ -432,16 +427,19 @@ async def _get_s3_range(fs: Any, path: str, start: int, stop: int | None,
         asked = {}  # the whole object (a Range would be refused for an empty one)
     if tag:
         asked["IfMatch"] = tag
-
-    async def call_and_read() -> tuple[bytes, str]:
-        got = await fs._call_s3("get_object", Bucket=bucket, Key=name, **asked)
-        try:
-            return await got["Body"].read(), str(got.get("ETag") or "")
-        finally:
-            got["Body"].close()
-
     # as s3fs's own ranged reads: a body cut off mid-read is tried again
-    return await _error_wrapper(call_and_read, retries=fs.retries)
+    return await _error_wrapper(_s3_get, args=(fs, bucket, name), kwargs=asked,
+                                retries=fs.retries)
+
+
+async def _s3_get(fs: Any, bucket: str, name: str, **asked: str) -> tuple[bytes, str]:
+    """One GET of object ``name`` (``asked``: its Range, IfMatch) with s3fs's client: the
+    body and the ETag of the version it came from."""
+    got = await fs._call_s3("get_object", Bucket=bucket, Key=name, **asked)
+    try:
+        return await got["Body"].read(), str(got.get("ETag") or "")
+    finally:
+        got["Body"].close()
 
 
 def _precondition_failed(exc: OSError) -> bool:
@@ -589,8 +587,7 @@ class ObjectLocation(Location):
                     seen.setdefault(key, answer[1]) != answer[1]:
                 changed.add(key)  # replaced between two of these GETs
         if changed:
-            for key in changed:
-                tags.pop(key, None)
+            self.forget(changed)
             raise ObjectChangedError(
                 f"{', '.join(self.where(k) for k in sorted(changed))}: replaced while being "
                 f"read (the ETag changed); read again", sorted(changed))

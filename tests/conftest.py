@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from crc32c import crc32c
 
 from arraystore import Layout, SampleReader, ingest
 from arraystore.cli import cli
@@ -146,6 +147,28 @@ def copy_store(region: Region, layout: str, name: str,
     target = region.root / "stores" / f"{name}.zarr"
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(_layout_store(layout, tmp_path_factory, shard), target)
+
+
+def shard_file(store: Path, array: str, sample: int, layout: Layout) -> Path:
+    """The file holding ``sample``'s chunk of ``array``: its shard, or its own chunk."""
+    rank = len(json.loads((store / array / "zarr.json").read_text())["shape"])
+    index = sample // layout.shard_size if layout.sharded else sample
+    return store / array / "c" / str(index) / Path(*["0"] * (rank - 1))
+
+
+def edit_shard(path: Path, shard_size: int,
+               change: Callable[[np.ndarray, bytearray], None]) -> None:
+    """Change a shard's index (rows of offset, nbytes) and, where ``change`` does, its data,
+    and store it with the index's crc32c made valid, as a new file put in its place."""
+    data = bytearray(path.read_bytes())
+    start = len(data) - 4 - shard_size * 16
+    index = np.frombuffer(bytes(data[start:-4]), "<u8").reshape(shard_size, 2).copy()
+    change(index, data)
+    data[start:-4] = index.tobytes()
+    data[-4:] = crc32c(bytes(data[start:-4])).to_bytes(4, "little")
+    replacement = path.with_name(f".{path.name}.new")
+    replacement.write_bytes(bytes(data))
+    os.replace(replacement, path)
 
 
 @pytest.fixture(scope="session", params=list(LAYOUTS))

@@ -21,9 +21,10 @@ from conftest import (
     LAYOUTS,
     S3_LAYOUTS,
     _layout_store,
+    edit_shard,
     known_samples,
+    shard_file,
 )
-from crc32c import crc32c
 
 from arraystore import SampleReader, open_xarray
 from arraystore.errors import MissingChunkError, StoreFormatError
@@ -71,30 +72,13 @@ def edit_metadata(store: Path, array: str, change: Callable[[dict], None]) -> No
     path.write_text(json.dumps(document))
 
 
-def shard_file(store: Path, array: str, sample: int, layout: Layout) -> Path:
-    rank = len(json.loads((store / array / "zarr.json").read_text())["shape"])
-    index = sample // layout.shard_size if layout.sharded else sample
-    return store / array / "c" / str(index) / Path(*["0"] * (rank - 1))
-
-
-def edit_shard_index(path: Path, shard_size: int, change: Callable[[np.ndarray], None]) -> None:
-    """Change a shard's index (rows of offset, nbytes) and store it with a valid crc32c."""
-    data = bytearray(path.read_bytes())
-    start = len(data) - 4 - shard_size * 16
-    index = np.frombuffer(bytes(data[start:-4]), "<u8").reshape(shard_size, 2).copy()
-    change(index)
-    data[start:-4] = index.tobytes()
-    data[-4:] = crc32c(bytes(data[start:-4])).to_bytes(4, "little")
-    path.write_bytes(bytes(data))
-
-
 def remove_chunk(store: Path, layout: Layout, field: str = "masks") -> None:
     """Lose sample ``SAMPLE``'s chunk of ``field``: its file, or its entry in the shard."""
     path = shard_file(store, field, SAMPLE, layout)
     if layout.sharded:
-        def empty(index: np.ndarray) -> None:
+        def empty(index: np.ndarray, _: bytearray) -> None:
             index[SAMPLE % layout.shard_size] = 2**64 - 1
-        edit_shard_index(path, layout.shard_size, empty)
+        edit_shard(path, layout.shard_size, empty)
     else:
         path.unlink()
 
@@ -205,10 +189,10 @@ def test_overlapping_shard_index_entries_are_refused(crafted: Make) -> None:
         pytest.skip("a raw layout has no shard index")
 
     def overlap(store: Path, _: Layout) -> None:
-        def point_at_previous(index: np.ndarray) -> None:
+        def point_at_previous(index: np.ndarray, _: bytearray) -> None:
             index[SAMPLE % layout.shard_size] = index[SAMPLE % layout.shard_size - 1]
-        edit_shard_index(shard_file(store, "image", SAMPLE, layout), layout.shard_size,
-                         point_at_previous)
+        edit_shard(shard_file(store, "image", SAMPLE, layout), layout.shard_size,
+                   point_at_previous)
     target = crafted(overlap)
     for backend in BACKENDS:
         with pytest.raises(StoreFormatError, match="overlap"):

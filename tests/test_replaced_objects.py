@@ -6,46 +6,45 @@ with and without a node-local cache, in the DataLoader's batch path and item by 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import _layout_store, assert_same_values, copy_store, per_sample_fields, url
-from crc32c import crc32c
+from conftest import (
+    LAYOUTS,
+    _layout_store,
+    assert_same_values,
+    copy_store,
+    edit_shard,
+    per_sample_fields,
+    shard_file,
+    url,
+)
 
 from arraystore import SampleReader
 from arraystore.errors import ObjectChangedError
 from arraystore.loaders import ZarrDistillDataset, collate_distill
 from arraystore.location import Location
 
-SHARD = 4  # the test layouts' samples per shard
+SHARDED = LAYOUTS["sharded"]
 
 
-def swap_inner_chunks(shard: Path, first: int, second: int) -> None:
-    """Replace ``shard`` (uncompressed inner chunks, an index with crc32c at its end) with one
-    holding the same samples, the bytes of inner chunks ``first`` and ``second`` swapped and
-    their index entries too: the same values at other offsets, as a rewrite may lay out."""
-    data = bytearray(shard.read_bytes())
-    start = len(data) - 4 - SHARD * 16
-    index = np.frombuffer(bytes(data[start:-4]), "<u8").reshape(SHARD, 2).copy()
-    (a, size), (b, other) = index[first], index[second]
+def swap_samples_2_and_3(index: np.ndarray, data: bytearray) -> None:
+    """The same samples in a shard, the bytes of inner chunks 2 and 3 swapped and their index
+    entries too: the same values at other offsets, as a rewrite may lay them out."""
+    (a, size), (b, other) = index[2], index[3]
     assert size == other
     data[a:a + size], data[b:b + size] = data[b:b + size], data[a:a + size]
-    index[[first, second]] = index[[second, first]]
-    data[start:-4] = index.tobytes()
-    data[-4:] = crc32c(bytes(data[start:-4])).to_bytes(4, "little")
-    replacement = shard.with_name(f".{shard.name}.new")
-    replacement.write_bytes(bytes(data))
-    os.replace(replacement, shard)  # a new object: a new ETag
+    index[[2, 3]] = index[[3, 2]]
 
 
 def replace_first_shards(store: Path, fields: list[str]) -> None:
-    """Every field's first shard replaced, samples 2 and 3 swapped in it."""
+    """Every field's first shard replaced (a new object: a new ETag), samples 2 and 3
+    swapped in it."""
     for name in fields:
-        rank = len(json.loads((store / name / "zarr.json").read_text())["shape"])
-        swap_inner_chunks(store / name / "c" / "0" / Path(*["0"] * (rank - 1)), 2, 3)
+        edit_shard(shard_file(store, name, 0, SHARDED), SHARDED.shard_size,
+                   swap_samples_2_and_3)
 
 
 @pytest.mark.parametrize("cache", [False, True], ids=["no-cache", "cache"])
