@@ -29,9 +29,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import mmap
+import multiprocessing
 import os
 import secrets
 import threading
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -84,10 +86,13 @@ class Segment:
 
 
 class _Ring:
-    """The segments of this process (a forked child starts with none of its parent's)."""
+    """The segments of this process (a forked child starts with none of its parent's), and
+    whether the main process can map them at all (``usable``, decided when the worker's ring
+    is first used)."""
 
     def __init__(self) -> None:
         self.segments: list[Segment] = []
+        self.usable = _main_process_can_map()
 
     def buffer(self, nbytes: int) -> torch.Tensor | None:
         fitting = [s for s in self.segments if s.nbytes >= nbytes and s.free()]
@@ -110,13 +115,40 @@ class _Ring:
 
 _ring = PerProcess(_Ring)
 SUPPORTED = hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
+PROCESS_FDS = "/proc/{pid}/fd"  # where the main process opens a worker's segments
+
+
+def _main_process_can_map() -> bool:
+    """Whether the main process will be able to open this worker's segments, judged before
+    the first one is made; if not, one warning, and this worker's batches go into torch's
+    own shared memory (correct, a new segment per batch).
+
+    The main process opens ``/proc/<worker>/fd/<n>``, which the kernel allows between two
+    processes of one user (ptrace read access) unless a security module or a ``/proc``
+    mounted with ``hidepid`` forbids it -- rules that hold both ways: so this worker tries
+    the same access to the main process's descriptors."""
+    if not SUPPORTED:
+        reason = "memfd_create or /proc/self/fd is missing on this system"
+    else:
+        main = multiprocessing.parent_process()  # None outside a worker: this process maps
+        folder = PROCESS_FDS.format(pid=main.pid if main else os.getpid())
+        try:
+            os.listdir(folder)
+            return True
+        except OSError as error:
+            reason = f"{folder} cannot be read ({error.strerror})"
+    warnings.warn(f"DataLoader worker {os.getpid()}: batches cross to the main process in "
+                  f"torch's shared memory, a new segment each, not in reused buffers: {reason}",
+                  RuntimeWarning, stacklevel=2)
+    return False
 
 
 def worker_buffer(nbytes: int) -> torch.Tensor:
     """``nbytes`` of shared memory for a batch built in a DataLoader worker: a reused segment
     of this worker's ring where one is free, else a fresh shared-memory segment. Wrap the batch
     built on it with :func:`shippable` so it crosses as a reference into the segment."""
-    reused = _ring.get().buffer(nbytes) if SUPPORTED else None
+    ring = _ring.get()
+    reused = ring.buffer(nbytes) if ring.usable else None
     if reused is not None:
         return reused
     return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))

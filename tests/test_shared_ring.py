@@ -183,10 +183,55 @@ def test_kept_mappings_are_bounded(monkeypatch) -> None:
 
 def test_without_memfd_batches_go_into_fresh_shared_memory(monkeypatch) -> None:
     monkeypatch.setattr(shared_ring, "SUPPORTED", False)
-    buffer = shared_ring.worker_buffer(256)
+    with pytest.warns(RuntimeWarning, match="memfd_create or /proc/self/fd is missing"):
+        buffer = shared_ring.worker_buffer(256)
     assert buffer.is_shared()
     batch = {"x": buffer[:16]}
     assert shared_ring.shippable(batch) is batch
+
+
+FALLBACK_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    from torch.utils.data import DataLoader
+    from arraystore.loaders import ZarrDistillDataset, collate_distill, shared_ring
+
+    class CountingSegments(ZarrDistillDataset):
+        def __getitems__(self, indices):
+            batched = super().__getitems__(indices)
+            batched.batch["segments"] = len(shared_ring._ring.get().segments)
+            return batched
+
+    def hidden_main_process(worker):  # as if /proc hid the main process from its workers
+        shared_ring.PROCESS_FDS = "/nonexistent/{pid}/fd"
+
+    dataset = CountingSegments(sys.argv[1])
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, multiprocessing_context="fork",
+                        collate_fn=collate_distill, worker_init_fn=hidden_main_process)
+    expected = collate_distill([dataset[i] for i in range(len(dataset))])
+    for epoch in range(2):
+        for number, batch in enumerate(loader):
+            assert batch["segments"] == 0
+            rows = slice(2 * number, 2 * number + 2)
+            for key in ("image", "teacher_features", "edge_map"):
+                assert torch.equal(batch[key], expected[key][rows]), (number, key)
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("layout_store", ["sharded"], indirect=True)
+def test_workers_whose_buffers_the_main_process_cannot_map_fall_back(layout_store) -> None:
+    """Where the main process could not open a worker's segments, each worker says so once and
+    ships its batches in torch's own shared memory: the same values, no exception."""
+    _, path = layout_store
+    result = subprocess.run([sys.executable, "-W", "always::RuntimeWarning", "-c",
+                             FALLBACK_SCRIPT, str(path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"
+    warned = [line for line in result.stderr.splitlines() if "/nonexistent/" in line]
+    assert len(warned) == 4, result.stderr  # one warning a worker, each epoch's two workers
+    assert all("torch's shared memory" in line for line in warned)
 
 
 HOLDING_SCRIPT = textwrap.dedent("""
