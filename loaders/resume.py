@@ -50,7 +50,7 @@ class Source:
     repeats: int
     offset: int  # its first global index
     lengths: np.ndarray  # per sample, one copy
-    ids: Any  # SampleIds when the source is a store, else None
+    dataset: Any  # whose sample ids the digest hashes, read only then (a store's reader)
     where: str  # a path or a type name, for messages
 
     def digest(self, count: int) -> str:
@@ -58,8 +58,9 @@ class Source:
         the samples a state was drawn from are still there, in the same order."""
         hashed = hashlib.blake2b(digest_size=8)
         hashed.update(np.ascontiguousarray(self.lengths[:count], "<i8").tobytes())
-        if self.ids is not None:
-            hashed.update(self.ids.prefix_digest(count).encode())
+        reader = getattr(self.dataset, "reader", None)
+        if isinstance(reader, SampleReader):  # ids read here: an epoch drawn afresh needs none
+            hashed.update(reader.sample_ids.prefix_digest(count).encode())
         return hashed.hexdigest()
 
     def label(self) -> str:
@@ -72,7 +73,7 @@ def sources_of(dataset: Any, lengths: np.ndarray) -> list[Source]:
     from arraystore.loaders.mixture import Mixture
 
     if not isinstance(dataset, Mixture):
-        return [Source("", len(lengths), 1, 0, lengths, _ids_of(dataset), type(dataset).__name__)]
+        return [Source("", len(lengths), 1, 0, lengths, dataset, type(dataset).__name__)]
     found = []
     for number, (source, member) in enumerate(zip(dataset.sources, dataset.datasets,
                                                   strict=True)):
@@ -80,13 +81,8 @@ def sources_of(dataset: Any, lengths: np.ndarray) -> list[Source]:
         where = os.fspath(source.source) if isinstance(source.source, str | os.PathLike) \
             else type(source.source).__name__
         found.append(Source(source.dataset_type, size, source.repeats, offset,
-                            lengths[offset:offset + size], _ids_of(member), where))
+                            lengths[offset:offset + size], member, where))
     return found
-
-
-def _ids_of(dataset: Any) -> Any:
-    reader = getattr(dataset, "reader", None)
-    return reader.sample_ids if isinstance(reader, SampleReader) else None
 
 
 def marks(sources: Sequence[Source], weights: Sequence[float] | None = None) -> list[dict]:
