@@ -91,7 +91,9 @@ class SampleReader:
         self.fields = tuple(fields) if fields is not None else tuple(self.schema.names)
         for name in self.fields:
             self.schema[name]  # raises UnknownFieldError naming the known fields
-        self.positions = np.flatnonzero(store.committed_mask())
+        mask = store.committed_mask()  # positions in int32 where they fit: 4 bytes a sample
+        self.positions = np.flatnonzero(mask).astype(np.int32 if len(mask) < 2**31 else np.int64,
+                                                     copy=False)
         # in an object store, backends open fields from the metadata the open fetched (a
         # request each saved); on a disk reading it again is cheaper than pickling it
         self._array_json = {} if self.location.is_local else store.array_json

@@ -451,12 +451,15 @@ def weighted_draws(sizes: Sequence[int], offsets: Sequence[int], weights: np.nda
         if not count:
             continue
         size = int(sizes[source])
-        permutation = np.arange(size, dtype=indices.dtype) + offsets[source]
-        local = np.empty(count, indices.dtype)
+        first = int(offsets[source])
+        permutation = np.arange(first, first + size, dtype=indices.dtype)  # one array, no sum
+        # one pass: the permutation's first draws themselves (no copy of a 10^7 source)
+        local = permutation[:count] if count <= size else np.empty(count, indices.dtype)
         for start in range(0, count, size):  # a fresh permutation per pass over it
             if locality is not None:
                 permutation.sort()  # neighbours are neighbouring samples again
             shuffle(permutation, rng, locality)
-            local[start:start + size] = permutation[:count - start]
+            if count > size:
+                local[start:start + size] = permutation[:count - start]
         indices[which == source] = local
     return indices
