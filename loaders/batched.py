@@ -135,12 +135,18 @@ def allocate_arrays(shapes: Mapping[Hashable, tuple[tuple[int, ...], torch.dtype
             for key, shape, dtype, start, nbytes in layout}
 
 
+def slot_shapes(reader: SampleReader, slots: Sequence[Slot],
+                n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Each slot's buffer for ``n`` samples: ``(n, *field.shape)`` in the slot's dtype, as
+    :func:`allocate_arrays` takes them."""
+    return {slot.key: ((n, *reader.schema[slot.field].shape), slot.dtype) for slot in slots}
+
+
 def allocate(reader: SampleReader, slots: Sequence[Slot], n: int, *, pin: bool = False,
              shared: bool | None = None) -> dict[str, torch.Tensor]:
-    """Buffers for ``n`` samples of each slot, ``(n, *field.shape)`` in the slot's dtype, all
-    views of one allocation (see :func:`allocate_arrays`)."""
-    return allocate_arrays({slot.key: ((n, *reader.schema[slot.field].shape), slot.dtype)
-                            for slot in slots}, pin=pin, shared=shared)
+    """Buffers for ``n`` samples of each slot, all views of one allocation (see
+    :func:`allocate_arrays`)."""
+    return allocate_arrays(slot_shapes(reader, slots, n), pin=pin, shared=shared)
 
 
 def fill(reader: SampleReader, slots: Sequence[Slot], buffers: Mapping[str, torch.Tensor],

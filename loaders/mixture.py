@@ -21,7 +21,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from arraystore.loaders.batched import Batched, Slot, allocate, fill, torch_dtype
+from arraystore.loaders.batched import (
+    Batched,
+    Slot,
+    allocate,
+    allocate_arrays,
+    fill,
+    slot_shapes,
+    torch_dtype,
+)
 from arraystore.loaders.packed_collate import collate_packed
 from arraystore.loaders.read_ahead import BatchWithNext, upcoming
 from arraystore.loaders.shared_ring import shippable
@@ -107,8 +115,8 @@ class StoreItems(Dataset):
         strings = [n for n in self.reader.fields if n not in stacked]
         listed = {n: [self.reader.read(int(i), (n,))[n] for i in indices] for n in strings}
         batch = {n: stacked[n] if n in stacked else listed[n] for n in self.reader.fields}
-        views = [{n: batch[n][row].numpy() if n in stacked else batch[n][row]
-                  for n in self.reader.fields} for row in range(len(indices))]
+        arrays = {n: batch[n].numpy() if n in stacked else batch[n] for n in self.reader.fields}
+        views = [{n: arrays[n][row] for n in self.reader.fields} for row in range(len(indices))]
         return Batched(views, batch, default_format=True)
 
     def __getitems__(self, indices: Sequence[int]) -> Batched:
@@ -218,10 +226,19 @@ class Mixture(Dataset):
 
     def locate(self, index: int) -> tuple[int, int]:
         """(source number, the source's own index) of mixture index ``index``."""
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for a mixture of {len(self)}")
-        source = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        return source, int((index - self.offsets[source]) % self.sizes[source])
+        sources, inner = self.locate_all([index])
+        return int(sources[0]), int(inner[0])
+
+    def locate_all(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`locate` of every index at once: (source numbers, the sources' own
+        indices)."""
+        wanted = np.asarray(indices, np.int64).reshape(-1)
+        outside = wanted[(wanted < 0) | (wanted >= len(self))]
+        if outside.size:
+            raise IndexError(f"index {int(outside[0])} out of range for a mixture of "
+                             f"{len(self)}")
+        sources = np.searchsorted(self.offsets, wanted, side="right") - 1
+        return sources, (wanted - self.offsets[sources]) % self.sizes[sources]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         source, local = self.locate(int(index))
@@ -258,30 +275,32 @@ class Mixture(Dataset):
                 MODALITY_FIELD: int(self.lengths[index])}
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        """The items ``indices``, each source's read together (its own ``__getitems__``, as
-        the store datasets have: straight into batch buffers). Where :meth:`collate` would
-        batch them by type, the batch is built from those buffers and handed on by it (a
-        :class:`Batched`, equal to :meth:`collate` of the items); otherwise the items."""
-        located = [self.locate(int(i)) for i in indices]
-        rows: dict[int, list[int]] = {}
-        for row, (source, _) in enumerate(located):
-            rows.setdefault(source, []).append(row)
+        """The items ``indices``, each source's read together. The sources that read into
+        batch buffers (the store datasets' ``fill_batch``) share one allocation, so a mixed
+        batch crosses from a worker as one buffer; the others use their own
+        ``__getitems__``. Where :meth:`collate` would batch the items by type, the batch is
+        built from what the sources read and handed on by it (a :class:`Batched`, equal to
+        :meth:`collate` of the items); otherwise the items."""
+        sources, inner = self.locate_all(indices)
+        rows = {int(s): np.flatnonzero(sources == s) for s in dict.fromkeys(sources.tolist())}
         if any(not hasattr(self.datasets[s], "__getitems__") for s in rows):
             return [self[int(i)] for i in indices]
         then: dict[int, list[int]] = {}  # each source's part of the batch read next
-        for source, inner in (self.locate(int(i)) for i in upcoming(indices)):
-            then.setdefault(source, []).append(inner)
-        reads = {s: self.datasets[s].__getitems__(BatchWithNext(
-                     [located[r][1] for r in members], then.get(s, ())))
-                 for s, members in rows.items()}
+        ahead = upcoming(indices)
+        for source, own in zip(*self.locate_all(ahead), strict=True) if len(ahead) else ():
+            then.setdefault(int(source), []).append(int(own))
+        reads = self._read_parts({s: BatchWithNext(inner[members].tolist(), then.get(s, ()))
+                                  for s, members in rows.items()})
+        lengths = self.lengths[np.asarray(indices, np.int64)]
         items: list[dict[str, Any]] = [{}] * len(indices)
         for source, members in rows.items():
-            for row, item in zip(members, reads[source], strict=True):
+            for row, item in zip(members.tolist(), reads[source], strict=True):
                 items[row] = self._mixture_item(source, item, int(indices[row]))
-        one_batch = len(rows) > 1 and len({frozenset(i) for i in items}) == 1
-        if self.collate_fn is not None or one_batch or not all(
-                isinstance(r, Batched) for r in reads.values()):
+        if self.collate_fn is not None or not all(isinstance(r, Batched)
+                                                  for r in reads.values()):
             return items  # collated item by item
+        if len(rows) > 1 and len({frozenset(items[m[0]]) for m in rows.values()}) == 1:
+            return items  # the same keys: one batch, collated item by item
         batches = {}
         for source, members in rows.items():
             name, read = self.sources[source].dataset_type, reads[source]
@@ -296,9 +315,29 @@ class Mixture(Dataset):
                 batch = collate_packed({"": list(stripped)})[""]
             if isinstance(batch, dict):
                 batch["dataset_type"] = [name] * len(members)
-                batch[MODALITY_FIELD] = modality_tensor([items[r] for r in members])
+                batch[MODALITY_FIELD] = torch.from_numpy(lengths[members])
             batches[name] = batch
         return Batched(items, next(iter(batches.values())) if len(batches) == 1 else batches)
+
+    def _read_parts(self, parts: Mapping[int, Sequence[int]]) -> dict[int, Any]:
+        """Each source's part of a batch (its own indices), read together. The parts of
+        sources that fill batch buffers (``batch_slots`` + ``fill_batch``) are views of one
+        allocation, in a DataLoader worker one shared segment for the whole mixed batch."""
+        filling = {s for s in parts if hasattr(self.datasets[s], "fill_batch")}
+        shapes = {(s, key): shape for s in filling
+                  for key, shape in slot_shapes(self.datasets[s].reader,
+                                                self.datasets[s].batch_slots(),
+                                                len(parts[s])).items()}
+        arrays = allocate_arrays(shapes) if shapes else {}
+        reads = {}
+        for source, own in parts.items():
+            dataset = self.datasets[source]
+            if source in filling:
+                reads[source] = dataset.fill_batch(own, {
+                    key: array for (s, key), array in arrays.items() if s == source})
+            else:
+                reads[source] = dataset.__getitems__(own)
+        return reads
 
     def collate(self, items: list[Mapping[str, Any]]) -> Any:
         """Batch items: one batch when they share their keys, else a dict of per-type

@@ -93,6 +93,7 @@ class ZarrDistillDataset(Dataset):
                               self.sample_ids[int(i)], rest) for i in indices]
         batch = {**stacked, **(collate_distill(items) if rest else {})}
         order = [k for k in ITEM_KEYS if k in self.keys] + ["image_id"] * ("image_id" in rest)
-        views = [{k: stacked[k][row] if k in stacked else item[k] for k in order}
+        rows = {k: t.unbind(0) for k, t in stacked.items()}  # one call a key, not one a row
+        views = [{k: rows[k][row] if k in rows else item[k] for k in order}
                  for row, item in enumerate(items)]
         return Batched(views, batch)
