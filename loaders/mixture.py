@@ -286,8 +286,7 @@ class Mixture(Dataset):
         if any(not hasattr(self.datasets[s], "__getitems__") for s in rows):
             return [self[int(i)] for i in indices]
         then: dict[int, list[int]] = {}  # each source's part of the batch read next
-        ahead = upcoming(indices)
-        for source, own in zip(*self.locate_all(ahead), strict=True) if len(ahead) else ():
+        for source, own in zip(*self.locate_all(upcoming(indices)), strict=True):
             then.setdefault(int(source), []).append(int(own))
         reads = self._read_parts({s: BatchWithNext(inner[members].tolist(), then.get(s, ()))
                                   for s, members in rows.items()})

@@ -125,8 +125,9 @@ def _main_process_can_map() -> bool:
 
     The main process opens ``/proc/<worker>/fd/<n>``, which the kernel allows between two
     processes of one user (ptrace read access) unless a security module or a ``/proc``
-    mounted with ``hidepid`` forbids it -- rules that hold both ways: so this worker tries
-    the same access to the main process's descriptors."""
+    mounted with ``hidepid`` forbids it. Between a process and a worker it started (one
+    user, one security context) such rules apply alike both ways, so this worker tries the
+    same access to the main process's descriptors."""
     if not SUPPORTED:
         reason = "memfd_create or /proc/self/fd is missing on this system"
     else:

@@ -190,7 +190,8 @@ def test_without_memfd_batches_go_into_fresh_shared_memory(monkeypatch) -> None:
     assert shared_ring.shippable(batch) is batch
 
 
-FALLBACK_SCRIPT = textwrap.dedent("""
+# a DataLoader script's start: a dataset whose batches say how many segments their worker has
+COUNTING_SEGMENTS = textwrap.dedent("""
     import sys
     import torch
     from torch.utils.data import DataLoader
@@ -201,6 +202,9 @@ FALLBACK_SCRIPT = textwrap.dedent("""
             batched = super().__getitems__(indices)
             batched.batch["segments"] = len(shared_ring._ring.get().segments)
             return batched
+""")
+
+FALLBACK_SCRIPT = COUNTING_SEGMENTS + textwrap.dedent("""
 
     def hidden_main_process(worker):  # as if /proc hid the main process from its workers
         shared_ring.PROCESS_FDS = "/nonexistent/{pid}/fd"
@@ -234,17 +238,7 @@ def test_workers_whose_buffers_the_main_process_cannot_map_fall_back(layout_stor
     assert all("torch's shared memory" in line for line in warned)
 
 
-HOLDING_SCRIPT = textwrap.dedent("""
-    import sys
-    import torch
-    from torch.utils.data import DataLoader
-    from arraystore.loaders import ZarrDistillDataset, collate_distill, shared_ring
-
-    class CountingSegments(ZarrDistillDataset):
-        def __getitems__(self, indices):
-            batched = super().__getitems__(indices)
-            batched.batch["segments"] = len(shared_ring._ring.get().segments)
-            return batched
+HOLDING_SCRIPT = COUNTING_SEGMENTS + textwrap.dedent("""
 
     path, context, hold = sys.argv[1], sys.argv[2], sys.argv[3] == "hold"
     dataset = CountingSegments(path)
