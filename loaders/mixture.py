@@ -242,7 +242,8 @@ class Mixture(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         source, local = self.locate(int(index))
-        return self._mixture_item(source, self.datasets[source][local], int(index))
+        return self._mixture_item(source, self.datasets[source][local],
+                                  int(self.lengths[index]))
 
     def set_epoch(self, epoch: int) -> None:
         """Pass the epoch on to the sources that draw per epoch (random crops)."""
@@ -265,14 +266,14 @@ class Mixture(Dataset):
             if saved is not None and hasattr(dataset, "load_state_dict"):
                 dataset.load_state_dict(saved)
 
-    def _mixture_item(self, source: int, item: Any, index: int) -> dict[str, Any]:
+    def _mixture_item(self, source: int, item: Any, length: int) -> dict[str, Any]:
         """A source's item as the mixture's: with its ``dataset_type`` and
         ``modality_length``."""
         if not isinstance(item, Mapping):
             raise TypeError(f"mixture source {self.sources[source].dataset_type!r} returned a "
                             f"{type(item).__name__}; mixture sources return dicts")
         return {**item, "dataset_type": self.sources[source].dataset_type,
-                MODALITY_FIELD: int(self.lengths[index])}
+                MODALITY_FIELD: length}
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """The items ``indices``, each source's read together. The sources that read into
@@ -294,7 +295,7 @@ class Mixture(Dataset):
         items: list[dict[str, Any]] = [{}] * len(indices)
         for source, members in rows.items():
             for row, item in zip(members.tolist(), reads[source], strict=True):
-                items[row] = self._mixture_item(source, item, int(indices[row]))
+                items[row] = self._mixture_item(source, item, int(lengths[row]))
         if self.collate_fn is not None or not all(isinstance(r, Batched)
                                                   for r in reads.values()):
             return items  # collated item by item
