@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable, Container, Iterable, Iterator
 from typing import Any, Protocol
 
+from arraystore.allocator import keeping_freed_memory
 from arraystore.errors import SampleError, SourceError
-from arraystore.sources import BatchStage, Record, Skip, Source, SourceUnit
+from arraystore.sources import BatchStage, Record, Skip, Source, SourceUnit, model_on_cpu
 from arraystore.writer import sample_id_problem
 
 # (record or its error, derived values or None, where and why it failed)
@@ -100,32 +101,34 @@ def ingest_unit_samples(source: Source, unit: SourceUnit, derive: Derive, sink: 
             yield item
 
     results = derive(fresh(source.records(unit)))
-    try:
-        while True:
-            started = time.perf_counter()
-            try:
-                item, values, where, reason = next(results)
-            except StopIteration:
-                break
-            tally.waiting_seconds += time.perf_counter() - started
-            if isinstance(item, SampleError):
-                fail_or_skip(item)
-                continue
-            if progressed is not None:
-                progressed(item.progress)
-            if values is None:
-                fail_or_skip(SampleError(where, item.sample_id, reason))
-            elif isinstance(values, list):  # the parts of a record that yields several samples
-                for part in values:
-                    if isinstance(part, Skip):
-                        tally.skipped.append(part)
-                    else:
-                        add(part.sample_id, part.values, item.where)
-            else:
-                add(item.sample_id, values, item.where)
-    except SourceError as exc:
+    # a model on the CPU reuses the memory its last batch freed (see arraystore.allocator)
+    with keeping_freed_memory(stage is not None and model_on_cpu(source)):
+        try:
+            while True:
+                started = time.perf_counter()
+                try:
+                    item, values, where, reason = next(results)
+                except StopIteration:
+                    break
+                tally.waiting_seconds += time.perf_counter() - started
+                if isinstance(item, SampleError):
+                    fail_or_skip(item)
+                    continue
+                if progressed is not None:
+                    progressed(item.progress)
+                if values is None:
+                    fail_or_skip(SampleError(where, item.sample_id, reason))
+                elif isinstance(values, list):  # the parts of a record that yields several samples
+                    for part in values:
+                        if isinstance(part, Skip):
+                            tally.skipped.append(part)
+                        else:
+                            add(part.sample_id, part.values, item.where)
+                else:
+                    add(item.sample_id, values, item.where)
+        except SourceError as exc:
+            write_pending()
+            if on_error == "fail":
+                raise
+            tally.skipped.append(Skip(exc.path, "*", f"rest of the input unreadable: {exc.reason}"))
         write_pending()
-        if on_error == "fail":
-            raise
-        tally.skipped.append(Skip(exc.path, "*", f"rest of the input unreadable: {exc.reason}"))
-    write_pending()

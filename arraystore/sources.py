@@ -195,9 +195,14 @@ def default_workers(source: Source, cores: int | None = None) -> int:
     but the writer's decodes, so the device is never left waiting.
     """
     cores = cores or available_cores()
-    device = source.stage_device()
-    if device is None:
+    if source.stage_device() is None:
         return cores
-    if device.split(":")[0] == "cpu":
+    if model_on_cpu(source):
         return 1
     return max(1, cores - 1)
+
+
+def model_on_cpu(source: Source) -> bool:
+    """Whether ``source`` has a batch stage whose model runs on the CPU."""
+    device = source.stage_device()
+    return device is not None and device.split(":")[0] == "cpu"

@@ -1,0 +1,74 @@
+"""Keep a CPU model's working memory mapped between its batches (glibc's allocator).
+
+A model run on the CPU allocates and frees tens of megabytes of activations per batch. Between
+two batches an ingest decodes, crops and writes; glibc then hands much of the freed memory back
+to the kernel (large blocks are mapped one by one and unmapped when freed, and the top of the
+heap is trimmed), and the next batch takes it back one 4 KiB page fault at a time: measured on
+the 2-core machine of ``benchmarks/results/embeddings.md``, 0.5-0.8 million faults per
+SigLIP batch of 32 inside ``ingest coco-embeddings``, ~10% of the model's time (none once the
+memory is kept). While :func:`keeping_freed_memory` is entered the
+allocator maps no block on its own and trims nothing, so a batch reuses what the one before it
+freed.
+
+Leaving it returns the freed memory to the kernel (``malloc_trim``) and sets the allocator to
+where glibc's own adjustment ends up after large blocks were freed (blocks from 32 MiB mapped on
+their own, the heap trimmed past 64 MiB free): glibc cannot be told to resume adjusting itself.
+Elsewhere than glibc (macOS, musl) this does nothing. It can go if torch gets a caching CPU
+allocator of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import threading
+from collections.abc import Iterator
+
+# mallopt parameters (glibc's malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+KEEP_FREE_BYTES = 2**31 - 1  # the largest trim threshold an int takes: never trim
+AFTER = ((M_MMAP_MAX, 65536), (M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 64 << 20))
+
+_lock = threading.Lock()
+_depth = 0
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+    except OSError:
+        return None
+    if not (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "malloc_trim")):
+        return None
+    return libc
+
+
+@contextlib.contextmanager
+def keeping_freed_memory(active: bool = True) -> Iterator[None]:
+    """Within: freed memory stays with the process (see the module docstring); nests, and
+    threads may enter it together (the setting is the process's: the last to leave resets
+    it). ``active=False`` does nothing, for callers that need it only sometimes."""
+    global _depth
+    libc = _glibc() if active else None
+    if libc is None:
+        yield
+        return
+    with _lock:
+        _depth += 1
+        if _depth == 1:
+            libc.mallopt(M_MMAP_MAX, 0)
+            libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREE_BYTES)
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                for parameter, value in AFTER:
+                    libc.mallopt(parameter, value)
+                libc.malloc_trim(0)

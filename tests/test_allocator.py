@@ -1,0 +1,123 @@
+"""A model on the CPU reuses the memory its last batch freed (``arraystore.allocator``).
+
+Measured by the process's minor page faults (``getrusage``): memory glibc handed back to the
+kernel faults again when it is next used; memory kept does not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import resource
+import statistics
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+
+from arraystore import SampleReader, ingest
+from arraystore.allocator import _glibc, keeping_freed_memory
+from arraystore.converters.npz.source import NpzDirectorySource
+from arraystore.stages import ModelStage
+from arraystore.testing.npz_examples import write_sav_pairs
+
+pytestmark = pytest.mark.skipif(_glibc() is None, reason="glibc's allocator only")
+SCRATCH = 64 << 20  # above the largest block glibc ever keeps on its own (32 MiB)
+
+
+def faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def faults_of_scratch() -> int:
+    """Page faults of filling and freeing a scratch buffer with the C library, as torch
+    allocates a model's activations (NumPy would ask the kernel for huge pages)."""
+    libc = _glibc()
+    libc.malloc.restype = ctypes.c_void_p
+    before = faults()
+    scratch = libc.malloc(SCRATCH)
+    ctypes.memset(scratch, 1, SCRATCH)
+    libc.free(ctypes.c_void_p(scratch))
+    return faults() - before
+
+
+def test_freed_memory_is_kept_within_and_returned_after() -> None:
+    faults_of_scratch()
+    assert faults_of_scratch() > 0  # glibc maps and unmaps a block this big by default
+    with keeping_freed_memory():
+        faults_of_scratch()  # the first one grows the heap
+        assert [faults_of_scratch() for _ in range(3)] == [0, 0, 0]
+    faults_of_scratch()
+    assert faults_of_scratch() > 0  # left: given back to the kernel again
+
+
+def test_nested_and_concurrent_uses_reset_once_the_last_leaves() -> None:
+    entered, leave = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with keeping_freed_memory():
+            entered.set()
+            leave.wait(10)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    entered.wait(10)
+    with keeping_freed_memory(), keeping_freed_memory():
+        pass
+    faults_of_scratch()
+    assert faults_of_scratch() == 0  # the other thread is still inside
+    leave.set()
+    thread.join()
+    faults_of_scratch()
+    assert faults_of_scratch() > 0
+
+
+def test_inactive_does_nothing() -> None:
+    with keeping_freed_memory(active=False):
+        faults_of_scratch()
+        assert faults_of_scratch() > 0
+
+
+class ScratchModel:
+    """A model on the CPU: its output is its input, and each batch fills and frees a buffer as
+    big as a SigLIP batch's activations; it records the page faults of each batch."""
+
+    batch_size = 2
+
+    def __init__(self) -> None:
+        self.faults: list[int] = []
+
+    def __call__(self, inputs: np.ndarray) -> np.ndarray:
+        self.faults.append(faults_of_scratch())
+        return inputs
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": "scratch"}
+
+
+class NpzWithCpuModel(NpzDirectorySource):
+    """The NPZ converter with a model stage on the CPU over its ``mask1`` field."""
+
+    def __init__(self, model: ScratchModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def stage_device(self) -> str | None:
+        return "cpu"
+
+    def batch_stage(self) -> ModelStage:
+        return ModelStage(self.model, "mask1", ("mask1",), name="scratch")
+
+
+def test_an_ingest_with_a_cpu_model_reuses_its_batches_memory(tmp_path) -> None:
+    write_sav_pairs(tmp_path / "in", count=20, size=64)
+    model = ScratchModel()
+    assert faults_of_scratch() > 0 and faults_of_scratch() > 0  # outside: every call faults
+    report = ingest(NpzWithCpuModel(model), [tmp_path / "in"], tmp_path / "s.zarr", workers=1)
+    assert report.ingested == 20 and len(model.faults) == 10
+    # after the first, a batch reuses the memory of the one before; now and then the samples
+    # decoded in between take a piece of it, and that piece faults again
+    assert statistics.median(model.faults[1:]) == 0, model.faults
+    reader = SampleReader(tmp_path / "s.zarr")
+    assert reader.read(0)["mask1"].shape == (64, 64)
+    assert faults_of_scratch() > 0 and faults_of_scratch() > 0  # after: the process's own again
