@@ -13,8 +13,9 @@ freed.
 Leaving it returns the freed memory to the kernel (``malloc_trim``) and sets the allocator to
 where glibc's own adjustment ends up after large blocks were freed (blocks from 32 MiB mapped on
 their own, the heap trimmed past 64 MiB free): glibc cannot be told to resume adjusting itself.
-Elsewhere than glibc (macOS, musl) this does nothing. It can go if torch gets a caching CPU
-allocator of its own.
+Elsewhere than glibc (macOS, musl), and in a process whose allocator its user tuned
+(``MALLOC_MMAP_THRESHOLD_`` and the like, ``glibc.malloc`` tunables), this does nothing. It can go
+if torch gets a caching CPU allocator of its own.
 """
 
 from __future__ import annotations
@@ -22,20 +23,29 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
+import os
 import threading
 from collections.abc import Iterator
 
 # mallopt parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 KEEP_FREE_BYTES = 2**31 - 1  # the largest trim threshold an int takes: never trim
+TUNED = ("mmap_max", "mmap_threshold", "trim_threshold", "top_pad")  # a user's own choice
 AFTER = ((M_MMAP_MAX, 65536), (M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 64 << 20))
 
 _lock = threading.Lock()
 _depth = 0
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
+    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``) and its
+    allocator is untuned, else None."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if any(f"MALLOC_{name.upper()}_" in os.environ or f"glibc.malloc.{name}" in tunables
+           for name in TUNED):
+        return None
     name = ctypes.util.find_library("c")
     if name is None:
         return None

@@ -7,6 +7,7 @@ kernel faults again when it is next used; memory kept does not.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import resource
 import statistics
 import threading
@@ -23,6 +24,8 @@ from arraystore.testing.npz_examples import write_sav_pairs
 
 pytestmark = pytest.mark.skipif(_glibc() is None, reason="glibc's allocator only")
 SCRATCH = 64 << 20  # above the largest block glibc ever keeps on its own (32 MiB)
+LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
+LIBC.malloc.restype = ctypes.c_void_p
 
 
 def faults() -> int:
@@ -32,12 +35,10 @@ def faults() -> int:
 def faults_of_scratch() -> int:
     """Page faults of filling and freeing a scratch buffer with the C library, as torch
     allocates a model's activations (NumPy would ask the kernel for huge pages)."""
-    libc = _glibc()
-    libc.malloc.restype = ctypes.c_void_p
     before = faults()
-    scratch = libc.malloc(SCRATCH)
+    scratch = LIBC.malloc(SCRATCH)
     ctypes.memset(scratch, 1, SCRATCH)
-    libc.free(ctypes.c_void_p(scratch))
+    LIBC.free(ctypes.c_void_p(scratch))
     return faults() - before
 
 
@@ -76,6 +77,20 @@ def test_inactive_does_nothing() -> None:
     with keeping_freed_memory(active=False):
         faults_of_scratch()
         assert faults_of_scratch() > 0
+
+
+def test_an_allocator_its_user_tuned_is_left_alone(monkeypatch) -> None:
+    for name, value in (("MALLOC_MMAP_THRESHOLD_", "1048576"),
+                        ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")):
+        with monkeypatch.context() as env:
+            env.setenv(name, value)
+            _glibc.cache_clear()
+            assert _glibc() is None
+            with keeping_freed_memory():
+                faults_of_scratch()
+                assert faults_of_scratch() > 0
+    _glibc.cache_clear()
+    assert _glibc() is not None
 
 
 class ScratchModel:
