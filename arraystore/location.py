@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from arraystore.beneath import open_beneath
+from arraystore.contract import links_below
 from arraystore.errors import (
     ArrayStoreError,
     MissingExtraError,
@@ -178,6 +179,24 @@ class Location(ABC):
         """Why ``key`` must not be read as part of this store, or None."""
 
     @abstractmethod
+    def links(self) -> list[str]:
+        """Every symbolic link inside the store (a disk's folders may hold them)."""
+
+    @abstractmethod
+    def refuse_links_to(self, folders: Iterable[str]) -> None:
+        """Raise :class:`~arraystore.errors.StoreFormatError` when a folder on the way to one
+        of ``folders`` is a symbolic link (a disk's); a folder not there yet is fine."""
+
+    @abstractmethod
+    def remove_partials(self, folders: Iterable[str]) -> None:
+        """Delete the temporary files a killed write left in ``folders`` (a disk's
+        ``*.partial``)."""
+
+    @abstractmethod
+    def check_can_hold_store(self) -> None:
+        """Raise :class:`OptionError` where no store can be written (a disk's root folder)."""
+
+    @abstractmethod
     def make_durable(self, keys: Iterable[str]) -> None:
         """Bring what was written to ``keys`` onto stable storage (before a commit marks it)."""
 
@@ -192,6 +211,24 @@ class LocalLocation(Location):
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    def links(self) -> list[str]:
+        return links_below(self.path)
+
+    def refuse_links_to(self, folders: Iterable[str]) -> None:
+        root = os.fspath(self.path)
+        for folder in folders:
+            fd = open_beneath(root, folder)
+            if fd is not None:
+                os.close(fd)
+
+    def remove_partials(self, folders: Iterable[str]) -> None:
+        for folder in folders:
+            for partial in self.file(folder).glob("*.partial"):
+                partial.unlink(missing_ok=True)
+
+    def check_can_hold_store(self) -> None:
+        local_store_path(self.path)
 
     def file(self, key: str) -> Path:
         return self.path / key
@@ -508,6 +545,18 @@ class ObjectLocation(Location):
 
     def _fs(self) -> tuple[Any, str]:
         return self._client.get()
+
+    def links(self) -> list[str]:
+        return []  # an object store has none
+
+    def refuse_links_to(self, folders: Iterable[str]) -> None:
+        """An object store has no links."""
+
+    def remove_partials(self, folders: Iterable[str]) -> None:
+        """Nothing to remove: an object is written whole or not at all."""
+
+    def check_can_hold_store(self) -> None:
+        """Any prefix of a bucket can hold a store."""
 
     def fetching(self) -> threading.RLock:
         """This process's lock around a fetch of samples: a read-ahead thread and the reader's

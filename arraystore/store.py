@@ -18,7 +18,6 @@ import numpy as np
 import zarr
 from zarr.storage import StorePath
 
-from arraystore.beneath import open_beneath
 from arraystore.contract import disagreements
 from arraystore.errors import (
     IncompatibleStoreError,
@@ -31,7 +30,7 @@ from arraystore.errors import (
 )
 from arraystore.keys import chunk_key
 from arraystore.layout import Layout
-from arraystore.location import Location, local_store_path
+from arraystore.location import Location
 from arraystore.schema import SAMPLE_DIM, Field, Schema
 from arraystore.version import __version__
 
@@ -341,14 +340,12 @@ class Store:
         """Refuse to write samples ``start`` to ``stop`` of ``f`` when a folder on the way to
         their files is a link: a planted ``image/c/7`` leading out of the store would take the
         write with it (zarr follows links). A folder not there yet is made by the write."""
-        if not self.location.is_local or stop <= start:
+        if stop <= start:
             return
         per_file = self.layout.samples_per_file(f)
-        root = os.fspath(self.location.path)
-        for index in range(start // per_file, (stop - 1) // per_file + 1):
-            fd = open_beneath(root, chunk_key(f.name, index, 1 + len(f.shape)).rsplit("/", 1)[0])
-            if fd is not None:
-                os.close(fd)
+        self.location.refuse_links_to(
+            chunk_key(f.name, index, 1 + len(f.shape)).rsplit("/", 1)[0]
+            for index in range(start // per_file, (stop - 1) // per_file + 1))
 
     def __len__(self) -> int:
         """Number of sample slots (committed or not)."""
@@ -537,8 +534,7 @@ def open_for_writing(
     location = Location.of(path)
     if mode not in WRITE_MODES:
         raise OptionError(f"unknown mode {mode!r}; choose one of {WRITE_MODES}")
-    if location.is_local:
-        local_store_path(location.path)
+    location.check_can_hold_store()
     if mode == "overwrite" or location.vacant():
         return Store.create(location, schema, layout or Layout(), overwrite=True,
                             extra_attrs=extra_attrs)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from arraystore.chunk_format import CRC_BYTES, EMPTY, crc_matches, decode_vlen_utf8
-from arraystore.contract import disagreements, links_below
+from arraystore.contract import disagreements
 from arraystore.errors import ArrayStoreError, StoreFormatError
 from arraystore.keys import chunk_key, group_by_chunk
 from arraystore.readers.base import fetch_shard_index
@@ -254,9 +254,8 @@ def verify(path: StoreTarget, *, deep: bool = False,
         checker.check(f)
     checker.check_ids()
     checker.check_commit_blocks()
-    if store.location.is_local:
-        for link in links_below(store.location.path):
-            report.problems.append(Problem("*", "*", link, "a symbolic link inside the store: "
-                                           "no reader or writer goes through it; replace it "
-                                           "with what it points to"))
+    for link in store.location.links():
+        report.problems.append(Problem("*", "*", link, "a symbolic link inside the store: no "
+                                       "reader or writer goes through it; replace it with what "
+                                       "it points to"))
     return report

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from arraystore.errors import DuplicateSampleError, SampleValidationError, StoreWriteError
-from arraystore.keys import chunk_file, chunk_key
+from arraystore.keys import chunk_key
 from arraystore.lock import StoreLock
 from arraystore.regions import PENDING, reserved_end
 from arraystore.schema import Field
@@ -111,8 +111,7 @@ class StoreWriter:
         self.position = max(self.position, reserved_end(store))
         if self._lock.took_over:
             self.position = self._past_the_former_holder(committed)
-        if store.location.is_local:
-            self._remove_partials()
+        self._remove_partials()
 
     def _past_the_former_holder(self, committed: np.ndarray) -> int:
         """Where a writer that broke a stale lock starts: past every slot its former holder,
@@ -247,19 +246,15 @@ class StoreWriter:
     def _remove_partials(self) -> None:
         """Delete temporary files a killed write left (``*.partial`` beside the chunks and
         metadata past the committed prefix; nothing reads them, but they take space)."""
+        folders = {""}  # the store's root
         for f in (*self.fields, SAMPLE_FIELD, COMMITTED_FIELD):
-            array_dir = self.store.path / f.name
             per_file = self.store.layout.samples_per_file(f)
             first = self.position // per_file
             last = max(first, (self._arrays[f.name].shape[0] if f.name in self._arrays
                                else len(self.store)) // per_file)
-            folders = {array_dir, *(chunk_file(array_dir, i, 1 + len(f.shape)).parent
-                                   for i in range(first, last + 1))}
-            for folder in folders:
-                for partial in folder.glob("*.partial"):
-                    partial.unlink(missing_ok=True)
-        for partial in self.store.path.glob("*.partial"):
-            partial.unlink(missing_ok=True)
+            folders.update((f.name, *(chunk_key(f.name, i, 1 + len(f.shape)).rsplit("/", 1)[0]
+                                      for i in range(first, last + 1))))
+        self.store.location.remove_partials(folders)
 
     def _sync(self, start: int, stop: int, written: Sequence[Field]) -> None:
         """Before the commit: the data of samples ``start`` to ``stop`` on stable storage."""
