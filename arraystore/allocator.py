@@ -14,7 +14,8 @@ Leaving it returns the freed memory to the kernel (``malloc_trim``) and sets the
 where glibc's own adjustment ends up after large blocks were freed (blocks from 32 MiB mapped on
 their own, the heap trimmed past 64 MiB free): glibc cannot be told to resume adjusting itself.
 Elsewhere than glibc (macOS, musl), and in a process whose allocator its user tuned
-(``MALLOC_MMAP_THRESHOLD_`` and the like, ``glibc.malloc`` tunables), this does nothing. It can go
+(``MALLOC_MMAP_THRESHOLD_`` and the like, ``glibc.malloc`` tunables, in the environment it
+started with: Dask's workers start with ``MALLOC_TRIM_THRESHOLD_``), this does nothing. It can go
 if torch gets a caching CPU allocator of its own.
 """
 
@@ -27,6 +28,7 @@ import functools
 import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 # mallopt parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
@@ -38,12 +40,25 @@ _lock = threading.Lock()
 _depth = 0
 
 
+def startup_environment() -> dict[str, str]:
+    """The environment this process started with, which is what glibc read (Linux keeps it in
+    ``/proc/self/environ``; a variable set later, as Dask sets ``MALLOC_TRIM_THRESHOLD_`` for
+    the workers it spawns, tuned nothing here); elsewhere the current one."""
+    try:
+        raw = Path("/proc/self/environ").read_bytes()
+    except OSError:
+        return dict(os.environ)
+    return dict(entry.split("=", 1) for entry in raw.decode(errors="replace").split("\0")
+                if "=" in entry)
+
+
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
     """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``) and its
     allocator is untuned, else None."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if any(f"MALLOC_{name.upper()}_" in os.environ or f"glibc.malloc.{name}" in tunables
+    environment = startup_environment()
+    tunables = environment.get("GLIBC_TUNABLES", "")
+    if any(f"MALLOC_{name.upper()}_" in environment or f"glibc.malloc.{name}" in tunables
            for name in TUNED):
         return None
     name = ctypes.util.find_library("c")

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import resource
 import statistics
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -79,16 +82,20 @@ def test_inactive_does_nothing() -> None:
         assert faults_of_scratch() > 0
 
 
-def test_an_allocator_its_user_tuned_is_left_alone(monkeypatch) -> None:
+def test_an_allocator_its_user_tuned_is_left_alone() -> None:
+    check = "from arraystore.allocator import _glibc; print(_glibc() is None)"
+    untuned = {k: v for k, v in os.environ.items()  # Dask leaves MALLOC_TRIM_THRESHOLD_ here
+               if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     for name, value in (("MALLOC_MMAP_THRESHOLD_", "1048576"),
-                        ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")):
-        with monkeypatch.context() as env:
-            env.setenv(name, value)
-            _glibc.cache_clear()
-            assert _glibc() is None
-            with keeping_freed_memory():
-                faults_of_scratch()
-                assert faults_of_scratch() > 0
+                        ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1"), ("LANG", "C")):
+        out = subprocess.run([sys.executable, "-c", check], env={**untuned, name: value},
+                             capture_output=True, text=True, check=True).stdout
+        assert out.strip() == str(name != "LANG"), name
+
+
+def test_a_variable_set_after_start_tuned_nothing(monkeypatch) -> None:
+    """Dask sets ``MALLOC_TRIM_THRESHOLD_`` in a running process for the workers it spawns."""
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     _glibc.cache_clear()
     assert _glibc() is not None
 
