@@ -223,7 +223,7 @@ class LocalLocation(Location):
                 os.close(fd)
 
     def remove_partials(self, folders: Iterable[str]) -> None:
-        for folder in folders:
+        for folder in dict.fromkeys(folders):  # each once
             for partial in self.file(folder).glob("*.partial"):
                 partial.unlink(missing_ok=True)
 

@@ -245,16 +245,20 @@ class StoreWriter:
 
     def _remove_partials(self) -> None:
         """Delete temporary files a killed write left (``*.partial`` beside the chunks and
-        metadata past the committed prefix; nothing reads them, but they take space)."""
-        folders = {""}  # the store's root
+        metadata past the committed prefix; nothing reads them, but they take space). The
+        folders are listed lazily: an object store, which has no such files, reads nothing."""
+        self.store.location.remove_partials(self._partial_folders())
+
+    def _partial_folders(self) -> Iterator[str]:
+        yield ""  # the store's root
         for f in (*self.fields, SAMPLE_FIELD, COMMITTED_FIELD):
             per_file = self.store.layout.samples_per_file(f)
             first = self.position // per_file
             last = max(first, (self._arrays[f.name].shape[0] if f.name in self._arrays
                                else len(self.store)) // per_file)
-            folders.update((f.name, *(chunk_key(f.name, i, 1 + len(f.shape)).rsplit("/", 1)[0]
-                                      for i in range(first, last + 1))))
-        self.store.location.remove_partials(folders)
+            yield f.name
+            for i in range(first, last + 1):
+                yield chunk_key(f.name, i, 1 + len(f.shape)).rsplit("/", 1)[0]
 
     def _sync(self, start: int, stop: int, written: Sequence[Field]) -> None:
         """Before the commit: the data of samples ``start`` to ``stop`` on stable storage."""

@@ -45,14 +45,21 @@ def faults_of_scratch() -> int:
     return faults() - before
 
 
-def test_freed_memory_is_kept_within_and_returned_after() -> None:
+def few_faults() -> int:
+    """At most this many faults means the block was reused: a tenth of what filling it
+    afresh costs (glibc maps and unmaps a block this big by default), room left for a page
+    or two that other allocations of the process touch on the way."""
     faults_of_scratch()
-    assert faults_of_scratch() > 0  # glibc maps and unmaps a block this big by default
+    return faults_of_scratch() // 10
+
+
+def test_freed_memory_is_kept_within_and_returned_after() -> None:
+    few = few_faults()
     with keeping_freed_memory():
         faults_of_scratch()  # the first one grows the heap
-        assert [faults_of_scratch() for _ in range(3)] == [0, 0, 0]
+        assert all(faults_of_scratch() <= few for _ in range(3))
     faults_of_scratch()
-    assert faults_of_scratch() > 0  # left: given back to the kernel again
+    assert faults_of_scratch() > few  # left: given back to the kernel again
 
 
 def test_nested_and_concurrent_uses_reset_once_the_last_leaves() -> None:
@@ -69,11 +76,10 @@ def test_nested_and_concurrent_uses_reset_once_the_last_leaves() -> None:
     with keeping_freed_memory(), keeping_freed_memory():
         pass
     faults_of_scratch()
-    assert faults_of_scratch() == 0  # the other thread is still inside
+    kept = faults_of_scratch()  # the other thread is still inside
     leave.set()
     thread.join()
-    faults_of_scratch()
-    assert faults_of_scratch() > 0
+    assert kept < few_faults()  # reset: the block faults afresh again
 
 
 def test_inactive_does_nothing() -> None:
@@ -134,12 +140,12 @@ class NpzWithCpuModel(NpzDirectorySource):
 def test_an_ingest_with_a_cpu_model_reuses_its_batches_memory(tmp_path) -> None:
     write_sav_pairs(tmp_path / "in", count=20, size=64)
     model = ScratchModel()
-    assert faults_of_scratch() > 0 and faults_of_scratch() > 0  # outside: every call faults
+    few = few_faults()
     report = ingest(NpzWithCpuModel(model), [tmp_path / "in"], tmp_path / "s.zarr", workers=1)
     assert report.ingested == 20 and len(model.faults) == 10
     # after the first, a batch reuses the memory of the one before; now and then the samples
     # decoded in between take a piece of it, and that piece faults again
-    assert statistics.median(model.faults[1:]) == 0, model.faults
+    assert statistics.median(model.faults[1:]) <= few, (model.faults, few)
     reader = SampleReader(tmp_path / "s.zarr")
     assert reader.read(0)["mask1"].shape == (64, 64)
-    assert faults_of_scratch() > 0 and faults_of_scratch() > 0  # after: the process's own again
+    assert few_faults() > few // 2  # after: the process's own policy again
