@@ -1,7 +1,9 @@
 """A model on the CPU reuses the memory its last batch freed (``arraystore.allocator``).
 
 Measured by the process's minor page faults (``getrusage``): memory glibc handed back to the
-kernel faults again when it is next used; memory kept does not.
+kernel faults again when it is next used; memory kept does not. Each case runs in a new
+interpreter: whether a block faults also depends on what a process allocated and freed before
+(a test process whose heap holds enough freed memory serves a block from it).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,7 +56,36 @@ def few_faults() -> int:
     return faults_of_scratch() // 10
 
 
+UNTUNED = {k: v for k, v in os.environ.items()  # Dask leaves MALLOC_TRIM_THRESHOLD_ here
+           if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+
+
+def in_a_new_process(case: str, *args: str) -> None:
+    """Run the function ``case`` of this module in a new interpreter; fail with its error."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"import test_allocator as t; t.{case}(*sys.argv[1:])")
+    done = subprocess.run([sys.executable, "-c", code, *args], env=UNTUNED,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_freed_memory_is_kept_within_and_returned_after() -> None:
+    in_a_new_process("kept_within_and_returned_after")
+
+
+def test_nested_and_concurrent_uses_reset_once_the_last_leaves() -> None:
+    in_a_new_process("reset_once_the_last_leaves")
+
+
+def test_inactive_does_nothing() -> None:
+    in_a_new_process("inactive_does_nothing")
+
+
+def test_an_ingest_with_a_cpu_model_reuses_its_batches_memory(tmp_path) -> None:
+    in_a_new_process("an_ingest_reuses_its_batches_memory", str(tmp_path))
+
+
+def kept_within_and_returned_after() -> None:
     few = few_faults()
     with keeping_freed_memory():
         faults_of_scratch()  # the first one grows the heap
@@ -62,7 +94,7 @@ def test_freed_memory_is_kept_within_and_returned_after() -> None:
     assert faults_of_scratch() > few  # left: given back to the kernel again
 
 
-def test_nested_and_concurrent_uses_reset_once_the_last_leaves() -> None:
+def reset_once_the_last_leaves() -> None:
     entered, leave = threading.Event(), threading.Event()
 
     def other() -> None:
@@ -82,7 +114,7 @@ def test_nested_and_concurrent_uses_reset_once_the_last_leaves() -> None:
     assert kept < few_faults()  # reset: the block faults afresh again
 
 
-def test_inactive_does_nothing() -> None:
+def inactive_does_nothing() -> None:
     with keeping_freed_memory(active=False):
         faults_of_scratch()
         assert faults_of_scratch() > 0
@@ -90,11 +122,9 @@ def test_inactive_does_nothing() -> None:
 
 def test_an_allocator_its_user_tuned_is_left_alone() -> None:
     check = "from arraystore.allocator import _glibc; print(_glibc() is None)"
-    untuned = {k: v for k, v in os.environ.items()  # Dask leaves MALLOC_TRIM_THRESHOLD_ here
-               if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     for name, value in (("MALLOC_MMAP_THRESHOLD_", "1048576"),
                         ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1"), ("LANG", "C")):
-        out = subprocess.run([sys.executable, "-c", check], env={**untuned, name: value},
+        out = subprocess.run([sys.executable, "-c", check], env={**UNTUNED, name: value},
                              capture_output=True, text=True, check=True).stdout
         assert out.strip() == str(name != "LANG"), name
 
@@ -137,7 +167,8 @@ class NpzWithCpuModel(NpzDirectorySource):
         return ModelStage(self.model, "mask1", ("mask1",), name="scratch")
 
 
-def test_an_ingest_with_a_cpu_model_reuses_its_batches_memory(tmp_path) -> None:
+def an_ingest_reuses_its_batches_memory(folder: str) -> None:
+    tmp_path = Path(folder)
     write_sav_pairs(tmp_path / "in", count=20, size=64)
     model = ScratchModel()
     few = few_faults()
