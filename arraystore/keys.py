@@ -13,14 +13,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
-def chunk_file(array_dir: Path, sample_chunk: int, rank: int) -> Path:
-    """Path of the chunk (or shard) at index ``sample_chunk`` along ``sample`` of a rank-``rank``
-    array whose other dimensions are one chunk each."""
-    return Path(ChunkPaths(array_dir, rank).path(sample_chunk))
-
-
 def chunk_key(array: str, sample_chunk: int, rank: int) -> str:
-    """The store key (``image/c/3/0/0``) of that chunk of the array named ``array``."""
+    """The store key (``image/c/3/0/0``) of the chunk (or shard) at index ``sample_chunk``
+    along ``sample`` of the rank-``rank`` array named ``array``, whose other dimensions are one
+    chunk each."""
     return ChunkPaths(Path(array), rank).path(sample_chunk)
 
 

@@ -15,7 +15,7 @@ from crc32c import crc32c
 from arraystore import SampleReader, Store
 from arraystore.chunk_format import decode_vlen_utf8
 from arraystore.errors import ChecksumMismatchError, MissingChunkError, StoreFormatError
-from arraystore.keys import chunk_file
+from arraystore.keys import chunk_key
 from arraystore.readers import mapped
 from arraystore.schema import Field, Schema
 from arraystore.writer import StoreWriter
@@ -69,9 +69,9 @@ def test_a_lost_string_chunk_is_an_error_not_the_fill_value(tmp_path, layout: st
     path = tmp_path / "t.zarr"
     write_texts(path, layout)
     if layout == "raw":  # a per-sample chunk file gone
-        chunk_file(path / "caption", 2, 1).unlink()
+        (path / chunk_key("caption", 2, 1)).unlink()
     else:  # the first shard's slot 2 emptied in its index
-        shard = chunk_file(path / "caption", 0, 1)
+        shard = path / chunk_key("caption", 0, 1)
         data = bytearray(shard.read_bytes())
         size = LAYOUTS[layout].shard_size
         start = len(data) - 4 - size * 16
@@ -86,7 +86,7 @@ def test_a_lost_string_chunk_is_an_error_not_the_fill_value(tmp_path, layout: st
 def test_crafted_string_chunks_are_clear_errors(tmp_path) -> None:
     path = tmp_path / "t.zarr"
     write_texts(path, "raw")
-    chunk = chunk_file(path / "caption", 3, 1)
+    chunk = path / chunk_key("caption", 3, 1)
     chunk.write_bytes(struct.pack("<II", 1, 400) + b"short")
     with pytest.raises(StoreFormatError, match=r"'caption', chunk 3, file .*runs past"):
         SampleReader(path, backend="direct").read(3)
@@ -109,8 +109,8 @@ def test_crafted_string_chunks_are_clear_errors(tmp_path) -> None:
 def test_a_string_chunk_with_a_wrong_checksum_is_refused(tmp_path, layout: str) -> None:
     path = tmp_path / "t.zarr"
     write_texts(path, layout)
-    file = chunk_file(path / "caption",
-                      3 if layout.startswith("raw") else 3 // LAYOUTS[layout].shard_size, 1)
+    file = path / chunk_key("caption",
+                            3 if layout.startswith("raw") else 3 // LAYOUTS[layout].shard_size, 1)
     data = bytearray(file.read_bytes())
     at = data.find("画像".encode())
     data[at] ^= 0xFF  # one byte of the string, its crc left as it was
