@@ -85,6 +85,21 @@ def read_pages(batch: dict[str, Any]) -> None:
         torch.empty(0, dtype=torch.uint8).set_(storage)[::4096].sum()
 
 
+def read_every_byte(value: Any) -> None:
+    """Read every byte of each array and tensor in ``value`` (an item dict, a list of
+    arrays; each storage once) on this thread with NumPy: what a consumer copying the item to
+    a device, or computing on it, does at least."""
+    tensors = [torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+               for v in (value.values() if isinstance(value, dict) else value)
+               if isinstance(v, np.ndarray | torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors}
+    for storage in storages.values():
+        data = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
+        words = len(data) // 8
+        np.add.reduce(data[:words * 8].view(np.uint64))
+        np.add.reduce(data[words * 8:])
+
+
 def batches_of(indices: np.ndarray, size: int) -> list[list[int]]:
     """``indices`` cut into batches of ``size`` (the last one may be shorter)."""
     return [indices[i:i + size].tolist() for i in range(0, len(indices), size)]

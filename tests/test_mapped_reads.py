@@ -1,10 +1,14 @@
-"""Mapped shard reads (:mod:`arraystore.readers.mapped`): a sharded store's inner chunks come
-out of a persistent mapping of their shard from their second read on, give the same bytes as
-``preadv``, still check crc32c, close with the shard's LRU entry, and can be switched off."""
+"""Mapped shard reads (:mod:`arraystore.readers.mapped`): from their second read on, a sharded
+store's inner chunks are handed out as private mappings of their own (a sample read on its
+own) or copied out of a persistent mapping of their shard (into a batch buffer); they give
+the same bytes as ``preadv``, still check crc32c, close with the shard's LRU entry (a private
+mapping, with its last array), and can be switched off."""
 
 from __future__ import annotations
 
+import gc
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +19,8 @@ from arraystore import Layout, SampleReader, ingest
 from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.errors import ChecksumMismatchError, StoreFormatError
 from arraystore.loaders import BatchLoader, ZarrDistillDataset, collate_distill
-from arraystore.readers import local_files
-from arraystore.readers.mapped import ENV_SWITCH, MIN_MAPPED_CHUNK, MappedShard
+from arraystore.readers import local_files, mapped
+from arraystore.readers.mapped import ENV_SWITCH, MIN_MAPPED_CHUNK, MappedShard, private_chunk
 from tests.conftest import BACKENDS, assert_same_values
 
 
@@ -28,6 +32,25 @@ def sharded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     ingest(Sa1bTarSource(max_boxes=2), [shard], out,
            layout=Layout("sharded", shard_size=2, checksum=request.param), workers=1)
     return out
+
+
+def privately_mapped(array: np.ndarray) -> bool:
+    """Whether ``array`` views a private chunk mapping (:func:`private_chunk`)."""
+    base = array
+    while base is not None and not isinstance(base, mapped._PrivateMapping):
+        base = getattr(base, "base", None)
+    return base is not None
+
+
+def file_mapped_at(address: int) -> str:
+    """The file this process has mapped at ``address`` (``/proc/self/maps``), or ''."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, _, _, _, _, *path = line.split()
+            low, high = (int(a, 16) for a in span.split("-"))
+            if low <= address < high:
+                return path[0] if path else ""
+    return ""
 
 
 def counting_preadv(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -61,6 +84,8 @@ def test_second_reads_come_from_the_mapping_and_equal_preadv(
     for name in fields:
         handles = reader.field_reader(name)[0]._open.values()
         assert all((handle.mapped is None) == (name in small) for handle in handles), name
+        assert not any(privately_mapped(item[name]) for item in first), name
+        assert all(privately_mapped(item[name]) == (name in large) for item in again), name
     monkeypatch.setenv(ENV_SWITCH, "0")
     unmapped = SampleReader(sharded, backend="direct")
     counts = []
@@ -69,6 +94,7 @@ def test_second_reads_come_from_the_mapping_and_equal_preadv(
         [unmapped.read(i, fields) for i in range(len(reader))]
         counts.append(len(calls))
     assert counts == [len(fields) * len(reader)] * 2  # switched off: preadv every time
+    assert not privately_mapped(unmapped.read(0, ("image",))["image"])
     for i in range(len(reader)):
         expected = reference.read(i, fields)
         for name in fields:
@@ -207,3 +233,75 @@ def test_mapped_memory_stays_read_only(tmp_path: Path) -> None:
         shard.close()
     finally:
         os.close(fd)
+
+
+def test_items_read_again_are_writable_and_private(sharded: Path) -> None:
+    """A second read hands out a mapping made for it alone: writable without a warning, and
+    what one caller writes reaches neither another read of the sample nor the store."""
+    reference = SampleReader(sharded, backend="zarr").read(1, ("image", "P4_S16"))
+    dataset = ZarrDistillDataset(sharded)
+    dataset[1]  # the first read: preadv, crc32c checked
+    items = [dataset[1] for _ in range(2)]
+    assert all(file_mapped_at(item["image"].data_ptr()).startswith(str(sharded))
+               for item in items)  # the shard's pages, not a copy
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        items[0]["image"].zero_()  # in place, as an augmentation might
+        items[0]["teacher_features"].mul_(-1.0)
+    for got in (items[1], dataset[1], ZarrDistillDataset(sharded)[1]):
+        np.testing.assert_array_equal(got["image"].permute(1, 2, 0), reference["image"])
+        np.testing.assert_array_equal(got["teacher_features"], reference["P4_S16"])
+    assert not items[0]["image"].any()
+
+
+def test_private_mappings_outlive_the_shard_lru_and_go_with_their_arrays(
+        sharded: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local_files, "OPEN_SHARDS", 1)
+    reference = SampleReader(sharded, backend="zarr")
+    reader = SampleReader(sharded, backend="direct")
+    gc.collect()
+    before = mapped._out
+    held = []
+    for i in range(len(reader)):
+        reader.read(i, ("image",))  # the first read (the shard stays open for the second)
+        held.append(reader.read(i, ("image",))["image"])
+    assert all(map(privately_mapped, held))
+    assert mapped._out == before + len(held)
+    assert len(reader.field_reader("image")[0]._open) == 1  # the other shards closed
+    for i, image in enumerate(held):
+        np.testing.assert_array_equal(image, reference.read(i, ("image",))["image"])
+    del held, image
+    gc.collect()
+    assert mapped._out == before
+
+
+def test_reads_copy_past_the_limit_of_mappings(sharded: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    reader = SampleReader(sharded, backend="direct")
+    first = reader.read(0, ("image",))["image"]
+    limit = mapped._out + 1  # room for one more
+    monkeypatch.setattr(mapped, "_private_limit", lambda: limit)
+    held = reader.read(0, ("image",))["image"]
+    copied = reader.read(0, ("image",))["image"]  # the limit reached: a copy
+    assert privately_mapped(held) and not privately_mapped(copied)
+    np.testing.assert_array_equal(copied, first)
+    np.testing.assert_array_equal(held, first)
+
+
+def test_private_chunk_is_the_files_bytes_and_keeps_writes_to_itself(tmp_path: Path) -> None:
+    path = tmp_path / "chunks"
+    stored = np.random.default_rng(0).random(3 * MIN_MAPPED_CHUNK // 4, np.float32)
+    path.write_bytes(stored.tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset = 4100  # inside the second page: the mapping starts at the page before it
+        got = private_chunk(fd, offset, MIN_MAPPED_CHUNK, np.dtype("<f4"))
+        assert got is not None and got.flags.writeable and got.dtype == np.float32
+        np.testing.assert_array_equal(got, stored[offset // 4:(offset + MIN_MAPPED_CHUNK) // 4])
+        got[:] = 0
+        again = private_chunk(fd, offset, MIN_MAPPED_CHUNK, np.dtype("<f4"))
+        np.testing.assert_array_equal(again, stored[offset // 4:(offset + MIN_MAPPED_CHUNK) // 4])
+        assert private_chunk(fd, offset + 2, 16, np.dtype("<f4")) is None  # misaligned
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == stored.tobytes()

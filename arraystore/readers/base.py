@@ -29,6 +29,12 @@ class FieldReader(ABC):
         read. This default slices :meth:`read`; the direct backend reads straight into it."""
         return self.read(sample, sample + 1)[0]
 
+    def mapped_sample(self, sample: int) -> np.ndarray | None:
+        """Sample ``sample`` without a copy, where the backend can hand one out at once (a
+        disk's uncompressed inner chunk read before, :mod:`arraystore.readers.mapped`);
+        else None, and :meth:`read_sample` reads it. This default: None."""
+        return None
+
     def read_into(self, sample: int, out: np.ndarray) -> None:
         """Sample ``sample`` written into ``out`` (the field's shape and dtype, C-contiguous):
         a batch buffer's slot, in shared memory when filled in a DataLoader worker. This

@@ -28,7 +28,7 @@ from arraystore.chunk_format import (
 from arraystore.errors import ChecksumMismatchError, StoreFormatError
 from arraystore.keys import ChunkPaths
 from arraystore.readers.base import FieldReader, missing_chunk
-from arraystore.readers.mapped import MappedShard
+from arraystore.readers.mapped import MappedShard, worth_mapping
 from arraystore.region import Region, place_rows, region_shape, row_runs
 from arraystore.schema import Field
 
@@ -245,10 +245,31 @@ class ShardReader(_DirectFieldReader):
         return out
 
     def read_sample(self, sample: int) -> np.ndarray:
+        """The sample: from its second read on, a private mapping of its inner chunk
+        (:meth:`mapped_sample`); else read into a new array."""
         located = self._chunk_of(sample)  # the index checked before the buffer is made
+        mapped = self._private(located)
+        if mapped is not None:
+            return mapped
         out = np.empty(self.shape, self.dtype)
         self._read_located(sample, located, out)
         return out
+
+    def mapped_sample(self, sample: int) -> np.ndarray | None:
+        """The sample as a private copy-on-write mapping of its inner chunk, made for this
+        read alone (:func:`~arraystore.readers.mapped.private_chunk`: writable, and what is
+        written stays in it), where the shard is mapped and the chunk was read (and its
+        crc32c checked) before in this process; else None."""
+        if not self.maps_shards or not worth_mapping(self.chunk_bytes):
+            return None  # (not even the shard looked up: most fields of an item are small)
+        return self._private(self._chunk_of(sample))
+
+    def _private(self, located: tuple[OpenShard, int, int, int]) -> np.ndarray | None:
+        (_, _, _, mapped), offset, _, slot = located
+        if mapped is None:
+            return None
+        got = mapped.private(slot, offset, self.field.nbytes, self.dtype)
+        return None if got is None else got.reshape(self.shape)
 
     def _chunk_of(self, sample: int) -> tuple[OpenShard, int, int, int]:
         """(its open shard, byte offset, byte count, slot in the shard) of the sample's inner
