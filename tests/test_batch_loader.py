@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +13,7 @@ from torch.utils.data import DataLoader, RandomSampler, default_collate
 
 from arraystore import Layout, ingest
 from arraystore.converters.npz.source import NpzDirectorySource
+from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.loaders import (
     BatchLoader,
     StoreItems,
@@ -17,6 +21,7 @@ from arraystore.loaders import (
     collate_distill,
     packed_default_collate,
 )
+from arraystore.readers import local_files
 
 
 def equal(a, b) -> bool:
@@ -76,10 +81,12 @@ def test_any_store_kind_batches_like_default_collate(npz_store) -> None:
 @pytest.mark.parametrize("prefetch", [1, 2, 3])
 def test_ring_keeps_a_batch_until_prefetch_plus_one_more_are_drawn(npz_store,
                                                                    prefetch: int) -> None:
+    """Within an epoch and on into the next (the loader keeps its ring across epochs)."""
     dataset = StoreItems(npz_store)
-    expected = list(DataLoader(dataset, batch_size=1, collate_fn=default_collate))
+    expected = list(DataLoader(dataset, batch_size=1, collate_fn=default_collate)) * 2
     held: list[tuple[int, dict]] = []
-    for number, batch in enumerate(BatchLoader(dataset, 1, prefetch=prefetch, threads=2)):
+    loader = BatchLoader(dataset, 1, prefetch=prefetch, threads=2)
+    for number, batch in enumerate(itertools.chain(loader, loader)):
         held.append((number, batch))
         for earlier, kept in held[-(prefetch + 1):]:  # within the contract: intact
             assert equal(kept, expected[earlier]), (number, earlier)
@@ -96,3 +103,32 @@ def test_shuffle_is_seeded_and_bad_datasets_are_refused(npz_store) -> None:
     assert first == again and sorted(x for b in first for x in b) == list(range(11))
     with pytest.raises(TypeError, match="fill_batch"):
         BatchLoader([1, 2, 3], 2)
+
+
+def test_later_epochs_reuse_the_ring_and_the_threads_copies(
+        tmp_path, shard, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loader's second epoch fills the buffers of its first, through the same copies of the
+    dataset (their shards already open: the large chunks come out of the mappings, no
+    ``preadv``), with the same batches; a changed dataset is copied again, into a new ring."""
+    out = tmp_path / "store.zarr"
+    ingest(Sa1bTarSource(max_boxes=2), [shard], out, layout=Layout("sharded", shard_size=2),
+           workers=1)
+    dataset = ZarrDistillDataset(out, keys=("image", "teacher_features"))
+    order = [3, 1, 0, 2, 1, 3]
+    loader = BatchLoader(dataset, 2, sampler=order, threads=2, prefetch=1)
+    expected = [collate_distill([dataset[i] for i in order[k:k + 2]]) for k in (0, 2, 4)]
+    first = [b["image"].data_ptr() for b in loader]
+    calls: list[int] = []
+    real = os.preadv
+    monkeypatch.setattr(local_files.os, "preadv",
+                        lambda fd, buffers, offset: calls.append(offset) or real(fd, buffers,
+                                                                                 offset))
+    again = []
+    for batch in loader:
+        assert equal(batch, expected[len(again)])
+        again.append(batch["image"].data_ptr())
+    assert set(again) <= set(first) and not calls
+    dataset.keys = ("image",)  # changed: new copies, read afresh
+    assert [equal(b, {"image": e["image"]}) for b, e in zip(loader, expected, strict=True)] \
+        == [True] * 3
+    assert calls
