@@ -241,6 +241,10 @@ def write_report(args: argparse.Namespace, rates: dict[str, dict[str, tuple[floa
         "- method: one item at a time at random indices, single process; readers take turns "
         "in a random order each round; items/s from the median round. *Idle*: nothing else "
         "runs; *busy*: another process spins on one core throughout",
+        "- what an item is: arraystore hands out each large field read before as a private "
+        "mapping of the page cache's pages, not a copy (the caller reads the bytes when it "
+        "uses them: `batches.md` times items used so); the flat file, MDS and LitData copy "
+        "every field into memory of their own",
         "",
         "| reader | idle items/s | × default | spread | busy items/s | × default | spread | "
         "on disk |",
