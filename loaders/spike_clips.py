@@ -242,24 +242,33 @@ class SpikeClipDataset(Dataset):
         np.copyto(staging.numpy(), window)
         unit_floats(staging.numpy(), out)
 
-    def _voxel_window(self, frame: int, region: Region, stored: np.ndarray | None) -> np.ndarray:
-        """(bins, h', w') uint16 voxels of the spike ``region`` (rows, columns) of one frame.
-        Without a cache, ``stored`` is the window alone as read (:meth:`_read_windows`),
-        summed here when voxels are computed in real time; with one, a frame's voxels are
-        read (and summed) once, whole, and kept, and the window is copied out of them
-        contiguous (gathering its rows first makes the conversion to float32 ~25% cheaper
-        than converting straight from the frame)."""
+    def _voxels_into(self, out: np.ndarray, frame: int, region: Region,
+                     stored: np.ndarray | None) -> np.ndarray:
+        """The (bins, h', w') voxels of the spike ``region`` (rows, columns) of one frame into
+        ``out`` (float32); returns what they were made from (not zero where a voxel is not:
+        the caller looks for a spike in it). Without a cache, ``stored`` is the window
+        alone as read (:meth:`_read_windows`), summed straight into ``out`` when voxels are
+        computed in real time; with one, a frame's voxels are read (and summed) once, whole,
+        and kept, and the window is copied out of them contiguous before it is converted
+        (gathering its rows first makes the conversion to float32 ~25% cheaper than
+        converting straight from the frame)."""
         name = self._spike_field()
-        window = (slice(None), *region)
         cache = self.cache.get()
         if cache is None:  # the window as read (:meth:`_read_windows`)
-            return stored if name == "spike_vox" else spike_to_voxel(stored, self.bins)
+            if name == "spike_vox":
+                np.copyto(out, stored)
+            else:
+                spike_to_voxel(stored, self.bins, out=out)
+            return stored
 
         def whole() -> np.ndarray:
             stored = self.reader.read(frame, (name,))[name]
             return stored if name == "spike_vox" else spike_to_voxel(stored, self.bins)
 
-        return np.ascontiguousarray(cache.get_or_load(("voxels", frame), whole)[window])
+        window = np.ascontiguousarray(cache.get_or_load(("voxels", frame), whole)
+                                      [(slice(None), *region)])
+        np.copyto(out, window)
+        return window
 
     def _spike_field(self) -> str:
         return "spike_vox" if self.voxels == "precomputed" else "spike"
@@ -312,10 +321,9 @@ class SpikeClipDataset(Dataset):
             for name in ("blur", "sharp"):
                 self._image_into(out[name][k], name, frame, image_region, staging,
                                  stored.get((name, int(frame))))
-            window = self._voxel_window(frame, spike_region,
-                                        stored.get((self._spike_field(), int(frame))))
-            any_spike = any_spike or bool(window.any())
-            voxels[k] = window
+            source = self._voxels_into(voxels[k], frame, spike_region,
+                                       stored.get((self._spike_field(), int(frame))))
+            any_spike = any_spike or bool(source.any())
         out["crop_yx"][0], out["crop_yx"][1] = y, x
         self.stats["clips"] += 1
         if not any_spike:

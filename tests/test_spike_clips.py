@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, default_collate
 from arraystore import ingest
 from arraystore.converters.gopro.source import GoproSpikeSource
 from arraystore.errors import IncompatibleStoreError, OptionError
+from arraystore.kinds.gopro_spike import spike_to_voxel
 from arraystore.loaders import (
     MixSource,
     Mixture,
@@ -177,6 +178,22 @@ def test_unit_floats_are_torchs_division_bit_for_bit() -> None:
     every = torch.empty(1, 256)
     unit_floats(np.arange(256, dtype=np.uint8).reshape(1, 256), every)
     assert torch.equal(every, torch.arange(256, dtype=torch.uint8).reshape(1, 256) / 255.0)
+
+
+@pytest.mark.parametrize("frames", [10, 20])
+@pytest.mark.parametrize("bins", [1, 2, 5, 10])
+def test_voxels_summed_into_floats_equal_the_uint16_definition(frames: int, bins: int) -> None:
+    """``spike_to_voxel(..., out=)`` (how realtime clips sum straight into their float32
+    tensor) gives the uint16 sums' values, whatever the frames per bin, on strided windows."""
+    spike = np.random.default_rng(bins).integers(0, 256, (frames, 40, 70)).astype(np.uint8)
+    window = spike[:, 3:37, 5:69]
+    sums = spike_to_voxel(window, bins)
+    assert sums.dtype == np.uint16
+    np.testing.assert_array_equal(
+        sums, window.reshape(bins, frames // bins, 34, 64).sum(axis=1, dtype=np.int64))
+    into = np.full((bins, 34, 64), -1, np.float32)
+    assert spike_to_voxel(window, bins, out=into) is into
+    np.testing.assert_array_equal(into, sums.astype(np.float32))
 
 
 def test_cache_never_exceeds_its_bound_and_serves_the_same_items(store, torch_threads) -> None:

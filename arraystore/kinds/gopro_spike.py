@@ -64,12 +64,21 @@ def check_bins(frames: int, bins: int) -> None:
                          f"bins; choose one of {divisors}")
 
 
-def spike_to_voxel(spike: np.ndarray, bins: int) -> np.ndarray:
-    """``(frames, *rest)`` uint8 spikes -> ``(bins, *rest)`` uint16 sums of consecutive frames."""
+def spike_to_voxel(spike: np.ndarray, bins: int, out: np.ndarray | None = None) -> np.ndarray:
+    """``(frames, *rest)`` uint8 spikes -> ``(bins, *rest)`` uint16 sums of consecutive frames.
+
+    ``out``: summed straight into it instead (any dtype that holds the sums exactly, such as
+    the float32 a Dataset hands out: the same values, without a uint16 array converted after).
+    """
     frames = spike.shape[0]
     check_bins(frames, bins)
     grouped = spike.reshape(bins, frames // bins, *spike.shape[1:])
-    voxels = grouped[:, 0].astype(VOXEL_DTYPE)
-    for k in range(1, frames // bins):  # elementwise adds: several times faster than .sum(axis=1)
-        voxels += grouped[:, k]
-    return voxels
+    if out is None:
+        out = np.empty(grouped[:, 0].shape, VOXEL_DTYPE)
+    if frames // bins == 1:
+        np.copyto(out, grouped[:, 0])
+        return out
+    np.add(grouped[:, 0], grouped[:, 1], out=out, dtype=out.dtype)
+    for k in range(2, frames // bins):  # elementwise adds: several times faster than .sum(axis=1)
+        out += grouped[:, k]
+    return out
