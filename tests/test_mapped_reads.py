@@ -305,3 +305,27 @@ def test_private_chunk_is_the_files_bytes_and_keeps_writes_to_itself(tmp_path: P
     finally:
         os.close(fd)
     assert path.read_bytes() == stored.tobytes()
+
+
+def test_a_raw_stores_chunk_files_read_again_are_mapped(tmp_path: Path, shard: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The raw layout: a sample's chunk file read (its crc32c checked) before is mapped on
+    its next reads, not read with ``preadv``; a file truncated since is an error, no crash."""
+    out = tmp_path / "raw.zarr"
+    ingest(Sa1bTarSource(max_boxes=2), [shard], out, layout=Layout("raw", checksum=True),
+           workers=1)
+    reference = SampleReader(out, backend="zarr")
+    reader = SampleReader(out, backend="direct")
+    fields = ("image", "P4_S16", "edge_256x256")
+    first = [reader.read(i, fields) for i in range(len(reader))]
+    calls = counting_preadv(monkeypatch)
+    again = [reader.read(i, fields) for i in range(len(reader))]
+    assert len(calls) == len(reader)  # edge_256x256 only: under MIN_MAPPED_CHUNK
+    for i in range(len(reader)):
+        expected = reference.read(i, fields)
+        assert not privately_mapped(first[i]["image"])
+        assert privately_mapped(again[i]["image"]) and privately_mapped(again[i]["P4_S16"])
+        assert_same_values(again[i], expected, f"sample {i}")
+    os.truncate(out / "image" / "c" / "1" / "0" / "0" / "0", 1000)
+    with pytest.raises(StoreFormatError, match=r"'image', chunk 1, .* 1000 bytes"):
+        reader.read(1, ("image",))

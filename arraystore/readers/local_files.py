@@ -28,7 +28,12 @@ from arraystore.chunk_format import (
 from arraystore.errors import ChecksumMismatchError, StoreFormatError
 from arraystore.keys import ChunkPaths
 from arraystore.readers.base import FieldReader, missing_chunk
-from arraystore.readers.mapped import MappedShard, worth_mapping
+from arraystore.readers.mapped import (
+    MappedShard,
+    mapped_reads_enabled,
+    private_chunk,
+    worth_mapping,
+)
 from arraystore.region import Region, place_rows, region_shape, row_runs
 from arraystore.schema import Field
 
@@ -109,11 +114,15 @@ class _DirectFieldReader(FieldReader):
 
 
 class ChunkFileReader(_DirectFieldReader):
-    """Unsharded chunks of ``per_chunk`` samples, one file each."""
+    """Unsharded chunks of ``per_chunk`` samples, one file each. A sample chunk read (and its
+    crc32c checked) before in this process is mapped on its next reads, not copied, as a
+    sharded store's inner chunk is (:mod:`.mapped`)."""
 
     def __init__(self, field: Field, array_dir: Path, per_chunk: int, checksum: bool) -> None:
         super().__init__(field, array_dir, checksum)
         self.per_chunk = per_chunk
+        self._maps = per_chunk == 1 and worth_mapping(field.nbytes) and mapped_reads_enabled()
+        self._read_before = bytearray()  # by sample, where chunks are mapped
 
     def read(self, start: int, stop: int) -> np.ndarray:
         first, last = start // self.per_chunk, (stop - 1) // self.per_chunk
@@ -132,10 +141,27 @@ class ChunkFileReader(_DirectFieldReader):
     def read_sample(self, sample: int) -> np.ndarray:
         if self.per_chunk != 1:
             return super().read_sample(sample)
+        mapped = self.mapped_sample(sample)
+        if mapped is not None:
+            return mapped
         fd, path = self._open_chunk(sample)  # its size checked before the buffer is made
         out = np.empty(self.shape, self.dtype)
         self._fill(fd, path, sample, out)
         return out
+
+    def mapped_sample(self, sample: int) -> np.ndarray | None:
+        """The sample's chunk file as a private copy-on-write mapping made for this read
+        alone (:func:`~arraystore.readers.mapped.private_chunk`), where it was read and its
+        crc32c checked before in this process; else None."""
+        if not self._maps or sample >= len(self._read_before) or \
+                not self._read_before[sample]:
+            return None
+        fd, _ = self._open_chunk(sample)  # its size checked
+        try:
+            got = private_chunk(fd, 0, self.field.nbytes, self.dtype)
+        finally:
+            os.close(fd)  # the mapping stays
+        return None if got is None else got.reshape(self.shape)
 
     def read_into(self, sample: int, out: np.ndarray) -> None:
         if self.per_chunk != 1 or not fits(out, self.dtype):
@@ -187,6 +213,10 @@ class ChunkFileReader(_DirectFieldReader):
         if crc:
             check_crc(memoryview(out.reshape(-1).view(np.uint8)), bytes(crc), self.field.name,
                       index * self.per_chunk, path)
+        if self._maps:  # read whole and checked: later reads may map it
+            if index >= len(self._read_before):
+                self._read_before.extend(bytes(index + 1 - len(self._read_before)))
+            self._read_before[index] = 1
 
 
 class ShardReader(_DirectFieldReader):

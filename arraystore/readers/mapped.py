@@ -34,7 +34,8 @@ a mapping keeps reading the file it mapped, as an open descriptor does). Set
 
 Items: a sample read on its own (``SampleReader.read``, ``ZarrDistillDataset[i]``) is not
 copied at all from its second read on. It is handed out as a private copy-on-write mapping of
-its inner chunk (:func:`private_chunk`), made for that read alone: the array is writable, a
+its inner chunk (:func:`private_chunk`; in the raw layout, of its chunk file), made for that
+read alone: the array is writable, a
 write to it copies the page it lands on and reaches neither the file nor any other read of the
 sample, as with a copy (and as ``torch.load(mmap=True)`` hands out tensors). Its pages are the
 page cache's until written, so the bytes are read once, by whoever uses them: measured on the
