@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from arraystore import Layout, SampleReader, ingest
+from arraystore import Layout, SampleReader, ingest, private_mappings
 from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.errors import ChecksumMismatchError, StoreFormatError
 from arraystore.loaders import BatchLoader, ZarrDistillDataset, collate_distill
-from arraystore.readers import local_files, mapped
-from arraystore.readers.mapped import ENV_SWITCH, MIN_MAPPED_CHUNK, MappedShard, private_chunk
+from arraystore.private_mappings import private_chunk
+from arraystore.readers import local_files
+from arraystore.readers.mapped import ENV_SWITCH, MIN_MAPPED_CHUNK, MappedShard
 from tests.conftest import BACKENDS, assert_same_values
 
 
@@ -37,7 +38,7 @@ def sharded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 def privately_mapped(array: np.ndarray) -> bool:
     """Whether ``array`` views a private chunk mapping (:func:`private_chunk`)."""
     base = array
-    while base is not None and not isinstance(base, mapped._PrivateMapping):
+    while base is not None and not isinstance(base, private_mappings.PrivateMapping):
         base = getattr(base, "base", None)
     return base is not None
 
@@ -260,27 +261,27 @@ def test_private_mappings_outlive_the_shard_lru_and_go_with_their_arrays(
     reference = SampleReader(sharded, backend="zarr")
     reader = SampleReader(sharded, backend="direct")
     gc.collect()
-    before = mapped._out
+    before = private_mappings._out
     held = []
     for i in range(len(reader)):
         reader.read(i, ("image",))  # the first read (the shard stays open for the second)
         held.append(reader.read(i, ("image",))["image"])
     assert all(map(privately_mapped, held))
-    assert mapped._out == before + len(held)
+    assert private_mappings._out == before + len(held)
     assert len(reader.field_reader("image")[0]._open) == 1  # the other shards closed
     for i, image in enumerate(held):
         np.testing.assert_array_equal(image, reference.read(i, ("image",))["image"])
     del held, image
     gc.collect()
-    assert mapped._out == before
+    assert private_mappings._out == before
 
 
 def test_reads_copy_past_the_limit_of_mappings(sharded: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     reader = SampleReader(sharded, backend="direct")
     first = reader.read(0, ("image",))["image"]
-    limit = mapped._out + 1  # room for one more
-    monkeypatch.setattr(mapped, "_private_limit", lambda: limit)
+    limit = private_mappings._out + 1  # room for one more
+    monkeypatch.setattr(private_mappings, "_private_limit", lambda: limit)
     held = reader.read(0, ("image",))["image"]
     copied = reader.read(0, ("image",))["image"]  # the limit reached: a copy
     assert privately_mapped(held) and not privately_mapped(copied)

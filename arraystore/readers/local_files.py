@@ -27,13 +27,9 @@ from arraystore.chunk_format import (
 )
 from arraystore.errors import ChecksumMismatchError, StoreFormatError
 from arraystore.keys import ChunkPaths
+from arraystore.private_mappings import private_chunk
 from arraystore.readers.base import FieldReader, missing_chunk
-from arraystore.readers.mapped import (
-    MappedShard,
-    mapped_reads_enabled,
-    private_chunk,
-    worth_mapping,
-)
+from arraystore.readers.mapped import MappedShard, mapped_reads_enabled, worth_mapping
 from arraystore.region import Region, place_rows, region_shape, row_runs
 from arraystore.schema import Field
 
@@ -151,7 +147,7 @@ class ChunkFileReader(_DirectFieldReader):
 
     def mapped_sample(self, sample: int) -> np.ndarray | None:
         """The sample's chunk file as a private copy-on-write mapping made for this read
-        alone (:func:`~arraystore.readers.mapped.private_chunk`), where it was read and its
+        alone (:func:`~arraystore.private_mappings.private_chunk`), where it was read and its
         crc32c checked before in this process; else None."""
         if not self._maps or sample >= len(self._read_before) or \
                 not self._read_before[sample]:
@@ -287,7 +283,7 @@ class ShardReader(_DirectFieldReader):
 
     def mapped_sample(self, sample: int) -> np.ndarray | None:
         """The sample as a private copy-on-write mapping of its inner chunk, made for this
-        read alone (:func:`~arraystore.readers.mapped.private_chunk`: writable, and what is
+        read alone (:func:`~arraystore.private_mappings.private_chunk`: writable, and what is
         written stays in it), where the shard is mapped and the chunk was read (and its
         crc32c checked) before in this process; else None."""
         if not self.maps_shards or not worth_mapping(self.chunk_bytes):

@@ -34,38 +34,35 @@ a mapping keeps reading the file it mapped, as an open descriptor does). Set
 
 Items: a sample read on its own (``SampleReader.read``, ``ZarrDistillDataset[i]``) is not
 copied at all from its second read on. It is handed out as a private copy-on-write mapping of
-its inner chunk (:func:`private_chunk`; in the raw layout, of its chunk file), made for that
-read alone: the array is writable, a
-write to it copies the page it lands on and reaches neither the file nor any other read of the
-sample, as with a copy (and as ``torch.load(mmap=True)`` hands out tensors). Its pages are the
-page cache's until written, so the bytes are read once, by whoever uses them: measured on the
-2-core VM (SA-1B item, 7.5 MB, page cache warm, every byte read once by the caller), 250 µs
-against 460 µs for ``pread`` + use and 420 µs for a copy out of the persistent mapping + use.
-A mapping kept per shard could not be handed out: two reads of one sample would share its
-pages, and one caller's in-place write would show in the other's item. The same truncation
-caveat applies, now also while the caller holds the array: arraystore never truncates a shard
-in place, but another program that truncates one (``cp`` over it) ends a process still holding
-such an array with ``SIGBUS``, as it would one holding a ``numpy.memmap``. Each mapping counts
+its inner chunk (in the raw layout, of its chunk file) made for that read alone
+(:mod:`arraystore.private_mappings`): the array is writable, a write to it copies the page it
+lands on and reaches neither the file nor any other read of the sample, as with a copy (and
+as ``torch.load(mmap=True)`` hands out tensors). Its pages are the page cache's until
+written, so the bytes are read once, by whoever uses them: measured on the 2-core VM (SA-1B
+item, 7.5 MB, page cache warm, every byte read once by the caller), 250 µs against 460 µs for
+``pread`` + use and 420 µs for a copy out of the persistent mapping + use (in
+``benchmarks.batches``, interleaved with other readers, the two come out even). A mapping kept
+per shard could not be handed out: two reads of one sample would share its pages, and one
+caller's in-place write would show in the other's item. The same truncation caveat applies,
+now also while the caller holds the array: arraystore never truncates a shard in place, but
+another program that truncates one (``cp`` over it) ends a process still holding such an
+array with ``SIGBUS``, as it would one holding a ``numpy.memmap``. Each mapping counts
 against the kernel's limit of mappings per process (``vm.max_map_count``), so at most
-:data:`PRIVATE_MAPPINGS` are out at once; past that, reads copy.
+:data:`~arraystore.private_mappings.PRIVATE_MAPPINGS` are out at once; past that, reads
+copy.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import mmap
 import os
-import threading
 
 import numpy as np
 
-from arraystore.per_process import PerProcess
+from arraystore.private_mappings import private_chunk
 
 ENV_SWITCH = "ARRAYSTORE_MAPPED_READS"
 MIN_MAPPED_CHUNK = 1 << 17  # bytes of an inner chunk; smaller ones are read with preadv
-PRIVATE_MAPPINGS = 16384  # at most this many private chunk mappings out at once (and a
-# quarter of the kernel's limit of mappings per process, which malloc and others share)
 
 
 def worth_mapping(chunk_bytes: int) -> bool:
@@ -130,81 +127,3 @@ class MappedShard:
         self._bytes = np.empty(0, np.uint8)
         self._map.close()
 
-
-class _PrivateMapping:
-    """A private copy-on-write mapping of part of a file, made with the C library's ``mmap``
-    (Python's ``mmap`` keeps a duplicate descriptor per mapping, which thousands of items held
-    at once would exhaust), exposed to NumPy by its address and unmapped when the last array
-    made from it is collected."""
-
-    def __init__(self, libc: ctypes.CDLL, address: int, length: int) -> None:
-        self._munmap, self._address, self._length = libc.munmap, address, length
-        self._release = _released  # held: module globals may be gone when this goes
-        self.__array_interface__ = {"data": (address, False), "shape": (length,),
-                                    "typestr": "|u1", "version": 3}
-
-    def __del__(self) -> None:
-        self._munmap(self._address, self._length)
-        self._release()
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    """The C library's ``mmap`` and ``munmap``, typed; None where there is no such library."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_int, ctypes.c_long)
-        libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-    except (OSError, AttributeError, TypeError):  # no C library to load by name
-        return None
-    return libc
-
-
-_MAP_FAILED = ctypes.c_void_p(-1).value
-_out = 0  # private chunk mappings alive in this process
-_out_lock = PerProcess(threading.Lock)  # a forked child's own (another thread may hold it)
-
-
-@functools.cache
-def _private_limit() -> int:
-    """:data:`PRIVATE_MAPPINGS`, or a quarter of the kernel's ``vm.max_map_count`` if less."""
-    try:
-        with open("/proc/sys/vm/max_map_count") as f:
-            return min(PRIVATE_MAPPINGS, int(f.read()) // 4)
-    except (OSError, ValueError):
-        return PRIVATE_MAPPINGS
-
-
-def _released() -> None:
-    global _out
-    with _out_lock.get():
-        _out -= 1
-
-
-def private_chunk(fd: int, offset: int, nbytes: int, dtype: np.dtype) -> np.ndarray | None:
-    """``nbytes`` of ``fd`` at byte ``offset`` as a writable 1-d ``dtype`` array backed by a
-    private copy-on-write mapping made for it alone, unmapped when the last array using it is
-    collected. None (copy instead) where the bytes would be misaligned for ``dtype``, where
-    :func:`_private_limit` mappings are out already, or where the kernel (or the platform)
-    refuses a mapping."""
-    global _out
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    if (offset - start) % dtype.alignment:
-        return None
-    libc = _libc()
-    if libc is None:
-        return None
-    with _out_lock.get():
-        if _out >= _private_limit():
-            return None
-        _out += 1
-    length = offset + nbytes - start
-    address = libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd,
-                        start)
-    if address is None or address == _MAP_FAILED:
-        _released()
-        return None
-    pages = np.asarray(_PrivateMapping(libc, address, length))
-    return pages[offset - start:].view(dtype)
