@@ -8,6 +8,7 @@ cache download each range once, a cache that cannot write reads through with one
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -319,3 +320,31 @@ def test_a_cache_pickles_as_its_folder_and_limit(tmp_path) -> None:
 
     cache = NodeCache(tmp_path, "2GB")
     assert pickle.loads(pickle.dumps(cache)) == cache
+
+
+@pytest.mark.parametrize("layout", ["sharded", "sharded+crc32c"])
+def test_entries_read_again_while_held_are_checked_once_and_hold_no_descriptor(
+        region, layout, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process maps the entries it reads: a second pass through them copies out of the
+    mappings, checks no crc32c again (the entry's, or the chunk's own), opens no file and
+    keeps none open; the batches stay equal."""
+    import crc32c as crc_module
+
+    from arraystore.readers import ranged
+
+    dataset = ZarrDistillDataset(url(layout), storage_options=region.storage_options(),
+                                 cache_dir=tmp_path / "cache")
+    indices = list(range(len(dataset)))
+    collate_distill(dataset.__getitems__(indices))  # fetched and kept
+    first = collate_distill(dataset.__getitems__(indices))  # read and checked once
+    checks: list[int] = []
+    real_crc, real_matches = crc_module.crc32c, ranged.crc_matches
+    monkeypatch.setattr(crc_module, "crc32c", lambda *a: checks.append(1) or real_crc(*a))
+    monkeypatch.setattr(ranged, "crc_matches", lambda *a: checks.append(1) or real_matches(*a))
+    descriptors = len(os.listdir("/proc/self/fd"))
+    again: list = []
+    requests = served(region, lambda: again.append(collate_distill(
+        dataset.__getitems__(indices))))
+    assert not checks and requests["gets"] == 0
+    assert len(os.listdir("/proc/self/fd")) <= descriptors
+    assert_same_values(again[0], first)

@@ -141,9 +141,11 @@ class RangedFieldReader(FieldReader):
         if not entry.read_into([view, tail] if self.checksum else [view],
                                check_crc=not self.checksum):
             return None
-        if self.checksum and not crc_matches(view, tail):  # the chunk's own crc32c
-            entry.discard()
-            return None
+        if self.checksum and not entry.verified:  # the chunk's own crc32c, once held
+            if not crc_matches(view, tail):
+                entry.discard()
+                return None
+            entry.mark_verified()
         if out is not None and not direct:
             out[...] = target
         return target
