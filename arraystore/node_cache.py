@@ -24,19 +24,22 @@ Why it can be trusted:
 - **Integrity.** Each entry carries the crc32c of its bytes and its length; an entry that fails
   either (a torn write, a flipped bit) is deleted and fetched again. Entries are written to a
   temporary file and renamed into place, so a reader sees a whole entry or none. A process
-  holds the entries it reads mapped (:data:`HELD_ENTRIES` of them, most recently read; no
-  descriptor each) and checks an entry's crc32c (or its chunk's own) on its first read while
-  holding it, as a store's chunk is checked on its first read in a process; later reads copy
-  out of the mapping. Measured in one process (32 SA-1B items in batches of 8): reading each
-  range with ``preadv`` and checking it every time ran at 615 items/s against the local
-  store's 1430. A program that truncates a held entry in place would end the process with
-  ``SIGBUS`` (arraystore only renames entries into place and deletes them).
+  holds the entries it reads mapped (the most recently read, up to :data:`HELD_ENTRIES` and
+  :data:`HELD_BYTES`; no descriptor each) and checks an entry's crc32c (or its chunk's own)
+  on its first read while holding it, as a store's chunk is checked on its first read in a
+  process; later reads copy out of the mapping. Measured in one process (32 SA-1B items in
+  batches of 8): reading each range with ``preadv`` and checking it every time ran at 615
+  items/s against the local store's 1430. A program that truncates a held entry in place
+  would end the process with ``SIGBUS`` (arraystore only renames entries into place and
+  deletes them).
 - **One download per range.** A process fetching a range holds the range's lock file
   (``flock``); another process wanting it waits for the first and reads its entry.
 - **A bound.** ``cache_limit`` (bytes or ``"50GB"``; ``ARRAYSTORE_CACHE_LIMIT``) bounds the
   entries' bytes: past it, the least recently used entries (a hit touches the entry's mtime,
   at most once a minute) are deleted down to 90% of the limit. Only files named as entries
-  beneath ``objects/`` are ever deleted; anything else in the folder is left alone.
+  beneath ``objects/`` are ever deleted; anything else in the folder is left alone. A deleted
+  entry that a process still holds mapped keeps its disk space until the process lets go of it
+  (at most :data:`HELD_BYTES` a process).
 - **A full disk** (or any failure to write an entry) turns writing off for the process with one
   :class:`CacheWarning`: reads go through to the object store, as without a cache.
 """
@@ -74,7 +77,9 @@ OBJECT_FILE = "object"
 USAGE_FILE = "usage"
 LOW_WATER = 0.9  # eviction deletes down to this share of the limit
 TOUCH_SECONDS = 60.0  # a read marks an entry used when it was last marked longer ago
-HELD_ENTRIES = 4096  # entries a process holds mapped, most recently read
+HELD_ENTRIES = 4096  # entries a process holds mapped, most recently read, and at most
+HELD_BYTES = 1 << 30  # this many bytes of them (an evicted entry's disk space stays in use
+# until no process holds it)
 HEADER = struct.Struct("<4sIQ8s")  # magic, crc32c of the bytes, their length, version digest
 MAGIC = b"ASC1"
 ENTRY_NAME = re.compile(r"^(\d+-\d+|last-\d+)$")
@@ -204,18 +209,32 @@ class _Opened:
 
 class _State:
     """One process's view of a cache: the version of each object it asked for, whether it
-    may write, and the entries it holds mapped (at most :data:`HELD_ENTRIES`; an evicted
-    entry's disk space is freed when its mapping goes)."""
+    may write, and the entries it holds mapped (at most :data:`HELD_ENTRIES` and
+    :data:`HELD_BYTES`; an evicted entry's disk space is freed when its mapping goes)."""
 
     def __init__(self) -> None:
         self.versions: dict[str, bytes | None] = {}  # object URL -> version digest (None: gone)
         self.folders: dict[tuple[str, str], Path] = {}  # (store URL, key) -> object's folder
         self.opened: OrderedDict[str, _Opened] = OrderedDict()
+        self.held_bytes = 0  # of the entries in ``opened``
         self.writing = True
         self.warned = False
 
     def close(self) -> None:
         self.opened.clear()  # each mapping goes with its last reference
+        self.held_bytes = 0
+
+    def hold(self, path: str, entry: _Opened) -> None:
+        """Keep ``entry`` mapped, letting go of the least recently read past the bounds."""
+        self.opened[path] = entry
+        self.held_bytes += len(entry.data)
+        while len(self.opened) > HELD_ENTRIES or self.held_bytes > HELD_BYTES:
+            self.let_go(next(iter(self.opened)))
+
+    def let_go(self, path: str) -> None:
+        entry = self.opened.pop(path, None)
+        if entry is not None:
+            self.held_bytes -= len(entry.data)
 
 
 class NodeCache:
@@ -355,13 +374,11 @@ class NodeCache:
             os.close(descriptor)
         entry = _Opened(data)
         if held:
-            opened[path] = entry
-            while len(opened) > HELD_ENTRIES:
-                opened.popitem(last=False)
+            self._state.get().hold(path, entry)
         return entry
 
     def _close(self, path: str) -> None:
-        self._state.get().opened.pop(path, None)
+        self._state.get().let_go(path)
 
     def discard(self, entry: Path) -> None:
         """Delete a damaged entry (and take its bytes off the usage), with a warning."""

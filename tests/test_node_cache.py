@@ -28,7 +28,7 @@ from conftest import (
     url,
 )
 
-from arraystore import SampleReader
+from arraystore import SampleReader, node_cache
 from arraystore.errors import OptionError
 from arraystore.loaders import ZarrDistillDataset, collate_distill
 from arraystore.node_cache import ENV_DIR, MARKER, CacheWarning, NodeCache, parse_size
@@ -348,3 +348,17 @@ def test_entries_read_again_while_held_are_checked_once_and_hold_no_descriptor(
     assert not checks and requests["gets"] == 0
     assert len(os.listdir("/proc/self/fd")) <= descriptors
     assert_same_values(again[0], first)
+
+
+def test_what_a_process_holds_mapped_is_bounded_in_bytes(region, tmp_path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(node_cache, "HELD_BYTES", 1 << 20)
+    dataset = ZarrDistillDataset(url("sharded"), storage_options=region.storage_options(),
+                                 cache_dir=tmp_path / "cache")
+    indices = list(range(len(dataset)))
+    expected = collate_distill(dataset.__getitems__(indices))
+    for _ in range(2):  # entries of 3 MB and more: read, never held
+        assert_same_values(collate_distill(dataset.__getitems__(indices)), expected)
+        state = dataset.reader.location.cache._state.get()
+        assert 0 < state.held_bytes <= 1 << 20
+        assert state.held_bytes == sum(len(e.data) for e in state.opened.values())
