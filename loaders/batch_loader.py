@@ -96,9 +96,10 @@ class BatchLoader:
         self.threads, self.prefetch = threads, prefetch
         self.pin_memory, self.copy = pin_memory, copy
         # kept across epochs (see the module docstring): the ring with the number of the next
-        # batch to fill, the reader threads (a forked child makes its own), the pickled
-        # dataset the threads' copies were made from, and those copies
-        self._ring: tuple[list[dict[str, torch.Tensor]], int] | None = None
+        # batch to fill and the dataset's generation it was made for, the reader threads (a
+        # forked child makes its own), the pickled dataset the threads' copies were made
+        # from, and those copies
+        self._ring: tuple[list[dict[str, torch.Tensor]], int, int] | None = None
         self._pool = PerProcess(functools.partial(ThreadPoolExecutor, threads,
                                                   thread_name_prefix="BatchLoader"),
                                 close=functools.partial(ThreadPoolExecutor.shutdown,
@@ -175,21 +176,24 @@ class BatchLoader:
             for future in pending:
                 future.cancel()
             wait(pending)  # nothing still fills a buffer of the ring once it is handed back
-            self._give_back(ring, number)
+            self._give_back(ring, number, generation)
 
     def _take_ring(self) -> tuple[list[dict[str, torch.Tensor]], int]:
         """The loader's ring and the number of the next batch to fill (buffers are used in
         turn across epochs); a new ring while another iteration holds it."""
         kept, self._ring = self._ring, None
         if kept is not None:
-            return kept
+            return kept[:2]
         slots = self.dataset.batch_slots()
         return [allocate(self.dataset.reader, slots, self.batch_size, pin=self.pin_memory,
                          shared=False) for _ in range(2 * self.prefetch + 1)], 0
 
-    def _give_back(self, ring: list[dict[str, torch.Tensor]], number: int) -> None:
-        if self._ring is None:
-            self._ring = (ring, number)
+    def _give_back(self, ring: list[dict[str, torch.Tensor]], number: int,
+                   generation: int) -> None:
+        """Keep ``ring`` for the next iteration, unless one is kept or the dataset changed
+        since it was made."""
+        if self._ring is None and generation == self._generation:
+            self._ring = (ring, number, generation)
 
 
 def _owned(batch: dict[str, Any]) -> dict[str, Any]:

@@ -132,3 +132,12 @@ def test_later_epochs_reuse_the_ring_and_the_threads_copies(
     assert [equal(b, {"image": e["image"]}) for b, e in zip(loader, expected, strict=True)] \
         == [True] * 3
     assert calls
+    held = iter(loader)
+    next(held)  # an epoch under way holds the ring while the dataset changes back
+    dataset.keys = ("image", "teacher_features")
+    changed = iter(loader)
+    got = [next(changed)]  # in a ring of its own
+    list(held)  # the old epoch ends first: its ring, made for the keys of then, is not kept
+    got += list(changed)
+    assert [equal(b, e) for b, e in zip(got, expected, strict=True)] == [True] * 3
+    assert [equal(b, e) for b, e in zip(loader, expected, strict=True)] == [True] * 3
