@@ -38,10 +38,11 @@ its inner chunk (in the raw layout, of its chunk file) made for that read alone
 (:mod:`arraystore.private_mappings`): the array is writable, a write to it copies the page it
 lands on and reaches neither the file nor any other read of the sample, as with a copy (and
 as ``torch.load(mmap=True)`` hands out tensors). Its pages are the page cache's until
-written, so the bytes are read once, by whoever uses them: measured on the 2-core VM (SA-1B
-item, 7.5 MB, page cache warm, every byte read once by the caller), 250 µs against 460 µs for
-``pread`` + use and 420 µs for a copy out of the persistent mapping + use (in
-``benchmarks.batches``, interleaved with other readers, the two come out even). A mapping kept
+written, so the bytes are read once, by whoever uses them. What that is worth once the caller
+uses every byte: a hand probe on the 2-core VM (SA-1B item, 7.5 MB, page cache warm) measured
+305 µs for a mapping per read + use against 460 µs for ``pread`` + use, but in
+``benchmarks.batches``, through the item dict and interleaved with the other readers, the two
+come out even (0.93-0.99x): the bytes leave memory once either way. A mapping kept
 per shard could not be handed out: two reads of one sample would share its pages, and one
 caller's in-place write would show in the other's item. The same truncation caveat applies,
 now also while the caller holds the array: arraystore never truncates a shard in place, but
