@@ -20,6 +20,11 @@ def chunk_key(array: str, sample_chunk: int, rank: int) -> str:
     return ChunkPaths(Path(array), rank).path(sample_chunk)
 
 
+def chunk_folder(array: str, sample_chunk: int, rank: int) -> str:
+    """The store key of the folder that holds :func:`chunk_key`'s chunk (``image/c/3/0``)."""
+    return chunk_key(array, sample_chunk, rank).rsplit("/", 1)[0]
+
+
 class ChunkPaths:
     """Chunk paths of one array as plain strings, built without pathlib (a hot path of reads)."""
 

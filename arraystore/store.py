@@ -28,7 +28,7 @@ from arraystore.errors import (
     StoreLockedError,
     StoreNotFoundError,
 )
-from arraystore.keys import chunk_key
+from arraystore.keys import chunk_folder
 from arraystore.layout import Layout
 from arraystore.location import Location
 from arraystore.schema import SAMPLE_DIM, Field, Schema
@@ -344,7 +344,7 @@ class Store:
             return
         per_file = self.layout.samples_per_file(f)
         self.location.refuse_links_to(
-            chunk_key(f.name, index, 1 + len(f.shape)).rsplit("/", 1)[0]
+            chunk_folder(f.name, index, 1 + len(f.shape))
             for index in range(start // per_file, (stop - 1) // per_file + 1))
 
     def __len__(self) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from arraystore.errors import DuplicateSampleError, SampleValidationError, StoreWriteError
-from arraystore.keys import chunk_key
+from arraystore.keys import chunk_folder, chunk_key
 from arraystore.lock import StoreLock
 from arraystore.regions import PENDING, reserved_end
 from arraystore.schema import Field
@@ -258,7 +258,7 @@ class StoreWriter:
                                else len(self.store)) // per_file)
             yield f.name
             for i in range(first, last + 1):
-                yield chunk_key(f.name, i, 1 + len(f.shape)).rsplit("/", 1)[0]
+                yield chunk_folder(f.name, i, 1 + len(f.shape))
 
     def _sync(self, start: int, stop: int, written: Sequence[Field]) -> None:
         """Before the commit: the data of samples ``start`` to ``stop`` on stable storage."""

@@ -15,7 +15,7 @@ import argparse
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +78,15 @@ def read_pages(batch: dict[str, Any]) -> None:
     """Read one byte of every 4 KiB page of each tensor of ``batch`` (each storage once): the
     least that a consumer of the batch (a pinning copy, ``.to(device)``) does with it."""
     tensors = [v for value in batch.values()
-               for v in (value if isinstance(value, list | tuple) else [value])
-               if isinstance(v, torch.Tensor)]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors}
-    for storage in storages.values():
+               for v in (value if isinstance(value, list | tuple) else [value])]
+    for storage in distinct_storages(tensors):
         torch.empty(0, dtype=torch.uint8).set_(storage)[::4096].sum()
+
+
+def distinct_storages(values: Iterable[Any]) -> list[torch.UntypedStorage]:
+    """The storages of the tensors among ``values``, each once (views share one)."""
+    return list({t.untyped_storage().data_ptr(): t.untyped_storage() for t in values
+                 if isinstance(t, torch.Tensor)}.values())
 
 
 def read_every_byte(value: Any) -> None:
@@ -90,9 +94,8 @@ def read_every_byte(value: Any) -> None:
     arrays; each storage once) on this thread with NumPy: what a consumer copying the item to
     a device, or computing on it, does at least."""
     values = list(value.values() if isinstance(value, dict) else value)
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in values
-                if isinstance(t, torch.Tensor)}
-    arrays = [torch.empty(0, dtype=torch.uint8).set_(s).numpy() for s in storages.values()]
+    arrays = [torch.empty(0, dtype=torch.uint8).set_(s).numpy()
+              for s in distinct_storages(values)]
     arrays += [v.reshape(-1).view(np.uint8) for v in values if isinstance(v, np.ndarray)]
     for data in arrays:
         words = len(data) // 8

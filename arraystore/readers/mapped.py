@@ -127,4 +127,3 @@ class MappedShard:
         """Unmap (no view of the mapping outlives a copy)."""
         self._bytes = np.empty(0, np.uint8)
         self._map.close()
-
