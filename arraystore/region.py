@@ -7,7 +7,9 @@ refused with one message instead of being clipped silently, as NumPy slicing wou
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import itertools
+import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -52,20 +54,27 @@ class RowRun(NamedTuple):
     nbytes: int
 
 
-def row_runs(shape: tuple[int, ...], itemsize: int, region: Region) -> Iterator[RowRun]:
+def _first_cut_axis(shape: tuple[int, ...], region: Region) -> int:
+    """The first axis ``region`` does not take whole (0 where it takes every axis whole)."""
+    whole = [r.start == 0 and r.stop == n for r, n in zip(region, shape, strict=True)]
+    return whole.index(False) if False in whole else 0
+
+
+def row_runs(shape: tuple[int, ...], itemsize: int, region: Region) -> list[RowRun]:
     """The byte ranges that hold ``region`` of a C-order array of ``shape``, fewest first.
 
     Let ``p`` be the first axis the window does not take whole: for each index of the axes
     before it (taken whole), the rows ``region[p]`` with every later axis whole are one
     contiguous range. An image window is then one range of its rows; a (10, h, w) spike
-    window ten; a window that takes everything, one range of the whole array."""
-    whole = [r.start == 0 and r.stop == n for r, n in zip(region, shape, strict=True)]
-    p = whole.index(False) if False in whole else 0
-    row_bytes = int(np.prod(shape[p + 1:], dtype=np.int64)) * itemsize
-    rows = region[p].stop - region[p].start if region else 1
-    for k, prefix in enumerate(np.ndindex(*shape[:p])):
-        start = (k * shape[p] + region[p].start) * row_bytes if region else 0
-        yield RowRun(prefix, start, rows * row_bytes)
+    window ten; a window that takes everything, one range of the whole array. (Plain Python:
+    it runs for every window of every clip, where ``np.ndindex`` cost more than the reads.)"""
+    p = _first_cut_axis(shape, region)
+    row_bytes = math.prod(shape[p + 1:]) * itemsize
+    if not region:
+        return [RowRun((), 0, row_bytes)]
+    rows = region[p].stop - region[p].start
+    return [RowRun(prefix, (k * shape[p] + region[p].start) * row_bytes, rows * row_bytes)
+            for k, prefix in enumerate(itertools.product(*map(range, shape[:p])))]
 
 
 def place_rows(out: np.ndarray, run: RowRun, rows: np.ndarray, shape: tuple[int, ...],
@@ -75,3 +84,15 @@ def place_rows(out: np.ndarray, run: RowRun, rows: np.ndarray, shape: tuple[int,
     p = len(run.prefix)
     rows = rows.reshape(-1, *shape[p + 1:]) if region else rows.reshape(shape)
     out[run.prefix] = rows[(slice(None), *region[p + 1:])] if region else rows
+
+
+
+def place_runs(out: np.ndarray, rows: np.ndarray, shape: tuple[int, ...],
+               region: Region) -> None:
+    """Every :func:`row_runs` range of a window whose columns are cut (``rows``: one range a
+    row, in order, as arrays of the stored dtype) written into the window ``out`` in one
+    copy, the columns ``region`` keeps sliced out."""
+    p = _first_cut_axis(shape, region)
+    stored = rows.reshape(len(rows), -1, *shape[p + 1:])
+    out.reshape(len(rows), *out.shape[p:])[...] = stored[(slice(None), slice(None),
+                                                          *region[p + 1:])]

@@ -67,8 +67,10 @@ def check_bins(frames: int, bins: int) -> None:
 def spike_to_voxel(spike: np.ndarray, bins: int, out: np.ndarray | None = None) -> np.ndarray:
     """``(frames, *rest)`` uint8 spikes -> ``(bins, *rest)`` uint16 sums of consecutive frames.
 
-    ``out``: summed straight into it instead (any dtype that holds the sums exactly, such as
-    the float32 a Dataset hands out: the same values, without a uint16 array converted after).
+    ``out``: the sums written into it instead (any dtype that holds them exactly, such as the
+    float32 a Dataset hands out). They are summed in uint16 and converted once: NumPy's adds
+    with a float32 output cast both inputs in buffers, 32 µs for a (10, 141, 128) window
+    against 20 µs.
     """
     frames = spike.shape[0]
     check_bins(frames, bins)
@@ -78,7 +80,10 @@ def spike_to_voxel(spike: np.ndarray, bins: int, out: np.ndarray | None = None) 
     if frames // bins == 1:
         np.copyto(out, grouped[:, 0])
         return out
-    np.add(grouped[:, 0], grouped[:, 1], out=out, dtype=out.dtype)
+    sums = out if out.dtype == VOXEL_DTYPE else np.empty(out.shape, VOXEL_DTYPE)
+    np.add(grouped[:, 0], grouped[:, 1], out=sums, dtype=VOXEL_DTYPE)
     for k in range(2, frames // bins):  # elementwise adds: several times faster than .sum(axis=1)
-        out += grouped[:, k]
+        sums += grouped[:, k]
+    if sums is not out:
+        np.copyto(out, sums)
     return out
