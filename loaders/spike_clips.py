@@ -60,14 +60,15 @@ def splitmix64(word: int) -> int:
 
 
 def unit_floats(pixels: np.ndarray, out: torch.Tensor) -> None:
-    """One uint8 plane ``pixels`` (2-d; its rows may be strided, as a window of a cached frame)
-    into ``out`` (the same shape, contiguous) as float32 ``/ 255``: the IEEE float32 division
-    ToTensor does, bit for bit (OpenCV divides in float32 and rounds once, as NumPy and torch
-    do; checked on every one of the 256 values). One pass, straight from the window: measured
-    on the 2-core VM, a 256² plane took 8.9 µs with OpenCV on one thread (6.3 on its default
-    two, 9.1 with a core busy) against 15.2 for NumPy's division of a contiguous copy, which
-    the copy itself made 37 µs more."""
-    cv2.divide(pixels, 255.0, dst=out.numpy(), dtype=cv2.CV_32F)
+    """uint8 ``pixels`` into ``out`` (the same shape) as float32 ``/ 255``: the IEEE float32
+    division ToTensor does, so its values bit for bit, by NumPy on this thread. Its cast-then-
+    divide loops ran fastest here on one thread: the 30 split planes of 10 windows of 256² RGB
+    into buffers in turn, 1.42 ms against 1.62 with ``torch.div`` and 1.71 with a ``cv2.LUT``
+    table; uncached clips through a DataLoader (2 workers) 262 -> 310 and 290 -> 332 clips/s
+    from ``torch.div`` to the table, 340 -> 347 from the table to this. OpenCV's ``divide``
+    (also exact, and a single pass from a cached window) ran a cached clip faster idle (641 ->
+    785 clips/s) but its own thread pool stalled it with a core busy (704 -> 470): kept out."""
+    np.divide(pixels, np.float32(255.0), out=out.numpy(), dtype=np.float32)
 
 
 class NoValidSamplesError(ArrayStoreError, RuntimeError):
@@ -220,25 +221,28 @@ class SpikeClipDataset(Dataset):
                 splitmix64(draw) % (width - self.crop_size + 1))
 
     def _image_into(self, out: torch.Tensor, name: str, frame: int, region: Region,
-                    stored: np.ndarray | None) -> None:
+                    staging: torch.Tensor, stored: np.ndarray | None) -> None:
         """The ``region`` of one frame's image into ``out`` (3, c, c) as float32 in [0, 1]
-        (ToTensor's ``/ 255``, fused with the conversion: one pass over the output), each
-        channel by :func:`unit_floats` on the calling thread. From the RAM cache when there is
-        one: cached frames are kept channels-first, so a channel's window is a plane with
-        strided rows. Without a cache, ``stored`` is the window read from the store
-        (:meth:`_read_windows`), its channels split by OpenCV (several times faster than a
-        permuted copy). torch's division on two intra-op threads was faster on an idle
-        machine, but an OpenMP team in the caller's process stalls whenever another process
-        takes one of its cores, and hangs in a forked child."""
+        (ToTensor's ``/ 255``, fused with the conversion: one pass over the output). From the
+        RAM cache when there is one: cached frames are kept channels-first, and a window is
+        first copied into ``staging``, a contiguous uint8 buffer of ``out``'s shape (row
+        copies from a frame in RAM run far faster than converting straight from it), then
+        divided by :func:`unit_floats` on the calling thread. torch's division on two
+        intra-op threads was faster on an idle machine (10 windows: 0.49 against 0.83 ms),
+        but an OpenMP team in the caller's process stalls whenever another process takes one
+        of its cores, and hangs in a forked child. Without a cache, ``stored`` is the window
+        read from the store (:meth:`_read_windows`), its channels split by OpenCV (several
+        times faster than a permuted copy), each converted by :func:`unit_floats`."""
         cache = self.cache.get()
         if cache is None:  # the window as read (:meth:`_read_windows`)
-            planes = cv2.split(stored)
-        else:
-            planes = cache.get_or_load((name, frame), lambda: np.ascontiguousarray(
-                self.reader.read(frame, (name,))[name].transpose(2, 0, 1)))[(slice(None),
-                                                                           *region)]
-        for channel, plane in enumerate(planes):
-            unit_floats(plane, out[channel])
+            for channel, plane in enumerate(cv2.split(stored)):
+                unit_floats(plane, out[channel])
+            return
+        channels_first = cache.get_or_load((name, frame), lambda: np.ascontiguousarray(
+            self.reader.read(frame, (name,))[name].transpose(2, 0, 1)))
+        window = channels_first[(slice(None), *region)]
+        np.copyto(staging.numpy(), window)
+        unit_floats(staging.numpy(), out)
 
     def _voxels_into(self, out: np.ndarray, frame: int, region: Region,
                      stored: np.ndarray | None) -> np.ndarray:
@@ -312,11 +316,12 @@ class SpikeClipDataset(Dataset):
         y, x = self.crop_origin(index)
         image_region, spike_region = self._windows(y, x)
         voxels = out["spike_vox"].numpy()
+        staging = torch.empty(out["blur"].shape[1:], dtype=torch.uint8)
         any_spike = False
         stored = self._read_windows(frames, image_region, spike_region)
         for k, frame in enumerate(frames):
             for name in ("blur", "sharp"):
-                self._image_into(out[name][k], name, frame, image_region,
+                self._image_into(out[name][k], name, frame, image_region, staging,
                                  stored.get((name, int(frame))))
             source = self._voxels_into(voxels[k], frame, spike_region,
                                        stored.get((self._spike_field(), int(frame))))
