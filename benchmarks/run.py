@@ -33,6 +33,7 @@ from arraystore.loaders import BinaryDistillDataset, ZarrDistillDataset, collate
 from benchmarks.busy import CONDITIONS, STEP_SECONDS, condition, training_step
 from benchmarks.data import write_sa1b_shard
 from benchmarks.in_memory import InMemoryDataset
+from benchmarks.library_items import LIBRARIES, LibraryItems, library_of
 from benchmarks.profile import time_shares
 from benchmarks.report import BIN, DEFAULT, NO_IO, TAR, Results, write_report
 from benchmarks.tar_npz import TarNpzDataset
@@ -178,6 +179,14 @@ def main() -> None:
             results.disk[label] = (info.bytes_on_disk, info.files)
             for backend in BACKENDS:
                 datasets[f"{label} / {backend}"] = ZarrDistillDataset(store, backend)
+        for name in [n for n in datasets if " / " in n]:  # rows read through a library
+            library = library_of(datasets[name])
+            if library is not None:
+                label = name.split(" / ")[0]
+                reference = f"{label}: {LIBRARIES[library]} itself"
+                if reference not in datasets:
+                    datasets[reference] = LibraryItems(datasets[name], library)
+                results.references[name] = reference
         results.item_bytes = sum(v.nbytes for v in datasets[BIN][0].values()
                                  if hasattr(v, "nbytes"))
         results.batch_size = BATCH
