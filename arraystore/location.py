@@ -36,6 +36,7 @@ from arraystore.errors import (
 from arraystore.keys import fsync_path
 from arraystore.node_cache import NodeCache
 from arraystore.per_process import PerProcess
+from arraystore.s3_gets import PreconditionFailedError, PresignedGets, presigned_gets_apply
 
 T = TypeVar("T")
 
@@ -351,7 +352,8 @@ REMOTE_LIBRARIES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "aiohtt
 
 
 SERVICE_ERRNOS = (errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO))  # s3fs: 503 and 500
-CUT_ANSWERS = ("ClientPayloadError", "ServerDisconnectedError", "ContentLengthError")
+CUT_ANSWERS = ("ClientPayloadError", "ServerDisconnectedError", "ContentLengthError",
+               "CutAnswerError", "RemoteDisconnected", "ConnectionResetError")
 
 
 def service_failed(exc: BaseException) -> bool:
@@ -469,6 +471,21 @@ async def _get_s3_range(fs: Any, path: str, start: int, stop: int | None,
                                 retries=fs.retries)
 
 
+def _gather_s3_ranges(fs: Any, asked: Sequence[tuple[str, int, int | None, str | None]]
+                      ) -> list[Any]:
+    """:func:`_get_s3_range` of each (path, start, stop, tag), concurrently on s3fs's loop:
+    each answer, or the exception it ended with."""
+    import asyncio
+
+    from fsspec.asyn import sync
+
+    async def each() -> list[Any]:
+        return await asyncio.gather(*(_get_s3_range(fs, *one) for one in asked),
+                                    return_exceptions=True)
+
+    return sync(fs.loop, each)
+
+
 async def _s3_get(fs: Any, bucket: str, name: str, **asked: str) -> tuple[bytes, str]:
     """One GET of object ``name`` (``asked``: its Range, IfMatch) with s3fs's client: the
     body and the ETag of the version it came from."""
@@ -482,6 +499,8 @@ async def _s3_get(fs: Any, bucket: str, name: str, **asked: str) -> tuple[bytes,
 def _precondition_failed(exc: OSError) -> bool:
     """Whether s3fs's ``exc`` is S3's 412 Precondition Failed (another write came first): the
     service's own error code, on the botocore error s3fs keeps as the cause."""
+    if isinstance(exc, PreconditionFailedError):  # arraystore.s3_gets
+        return True
     response = getattr(exc.__cause__, "response", None) or {}
     return (response.get("Error", {}).get("Code") in ("PreconditionFailed", "412")
             or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412)
@@ -542,6 +561,9 @@ class ObjectLocation(Location):
         self._client = PerProcess(functools.partial(_connect, self.url, self.storage_options))
         self._fetching = PerProcess(threading.RLock)
         self._tags: PerProcess[OrderedDict[str, str]] = PerProcess(OrderedDict)  # key -> ETag
+        # chunk reads on S3: plain GETs of URLs signed once per object (arraystore.s3_gets)
+        self._signed = PerProcess(PresignedGets) if scheme == "s3" and \
+            presigned_gets_apply(self.storage_options) else None
 
     def _fs(self) -> tuple[Any, str]:
         return self._client.get()
@@ -601,13 +623,17 @@ class ObjectLocation(Location):
 
     @_remote
     def read_ranges(self, keys: Sequence[str], starts: Sequence[int],
-                    stops: Sequence[int | None], versioned: bool = False) -> list[bytes | None]:
+                    stops: Sequence[int | None],
+                    versioned: bool = False) -> list[bytes | memoryview | None]:
         """Many ranges at once (concurrent requests); None where the object does not exist. A
-        negative start with a stop of None asks for the object's last ``-start`` bytes.
+        negative start with a stop of None asks for the object's last ``-start`` bytes. Each
+        answer is bytes, or (S3 chunk reads) a writable memoryview of a buffer of its own.
 
-        ``versioned`` (the readers' chunk reads): on S3 every GET of an object this process
-        has read so before asks for the version it read then (``If-Match`` on its ETag,
-        recorded from the first answer or :meth:`versions`): an object replaced since raises
+        ``versioned`` (the readers' chunk reads): on S3 through URLs signed once per object
+        (:mod:`arraystore.s3_gets`: a fraction of botocore's CPU per GET), and every GET of an
+        object this process has read so before asks for the version it read then
+        (``If-Match`` on its ETag, recorded from the first answer or :meth:`versions`): an
+        object replaced since raises
         :class:`ObjectChangedError` naming it, and is forgotten, so that the caller reads it
         again from the start (its shard index first) rather than mixing ranges of two
         versions. Other services are read without the condition."""
@@ -615,19 +641,11 @@ class ObjectLocation(Location):
         if self.scheme != "s3" or not versioned:
             got = self.fs.cat_ranges(paths, list(starts), list(stops), on_error="return")
             return self._answers(keys, got, lambda data: data)
-        import asyncio
-
-        from fsspec.asyn import sync
-
         tags = self._tags.get()
-
-        async def each() -> list[Any]:
-            return await asyncio.gather(*(
-                _get_s3_range(self.fs, path, start, stop, tags.get(key))
-                for key, path, start, stop in zip(keys, paths, starts, stops, strict=True)),
-                return_exceptions=True)
-
-        got = sync(self.fs.loop, each)
+        asked = [(path, start, stop, tags.get(key))
+                 for key, path, start, stop in zip(keys, paths, starts, stops, strict=True)]
+        got = self._signed.get().get_many(self.fs, asked) if self._signed is not None \
+            else _gather_s3_ranges(self.fs, asked)
         seen: dict[str, str] = {}
         changed = {key for key, answer in zip(keys, got, strict=True)
                    if isinstance(answer, OSError) and _precondition_failed(answer)}
