@@ -43,7 +43,9 @@ import numpy as np
 SIGNED_FOR = 3600  # seconds a signed URL is valid
 REUSED_FOR = 3000  # seconds it is used before it is signed again
 SIGNED_URLS = 1 << 14  # objects whose URL a process keeps (the least recent go)
-THREADS = 32  # GETs in flight per process
+# GETs in flight per process: a DataLoader of 2 workers streaming SA-1B items through the
+# loopback region read 93-115 items/s with 32, 105-126 with 64, 86-102 with 128
+THREADS = 64
 TIMEOUT = 60  # seconds a connection may wait on the service
 EREMOTEIO = getattr(errno, "EREMOTEIO", errno.EIO)
 RETRIED = {429: errno.EBUSY, 503: errno.EBUSY, 500: EREMOTEIO, 502: EREMOTEIO, 504: EREMOTEIO}
