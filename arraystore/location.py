@@ -633,10 +633,9 @@ class ObjectLocation(Location):
         (:mod:`arraystore.s3_gets`: a fraction of botocore's CPU per GET), and every GET of an
         object this process has read so before asks for the version it read then
         (``If-Match`` on its ETag, recorded from the first answer or :meth:`versions`): an
-        object replaced since raises
-        :class:`ObjectChangedError` naming it, and is forgotten, so that the caller reads it
-        again from the start (its shard index first) rather than mixing ranges of two
-        versions. Other services are read without the condition."""
+        object replaced since raises :class:`ObjectChangedError` naming it, and is forgotten,
+        so that the caller reads it again from the start (its shard index first) rather than
+        mixing ranges of two versions. Other services are read without the condition."""
         paths = [self.key_path(k) for k in keys]
         if self.scheme != "s3" or not versioned:
             got = self.fs.cat_ranges(paths, list(starts), list(stops), on_error="return")

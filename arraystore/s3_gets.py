@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from arraystore.per_process import PerProcess
+
 SIGNED_FOR = 3600  # seconds a signed URL is valid
 REUSED_FOR = 3000  # seconds it is used before it is signed again
 SIGNED_URLS = 1 << 14  # objects whose URL a process keeps (the least recent go)
@@ -68,15 +70,19 @@ def presigned_gets_apply(storage_options: Mapping[str, Any]) -> bool:
         not {"http", "https"} & set(urllib.request.getproxies())
 
 
+# the GET threads of this process, shared by every store it reads; each keeps its own
+# connections (threads and sockets are not a forked child's: made anew in each process)
+_POOL: PerProcess[ThreadPoolExecutor] = PerProcess(
+    lambda: ThreadPoolExecutor(THREADS, thread_name_prefix="arraystore-get"))
+_CONNECTIONS = threading.local()
+
+
 class PresignedGets:
-    """One process's signed URLs, GET threads and their connections (hold it per process:
-    threads and sockets are not a forked child's)."""
+    """The signed URLs of one store's objects in one process (hold it per process)."""
 
     def __init__(self) -> None:
         self._urls: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="arraystore-get")
-        self._connections = threading.local()
 
     def get_many(self, fs: Any, requests: Sequence[Request]) -> list[Any]:
         """Each request's (body, ETag), or the exception it ended with: (path "bucket/key",
@@ -86,7 +92,8 @@ class PresignedGets:
         self._sign(fs, {path for path, *_ in requests})
         retries = max(int(getattr(fs, "retries", 5)), 1)
         verify = (getattr(fs, "client_kwargs", None) or {}).get("verify", True)
-        futures = [self._pool.submit(self._get, fs, request, retries, verify)
+        pool = _POOL.get()
+        futures = [pool.submit(self._get, fs, request, retries, verify)
                    for request in requests]
         out: list[Any] = []
         for future in futures:
@@ -120,6 +127,16 @@ class PresignedGets:
             while len(self._urls) > SIGNED_URLS:
                 self._urls.popitem(last=False)
 
+    def _url(self, fs: Any, path: str) -> str:
+        """The object's signed URL (signed again where it was dropped meanwhile: more objects
+        than :data:`SIGNED_URLS` read at once)."""
+        while True:
+            with self._lock:
+                kept = self._urls.get(path)
+            if kept is not None:
+                return kept[0]
+            self._sign(fs, {path})
+
     def _get(self, fs: Any, request: Request, retries: int,
              verify: Any) -> tuple[memoryview, str]:
         """One request, retried with backoff (on a GET thread)."""
@@ -134,10 +151,8 @@ class PresignedGets:
         resigned = False
         failure: OSError = OSError(f"{path}: no attempt made")
         for attempt in range(retries):
-            with self._lock:
-                url = self._urls[path][0]
             try:
-                status, body, etag, said = self._send(url, headers, verify)
+                status, body, etag, said = self._send(self._url(fs, path), headers, verify)
             except (OSError, http.client.HTTPException) as exc:  # cut, reset, refused
                 failure = exc if isinstance(exc, OSError) else CutAnswerError(
                     f"{path}: {type(exc).__name__}: {exc}")
@@ -187,7 +202,7 @@ class PresignedGets:
     def _connection(self, parts: urllib.parse.SplitResult,
                     verify: Any) -> http.client.HTTPConnection:
         """This thread's open connection to the URL's host (made on first use)."""
-        kept: dict[str, http.client.HTTPConnection] = self._connections.__dict__
+        kept: dict[str, http.client.HTTPConnection] = _CONNECTIONS.__dict__
         connection = kept.get(parts.netloc)
         if connection is None:
             if parts.scheme == "https":
@@ -205,7 +220,7 @@ class PresignedGets:
 
     def _drop(self, parts: urllib.parse.SplitResult) -> None:
         """Close this thread's connection to the URL's host (after a failure mid-answer)."""
-        connection = self._connections.__dict__.pop(parts.netloc, None)
+        connection = _CONNECTIONS.__dict__.pop(parts.netloc, None)
         if connection is not None:
             connection.close()
 

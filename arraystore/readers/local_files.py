@@ -68,8 +68,7 @@ def read_window(fd: int, base: int, shape: tuple[int, ...], dtype: np.dtype, reg
     :func:`~arraystore.region.row_runs` range (an image window, one; a (10, h, w) spike window,
     ten). Where the window takes the rows whole they land straight in the output; otherwise
     every range is read into one buffer and the window's columns are cut out of all of them
-    in one copy (:func:`~arraystore.region.place_runs`; a copy per range cost a spike window
-    a tenth of its read)."""
+    in one copy (:func:`~arraystore.region.place_runs`), not one NumPy call per range."""
     out = np.empty(region_shape(region), dtype)
     runs = row_runs(shape, dtype.itemsize, region)
     if runs[0].nbytes == out[runs[0].prefix].nbytes:  # the rows whole: no columns cut

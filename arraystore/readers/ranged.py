@@ -230,7 +230,8 @@ def _array_of(data: Any, nbytes: int, dtype: np.dtype) -> np.ndarray:
     """The first ``nbytes`` of fetched ``data`` as a 1-d ``dtype`` array: the fetched buffer
     itself where it is writable and aligned (:mod:`arraystore.s3_gets` reads each answer into
     a NumPy buffer of its own: copying it again cost a batch of 8 SA-1B items 35 ms of page
-    faults and copies), else a copy."""
+    faults and copies, profiled), else a copy. Such an array keeps its whole answer alive:
+    the chunks of neighbouring samples too, where their ranges were joined into one GET."""
     raw = np.frombuffer(data, np.uint8, nbytes)
     if raw.flags.writeable and raw.ctypes.data % dtype.alignment == 0:
         return raw.view(dtype)
