@@ -1,7 +1,8 @@
 """Workarounds for the environment, in one place; each says why it exists and when it can go.
 
-The one there is now lets ``torchvision`` import beside a CPU-only torch (open_clip and timm
-import it).
+Two: the first lets ``torchvision`` import beside a CPU-only torch (open_clip and timm import
+it); the second (:func:`detach_event_loops`, at the end) keeps a forked child's clean-up away
+from its parent's event loop.
 
 PyPI's torchvision 0.28.0 is a CUDA build: its C++ library (``torchvision/_C``) does not load
 with the CPU torch, and then ``import torchvision`` fails on registering fake kernels for
@@ -23,6 +24,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import os
+import selectors
 import sys
 import sysconfig
 import types
@@ -117,3 +119,36 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["--install-hook"]:
         sys.exit("usage: python -m arraystore.compat --install-hook")
     print(f"wrote {install_hook()}")
+
+
+def inherited_event_loops() -> list[Any]:
+    """(In a process about to fork) the event loops whose sockets a child will inherit, where
+    their libraries are imported: fsspec's I/O loop, which fsspec's object-store clients
+    (s3fs, gcsfs, adlfs) run on, and zarr-python's, which its ``FsspecStore`` runs them on.
+    Both libraries keep their loop as ``module.loop[0]``."""
+    loops = []
+    for name in ("fsspec.asyn", "zarr.core.sync"):
+        held = getattr(sys.modules.get(name), "loop", None)
+        if isinstance(held, list) and held and held[0] is not None:
+            loops.append(held[0])
+    return loops
+
+
+def detach_event_loops(loops: list[Any]) -> None:
+    """(In a forked child) give each of the parent's event ``loops`` (its copy of them) a
+    selector of its own.
+
+    Why: a loop's selector is an epoll instance, and a forked child shares it with its parent
+    (the descriptor is copied; the instance is one). The parent's loop is dead in the child,
+    but its clients are not: when one is collected there (fsspec forgets its clients in a
+    child, and their finalizers close their connections), closing a connection unregisters its
+    socket from that shared instance, and the parent never hears that socket's answers again.
+    Measured: a DataLoader's forked workers over an S3 store made the parent's next request
+    wait 15 s (s3fs's read timeout) before a retry on a new connection. With a selector of
+    its own, the child unregisters nothing of the parent's. When it can go: when fsspec gives
+    a child's inherited loop (or its clients) a clean-up that leaves the parent's sockets
+    alone."""
+    for loop in loops:
+        selector = getattr(loop, "_selector", None)
+        if selector is not None:
+            loop._selector = selectors.DefaultSelector()

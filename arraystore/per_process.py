@@ -6,7 +6,8 @@ client (its connections and event loop are the parent's), a DataLoader worker's 
 DataLoader workers are forked (or spawned, which pickles the dataset). Each such value is a
 :class:`PerProcess`: made on first use in a process, forgotten in a forked child by the one
 ``fork`` hook registered here (the child makes its own when it first needs one), and made anew
-wherever the object holding it is unpickled.
+wherever the object holding it is unpickled. The hook also gives the child its own selectors
+for the event loops it inherits (:func:`arraystore.compat.detach_event_loops`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import os
 import weakref
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
+
+from arraystore.compat import detach_event_loops, inherited_event_loops
 
 T = TypeVar("T")
 
@@ -72,10 +75,20 @@ class PerProcess(Generic[T]):
         return PerProcess, (self._make, self._close, self._close_in_child)
 
 
+_parent_loops: list[Any] = []  # set just before a fork: see compat.detach_event_loops
+
+
+def _note_loops_before_fork() -> None:
+    _parent_loops[:] = inherited_event_loops()
+
+
 def _forget_all_after_fork() -> None:
+    detach_event_loops(_parent_loops)
+    _parent_loops.clear()
     for instance in list(_instances):
         instance._forget_after_fork()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_all_after_fork)
+    os.register_at_fork(before=_note_loops_before_fork, after_in_child=_forget_all_after_fork,
+                        after_in_parent=_parent_loops.clear)

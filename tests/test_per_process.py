@@ -3,10 +3,15 @@ closed) in a forked child by the one fork hook, made anew where its holder is un
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import pickle
+import socket
+import sys
+import types
 
+from arraystore.compat import inherited_event_loops
 from arraystore.per_process import PerProcess
 
 MADE = itertools.count()
@@ -74,3 +79,32 @@ def test_an_unpickled_holder_starts_with_nothing() -> None:
     copy = pickle.loads(pickle.dumps(holder))
     assert copy.state.peek() is None and copy.state.get() != made
     assert holder.state.peek() == made
+
+
+def test_a_forked_child_unregisters_nothing_from_its_parents_event_loop(monkeypatch) -> None:
+    """A child that closes a connection of its parent's event loop (as an inherited client's
+    finalizer does) leaves the parent's registration in place: the parent still hears the
+    socket. Without a selector of its own, the child's ``remove_reader`` would delete it from
+    the epoll instance both share."""
+    loop = asyncio.new_event_loop()
+    ours, theirs = socket.socketpair()
+    try:
+        loop.add_reader(ours.fileno(), lambda: None)
+        # fsspec keeps its loop as fsspec.asyn.loop[0]: stand in for it
+        monkeypatch.setitem(sys.modules, "fsspec.asyn", types.SimpleNamespace(loop=[loop]))
+        assert in_child(lambda: 0 if loop.remove_reader(ours.fileno()) is False else 1) == 0
+        theirs.send(b"x")
+        assert [key.fd for key, _ in loop._selector.select(1)] == [ours.fileno()]
+    finally:
+        loop.close()
+        ours.close()
+        theirs.close()
+
+
+def test_the_loops_a_child_inherits_are_fsspecs_and_zarrs() -> None:
+    """Both libraries' I/O loops, once running, are the ones a fork detaches (the clients of
+    an object store run on them: s3fs on fsspec's, zarr's FsspecStore on zarr's)."""
+    from fsspec.asyn import get_loop
+    from zarr.core.sync import _get_loop
+
+    assert {id(get_loop()), id(_get_loop())} <= {id(loop) for loop in inherited_event_loops()}
