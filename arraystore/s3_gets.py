@@ -7,8 +7,10 @@ took 187 ms of CPU and 189 ms straight from the server (654 MB/s, the loop threa
 against 48 ms of CPU and 80 ms (1547 MB/s) for plain HTTP GETs of pre-signed URLs on 32
 threads, each reading its body straight into the buffer it returns (``readinto``: the
 kernel's copy is the only one, and a thread waiting on its socket holds no lock). A DataLoader
-worker streaming an SA-1B store makes about twelve GETs an item: botocore and the body
-reads were most of its CPU (py-spy: 51% of a worker's samples).
+worker streaming an SA-1B store makes about six GETs an item (`ZarrDistillDataset`'s fields;
+twelve for all 19 numeric ones): botocore and the body reads were most of its CPU (py-spy: 51%
+of a worker's samples). A DataLoader of 2 workers streaming all 19 fields cold went from 47 to
+81-91 items/s after its first batch (``benchmarks.remote_peers``).
 
 How: s3fs's own client (its credentials, endpoint, addressing style) signs a GET URL for each
 object, used for :data:`REUSED_FOR` seconds of its :data:`SIGNED_FOR` (and signed again once
