@@ -10,6 +10,7 @@ import pytest
 from conftest import UNCOMPRESSED, assert_same_values
 
 from arraystore.reader import SampleReader
+from arraystore.readers.ranged import fetch_samples
 from arraystore.s3_gets import PresignedGets, presigned_gets_apply
 from arraystore.testing.cloud_region import Region
 
@@ -66,3 +67,14 @@ def test_signed_gets_apply_unless_a_request_needs_more(monkeypatch: pytest.Monke
     assert not presigned_gets_apply({"s3_additional_kwargs": {"SSECustomerKey": "x"}})
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     assert not presigned_gets_apply({})
+
+
+def test_chunks_read_twice_in_one_fetch_share_no_bytes(region: Region) -> None:
+    """The same chunk asked twice in one round of requests (one joined GET serves both) comes
+    as two arrays of their own: a write to one reaches the other not."""
+    reader = SampleReader("s3://stores/sharded.zarr", storage_options=region.storage_options(),
+                          fields=("image",))
+    field = reader.field_reader("image")[0]
+    position = reader.position(SAMPLE)
+    first, again = fetch_samples(reader.location, [(field, position), (field, position)])
+    assert np.array_equal(first, again) and not np.shares_memory(first, again)

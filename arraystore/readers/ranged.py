@@ -233,11 +233,9 @@ def _array_of(data: Any, nbytes: int, dtype: np.dtype) -> np.ndarray:
     faults and copies, profiled), else a copy. Such an array keeps its whole answer alive:
     the chunks of neighbouring samples too, where their ranges were joined into one GET."""
     raw = np.frombuffer(data, np.uint8, nbytes)
-    if raw.flags.writeable and raw.ctypes.data % dtype.alignment == 0:
-        return raw.view(dtype)
-    out = np.empty(nbytes // dtype.itemsize, dtype)
-    out.view(np.uint8)[:] = raw
-    return out
+    if not raw.flags.writeable or raw.ctypes.data % dtype.alignment:
+        raw = raw.copy()  # a buffer of its own, writable and aligned
+    return raw.view(dtype)
 
 
 def fetch_samples(location: ObjectLocation, wanted: Sequence[tuple[RangedFieldReader, int]],
@@ -348,17 +346,23 @@ def _get(location: ObjectLocation, requests: Sequence[Request],
     return _fetch(location, requests)
 
 
-def _fetch(location: ObjectLocation, requests: Sequence[Request]) -> list[bytes | None]:
+def _fetch(location: ObjectLocation,
+           requests: Sequence[Request]) -> list[bytes | memoryview | None]:
     """The bytes of each request, fetched concurrently as :func:`coalesced` GETs."""
     if not requests:
         return []
     gets = coalesced(requests)
     got = location.read_ranges([k for (k, _, _), _ in gets], [s for (_, s, _), _ in gets],
                                [e if s >= 0 else None for (_, s, e), _ in gets], versioned=True)
-    out: list[bytes | None] = [None] * len(requests)
+    out: list[bytes | memoryview | None] = [None] * len(requests)
     for ((_, start, _), served), data in zip(gets, got, strict=True):
+        reach = start  # the end of the ranges served so far (``served`` is in start order)
         for number in served:
             _, first, last = requests[number]
-            out[number] = data if data is None or len(served) == 1 \
+            part = data if data is None or len(served) == 1 \
                 else data[first - start:last - start]
+            # a range overlapping one served before gets bytes of its own: arrays made from
+            # the answer's buffer (:func:`_array_of`) must not share memory
+            out[number] = bytes(part) if part is not None and first < reach else part
+            reach = max(reach, last)
     return out
