@@ -74,9 +74,15 @@ def parse_storage_options(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 class Location(ABC):
-    """A store's root; keys are ``/``-separated paths inside it (``image/c/0/0/0/0``)."""
+    """A store's root; keys are ``/``-separated paths inside it (``image/c/0/0/0/0``).
+
+    Everything that differs between a disk and an object store is answered here. Two readers
+    choose once, when they open, between strategies that only one of them has: the direct
+    backend (files it maps and ``pread``s, or ranged GETs) and the writer lock (an ``flock``,
+    or a lock object with a heartbeat); they ask :attr:`is_local`."""
 
     is_local: bool
+    may_hold_links: bool  # a key may be a symbolic link leading out of the store (a disk's)
     path: Path | str  # what the user named: a Path, or the URL
     cache: NodeCache | None = None  # where ranged reads keep what they fetch (object stores)
 
@@ -176,6 +182,10 @@ class Location(ABC):
         """Write ``data`` to :meth:`sibling_path`, whole or not at all."""
 
     @abstractmethod
+    def sibling(self, suffix: str) -> str:
+        """``<store><suffix>``, beside the store (its lock)."""
+
+    @abstractmethod
     def problem(self, key: str) -> str | None:
         """Why ``key`` must not be read as part of this store, or None."""
 
@@ -209,6 +219,7 @@ class Location(ABC):
 
 class LocalLocation(Location):
     is_local = True
+    may_hold_links = True
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -332,6 +343,12 @@ class LocalLocation(Location):
 
     def sibling_path(self, suffix: str, name: str) -> str:
         return str(self.path.with_name(self.path.name + suffix) / name)
+
+    def sibling(self, suffix: str) -> str:
+        """Beside the store's real folder, every link on the way resolved: two spellings of
+        one store (a link to it, a link to a folder above it, ``..``) name one sibling."""
+        path = local_store_path(self.path)
+        return str(path.with_name(path.name + suffix))
 
     def write_sibling(self, suffix: str, name: str, data: bytes) -> None:
         path = Path(self.sibling_path(suffix, name))
@@ -544,6 +561,7 @@ class ObjectLocation(Location):
     its client again in each process (a client is not fork-safe)."""
 
     is_local = False
+    may_hold_links = False
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None,
                  cache: NodeCache | None = None) -> None:
@@ -800,7 +818,6 @@ class ObjectLocation(Location):
         self.fs.pipe_file(f"{self.root}{suffix}/{name}", data)  # one PUT: whole or nothing
 
     def sibling(self, suffix: str) -> str:
-        """The object path ``<store><suffix>`` beside the store (the lock)."""
         return f"{self.root}{suffix}"
 
     def problem(self, key: str) -> str | None:

@@ -42,7 +42,7 @@ from typing import Any
 
 from arraystore.errors import StoreLockedError
 from arraystore.keys import settle_pending_writes
-from arraystore.location import Location, ObjectLocation, local_store_path, remote_failures
+from arraystore.location import LocalLocation, Location, ObjectLocation, remote_failures
 from arraystore.store import StoreTarget, utc_now
 
 LOCK_SUFFIX = ".lock"
@@ -52,11 +52,9 @@ _held: dict[str, tuple[Any, int]] = {}  # lock key -> (held lock, depth) in this
 
 
 def lock_path(store_path: str | os.PathLike[str]) -> Path:
-    """The lock file of the local store at ``store_path``: beside the store's real folder,
-    every symbolic link on the way resolved, so that two spellings of one store (a link to it,
-    a link to a folder above it, ``..``) share one lock and exclude each other."""
-    path = local_store_path(store_path)
-    return path.with_name(path.name + LOCK_SUFFIX)
+    """The lock file of the local store at ``store_path``: beside the store's real folder, so
+    that two spellings of one store share one lock and exclude each other."""
+    return Path(LocalLocation(Path(store_path)).sibling(LOCK_SUFFIX))
 
 
 def _holder_record(**extra: Any) -> dict[str, Any]:
@@ -90,21 +88,17 @@ class StoreLock:
         self.location = Location.of(store)
         self.break_lock = break_lock
         self.stale_after_s = stale_after_s
-        if not self.location.is_local:
-            self.key = self.location.sibling(LOCK_SUFFIX)
-        else:
-            self.path = lock_path(self.location.path)
-            self.key = str(self.path)
+        self.key = self.location.sibling(LOCK_SUFFIX)
 
     def acquire(self) -> None:
         if self.key in _held:
             lock, depth = _held[self.key]
             _held[self.key] = (lock, depth + 1)
             return
-        if not self.location.is_local:
-            lock = _ObjectLock(self.location, self.key, self.break_lock, self.stale_after_s)
+        if self.location.is_local:
+            lock = _FileLock(self.location.path, Path(self.key))
         else:
-            lock = _FileLock(self.location.path, self.path)
+            lock = _ObjectLock(self.location, self.key, self.break_lock, self.stale_after_s)
         lock.acquire()
         _held[self.key] = (lock, 1)
 

@@ -317,19 +317,12 @@ class Store:
         """The arrays of ``names``, each grown to at least ``stop`` samples, never shrunk, and
         only while the writer still holds the store (:attr:`fence`, checked once). A writer
         frozen after that check, whose lock was broken meanwhile, must not shrink what the new
-        holder grew: in an object store each array's metadata is rewritten only if nobody
-        rewrote it since it was read (:meth:`Location.update_each`: ``If-Match`` on S3, every
-        array at once), and the arrays are made from the metadata stored then, not read
-        again; on a disk the ``flock`` leaves no other writer."""
+        holder grew: each array's metadata is rewritten only if nobody rewrote it since it was
+        read (:meth:`Location.update_each`: ``If-Match`` on S3, every array at once; on a
+        disk the ``flock`` leaves no other writer), and the arrays are made from the metadata
+        stored then, not read again."""
         self._fenced()
         names = list(names)
-        if self.location.is_local:
-            grown = {}
-            for name in names:
-                array = grown[name] = self.array(name)
-                if array.shape[0] < stop:
-                    array.resize((stop, *array.shape[1:]))
-            return grown
         stored = self.location.update_each([f"{name}/zarr.json" for name in names],
                                            functools.partial(_grown, stop=stop))
         return {name: zarr.Array.from_dict(StorePath(self.group.store, name), json.loads(raw))

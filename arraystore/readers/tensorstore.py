@@ -30,7 +30,7 @@ class TensorStoreFieldReader(FieldReader):
         self._stored = stored
         # shard indexes anywhere; on a disk also the links TensorStore would follow (an
         # ``openat2`` a chunk, ~8 µs); missing chunks it reports itself
-        self._checks = stored.sharded or stored.location.is_local
+        self._checks = stored.sharded or stored.location.may_hold_links
 
     def read(self, start: int, stop: int) -> np.ndarray:
         if self._checks:
