@@ -76,10 +76,11 @@ def parse_storage_options(pairs: Sequence[str]) -> dict[str, Any]:
 class Location(ABC):
     """A store's root; keys are ``/``-separated paths inside it (``image/c/0/0/0/0``).
 
-    Everything that differs between a disk and an object store is answered here. Two readers
-    choose once, when they open, between strategies that only one of them has: the direct
-    backend (files it maps and ``pread``s, or ranged GETs) and the writer lock (an ``flock``,
-    or a lock object with a heartbeat); they ask :attr:`is_local`."""
+    Everything that differs between a disk and an object store is answered here. Three users
+    choose once, when they open, between strategies that only one of them has, and ask
+    :attr:`is_local`: the direct backend (files it maps and ``pread``s, or ranged GETs), the
+    writer lock (an ``flock``, or a lock object with a heartbeat) and the sample reader
+    (whether its workers take the metadata the open read, or read it again)."""
 
     is_local: bool
     may_hold_links: bool  # a key may be a symbolic link leading out of the store (a disk's)

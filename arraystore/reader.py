@@ -94,9 +94,9 @@ class SampleReader:
         mask = store.committed_mask()  # positions in int32 where they fit: 4 bytes a sample
         self.positions = np.flatnonzero(mask).astype(np.int32 if len(mask) < 2**31 else np.int64,
                                                      copy=False)
-        # backends open fields from the metadata the open read (in an object store, a
-        # request each saved; on a disk a read each)
-        self._array_json = store.array_json
+        # in an object store, backends open fields from the metadata the open fetched (a
+        # request each saved); on a disk reading it again is cheaper than pickling it
+        self._array_json = {} if self.location.is_local else store.array_json
         self._sample_ids: SampleIds | None = None
         self._open = PerProcess(_Opened)
 

@@ -8,15 +8,16 @@ that for torch's DataLoader.
 
 Each worker keeps a small ring of segments (``memfd``s, so nothing is left in ``/dev/shm`` if a
 process dies). A batch's tensors are views of one segment's payload; the batch dict is wrapped
-as a :class:`RingBatch`, which pickles the tensors as (offset, shape, stride) into the segment
-instead of sharing their storage. The main process maps the segment (``/proc/<worker>/fd/<n>``)
-and rebuilds the same dict of ordinary tensors; it keeps the mapping for the segment's next
-batches (:class:`_KeptMappings`), so their pages are not faulted in again. Small tensors of
-the batch that are not in the segment (counts, flags, a sample's boxes) travel by value inside
-the same pickle.
+as a :class:`RingBatch`, which the DataLoader's result queue ships (:func:`ship`, registered
+with its pickler) as (offset, shape, stride) into the segment instead of sharing the tensors'
+storage; any other pickle of it is an ordinary one. The main process maps the segment
+(``/proc/<worker>/fd/<n>``) and rebuilds the same dict of ordinary tensors; it keeps the
+mapping for the segment's next batches (:class:`_KeptMappings`), so their pages are not
+faulted in again. Small tensors of the batch that are not in the segment (counts, flags, a
+sample's boxes) travel by value inside the same pickle.
 
-Reuse is safe by a flag in the segment's header: the worker sets it when it pickles a batch
-for the main process, the main process clears it once every tensor of that batch is gone
+Reuse is safe by a flag in the segment's header: the worker sets it when it ships a batch
+to the main process, the main process clears it once every tensor of that batch is gone
 (a finalizer on the one array they all share), and the worker reuses a segment only when the
 flag is clear and none of its own views are alive. A batch the training loop keeps stays
 valid for as long as it is kept: its segment is just not reused. When every segment is held,
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import mmap
 import multiprocessing
 import os
@@ -37,6 +39,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
@@ -228,8 +231,12 @@ def _leaves(value: Any) -> Iterator[Any]:
 
 
 class RingBatch(dict):
-    """A batch dict some of whose tensors are views of ring segments; pickled for the main
-    process as references into the segments, unpickled there as a plain dict."""
+    """A batch dict some of whose tensors are views of ring segments.
+
+    It crosses to the main process by :func:`ship`, which is registered for this class with
+    ``multiprocessing``'s ``ForkingPickler`` -- the pickler of a DataLoader's result queue --
+    and nowhere else: any other pickle of it (``pickle.dumps``, ``torch.save`` in a worker) is
+    of a plain dict of ordinary tensors, self-contained, and holds no segment."""
 
     def __init__(self, batch: dict[str, Any], segments: list[Segment]) -> None:
         super().__init__(batch)
@@ -242,22 +249,40 @@ class RingBatch(dict):
         return copy.deepcopy(dict(self), memo)
 
     def __reduce__(self) -> tuple:
-        pointers = {s.data_ptr: number for number, s in enumerate(self.segments)}
+        return dict, (dict(self),)
 
-        def swap(value: Any) -> Any:
-            if isinstance(value, torch.Tensor):
-                number = pointers.get(value.untyped_storage().data_ptr())
-                if number is not None:
-                    return _Ref(number, value)
-                if _Inline.fits(value):
-                    return _Inline(value)
-            return value
 
-        shipped = _replace(dict(self), swap)
-        for segment in self.segments:  # held by the main process until it lets go
-            segment.map[0] = 1
-        return _rebuild, (os.getpid(), [(s.fd, s.token, s.nbytes) for s in self.segments],
-                          shipped)
+def ship(batch: RingBatch) -> tuple:
+    """``batch`` on its way to the main process (a reducer for ``ForkingPickler``): each
+    tensor of a segment as a reference into it, small tensors by value, the segments marked
+    held by the main process until it lets go; the main process rebuilds the dict
+    (:func:`_rebuild`)."""
+    pointers = {s.data_ptr: number for number, s in enumerate(batch.segments)}
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            number = pointers.get(value.untyped_storage().data_ptr())
+            if number is not None:
+                return _Ref(number, value)
+            # torch's own IPC reduction drops a lazy conjugate or negation (1+2j arrives
+            # for 1-2j; torch 2.13): resolved here, a small one then crosses by value
+            value = value.resolve_conj().resolve_neg()
+            if _Inline.fits(value):
+                return _Inline(value)
+        return value
+
+    shipped = _replace(dict(batch), swap)
+    for segment in batch.segments:
+        segment.map[0] = 1
+    return _rebuild, (os.getpid(), [(s.fd, s.token, s.nbytes) for s in batch.segments],
+                      shipped)
+
+
+@functools.cache
+def _ship_ring_batches() -> None:
+    """Register :func:`ship` with the DataLoader queue's pickler, in the worker that makes
+    ring batches, when it makes its first: importing this module changes no pickler."""
+    ForkingPickler.register(RingBatch, ship)
 
 
 def shippable(batch: dict[str, Any]) -> dict[str, Any]:
@@ -268,7 +293,10 @@ def shippable(batch: dict[str, Any]) -> dict[str, Any]:
         return batch
     owners = (ring.owner(v) for v in _leaves(batch) if isinstance(v, torch.Tensor))
     found = list(dict.fromkeys(s for s in owners if s is not None))  # each once, in order
-    return RingBatch(batch, found) if found else batch
+    if not found:
+        return batch
+    _ship_ring_batches()
+    return RingBatch(batch, found)
 
 
 KEPT_MAPPINGS = 64  # segment mappings the main process keeps between batches, all workers'

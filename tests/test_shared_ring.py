@@ -12,6 +12,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 import pytest
@@ -38,11 +39,17 @@ def ring_batch(nbytes: int = 4096, fill: int = 7) -> dict:
                                   "masks": [floats[0], torch.ones(3)], "count": 2})
 
 
+def sent(batch: dict) -> dict:
+    """``batch`` through the pickler of a DataLoader's result queue, as the main process gets
+    it."""
+    return pickle.loads(ForkingPickler.dumps(batch))
+
+
 def test_a_batch_crosses_as_references_and_comes_back_equal() -> None:
     batch = ring_batch()
     assert isinstance(batch, shared_ring.RingBatch)
     expected = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    received = pickle.loads(pickle.dumps(batch))
+    received = sent(batch)
     assert type(received) is dict and list(received) == list(batch)
     for key in ("features", "image"):
         assert torch.equal(received[key], expected[key]), key
@@ -59,25 +66,25 @@ def test_small_tensors_outside_the_ring_cross_by_value() -> None:
     counts, flags = torch.tensor([3, 1], dtype=torch.int64), torch.tensor([True, False])
     boxes = torch.arange(12, dtype=torch.float32).view(3, 4).t()  # a non-contiguous view
     batch = ring_batch()
-    lazy = torch.tensor([1 + 2j]).conj()  # a conjugate view: torch's own way
+    lazy = torch.tensor([1 + 2j]).conj()  # a conjugate view: resolved, then by value
     batch.update({"counts": counts, "flags": flags, "boxes": [boxes], "large": large,
                   "lazy": lazy})
-    _, (_, _, shipped) = batch.__reduce__()
+    _, (_, _, shipped) = shared_ring.ship(batch)
     assert isinstance(shipped["counts"], shared_ring._Inline)
     assert isinstance(shipped["boxes"][0], shared_ring._Inline)
     assert isinstance(shipped["large"], torch.Tensor)
-    assert isinstance(shipped["lazy"], torch.Tensor)
-    received = pickle.loads(pickle.dumps(batch))
-    for got, sent in ((received["counts"], counts), (received["flags"], flags),
-                      (received["boxes"][0], boxes), (received["large"], large),
-                      (received["lazy"], lazy)):
-        assert got.dtype == sent.dtype and torch.equal(got, sent)
+    assert isinstance(shipped["lazy"], shared_ring._Inline)
+    received = sent(batch)
+    for got, given in ((received["counts"], counts), (received["flags"], flags),
+                       (received["boxes"][0], boxes), (received["large"], large),
+                       (received["lazy"], lazy)):
+        assert got.dtype == given.dtype and torch.equal(got, given)
 
 
 def test_a_segment_is_reused_only_after_both_sides_let_go() -> None:
     batch = ring_batch(fill=1)
     segment = batch.segments[0]
-    received = pickle.loads(pickle.dumps(batch))
+    received = sent(batch)
     del batch
     gc.collect()
     assert not segment.free()  # the "main process" still holds its batch
@@ -94,11 +101,11 @@ def test_a_segment_is_reused_only_after_both_sides_let_go() -> None:
 
 def test_a_replaced_or_vanished_segment_is_a_clear_error() -> None:
     batch = ring_batch()
-    message = pickle.dumps(batch)
+    message = ForkingPickler.dumps(batch)
     batch.segments[0].map[shared_ring.TOKEN] = bytes(16)
     with pytest.raises(RuntimeError, match="replaced before its batch was received"):
         pickle.loads(message)
-    _, (_, segments, shipped) = batch.__reduce__()
+    _, (_, segments, shipped) = shared_ring.ship(batch)
     with pytest.raises(RuntimeError, match="cannot map the batch buffer"):
         shared_ring._rebuild(2**22 + 1, segments, shipped)  # above any pid_max: no process
 
@@ -113,14 +120,14 @@ def mappings_of(segment: shared_ring.Segment) -> int:
 def test_the_main_process_keeps_a_segment_mapped_between_its_batches() -> None:
     first = ring_batch(fill=1)
     segment = first.segments[0]
-    received = pickle.loads(pickle.dumps(first))
+    received = sent(first)
     address = received["features"].untyped_storage().data_ptr()
     del first, received
     gc.collect()
     assert mappings_of(segment) == 2  # the worker's own, and the main process's, kept
     second = ring_batch(fill=2)
     assert second.segments[0] is segment
-    again = pickle.loads(pickle.dumps(second))
+    again = sent(second)
     assert again["features"].untyped_storage().data_ptr() == address  # not mapped anew
     assert mappings_of(segment) == 2
     assert torch.equal(again["features"],
@@ -135,7 +142,7 @@ def test_kept_mappings_of_segments_their_worker_dropped_are_let_go() -> None:
     a new segment: the main process would otherwise hold its memory."""
     batch = ring_batch()
     dropped = batch.segments[0]
-    pickle.loads(pickle.dumps(batch))
+    sent(batch)
     del batch
     gc.collect()
     kept = shared_ring._kept.get().kept
@@ -145,7 +152,7 @@ def test_kept_mappings_of_segments_their_worker_dropped_are_let_go() -> None:
     dropped.close()
     replacement = ring_batch()  # the same descriptor number, another segment
     assert replacement.segments[0].fd == dropped.fd
-    pickle.loads(pickle.dumps(replacement))
+    sent(replacement)
     assert dropped_key not in kept
     with open("/proc/self/maps") as maps:
         assert not [line for line in maps if line.split()[4] == inode]  # its memory is gone
@@ -157,8 +164,8 @@ def test_a_forked_child_does_not_inherit_the_kept_mappings() -> None:
     segments for their whole life."""
     batch = ring_batch()
     segment = batch.segments[0]
-    held = pickle.loads(pickle.dumps(ring_batch(nbytes=8192)))  # a batch still in use
-    pickle.loads(pickle.dumps(batch))
+    held = sent(ring_batch(nbytes=8192))  # a batch still in use
+    sent(batch)
     del batch
     gc.collect()
     assert mappings_of(segment) == 2  # the worker side's and the kept one
@@ -176,7 +183,7 @@ def test_kept_mappings_are_bounded(monkeypatch) -> None:
     monkeypatch.setattr(shared_ring, "KEPT_MAPPINGS", 2)
     held = [ring_batch(nbytes=4096 * (n + 1)) for n in range(3)]  # three segments, all busy
     for batch in held:
-        pickle.loads(pickle.dumps(batch))
+        sent(batch)
     kept = shared_ring._kept.get().kept
     assert [key[2] for key in kept] == [b.segments[0].token for b in held[1:]]
 
@@ -285,6 +292,21 @@ def test_copies_in_the_worker_do_not_go_through_the_main_process_path() -> None:
     assert type(deep) is dict and torch.equal(deep["features"], batch["features"])
     assert deep["features"].untyped_storage().data_ptr() != batch.segments[0].data_ptr
     assert batch.segments[0].map[0] == 0  # not marked as sent
+
+
+def test_any_other_pickle_is_a_plain_self_contained_dict() -> None:
+    """Only the DataLoader's queue ships a batch by reference: ``pickle`` (or ``torch.save``)
+    in a worker gets ordinary tensors, holds no segment, and reads back anywhere."""
+    batch = ring_batch(fill=5)
+    message = pickle.dumps(batch)
+    assert batch.segments[0].map[0] == 0  # not marked as sent
+    expected = {k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    batch.segments[0].map[shared_ring.TOKEN] = bytes(16)  # the segment gone, in effect
+    received = pickle.loads(message)
+    assert type(received) is dict and received["ids"] == ["a", "b"]
+    for key, value in expected.items():
+        assert torch.equal(received[key], value), key
+        assert received[key].untyped_storage().data_ptr() != batch.segments[0].data_ptr
 
 
 EPOCHS_SCRIPT = textwrap.dedent("""
