@@ -64,8 +64,14 @@ class Batched(list):
         if default_format:
             _teach_default_collate()
         super().__init__([PrebatchedItem(i) for i in items] if default_format else items)
-        self.batch = shippable(batch)
+        self.batch = batch
         self.default_format = default_format
+
+    def collated(self) -> dict[str, Any]:
+        """The batch as a collate function returns it: ready to cross from a DataLoader
+        worker by reference into its ring segment (:func:`shippable`). Looked for here, once
+        per batch, not for every part of a batch built from parts (a mixture's)."""
+        return shippable(self.batch)
 
 
 class PrebatchedItem(dict):
@@ -77,7 +83,7 @@ def _collate_prebatched(items: Sequence[PrebatchedItem], *,
     """``default_collate`` of :class:`PrebatchedItem` s: the batch already built when ``items``
     is the :class:`Batched` itself, else the items collated as plain dicts."""
     if isinstance(items, Batched):
-        return items.batch
+        return items.collated()
     return collate([dict(item) for item in items], collate_fn_map=collate_fn_map)
 
 

@@ -106,7 +106,7 @@ def collate_distill(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     that ``ZarrDistillDataset.__getitems__`` already read into one buffer is returned as is.
     """
     if isinstance(items, Batched):
-        return items.batch
+        return items.collated()
     present = items[0].keys()
     batch: dict[str, Any] = {k: default_collate([i[k] for i in items]) for k in _STACKED
                              if k in present}

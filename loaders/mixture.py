@@ -350,7 +350,7 @@ class Mixture(Dataset):
         if self.collate_fn is not None:
             return self.collate_fn(items)
         if isinstance(items, Batched):  # built by __getitems__
-            return items.batch
+            return items.collated()
         groups: dict[str, list[Mapping[str, Any]]] = {}
         for item in items:
             groups.setdefault(item["dataset_type"], []).append(item)

@@ -64,5 +64,5 @@ def packed_default_collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]
     ``collate_fn`` whose batches cross from a worker as one shared-memory segment. A batch a
     dataset's ``__getitems__`` already built in ``default_collate``'s format is handed on."""
     if isinstance(items, Batched) and items.default_format:
-        return items.batch
+        return items.collated()
     return shippable(collate_packed({"": items})[""])
