@@ -131,6 +131,20 @@ def shard_index_problem(index: np.ndarray, data_bytes: int | None,
     return None
 
 
+def without_crc(data: bytes, field: str, sample: int, path: str) -> bytes:
+    """A checksummed chunk's ``data`` without its trailing crc32c, which must match."""
+    if len(data) < CRC_BYTES:
+        raise StoreFormatError(f"field {field!r}, sample {sample}, file {path}: {len(data)} "
+                               f"bytes, too short for a checksummed chunk")
+    check_crc(memoryview(data)[:-CRC_BYTES], data[-CRC_BYTES:], field, sample, path)
+    return data[:-CRC_BYTES]
+
+
+def string_array(values: list[str], shape: tuple[int, ...]) -> np.ndarray:
+    """Decoded strings as zarr-python returns them: a ``StringDType`` array of ``shape``."""
+    return np.array(values, dtype=np.dtypes.StringDType()).reshape(shape)
+
+
 def decode_vlen_utf8(data: bytes, count: int, what: str) -> list[str]:
     """The ``count`` strings of one ``vlen-utf8`` chunk's bytes ``data`` (crc removed); a
     :class:`StoreFormatError` naming ``what`` for any count, length or UTF-8 that does not fit."""

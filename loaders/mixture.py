@@ -111,8 +111,9 @@ class StoreItems(Dataset):
         """The ``indices``-th items batched into ``buffers``
         (:func:`arraystore.loaders.batched.allocate`): numeric fields stacked, strings listed, as
         ``default_collate`` batches the items."""
-        stacked = fill(self.reader, self.batch_slots(), buffers, indices)
-        strings = [n for n in self.reader.fields if n not in stacked]
+        strings = [n for n in self.reader.fields if self.reader.schema[n].is_string]
+        # from an object store the strings' chunks are fetched with the batch's
+        stacked = fill(self.reader, self.batch_slots(), buffers, indices, also=strings)
         listed = {n: [self.reader.read(int(i), (n,))[n] for i in indices] for n in strings}
         batch = {n: stacked[n] if n in stacked else listed[n] for n in self.reader.fields}
         arrays = {n: batch[n].numpy() if n in stacked else batch[n] for n in self.reader.fields}

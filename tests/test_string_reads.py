@@ -117,3 +117,72 @@ def test_a_string_chunk_with_a_wrong_checksum_is_refused(tmp_path, layout: str) 
     file.write_bytes(bytes(data))
     with pytest.raises(ChecksumMismatchError, match=r"'caption', sample 3"):
         SampleReader(path, backend="direct").read(3)
+
+
+@pytest.mark.parametrize("layout", ["sharded", "sharded+crc32c", "raw"])
+def test_string_fields_in_an_object_store(folder_s3_bucket, tmp_path, layout: str) -> None:
+    """In shards, a string field is read direct with ranged GETs (through the node-local cache
+    too) and equals zarr-python's values; one chunk an object (raw) stays with zarr-python."""
+    write_texts(folder_s3_bucket / "t.zarr", layout)
+    url = f"s3://{folder_s3_bucket.name}/t.zarr"
+    reference = SampleReader(url, backend="zarr")
+    for cache in (None, tmp_path / "cache", tmp_path / "cache"):  # cold, then warm
+        reader = SampleReader(url, cache_dir=cache)
+        assert reader.backend_of("caption") == ("zarr" if layout == "raw" else "direct")
+        for index, text in enumerate(TEXTS):
+            got = reader.read(index)
+            assert got["caption"] == reference.read(index)["caption"] == text
+            assert isinstance(got["caption"], str)
+        ours = reader.field_reader("caption")[0].read(1, len(TEXTS))
+        theirs = reference.field_reader("caption")[0].read(1, len(TEXTS))
+        assert ours.dtype == theirs.dtype and ours.tolist() == theirs.tolist()
+
+
+def test_string_chunks_fetched_ahead_with_a_batch(folder_s3_bucket, monkeypatch) -> None:
+    """A batch of a store with captions: the captions come with the batch's requests (fetched
+    ahead), not one round trip per item."""
+    from arraystore.loaders import StoreItems
+    from arraystore.readers import ranged
+
+    write_texts(folder_s3_bucket / "t.zarr", "sharded")
+    items = StoreItems(f"s3://{folder_s3_bucket.name}/t.zarr")
+    rounds: list[int] = []
+    real = ranged._fetch
+
+    def counting(location, requests):
+        rounds.append(len(requests))
+        return real(location, requests)
+
+    monkeypatch.setattr(ranged, "_fetch", counting)
+    batch = items.__getitems__([1, 3, 4])
+    assert [item["caption"] for item in batch] == [TEXTS[1], TEXTS[3], TEXTS[4]]
+    assert batch.batch["caption"] == [TEXTS[1], TEXTS[3], TEXTS[4]]
+    assert len(rounds) == 2  # the shard indexes, then every chunk of the batch at once
+
+
+def test_damaged_string_shards_in_an_object_store(folder_s3_bucket) -> None:
+    path = folder_s3_bucket / "t.zarr"
+    write_texts(path, "sharded+crc32c")
+    url = f"s3://{folder_s3_bucket.name}/t.zarr"
+    shard = path / chunk_key("caption", 0, 1)
+    good = shard.read_bytes()
+    size = LAYOUTS["sharded+crc32c"].shard_size
+    start = len(good) - 4 - size * 16
+
+    def with_index_entry(slot: int, offset: int, nbytes: int) -> bytes:
+        data = bytearray(good)
+        data[start + slot * 16: start + slot * 16 + 16] = struct.pack("<QQ", offset, nbytes)
+        data[-4:] = crc32c(bytes(data[start:-4])).to_bytes(4, "little")
+        return bytes(data)
+
+    data = bytearray(good)
+    data[data.find("画像".encode())] ^= 0xFF  # a string's byte, its crc as it was
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatchError, match=r"'caption', sample 3"):
+        SampleReader(url).read(3)
+    shard.write_bytes(with_index_entry(2, 2**40, 2**40))  # a terabyte, past the others
+    with pytest.raises(StoreFormatError, match=r"sample 2: shard .* declares a string chunk"):
+        SampleReader(url).read(2)
+    shard.write_bytes(with_index_entry(2, 2**64 - 1, 2**64 - 1))  # never written
+    with pytest.raises(MissingChunkError, match="field 'caption', sample 2"):
+        SampleReader(url).read(2)

@@ -23,6 +23,7 @@ from arraystore.readers.ranged import (
     RangedBlockReader,
     RangedFieldReader,
     RangedShardReader,
+    RangedStringShardReader,
     fetch_samples,
 )
 from arraystore.readers.strings import StringChunkFileReader, StringShardReader
@@ -43,9 +44,11 @@ class DirectBackend(Backend):
 
     @classmethod
     def supports(cls, field: Field, layout: Layout, location: Location) -> bool:
-        """Uncompressed layouts; string fields on a local disk (:mod:`.strings`)."""
-        return layout.compression == "none" and (not field.is_string
-                                                 or location.is_local)
+        """Uncompressed layouts; string fields on a local disk (:mod:`.strings`), and in an
+        object store those of one sample a chunk in shards (the sharded layout's)."""
+        return layout.compression == "none" and (
+            not field.is_string or location.is_local
+            or (layout.sharded and field.chunking == "sample"))
 
     def open_field(self, field: Field) -> FieldReader:
         where = self.location.where(field.name)
@@ -56,7 +59,8 @@ class DirectBackend(Backend):
             if local:
                 shards = StringShardReader if field.is_string else ShardReader
                 return shards(field, self.location.file(field.name), chunks.shard_size, *crcs)
-            return RangedShardReader(field, self.location, chunks.shard_size, *crcs)
+            shards = RangedStringShardReader if field.is_string else RangedShardReader
+            return shards(field, self.location, chunks.shard_size, *crcs)
         if local:
             files = StringChunkFileReader if field.is_string else ChunkFileReader
             return files(field, self.location.file(field.name), chunks.per_chunk,

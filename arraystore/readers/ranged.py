@@ -24,8 +24,11 @@ from arraystore.chunk_format import (
     EMPTY,
     check_crc,
     crc_matches,
+    decode_vlen_utf8,
     parse_shard_index,
     shard_index_bytes,
+    string_array,
+    without_crc,
 )
 from arraystore.errors import ObjectChangedError, StoreFormatError
 from arraystore.keys import ChunkPaths
@@ -38,6 +41,7 @@ from arraystore.schema import Field
 CACHED_INDEXES = 256
 COALESCE_BYTES = 64 << 20  # the largest GET that joined ranges make
 SEPARATE_RUNS = 16  # a window of more row ranges than this is fetched as the span they cover
+MAX_STRING_CHUNK = 16 << 20  # the largest string chunk fetched (a sample's captions: bytes)
 
 Request = tuple[str, int, int]  # key, start, stop (start < 0: the last -start bytes)
 T = TypeVar("T")
@@ -205,7 +209,8 @@ class RangedShardReader(RangedFieldReader):
     def store_index(self, shard: int, raw: bytes | None) -> None:
         key = self.location.where(self.keys.path(shard))
         self._indexes[shard] = None if raw is None else parse_shard_index(
-            raw, None, self.shard_size, self.index_checksum, key, self.chunk_bytes)
+            raw, None, self.shard_size, self.index_checksum, key,
+            None if self.field.is_string else self.chunk_bytes)
         if len(self._indexes) > CACHED_INDEXES:
             self._indexes.popitem(last=False)
 
@@ -224,6 +229,64 @@ class RangedShardReader(RangedFieldReader):
             raise missing_chunk(self.field.name, sample,
                                 f"inner chunk {slot} of shard {self.location.where(key)}")
         return key, int(offset), int(offset + nbytes)
+
+
+class RangedStringShardReader(RangedShardReader):
+    """One-sample string chunks in shard objects (the sharded layout), decoded as
+    :mod:`arraystore.readers.strings` decodes them on a disk. A string chunk's size varies, so
+    it comes from the shard's index (checked whole when fetched), and one larger than
+    :data:`MAX_STRING_CHUNK` is refused rather than fetched."""
+
+    def request(self, sample: int) -> Request:
+        key, start, stop = super().request(sample)
+        if stop - start > MAX_STRING_CHUNK:
+            raise StoreFormatError(
+                f"field {self.field.name!r}, sample {sample}: shard {self.location.where(key)} "
+                f"declares a string chunk of {stop - start} bytes, more than "
+                f"{MAX_STRING_CHUNK} (a damaged or crafted shard index)")
+        return key, start, stop
+
+    def decode(self, sample: int, request: Request, data: bytes | None) -> Any:
+        key, start, stop = request
+        where = self.location.where(key)
+        if data is None:
+            raise missing_chunk(self.field.name, sample, where)
+        if len(data) != stop - start:
+            raise StoreFormatError(f"field {self.field.name!r}, sample {sample}: shard {where} "
+                                   f"ends inside the inner chunk")
+        return self._strings(sample, bytes(data), where)
+
+    def _strings(self, sample: int, data: bytes, where: str) -> Any:
+        """The sample's value from its chunk's bytes: a ``str``, or a ``StringDType`` array
+        of the field's shape."""
+        if self.checksum:
+            data = without_crc(data, self.field.name, sample, where)
+        count = int(np.prod(self.field.shape, dtype=np.int64))
+        values = decode_vlen_utf8(data, count, f"field {self.field.name!r}, sample {sample}, "
+                                               f"shard {where}")
+        return string_array(values, (1, *self.field.shape))[0]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        got = fetch_samples(self.location, [(self, s) for s in range(start, stop)])
+        return string_array([v for value in got for v in np.ravel(value).tolist()],
+                            (stop - start, *self.field.shape))
+
+    def read_cached(self, sample: int, entry: CachedRange,
+                    out: np.ndarray | None = None) -> Any:
+        """The sample from its node-local cache entry (its own crc32c checked on the first
+        read, as a numeric chunk's); None where the entry was evicted or failed its check."""
+        data = bytearray(entry.size)
+        if not entry.read_into([memoryview(data)], check_crc=not self.checksum):
+            return None
+        if self.checksum and not entry.verified:
+            if not crc_matches(memoryview(data)[:-CRC_BYTES], bytes(data[-CRC_BYTES:])):
+                entry.discard()
+                return None
+            entry.mark_verified()
+        value = self._strings(sample, bytes(data), entry.path)
+        if out is not None:
+            out[...] = value
+        return value
 
 
 def _array_of(data: Any, nbytes: int, dtype: np.dtype) -> np.ndarray:

@@ -5,7 +5,9 @@ source spent most of an item there. The bytes of Zarr v3's ``vlen-utf8`` codec a
 little-endian uint32 count of items, then per item its uint32 byte length and its UTF-8 bytes,
 optionally followed by a 4-byte crc32c of all of that. These readers ``pread`` a chunk (a file in
 the raw layout, an inner chunk's byte range in the sharded one, located through the same cached
-shard index as numeric fields) and decode it here, every length checked against the bytes read.
+shard index as numeric fields) and decode it here, every length checked against the bytes read;
+in an object store :class:`~arraystore.readers.ranged.RangedStringShardReader` does the same
+with ranged GETs.
 The values equal zarr-python's: a ``StringDType`` array, ``str`` for one sample.
 """
 
@@ -15,14 +17,10 @@ import os
 
 import numpy as np
 
-from arraystore.chunk_format import CRC_BYTES, check_crc, decode_vlen_utf8
+from arraystore.chunk_format import decode_vlen_utf8, string_array, without_crc
 from arraystore.errors import StoreFormatError
 from arraystore.readers.base import FieldReader, missing_chunk
 from arraystore.readers.local_files import ChunkFileReader, ShardReader
-
-
-def _strings(values: list[str], shape: tuple[int, ...]) -> np.ndarray:
-    return np.array(values, dtype=np.dtypes.StringDType()).reshape(shape)
 
 
 class _StringSamples(FieldReader):
@@ -47,7 +45,7 @@ class StringChunkFileReader(_StringSamples, ChunkFileReader):
             lo = index * self.per_chunk
             a, b = max(lo, start) - lo, min(lo + self.per_chunk, stop) - lo
             values.extend(chunk[a * items:b * items])
-        return _strings(values, (stop - start, *self.shape))
+        return string_array(values, (stop - start, *self.shape))
 
     def _chunk_strings(self, index: int, count: int) -> list[str]:
         path = self.paths.path(index)
@@ -60,7 +58,7 @@ class StringChunkFileReader(_StringSamples, ChunkFileReader):
             os.close(fd)
         what = f"field {self.field.name!r}, chunk {index}, file {path}"
         if self.checksum:
-            data = _checked(data, self.field.name, index * self.per_chunk, path)
+            data = without_crc(data, self.field.name, index * self.per_chunk, path)
         return decode_vlen_utf8(data, count, what)
 
 
@@ -74,7 +72,7 @@ class StringShardReader(_StringSamples, ShardReader):
         values: list[str] = []
         for sample in range(start, stop):
             values.extend(self._sample_strings(sample, items))
-        return _strings(values, (stop - start, *self.shape))
+        return string_array(values, (stop - start, *self.shape))
 
     def _sample_strings(self, sample: int, count: int) -> list[str]:
         (fd, _, path, _), offset, nbytes, _ = self._chunk_of(sample)
@@ -83,15 +81,7 @@ class StringShardReader(_StringSamples, ShardReader):
             raise StoreFormatError(f"field {self.field.name!r}, sample {sample}: shard {path} "
                                    f"ends inside the inner chunk")
         if self.checksum:
-            data = _checked(data, self.field.name, sample, path)
+            data = without_crc(data, self.field.name, sample, path)
         return decode_vlen_utf8(data, count, f"field {self.field.name!r}, sample {sample}, "
                                              f"shard {path}")
 
-
-def _checked(data: bytes, field: str, sample: int, path: str) -> bytes:
-    """``data`` without its trailing crc32c, which must match."""
-    if len(data) < CRC_BYTES:
-        raise StoreFormatError(f"field {field!r}, sample {sample}, file {path}: {len(data)} "
-                               f"bytes, too short for a checksummed chunk")
-    check_crc(memoryview(data)[:-CRC_BYTES], data[-CRC_BYTES:], field, sample, path)
-    return data[:-CRC_BYTES]
