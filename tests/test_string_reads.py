@@ -23,7 +23,7 @@ from arraystore.writer import StoreWriter
 SCHEMA = Schema("texts", (Field("caption", (), "str", ()),
                           Field("tag", (), "str", (), "block"),
                           Field("x", (2,), "int32", ("n",))))
-TEXTS = ["", "a", "bild_ä", "画像 with 🎉", "x" * 5000, "line\nbreak\0nul", "last"]
+TEXTS = ["", "a", "bild_ä", "画像 with 🎉", "x" * 5000, "line\nbreak\0nul", "ends in nul\0", "last"]
 UNCOMPRESSED = [name for name in LAYOUTS if "zstd" not in name]
 
 

@@ -267,9 +267,10 @@ class RangedStringShardReader(RangedShardReader):
         return string_array(values, (1, *self.field.shape))[0]
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        got = fetch_samples(self.location, [(self, s) for s in range(start, stop)])
-        return string_array([v for value in got for v in np.ravel(value).tolist()],
-                            (stop - start, *self.field.shape))
+        values: list[str] = []
+        for value in fetch_samples(self.location, [(self, s) for s in range(start, stop)]):
+            values.extend([value] if isinstance(value, str) else value.reshape(-1).tolist())
+        return string_array(values, (stop - start, *self.field.shape))
 
     def read_cached(self, sample: int, entry: CachedRange,
                     out: np.ndarray | None = None) -> Any:
