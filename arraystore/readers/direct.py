@@ -39,6 +39,8 @@ class DirectBackend(Backend):
     def __init__(self, location: Location, layout: Layout,
                  array_json: Mapping[str, bytes] | None = None) -> None:
         super().__init__(location, layout, array_json)
+        # the strategy, chosen once: files (``pread``, mappings) or ranged GETs
+        self._files = location.is_local
         # by the ids of the readers and which of them were not mapped
         self._splits: dict[tuple[tuple[int, ...], tuple[int, ...]], Split] = {}
 
@@ -54,14 +56,13 @@ class DirectBackend(Backend):
         where = self.location.where(field.name)
         chunks = plain_chunks(self.array_meta(field.name), where, field.is_string)
         crcs = (chunks.chunk_crc, chunks.index_crc)
-        local = self.location.is_local
         if chunks.shard_size is not None:
-            if local:
+            if self._files:
                 shards = StringShardReader if field.is_string else ShardReader
                 return shards(field, self.location.file(field.name), chunks.shard_size, *crcs)
             shards = RangedStringShardReader if field.is_string else RangedShardReader
             return shards(field, self.location, chunks.shard_size, *crcs)
-        if local:
+        if self._files:
             files = StringChunkFileReader if field.is_string else ChunkFileReader
             return files(field, self.location.file(field.name), chunks.per_chunk,
                          chunks.chunk_crc)
@@ -75,7 +76,7 @@ class DirectBackend(Backend):
         (:meth:`FieldReader.mapped_sample`), the others in two halves of their bytes at once
         (:mod:`.halves`; a thread per field made items slower on 2 cores, one hand-off per
         item makes them faster)."""
-        if not self.location.is_local:
+        if not self._files:
             return fetch_samples(self.location, [(r, sample) for r in readers])
         out = [reader.mapped_sample(sample) for reader in readers]
         rest = tuple(i for i, value in enumerate(out) if value is None)
