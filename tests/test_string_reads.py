@@ -5,6 +5,7 @@ error naming the field, sample and file."""
 
 from __future__ import annotations
 
+import re
 import struct
 
 import numpy as np
@@ -16,6 +17,7 @@ from arraystore import SampleReader, Store
 from arraystore.chunk_format import decode_vlen_utf8
 from arraystore.errors import ChecksumMismatchError, MissingChunkError, StoreFormatError
 from arraystore.keys import chunk_key
+from arraystore.node_cache import CacheWarning
 from arraystore.readers import mapped
 from arraystore.schema import Field, Schema
 from arraystore.writer import StoreWriter
@@ -158,6 +160,40 @@ def test_string_chunks_fetched_ahead_with_a_batch(folder_s3_bucket, monkeypatch)
     assert [item["caption"] for item in batch] == [TEXTS[1], TEXTS[3], TEXTS[4]]
     assert batch.batch["caption"] == [TEXTS[1], TEXTS[3], TEXTS[4]]
     assert len(rounds) == 2  # the shard indexes, then every chunk of the batch at once
+
+
+def test_string_chunks_come_out_of_the_node_cache(folder_s3_bucket, tmp_path,
+                                                  monkeypatch) -> None:
+    """A second pass through a node-local cache takes each caption out of its entry (checked,
+    decoded), with no request; a damaged entry is fetched again."""
+    from arraystore.loaders import StoreItems
+    from arraystore.readers import ranged
+
+    write_texts(folder_s3_bucket / "t.zarr", "sharded+crc32c")
+    url = f"s3://{folder_s3_bucket.name}/t.zarr"
+    wanted = list(range(len(TEXTS)))
+    StoreItems(url, cache_dir=tmp_path).__getitems__(wanted)  # cold: fills the cache
+    from_cache: list[int] = []
+    real = ranged.RangedStringShardReader.read_cached
+
+    def counting(self, sample, entry, out=None):
+        from_cache.append(sample)
+        return real(self, sample, entry, out)
+
+    monkeypatch.setattr(ranged.RangedStringShardReader, "read_cached", counting)
+    warm = StoreItems(url, cache_dir=tmp_path).__getitems__(wanted)
+    assert warm.batch["caption"] == TEXTS and sorted(from_cache) == wanted
+    damaged = 0
+    for entry in (tmp_path / "objects").rglob("*"):  # every chunk's entry damaged
+        if re.fullmatch(r"\d+-\d+", entry.name):  # a range (not an index, not the object)
+            data = bytearray(entry.read_bytes())
+            data[-1] ^= 0xFF
+            entry.write_bytes(bytes(data))
+            damaged += 1
+    assert damaged
+    with pytest.warns(CacheWarning, match="damaged"):
+        again = StoreItems(url, cache_dir=tmp_path).__getitems__(wanted)
+    assert again.batch["caption"] == TEXTS
 
 
 def test_damaged_string_shards_in_an_object_store(folder_s3_bucket) -> None:

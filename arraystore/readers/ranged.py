@@ -284,7 +284,8 @@ class RangedStringShardReader(RangedShardReader):
                 entry.discard()
                 return None
             entry.mark_verified()
-        value = self._strings(sample, bytes(data), entry.path)
+        shard = self.location.where(self.keys.path(sample // self.shard_size))
+        value = self._strings(sample, bytes(data), shard)
         if out is not None:
             out[...] = value
         return value
