@@ -41,7 +41,7 @@ from arraystore.schema import Field
 CACHED_INDEXES = 256
 COALESCE_BYTES = 64 << 20  # the largest GET that joined ranges make
 SEPARATE_RUNS = 16  # a window of more row ranges than this is fetched as the span they cover
-MAX_STRING_CHUNK = 16 << 20  # the largest string chunk fetched (a sample's captions: bytes)
+MAX_STRING_CHUNK = 16 << 20  # the largest string chunk fetched (a caption is bytes to kilobytes)
 
 Request = tuple[str, int, int]  # key, start, stop (start < 0: the last -start bytes)
 T = TypeVar("T")
