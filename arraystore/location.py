@@ -36,7 +36,12 @@ from arraystore.errors import (
 from arraystore.keys import fsync_path
 from arraystore.node_cache import NodeCache
 from arraystore.per_process import PerProcess
-from arraystore.s3_gets import PreconditionFailedError, PresignedGets, presigned_gets_apply
+from arraystore.s3_gets import (
+    EREMOTEIO,
+    PreconditionFailedError,
+    PresignedGets,
+    presigned_gets_apply,
+)
 
 T = TypeVar("T")
 
@@ -369,7 +374,7 @@ REMOTE_LIBRARIES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "aiohtt
                     "azure")
 
 
-SERVICE_ERRNOS = (errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO))  # s3fs: 503 and 500
+SERVICE_ERRNOS = (errno.EBUSY, EREMOTEIO)  # s3fs (and s3_gets): 503 and 500
 CUT_ANSWERS = ("ClientPayloadError", "ServerDisconnectedError", "ContentLengthError",
                "CutAnswerError", "RemoteDisconnected", "ConnectionResetError")
 

@@ -140,15 +140,8 @@ class RangedFieldReader(FieldReader):
         direct = out is not None and out.dtype == self.dtype and out.flags.c_contiguous
         target = out if direct else np.empty(self.field.shape, self.dtype)
         view = memoryview(target.reshape(-1).view(np.uint8))
-        tail = memoryview(bytearray(CRC_BYTES if self.checksum else 0))
-        if not entry.read_into([view, tail] if self.checksum else [view],
-                               check_crc=not self.checksum):
+        if not _read_entry(entry, view, memoryview(bytearray(CRC_BYTES if self.checksum else 0))):
             return None
-        if self.checksum and not entry.verified:  # the chunk's own crc32c, once held
-            if not crc_matches(view, tail):
-                entry.discard()
-                return None
-            entry.mark_verified()
         if out is not None and not direct:
             out[...] = target
         return target
@@ -254,13 +247,14 @@ class RangedStringShardReader(RangedShardReader):
         if len(data) != stop - start:
             raise StoreFormatError(f"field {self.field.name!r}, sample {sample}: shard {where} "
                                    f"ends inside the inner chunk")
-        return self._strings(sample, bytes(data), where)
-
-    def _strings(self, sample: int, data: bytes, where: str) -> Any:
-        """The sample's value from its chunk's bytes: a ``str``, or a ``StringDType`` array
-        of the field's shape."""
+        data = bytes(data)
         if self.checksum:
             data = without_crc(data, self.field.name, sample, where)
+        return self._strings(sample, data, where)
+
+    def _strings(self, sample: int, data: bytes, where: str) -> Any:
+        """The sample's value from its chunk's bytes, crc32c removed: a ``str``, or a
+        ``StringDType`` array of the field's shape."""
         count = int(np.prod(self.field.shape, dtype=np.int64))
         values = decode_vlen_utf8(data, count, f"field {self.field.name!r}, sample {sample}, "
                                                f"shard {where}")
@@ -274,21 +268,32 @@ class RangedStringShardReader(RangedShardReader):
 
     def read_cached(self, sample: int, entry: CachedRange,
                     out: np.ndarray | None = None) -> Any:
-        """The sample from its node-local cache entry (its own crc32c checked on the first
-        read, as a numeric chunk's); None where the entry was evicted or failed its check."""
-        data = bytearray(entry.size)
-        if not entry.read_into([memoryview(data)], check_crc=not self.checksum):
+        """The sample from its node-local cache entry (checked as a numeric chunk's); None
+        where the entry was evicted or failed its check."""
+        data = memoryview(bytearray(entry.size))
+        cut = max(entry.size - CRC_BYTES, 0) if self.checksum else entry.size
+        if not _read_entry(entry, data[:cut], data[cut:]):
             return None
-        if self.checksum and not entry.verified:
-            if not crc_matches(memoryview(data)[:-CRC_BYTES], bytes(data[-CRC_BYTES:])):
-                entry.discard()
-                return None
-            entry.mark_verified()
         shard = self.location.where(self.keys.path(sample // self.shard_size))
-        value = self._strings(sample, bytes(data), shard)
+        value = self._strings(sample, bytes(data[:cut]), shard)
         if out is not None:
             out[...] = value
         return value
+
+
+def _read_entry(entry: CachedRange, body: memoryview, crc: memoryview) -> bool:
+    """Fill ``body`` and ``crc`` (the chunk's own crc32c; empty where it has none) from a
+    node-local cache entry, checked on its first read while this process holds it: by the
+    chunk's crc32c where it has one, else by the entry's own. False where the entry was evicted
+    or failed its check (then it is discarded)."""
+    if not entry.read_into([body, crc] if len(crc) else [body], check_crc=not len(crc)):
+        return False
+    if len(crc) and not entry.verified:
+        if not crc_matches(body, crc):
+            entry.discard()
+            return False
+        entry.mark_verified()
+    return True
 
 
 def _array_of(data: Any, nbytes: int, dtype: np.dtype) -> np.ndarray:
