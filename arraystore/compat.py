@@ -115,11 +115,6 @@ def install_hook(site_packages: str | None = None) -> Path:
     return path
 
 
-if __name__ == "__main__":
-    if sys.argv[1:] != ["--install-hook"]:
-        sys.exit("usage: python -m arraystore.compat --install-hook")
-    print(f"wrote {install_hook()}")
-
 
 def inherited_event_loops() -> list[Any]:
     """(In a process about to fork) the event loops whose sockets a child will inherit, where
@@ -136,7 +131,7 @@ def inherited_event_loops() -> list[Any]:
 
 def detach_event_loops(loops: list[Any]) -> None:
     """(In a forked child) give each of the parent's event ``loops`` (its copy of them) a
-    selector of its own.
+    selector of its own, have it say it is not running, and drop what is reported on it.
 
     Why: a loop's selector is an epoll instance, and a forked child shares it with its parent
     (the descriptor is copied; the instance is one). The parent's loop is dead in the child,
@@ -145,10 +140,32 @@ def detach_event_loops(loops: list[Any]) -> None:
     socket from that shared instance, and the parent never hears that socket's answers again.
     Measured: a DataLoader's forked workers over an S3 store made the parent's next request
     wait 15 s (s3fs's read timeout) before a retry on a new connection. With a selector of
-    its own, the child unregisters nothing of the parent's. When it can go: when fsspec gives
-    a child's inherited loop (or its clients) a clean-up that leaves the parent's sockets
-    alone."""
+    its own, the child unregisters nothing of the parent's.
+
+    Not running: the copy still says it runs (its thread's id is the parent's), so an
+    inherited s3fs client's finalizer hands its clean-up to that loop and waits 0.1 s for a
+    thread the child does not have (each client collected there), then leaves its session
+    unclosed. Told the truth, the finalizer skips the wait. What is then collected on the
+    copy is the parent's (sessions, connectors it never closed in the child, rightly:
+    closing would write to the parent's connections), and aiohttp reports each on the loop:
+    "Unclosed client session", "Unclosed connector", printed on a DataLoader worker's stderr
+    when it first collects garbage. The copy runs nothing of the child's, so its reports
+    are dropped. When it can go: when fsspec gives a child's inherited loop (or its
+    clients) a clean-up that leaves the parent's sockets alone and says nothing."""
     for loop in loops:
         selector = getattr(loop, "_selector", None)
         if selector is not None:
             loop._selector = selectors.DefaultSelector()
+        if hasattr(loop, "_thread_id"):
+            loop._thread_id = None  # asyncio's BaseEventLoop.is_running() reads it
+        loop.set_exception_handler(_ignore_report)
+
+
+def _ignore_report(loop: Any, context: dict[str, Any]) -> None:
+    """The exception handler of a loop a forked child inherited: reports nothing."""
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--install-hook"]:
+        sys.exit("usage: python -m arraystore.compat --install-hook")
+    print(f"wrote {install_hook()}")

@@ -4,15 +4,26 @@ closed) in a forked child by the one fork hook, made anew where its holder is un
 from __future__ import annotations
 
 import asyncio
+import gc
+import io
 import itertools
+import logging
 import os
 import pickle
+import shutil
 import socket
 import sys
 import types
+import uuid
+from pathlib import Path
 
+import pytest
+from conftest import _layout_store, assert_same_values
+
+from arraystore import SampleReader
 from arraystore.compat import inherited_event_loops
 from arraystore.per_process import PerProcess
+from arraystore.testing.cloud_region import Region
 
 MADE = itertools.count()
 CLOSED: list[int] = []
@@ -108,3 +119,40 @@ def test_the_loops_a_child_inherits_are_fsspecs_and_zarrs() -> None:
     from zarr.core.sync import _get_loop
 
     assert {id(get_loop()), id(_get_loop())} <= {id(loop) for loop in inherited_event_loops()}
+
+
+def test_a_forked_child_lets_go_of_its_parents_s3_clients_quietly_and_at_once(
+        folder_s3: Region, tmp_path_factory: pytest.TempPathFactory, shard: Path) -> None:
+    """A reader of an S3 store opened in the parent (its clients: ours, zarr's) is collected
+    in a forked child, as in a DataLoader worker: nothing is reported (aiohttp's "Unclosed
+    client session", seen on every worker's stderr) and no finalizer waits on the parent's
+    loop (0.1 s a client), which says it is not running; the child reads with clients of its
+    own, the parent reads on after."""
+    bucket = f"fork-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(_layout_store("sharded", tmp_path_factory, shard),
+                    folder_s3.root / bucket / "store.zarr")
+    url = f"s3://{bucket}/store.zarr"
+    options = folder_s3.storage_options(direct=True)
+    parents = [SampleReader(url, storage_options=options, cache_dir="")]
+    expected = parents[0][1]
+    loops = inherited_event_loops()
+    assert loops and all(loop.is_running() for loop in loops)
+
+    def collect_them() -> int:
+        reports: list[logging.LogRecord] = []
+        handler = logging.Handler()
+        handler.emit = reports.append  # type: ignore[method-assign]
+        logging.getLogger("asyncio").addHandler(handler)
+        sys.stderr = io.StringIO()
+        parents.clear()
+        gc.collect()
+        got = SampleReader(url, storage_options=options, cache_dir="")[1]  # fsspec forgets
+        gc.collect()  # the parent's clients now
+        if got.keys() != expected.keys():
+            return 1
+        if any(loop.is_running() for loop in loops):
+            return 2
+        return 3 if reports or sys.stderr.getvalue() else 0
+
+    assert in_child(collect_them) == 0
+    assert_same_values(parents[0][1], expected)
