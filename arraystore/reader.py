@@ -23,7 +23,13 @@ from arraystore.location import Location, ObjectLocation
 from arraystore.node_cache import CachedRange, NodeCache
 from arraystore.per_process import PerProcess
 from arraystore.readers import Backend, FieldReader, backend_chain
-from arraystore.readers.ranged import RangedFieldReader, fetch_samples, fetch_windows
+from arraystore.readers.ranged import (
+    RangedBlockReader,
+    RangedFieldReader,
+    fetch_blocks,
+    fetch_samples,
+    fetch_windows,
+)
 from arraystore.region import normalize_region
 from arraystore.sample_ids import SampleIds
 from arraystore.schema import Field
@@ -147,21 +153,29 @@ class SampleReader:
 
     def _block_value(self, field: Field, position: int) -> Any:
         """A block-chunked field's value in slot ``position``, from the cached block."""
-        size = self.layout.block_size
-        block_index, row = divmod(position, size)
-        blocks = self._open.get().blocks
-        cache = blocks.get(field.name)
-        if cache is None:
-            cache = blocks[field.name] = OrderedDict()
-        block = cache.get(block_index)
-        if block is None or row >= len(block):
-            start = block_index * size
-            stop = min(start + size, int(self.positions[-1]) + 1)
-            block = self.field_reader(field.name)[0].read(start, stop)
-            cache[block_index] = block
-            if len(cache) > CACHED_BLOCKS:
-                cache.popitem(last=False)
+        block_index, row = divmod(position, self.layout.block_size)
+        block = self._cached_block(field.name, block_index, row)
+        if block is None:
+            block = self.field_reader(field.name)[0].read(*self._block_rows(block_index))
+            self._keep_block(field.name, block_index, block)
         return str(block[row]) if field.is_string else block[row]
+
+    def _block_rows(self, block_index: int) -> tuple[int, int]:
+        """The slots [start, stop) of block ``block_index`` that this reader may read."""
+        start = block_index * self.layout.block_size
+        return start, min(start + self.layout.block_size, int(self.positions[-1]) + 1)
+
+    def _cached_block(self, name: str, block_index: int, row: int) -> np.ndarray | None:
+        """Block ``block_index`` of field ``name`` where this process holds it (to ``row``)."""
+        block = self._open.get().blocks.get(name, {}).get(block_index)
+        return block if block is not None and row < len(block) else None
+
+    def _keep_block(self, name: str, block_index: int, block: np.ndarray) -> None:
+        """Keep a block read, with the :data:`CACHED_BLOCKS` most recent of its field."""
+        cache = self._open.get().blocks.setdefault(name, OrderedDict())
+        cache[block_index] = block
+        if len(cache) > CACHED_BLOCKS:
+            cache.popitem(last=False)
 
     def _store(self) -> Store:
         """The store, reopened (zarr-python, fork-safe) without checking its arrays again:
@@ -256,13 +270,15 @@ class SampleReader:
         (what a batch is about to read: a batch costs about two round trips, not one a
         field and sample). Holds one batch: what an earlier call fetched for other samples is
         dropped, what it fetched for these is kept. Fields read otherwise (from a disk,
-        through TensorStore) are not touched.
+        through TensorStore) are not touched. Blocks of block-chunked fields (ids, flags)
+        that the samples need and the process lacks are fetched first, all at once.
 
         ``then``: the samples this process reads next (the next batch). Their chunks are
         fetched on a thread of the reader's own while this batch is read and handed on, and
         a later call for them takes what that fetch got: the link stays busy between batches.
         At most one batch is fetched ahead, so a process holds at most two batches' bytes."""
         opened = self._open.get()
+        self._fetch_blocks(indices, names)
         wanted = self._ranged_chunks(indices, names)
         if opened.later is not None and (then or not wanted.keys().isdisjoint(
                 opened.later[0])):
@@ -279,6 +295,25 @@ class SampleReader:
                  if key not in wanted}
         if later:
             opened.fetch_later(self.location, list(later), list(later.values()))
+
+    def _fetch_blocks(self, indices: Sequence[int], names: Sequence[str]) -> None:
+        """Fetch the blocks of the block-chunked fields ``names`` that the ``indices``-th
+        committed samples need and this process does not hold, where they come by ranged
+        GETs: all at once (read one by one, each is a round trip)."""
+        wanted: dict[tuple[str, int], tuple[RangedBlockReader, int, int]] = {}
+        for name in names:
+            reader = self.field_reader(name)[0] if self.schema[name].chunking == "block" \
+                else None
+            if isinstance(reader, RangedBlockReader):
+                for index in indices:
+                    block_index, row = divmod(self.position(int(index)), self.layout.block_size)
+                    if (name, block_index) not in wanted and \
+                            self._cached_block(name, block_index, row) is None:
+                        wanted[(name, block_index)] = (reader, *self._block_rows(block_index))
+        if wanted:
+            blocks = fetch_blocks(self.location, list(wanted.values()))
+            for (name, block_index), block in zip(wanted, blocks, strict=True):
+                self._keep_block(name, block_index, block)
 
     def _ranged_chunks(self, indices: Sequence[int], names: Sequence[str]
                        ) -> dict[tuple[str, int], tuple[RangedFieldReader, int]]:
