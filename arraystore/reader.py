@@ -51,6 +51,8 @@ class _Opened:
         self.readers: dict[str, tuple[FieldReader, str]] = {}
         self.blocks: dict[str, OrderedDict[int, np.ndarray]] = {}
         self.plans: dict[tuple[str, ...], ReadPlan] = {}
+        # fields read by ranged GETs, by the tuple of names asked: (block-chunked, per-sample)
+        self.ranged: dict[tuple[str, ...], tuple[list[str], list[str]]] = {}
         self.ahead: dict[tuple[str, int], Fetched] = {}  # (field, slot): fetched ahead
         self.pool: ThreadPoolExecutor | None = None
         self.later: tuple[list[tuple[str, int]], Future[list[Fetched]]] | None = None
@@ -278,8 +280,11 @@ class SampleReader:
         a later call for them takes what that fetch got: the link stays busy between batches.
         At most one batch is fetched ahead, so a process holds at most two batches' bytes."""
         opened = self._open.get()
-        self._fetch_blocks(indices, names)
-        wanted = self._ranged_chunks(indices, names)
+        blocks, chunks = self._ranged_fields(tuple(names))
+        if not (blocks or chunks or opened.ahead or opened.later):
+            return  # nothing is read by ranged GETs (a disk): nothing to do, nothing held
+        self._fetch_blocks(indices, blocks)
+        wanted = self._ranged_chunks(indices, chunks)
         if opened.later is not None and (then or not wanted.keys().isdisjoint(
                 opened.later[0])):
             opened.settle()
@@ -291,25 +296,35 @@ class SampleReader:
         if missing:
             fetched = fetch_samples(self.location, [wanted[key] for key in missing], lazy=True)
             ahead.update(zip(missing, fetched, strict=True))
-        later = {key: chunk for key, chunk in self._ranged_chunks(then, names).items()
+        later = {key: chunk for key, chunk in self._ranged_chunks(then, chunks).items()
                  if key not in wanted}
         if later:
             opened.fetch_later(self.location, list(later), list(later.values()))
 
+    def _ranged_fields(self, names: tuple[str, ...]) -> tuple[list[str], list[str]]:
+        """Of fields ``names``, those read by ranged GETs (an object store's, not through
+        TensorStore): (block-chunked, one sample a chunk); found once a process and tuple."""
+        opened = self._open.get()
+        found = opened.ranged.get(names)
+        if found is None:
+            chunking = {name: self.schema[name].chunking for name in names}
+            ranged = [n for n in names if isinstance(self.field_reader(n)[0], RangedFieldReader)]
+            found = opened.ranged[names] = ([n for n in ranged if chunking[n] == "block"],
+                                            [n for n in ranged if chunking[n] == "sample"])
+        return found
+
     def _fetch_blocks(self, indices: Sequence[int], names: Sequence[str]) -> None:
-        """Fetch the blocks of the block-chunked fields ``names`` that the ``indices``-th
-        committed samples need and this process does not hold, where they come by ranged
-        GETs: all at once (read one by one, each is a round trip)."""
+        """Fetch the blocks of the block-chunked fields ``names`` (read by ranged GETs) that
+        the ``indices``-th committed samples need and this process does not hold, all at once
+        (read one by one, each is a round trip)."""
         wanted: dict[tuple[str, int], tuple[RangedBlockReader, int, int]] = {}
         for name in names:
-            reader = self.field_reader(name)[0] if self.schema[name].chunking == "block" \
-                else None
-            if isinstance(reader, RangedBlockReader):
-                for index in indices:
-                    block_index, row = divmod(self.position(int(index)), self.layout.block_size)
-                    if (name, block_index) not in wanted and \
-                            self._cached_block(name, block_index, row) is None:
-                        wanted[(name, block_index)] = (reader, *self._block_rows(block_index))
+            reader = self.field_reader(name)[0]
+            for index in indices:
+                block_index, row = divmod(self.position(int(index)), self.layout.block_size)
+                if (name, block_index) not in wanted and \
+                        self._cached_block(name, block_index, row) is None:
+                    wanted[(name, block_index)] = (reader, *self._block_rows(block_index))
         if wanted:
             blocks = fetch_blocks(self.location, list(wanted.values()))
             for (name, block_index), block in zip(wanted, blocks, strict=True):
@@ -317,16 +332,14 @@ class SampleReader:
 
     def _ranged_chunks(self, indices: Sequence[int], names: Sequence[str]
                        ) -> dict[tuple[str, int], tuple[RangedFieldReader, int]]:
-        """(field, slot) -> (its reader, slot) for the per-sample chunks of ``names`` of the
-        ``indices``-th committed samples that are read by ranged GETs."""
+        """(field, slot) -> (its reader, slot) for the chunks of the ``indices``-th committed
+        samples of fields ``names`` (one sample a chunk, read by ranged GETs)."""
         wanted: dict[tuple[str, int], tuple[RangedFieldReader, int]] = {}
         for name in names:
-            reader = self.field_reader(name)[0] if self.schema[name].chunking == "sample" \
-                else None
-            if isinstance(reader, RangedFieldReader):
-                for index in indices:
-                    position = self.position(int(index))
-                    wanted[(name, position)] = (reader, position)
+            reader = self.field_reader(name)[0]
+            for index in indices:
+                position = self.position(int(index))
+                wanted[(name, position)] = (reader, position)
         return wanted
 
     def _take_ahead(self, name: str, position: int,
