@@ -115,7 +115,6 @@ def install_hook(site_packages: str | None = None) -> Path:
     return path
 
 
-
 def inherited_event_loops() -> list[Any]:
     """(In a process about to fork) the event loops whose sockets a child will inherit, where
     their libraries are imported: fsspec's I/O loop, which fsspec's object-store clients

@@ -303,14 +303,16 @@ class SampleReader:
 
     def _ranged_fields(self, names: tuple[str, ...]) -> tuple[list[str], list[str]]:
         """Of fields ``names``, those read by ranged GETs (an object store's, not through
-        TensorStore): (block-chunked, one sample a chunk); found once a process and tuple."""
+        TensorStore): (blocks of samples a chunk, one sample a chunk); found once a process
+        and tuple. (A block-chunked field in blocks of one sample is read as it comes.)"""
         opened = self._open.get()
         found = opened.ranged.get(names)
         if found is None:
-            chunking = {name: self.schema[name].chunking for name in names}
-            ranged = [n for n in names if isinstance(self.field_reader(n)[0], RangedFieldReader)]
-            found = opened.ranged[names] = ([n for n in ranged if chunking[n] == "block"],
-                                            [n for n in ranged if chunking[n] == "sample"])
+            readers = {name: self.field_reader(name)[0] for name in names}
+            found = opened.ranged[names] = (
+                [n for n in names if isinstance(readers[n], RangedBlockReader)],
+                [n for n in names if self.schema[n].chunking == "sample"
+                 and isinstance(readers[n], RangedFieldReader)])
         return found
 
     def _fetch_blocks(self, indices: Sequence[int], names: Sequence[str]) -> None:

@@ -6,12 +6,15 @@ only bytes; a read-ahead fetch that fails is raised when its batch is read, nami
 from __future__ import annotations
 
 import pickle
+import shutil
 
 import numpy as np
 import pytest
 from conftest import UNCOMPRESSED, _layout_store, assert_same_values, copy_store, served, url
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
+from arraystore import Layout, ingest
+from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.errors import MissingChunkError
 from arraystore.loaders import (
     LengthGroupedSampler,
@@ -87,6 +90,20 @@ def test_a_batch_fetches_the_blocks_it_needs_with_it(region, layout, tmp_path_fa
         "gets"] == 0
     for got, index in zip(read, (0, 3), strict=True):
         assert_same_values(got, local.read(index, blocks))
+
+
+def test_blocks_of_one_sample_are_read_as_they_come(region, tmp_path, shard) -> None:
+    """A layout whose blocks hold one sample each (``block_size=1``) stores block-chunked
+    fields one sample a chunk: a batch reads them as such, with the local values."""
+    layout = Layout("sharded", shard_size=4, block_size=1, checksum=False)
+    ingest(Sa1bTarSource(max_boxes=2), [shard], tmp_path / "one.zarr", layout=layout, workers=1)
+    shutil.copytree(tmp_path / "one.zarr", region.root / "stores" / "blocks-of-one.zarr")
+    dataset = remote(region, "blocks-of-one")
+    dataset.__getitems__(BatchWithNext([0, 3], [4, 1]))
+    settled(dataset.reader)
+    local = ZarrDistillDataset(tmp_path / "one.zarr")
+    assert_same_values(collate_distill(dataset.__getitems__([4, 1])),
+                       collate_distill(local.__getitems__([4, 1])))
 
 
 def test_a_wrong_guess_costs_bytes_not_values(region, tmp_path_factory, shard) -> None:
