@@ -213,21 +213,29 @@ class Store:
         return store
 
     def array_metadata(self) -> dict[str, bytes | str | None]:
-        """Each array's ``zarr.json`` by array name, fetched at once (an object store sends
-        the requests together, where listing the group and then reading each array's
-        metadata in turn cost ~0.44 s an open against moto): its bytes, None where the array
-        is missing, or why it must not be read (a link, or a path out of the store:
-        :meth:`Location.problem`; never read)."""
+        """Each array's ``zarr.json`` by array name, in two fetches (an object store sends
+        each one's requests together, where listing the group and then reading each array's
+        metadata in turn cost ~0.44 s an open against moto): ``committed``'s, then the
+        others'. Its bytes, None where the array is missing, or why it must not be read (a
+        link, or a path out of the store: :meth:`Location.problem`; never read)."""
         names = [f.name for f in (*self.schema.fields, SAMPLE_FIELD, COMMITTED_FIELD)]
         refused = {n: self.location.problem(n) or self.location.problem(f"{n}/zarr.json")
                    or self.location.problem(f"{n}/c") for n in names}
         readable = [n for n in names if not refused[n]]
-        try:
-            raw = self.location.read_many([f"{n}/zarr.json" for n in readable])
-        except OSError as exc:
-            raise StoreFormatError(f"{self.path}: could not read the arrays' metadata: "
-                                   f"{exc}") from exc
-        fetched = dict(zip(readable, raw, strict=True))
+        fetched: dict[str, bytes | None] = {}
+        # ``committed`` first, then the arrays it covers, all at once: a writer grows it after
+        # them (:meth:`grow`), so none read after it is shorter than it says unless the store
+        # is damaged. Read together, a growth between two reads showed a live store damaged.
+        for group in ([n for n in readable if n == COMMITTED_ARRAY],
+                      [n for n in readable if n != COMMITTED_ARRAY]):
+            if not group:
+                continue
+            try:
+                raw = self.location.read_many([f"{n}/zarr.json" for n in group])
+            except OSError as exc:
+                raise StoreFormatError(f"{self.path}: could not read the arrays' metadata: "
+                                       f"{exc}") from exc
+            fetched.update(zip(group, raw, strict=True))
         return {n: refused[n] or fetched[n] for n in names}
 
     def check_arrays(self, metadata: Mapping[str, bytes | str | None] | None = None) -> None:
@@ -320,14 +328,21 @@ class Store:
         holder grew: each array's metadata is rewritten only if nobody rewrote it since it was
         read (:meth:`Location.update_each`: ``If-Match`` on S3, every array at once; on a
         disk the ``flock`` leaves no other writer), and the arrays are made from the metadata
-        stored then, not read again."""
+        stored then, not read again. ``committed`` grows last, once the others have."""
         self._fenced()
         names = list(names)
-        stored = self.location.update_each([f"{name}/zarr.json" for name in names],
-                                           functools.partial(_grown, stop=stop))
-        return {name: zarr.Array.from_dict(StorePath(self.group.store, name), json.loads(raw))
-                .with_config({"write_empty_chunks": True})
-                for name, raw in zip(names, stored, strict=True)}
+        stored: dict[str, bytes] = {}
+        # ``committed`` after the arrays it covers, which readers read after it
+        # (:meth:`array_metadata`): no reader sees it longer than an array it covers
+        for group in ([n for n in names if n != COMMITTED_ARRAY],
+                      [n for n in names if n == COMMITTED_ARRAY]):
+            if group:
+                stored.update(zip(group, self.location.update_each(
+                    [f"{name}/zarr.json" for name in group],
+                    functools.partial(_grown, stop=stop)), strict=True))
+        return {name: zarr.Array.from_dict(StorePath(self.group.store, name),
+                                           json.loads(stored[name]))
+                .with_config({"write_empty_chunks": True}) for name in names}
 
     def check_writable(self, f: Field, start: int, stop: int) -> None:
         """Refuse to write samples ``start`` to ``stop`` of ``f`` when a folder on the way to

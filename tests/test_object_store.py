@@ -92,9 +92,10 @@ def test_every_command_and_loader_on_s3_equals_local(twins, tmp_path, shard) -> 
 
 
 def test_opening_fetches_every_array_metadata_at_once(read_only_twins, monkeypatch) -> None:
-    """Opening checks each array's metadata: one batch of concurrent GETs, no listing (which
-    cost a request per array, one after another); the direct reader's fields then open from
-    those bytes, without a GET each."""
+    """Opening checks each array's metadata: ``committed``'s, then the others' in one batch
+    of concurrent GETs (a writer grows ``committed`` after them), no listing (which cost a
+    request per array, one after another); the direct reader's fields then open from those
+    bytes, without a GET each."""
     local, url = read_only_twins
     location = Location.of(url)
     batches: list[list[str]] = []
@@ -106,8 +107,8 @@ def test_opening_fetches_every_array_metadata_at_once(read_only_twins, monkeypat
 
     monkeypatch.setattr(location, "read_many", recording)
     store = Store.open(location)
-    arrays = [*store.schema.names, "sample", "committed"]
-    assert batches == [[f"{name}/zarr.json" for name in arrays]]
+    arrays = [*store.schema.names, "sample"]
+    assert batches == [["committed/zarr.json"], [f"{name}/zarr.json" for name in arrays]]
     assert store.array_metadata().keys() == Store.open(local).array_metadata().keys()
     reader = SampleReader(location, backend="direct")
     fetched: list[str] = []

@@ -17,6 +17,7 @@ from arraystore.errors import (
     SchemaError,
     StoreExistsError,
 )
+from arraystore.location import LocalLocation
 from arraystore.sample_ids import SampleIds
 from arraystore.store import open_for_writing
 
@@ -58,6 +59,46 @@ def test_writer_commits_and_validates(tmp_path) -> None:
     reader = SampleReader(tmp_path / "t.zarr")
     assert len(reader) == 6 and list(reader.sample_ids) == [f"s{i}" for i in range(6)]
     assert reader.read(5)["name"] == "n5" and reader.read(5)["x"][0, 0] == 5
+
+
+def test_a_store_growing_while_it_is_opened_is_not_taken_for_damaged(tmp_path,
+                                                                      monkeypatch) -> None:
+    """A writer grows every array (``committed`` last) between an opening reader's reads of
+    the arrays' metadata: the reader reads ``committed`` first, so it never sees it longer
+    than an array it covers, and opens the live store (read in the other order, it refused
+    it as damaged: a failure seen under a running ingest)."""
+    path = tmp_path / "live.zarr"
+    with StoreWriter(Store.create(path, TOY, Layout("sharded", shard_size=4))) as writer:
+        for i in range(3):
+            writer.append(f"s{i}", toy_sample(i))
+    reads: list[list[str]] = []  # the reader's, in order
+    read_many = LocalLocation.read_many
+    writing = [False]
+
+    def a_writer_grows_it_after_the_first(location, keys):
+        got = read_many(location, keys)
+        if not writing[0]:
+            reads.append(list(keys))
+            if len(reads) == 1:
+                writing[0] = True
+                grown = Store.open(path, mode="r+")
+                grown.grow((*TOY.names, "sample", "committed"), len(grown) + 16)
+                writing[0] = False
+        return got
+
+    rewrites: list[list[str]] = []  # the writer's metadata rewrites, in order
+    update_each = LocalLocation.update_each
+
+    def recorded(location, keys, change):
+        rewrites.append(list(keys))
+        return update_each(location, keys, change)
+
+    monkeypatch.setattr(LocalLocation, "read_many", a_writer_grows_it_after_the_first)
+    monkeypatch.setattr(LocalLocation, "update_each", recorded)
+    reader = SampleReader(path)
+    assert reads[0] == ["committed/zarr.json"] and len(reads[1]) == len(TOY.names) + 1
+    assert rewrites[-1] == ["committed/zarr.json"] and len(rewrites[-2]) == len(TOY.names) + 1
+    assert len(reader) == 3 and reader.read(2)["name"] == "n2"
 
 
 def test_sample_ids_are_packed_and_unicode_safe(tmp_path) -> None:
