@@ -326,7 +326,7 @@ class Store:
         only while the writer still holds the store (:attr:`fence`, checked once). A writer
         frozen after that check, whose lock was broken meanwhile, must not shrink what the new
         holder grew: each array's metadata is rewritten only if nobody rewrote it since it was
-        read (:meth:`Location.update_each`: ``If-Match`` on S3, every array at once; on a
+        read (:meth:`Location.update_each`: ``If-Match`` on S3, the arrays at once; on a
         disk the ``flock`` leaves no other writer), and the arrays are made from the metadata
         stored then, not read again. ``committed`` grows last, once the others have."""
         self._fenced()
