@@ -172,11 +172,12 @@ class SampleReader:
         block = self._open.get().blocks.get(name, {}).get(block_index)
         return block if block is not None and row < len(block) else None
 
-    def _keep_block(self, name: str, block_index: int, block: np.ndarray) -> None:
-        """Keep a block read, with the :data:`CACHED_BLOCKS` most recent of its field."""
+    def _keep_block(self, name: str, block_index: int, block: np.ndarray,
+                    keep: int = CACHED_BLOCKS) -> None:
+        """Keep a block read, with the ``keep`` most recent of its field."""
         cache = self._open.get().blocks.setdefault(name, OrderedDict())
         cache[block_index] = block
-        if len(cache) > CACHED_BLOCKS:
+        while len(cache) > keep:
             cache.popitem(last=False)
 
     def _store(self) -> Store:
@@ -318,19 +319,26 @@ class SampleReader:
     def _fetch_blocks(self, indices: Sequence[int], names: Sequence[str]) -> None:
         """Fetch the blocks of the block-chunked fields ``names`` (read by ranged GETs) that
         the ``indices``-th committed samples need and this process does not hold, all at once
-        (read one by one, each is a round trip)."""
+        (read one by one, each is a round trip). Every block the samples need is then kept
+        until they are read, more than :data:`CACHED_BLOCKS` of a field if they need more
+        (else some would be dropped before their read and fetched again, one by one)."""
+        blocks = self._open.get().blocks
+        needed: dict[str, set[int]] = {}
         wanted: dict[tuple[str, int], tuple[RangedBlockReader, int, int]] = {}
         for name in names:
-            reader = self.field_reader(name)[0]
+            reader, held = self.field_reader(name)[0], blocks.get(name) or OrderedDict()
             for index in indices:
                 block_index, row = divmod(self.position(int(index)), self.layout.block_size)
-                if (name, block_index) not in wanted and \
-                        self._cached_block(name, block_index, row) is None:
+                needed.setdefault(name, set()).add(block_index)
+                if self._cached_block(name, block_index, row) is None:
                     wanted[(name, block_index)] = (reader, *self._block_rows(block_index))
+                else:
+                    held.move_to_end(block_index)
         if wanted:
-            blocks = fetch_blocks(self.location, list(wanted.values()))
-            for (name, block_index), block in zip(wanted, blocks, strict=True):
-                self._keep_block(name, block_index, block)
+            fetched = fetch_blocks(self.location, list(wanted.values()))
+            for (name, block_index), block in zip(wanted, fetched, strict=True):
+                self._keep_block(name, block_index, block,
+                                 max(CACHED_BLOCKS, len(needed[name])))
 
     def _ranged_chunks(self, indices: Sequence[int], names: Sequence[str]
                        ) -> dict[tuple[str, int], tuple[RangedFieldReader, int]]:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import uuid
 
 import numpy as np
 import pytest
 from conftest import UNCOMPRESSED, _layout_store, assert_same_values, copy_store, served, url
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
-from arraystore import Layout, ingest
+from arraystore import Field, Layout, Schema, Store, StoreWriter, ingest
 from arraystore.converters.sa1b.source import Sa1bTarSource
 from arraystore.errors import MissingChunkError
 from arraystore.loaders import (
@@ -25,7 +26,7 @@ from arraystore.loaders import (
     collate_distill,
 )
 from arraystore.loaders.read_ahead import BatchWithNext
-from arraystore.reader import SampleReader
+from arraystore.reader import CACHED_BLOCKS, SampleReader
 
 
 def remote(region, name: str) -> ZarrDistillDataset:
@@ -104,6 +105,30 @@ def test_blocks_of_one_sample_are_read_as_they_come(region, tmp_path, shard) -> 
     local = ZarrDistillDataset(tmp_path / "one.zarr")
     assert_same_values(collate_distill(dataset.__getitems__([4, 1])),
                        collate_distill(local.__getitems__([4, 1])))
+
+
+def test_a_batch_over_more_blocks_than_are_kept_reads_them_once(folder_s3, tmp_path) -> None:
+    """A batch whose samples lie in more blocks of a field than a process keeps
+    (``CACHED_BLOCKS``) keeps all it needs, held before or fetched, until it is read: none
+    fetched again."""
+    schema = Schema("toy", (Field("x", (3,), "float32", ("n3",)),
+                            Field("flag", (), "uint8", (), "block")))
+    layout = Layout("sharded", shard_size=4, block_size=2, checksum=False)
+    count = 2 * (CACHED_BLOCKS + 2)
+    bucket = folder_s3.root / f"blocks-{uuid.uuid4().hex[:8]}"
+    with StoreWriter(Store.create(bucket / "toy.zarr", schema, layout)) as writer:
+        for i in range(count):
+            writer.append(f"s{i}", {"x": np.full(3, i, np.float32), "flag": np.uint8(i % 7)})
+    reader = SampleReader(f"s3://{bucket.name}/toy.zarr",
+                          storage_options=folder_s3.storage_options(direct=True), cache_dir="")
+    everything = list(range(count))
+    assert int(reader.read(count - 1, ["flag"])["flag"]) == (count - 1) % 7  # one block held
+    assert served(folder_s3, lambda: reader.fetch_ahead(everything, ["flag"]))["gets"] \
+        == count // 2 - 1
+    flags: list[int] = []
+    assert served(folder_s3, lambda: flags.extend(
+        int(reader.read(i, ["flag"])["flag"]) for i in everything))["gets"] == 0
+    assert flags == [i % 7 for i in everything]
 
 
 def test_a_wrong_guess_costs_bytes_not_values(region, tmp_path_factory, shard) -> None:
