@@ -51,15 +51,19 @@ BATCH = 8
 LOADER_READERS = (NO_IO, BIN, DEFAULT, "raw / auto", "sharded+zstd / auto", TAR)
 
 
-def interleaved(runs: dict[str, Callable[[], int]], rounds: int,
-                seed: int) -> dict[str, tuple[float, float]]:
+def interleaved(runs: dict[str, Callable[[], int]], rounds: int, seed: int,
+                before: dict[str, Callable[[], None]] | None = None,
+                ) -> dict[str, tuple[float, float]]:
     """(items/s, spread) of each run: items done / median round time, and (slowest - fastest)
-    / median round; runs take turns in a random order each round."""
+    / median round; runs take turns in a random order each round. ``before``: what to do,
+    untimed, before a run's every turn (by the run's name)."""
     rng = np.random.default_rng(seed)
     times: dict[str, list[float]] = {name: [] for name in runs}
     counts: dict[str, int] = {}
     for _ in range(rounds):
         for name in rng.permutation(list(runs)):
+            if before and name in before:
+                before[name]()
             start = time.perf_counter()
             counts[name] = runs[name]()
             times[name].append(time.perf_counter() - start)
@@ -111,14 +115,15 @@ def batches_of(indices: np.ndarray, size: int) -> list[list[int]]:
 
 def loader_run(dataset: Any, batches: list[list[int]], collate: Callable | None = collate_distill,
                workers: int = 2, read_batches: bool = False,
-               step: list[float] | None = None) -> Callable[[], int]:
+               step: list[float] | None = None,
+               worker_init: Callable[[int], None] | None = None) -> Callable[[], int]:
     """Items per round of a persistent DataLoader over ``batches`` (lists of indices) with
     ``collate`` (None: torch's default; ``workers`` 0: in this process), the main process
     reading every page of each batch with ``read_batches``, and doing ``step[0]`` seconds of a
     training step after each (``step`` is read every batch, so a caller switches it between
-    conditions)."""
+    conditions); ``worker_init``: the workers' ``worker_init_fn``."""
     parallel = {"multiprocessing_context": "forkserver", "prefetch_factor": 4,
-                "persistent_workers": True} if workers else {}
+                "persistent_workers": True, "worker_init_fn": worker_init} if workers else {}
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                         **parallel)
     for _ in loader:  # start the workers (and warm their caches) outside the timed rounds

@@ -4,17 +4,22 @@ benchmark itself is run by hand (`make bench`); these keep its parts honest and 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from arraystore.kinds.sa1b import sa1b_schema
 from arraystore.loaders.distill_item import ALL_KEYS, DISTILL_FIELDS
 from arraystore.machine import available_cores
+from arraystore.readers.mapped import ENV_SWITCH, mapped_reads_enabled
 from benchmarks.in_memory import InMemoryDataset
+from benchmarks.page_cache import evict, preadv_only, resident_fraction
 from benchmarks.profile import copy_share, time_shares
 from benchmarks.report import BIN, DEFAULT, NO_IO, TAR, Results, write_report
+from benchmarks.run import interleaved
 
 
 def field_values(seed: int) -> dict[str, np.ndarray]:
@@ -120,3 +125,50 @@ def test_peers_flat_file_and_byte_check(tmp_path: Path) -> None:
     columns["image"][1, 0, 0, 0] ^= 1
     with pytest.raises(AssertionError, match="item 1, field 'image'"):
         check_same("flat", flat, columns, names)
+
+
+def _file_system_of(path: Path) -> str:
+    """The type of the file system ``path`` is on (the longest mount point above it)."""
+    mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    return max(((point, kind) for point, kind in mounts
+                if str(path).startswith(point.rstrip("/") + "/") or str(path) == point),
+               key=lambda found: len(found[0]))[1]
+
+
+def test_a_store_read_from_the_disk_has_its_pages_dropped_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "store"
+    (store / "a").mkdir(parents=True)
+    (store / "a" / "c0").write_bytes(os.urandom(1 << 21))
+    (store / "zarr.json").write_bytes(b"{}")
+    (store / "empty").write_bytes(b"")  # mincore cannot map it: skipped
+    os.sync()
+    for path in store.rglob("*"):
+        if path.is_file():
+            path.read_bytes()
+    assert resident_fraction(store) == 1.0
+    if _file_system_of(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip(f"{tmp_path} is in memory: its pages are the files and cannot be dropped")
+    evict(store)
+    assert resident_fraction(store) < 0.05
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    assert mapped_reads_enabled()
+    preadv_only(0)  # what the disk rows' DataLoader workers run first
+    assert not mapped_reads_enabled()
+
+
+def test_interleaved_runs_what_comes_before_a_turn_untimed() -> None:
+    calls: list[str] = []
+
+    def slow_preparation() -> None:
+        calls.append("before")
+        time.sleep(0.2)
+
+    def run() -> int:
+        calls.append("run")
+        return 10
+
+    rates = interleaved({"a": run, "b": run}, rounds=2, seed=0,
+                        before={"a": slow_preparation})
+    assert calls.count("before") == 2 and calls.count("run") == 4
+    assert rates["a"][0] > 1000  # 10 items in far less than the 0.2 s before each turn
