@@ -34,6 +34,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from xml.sax.saxutils import escape
 DEFAULT_RTT_MS = 20.0
 DEFAULT_MB_PER_S = 100.0
 PUMP_BYTES = 256 * 1024
+BACKLOG_BYTES = 8 << 20  # bytes a proxied direction holds before it pauses its sender
 STATS_PATH = "_region/stats"  # GET: the requests served so far, as JSON
 FAULTS_PATH = "_region/faults"  # POST: the next matching GETs fail (see the module's text)
 FAULT_MODES = ("slowdown", "error", "cut", "short")
@@ -229,59 +231,118 @@ def object_app(root: Path) -> Any:
     return app
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float,
-                bytes_per_second: float | None) -> None:
-    """Copy ``reader`` to ``writer``, each chunk delivered ``delay`` seconds after it arrived,
-    at most ``bytes_per_second`` (paced from the first byte of a burst)."""
-    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+class _Direction:
+    """One direction of a proxied connection: each block one socket sends leaves through the
+    other ``delay`` seconds after it came, paced to ``bytes_per_second`` (None: unpaced) from the
+    first byte of a burst. Protocols and timers, not streams and coroutines: the proxy's own CPU
+    is part of what a benchmark on one machine pays for the simulation. At most
+    :data:`BACKLOG_BYTES` wait: past that the sender is paused, as a full TCP window would."""
 
-    async def receive() -> None:
-        with contextlib.suppress(ConnectionError):  # a peer that reset: the copy ends
-            while block := await reader.read(PUMP_BYTES):
-                queue.put_nowait((time.monotonic() + delay, block))
-        queue.put_nowait((0.0, b""))
+    def __init__(self, source: asyncio.Transport, delay: float,
+                 bytes_per_second: float | None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.source, self.delay, self.rate = source, delay, bytes_per_second
+        self.target: asyncio.Transport | None = None  # until the upstream connection is made
+        self.waiting: deque[tuple[float, bytes | None]] = deque()  # (due, block); None: the end
+        self.held = 0  # bytes waiting
+        self.free_at = 0.0  # when the pacing lets the last block out
+        self.ended = self.blocked = self.paused = False
+        self.timer: asyncio.TimerHandle | None = None
 
-    receiving = asyncio.ensure_future(receive())
-    sent, since = 0, 0.0
-    try:
-        while True:
-            due, block = await queue.get()
-            if not block:
-                break
-            now = time.monotonic()
-            if due > now:
-                await asyncio.sleep(due - now)
-            if bytes_per_second:
-                if queue.empty() and sent and time.monotonic() - since > sent / bytes_per_second:
-                    sent, since = 0, time.monotonic()  # idle: a new burst
-                if not sent:
-                    since = time.monotonic()
-                sent += len(block)
-                ahead = since + sent / bytes_per_second - time.monotonic()
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-            writer.write(block)
-            await writer.drain()
-    except (ConnectionError, asyncio.CancelledError):
-        pass
-    finally:
-        receiving.cancel()
-        writer.close()
+    def push(self, block: bytes | None) -> None:
+        """A block the source sent (None: it ended), due after the delay and the pacing."""
+        if self.ended:
+            return
+        due = self.loop.time() + self.delay
+        if self.rate:
+            if block:  # leaves once its last byte would have crossed the link
+                self.free_at = max(due, self.free_at) + len(block) / self.rate
+            due = max(due, self.free_at)
+        self.waiting.append((due, block))
+        if block is None:
+            self.ended = True
+        else:
+            self.held += len(block)
+            if self.held > BACKLOG_BYTES and not self.paused:
+                self.paused = True
+                self.source.pause_reading()
+        self.schedule()
+
+    def schedule(self) -> None:
+        if self.timer is None and self.waiting and self.target is not None \
+                and not self.blocked:
+            self.timer = self.loop.call_at(self.waiting[0][0], self._deliver)
+
+    def _deliver(self) -> None:
+        self.timer = None
+        target, now = self.target, self.loop.time()
+        while self.waiting and self.waiting[0][0] <= now and not self.blocked:
+            _, block = self.waiting.popleft()
+            if block is None or target.is_closing():  # the end, or the other side went
+                self.waiting.clear()
+                target.close()
+                return
+            self.held -= len(block)
+            target.write(block)
+        if self.paused and self.held <= BACKLOG_BYTES // 2:
+            self.paused = False
+            self.source.resume_reading()
+        self.schedule()
+
+
+class _Side(asyncio.Protocol):
+    """One socket of a proxied connection: what it receives goes out through ``sending``; while
+    its own send buffer is full, ``receiving`` (what writes to it) holds its blocks."""
+
+    sending: _Direction
+    receiving: _Direction
+
+    def data_received(self, data: bytes) -> None:
+        self.sending.push(data)
+
+    def eof_received(self) -> None:
+        self.sending.push(None)  # and the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.sending.push(None)
+
+    def pause_writing(self) -> None:
+        self.receiving.blocked = True
+
+    def resume_writing(self) -> None:
+        self.receiving.blocked = False
+        self.receiving.schedule()
+
+
+class _ClientSide(_Side):
+    """A client's socket: connects upstream when it opens, its requests held until then."""
+
+    def __init__(self, upstream: tuple[str, int], rtt: float, bytes_per_second: float) -> None:
+        self.upstream, self.rtt, self.rate = upstream, rtt, bytes_per_second
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.sending = _Direction(transport, self.rtt / 2, None)
+        self.transport = transport
+        self.connecting = asyncio.ensure_future(self._connect())
+
+    async def _connect(self) -> None:
+        server = _Side()
+        server.receiving = self.sending
+        try:
+            upstream, _ = await asyncio.get_running_loop().create_connection(
+                lambda: server, *self.upstream)
+        except OSError:
+            self.transport.close()
+            return
+        server.sending = self.receiving = _Direction(upstream, self.rtt / 2, self.rate)
+        self.receiving.target, self.sending.target = self.transport, upstream
+        self.sending.schedule()
 
 
 async def _proxy(listen_port: int, upstream: tuple[str, int], rtt: float,
                  bytes_per_second: float) -> None:
-    async def connection(client_reader: asyncio.StreamReader,
-                         client_writer: asyncio.StreamWriter) -> None:
-        try:
-            server_reader, server_writer = await asyncio.open_connection(*upstream)
-        except OSError:
-            client_writer.close()
-            return
-        await asyncio.gather(_pump(client_reader, server_writer, rtt / 2, None),
-                             _pump(server_reader, client_writer, rtt / 2, bytes_per_second))
-
-    server = await asyncio.start_server(connection, "127.0.0.1", listen_port)
+    server = await asyncio.get_running_loop().create_server(
+        lambda: _ClientSide(upstream, rtt, bytes_per_second), "127.0.0.1", listen_port)
     print(server.sockets[0].getsockname()[1], flush=True)
     async with server:
         await server.serve_forever()
