@@ -5,6 +5,7 @@ inner chunks of a shard in one GET), and the proxy really delays and paces."""
 
 from __future__ import annotations
 
+import http.client
 import time
 
 import fsspec
@@ -70,3 +71,14 @@ def test_a_dataloader_over_the_region(region) -> None:
     loader = torch.utils.data.DataLoader(remote, batch_size=3, num_workers=2,
                                          collate_fn=collate_distill)
     assert sum(len(batch["image_id"]) for batch in loader) == len(remote)
+
+
+@pytest.mark.parametrize("path", ["/stores/%2E%2E/%2E%2E/secret", "/%2E%2E/secret",
+                                  "/stores/a/%2E%2E/%2E%2E/secret", "/stores/../../secret"])
+def test_the_server_serves_nothing_outside_its_buckets(region, path) -> None:
+    (region.root.parent / "secret").write_bytes(b"outside the region")
+    host = region.direct.removeprefix("http://")
+    connection = http.client.HTTPConnection(host)
+    connection.request("GET", path)
+    answer = connection.getresponse()
+    assert answer.status in (400, 404) and b"outside the region" not in answer.read()
