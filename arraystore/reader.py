@@ -326,14 +326,14 @@ class SampleReader:
         needed: dict[str, set[int]] = {}
         wanted: dict[tuple[str, int], tuple[RangedBlockReader, int, int]] = {}
         for name in names:
-            reader, held = self.field_reader(name)[0], blocks.get(name) or OrderedDict()
+            reader, needed[name] = self.field_reader(name)[0], set()
             for index in indices:
                 block_index, row = divmod(self.position(int(index)), self.layout.block_size)
-                needed.setdefault(name, set()).add(block_index)
+                needed[name].add(block_index)
                 if self._cached_block(name, block_index, row) is None:
                     wanted[(name, block_index)] = (reader, *self._block_rows(block_index))
-                else:
-                    held.move_to_end(block_index)
+                else:  # held: kept as the most recent
+                    blocks[name].move_to_end(block_index)
         if wanted:
             fetched = fetch_blocks(self.location, list(wanted.values()))
             for (name, block_index), block in zip(wanted, fetched, strict=True):

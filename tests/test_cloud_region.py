@@ -82,3 +82,4 @@ def test_the_server_serves_nothing_outside_its_buckets(region, path) -> None:
     connection.request("GET", path)
     answer = connection.getresponse()
     assert answer.status in (400, 404) and b"outside the region" not in answer.read()
+    connection.close()
