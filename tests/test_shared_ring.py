@@ -59,6 +59,24 @@ def test_a_batch_crosses_as_references_and_comes_back_equal() -> None:
     assert received["ids"] == ["a", "b"] and received["count"] == 2
 
 
+def test_a_ring_tensor_nested_among_plain_values_is_found_and_plain_lists_pass() -> None:
+    """The segment is found from a tensor deep in lists and tuples after strings and numbers;
+    lists of plain values (captions) cross unchanged."""
+    buffer = shared_ring.worker_buffer(4096)
+    deep = buffer[:64].view(torch.float32).view(4, 4)
+    deep.copy_(torch.arange(16, dtype=torch.float32).view(4, 4))
+    batch = shared_ring.shippable({"captions": ["a cat", "", "ünïcode"],
+                                   "meta": ("x", 3, None, [1.5, [b"raw", deep]])})
+    assert isinstance(batch, shared_ring.RingBatch) and len(batch.segments) == 1
+    _, (_, _, shipped) = shared_ring.ship(batch)
+    assert isinstance(shipped["meta"][3][1][1], shared_ring._Ref)
+    received = sent(batch)
+    assert received["captions"] == ["a cat", "", "ünïcode"]
+    assert received["meta"][:3] == ("x", 3, None) and received["meta"][3][:1] == [1.5]
+    assert received["meta"][3][1][0] == b"raw"
+    assert torch.equal(received["meta"][3][1][1], torch.arange(16.0).view(4, 4))
+
+
 def test_small_tensors_outside_the_ring_cross_by_value() -> None:
     """Counts and per-sample boxes a collate makes outside the ring ride inside the pickle
     (no shared-memory file and descriptor each); large ones are left to torch."""
