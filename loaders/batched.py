@@ -125,11 +125,13 @@ def allocate_arrays(shapes: Mapping[Hashable, tuple[tuple[int, ...], torch.dtype
     """Tensors of the given shapes and dtypes, all views (64-byte aligned) of one allocation:
     shared memory inside a DataLoader worker (``shared`` None: decide from
     ``get_worker_info``; a segment the worker reuses, see :mod:`arraystore.loaders.shared_ring`),
-    page-locked with ``pin``, else :func:`fresh_buffer`."""
+    page-locked with ``pin``, else :func:`fresh_buffer`. Each is one ``as_strided`` of the
+    allocation seen in its dtype: every torch call costs about a microsecond, and a small
+    batch's views are a fair part of its fixed cost."""
     layout, total = [], 0
     for key, (shape, dtype) in shapes.items():
         nbytes = math.prod(shape) * dtype.itemsize
-        layout.append((key, shape, dtype, total, nbytes))
+        layout.append((key, shape, dtype, total))
         total += -(-nbytes // ALIGN) * ALIGN
     if shared if shared is not None else get_worker_info() is not None:
         buffer = worker_buffer(total)
@@ -137,8 +139,26 @@ def allocate_arrays(shapes: Mapping[Hashable, tuple[tuple[int, ...], torch.dtype
         buffer = torch.empty(total, dtype=torch.uint8, pin_memory=True)
     else:
         buffer = fresh_buffer(total)
-    return {key: buffer[start:start + nbytes].view(dtype).view(shape)
-            for key, shape, dtype, start, nbytes in layout}
+    buffer = buffer[:total]  # a whole number of every dtype's items: ALIGN is a multiple
+    typed: dict[torch.dtype, torch.Tensor] = {}
+    arrays = {}
+    for key, shape, dtype, start in layout:
+        whole = typed.get(dtype)
+        if whole is None:
+            whole = typed[dtype] = buffer.view(dtype)
+        arrays[key] = whole.as_strided(shape, contiguous_strides(shape),
+                                       whole.storage_offset() + start // dtype.itemsize)
+    return arrays
+
+
+@functools.cache
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides, in items, of a C-contiguous array of ``shape``."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def slot_shapes(reader: SampleReader, slots: Sequence[Slot],
@@ -167,17 +187,18 @@ def fill(reader: SampleReader, slots: Sequence[Slot], buffers: Mapping[str, torc
     thread where ``indices`` name it (:mod:`arraystore.loaders.read_ahead`,
     :meth:`SampleReader.fetch_ahead`)."""
     reader.fetch_ahead(indices, [*(slot.field for slot in slots), *also], upcoming(indices))
-
-    def one(slot: Slot) -> torch.Tensor:
-        target = buffers[slot.key][: len(indices)]
+    n, batch = len(indices), {}
+    for slot in slots:
+        target = buffers[slot.key]
+        if target.shape[0] != n:
+            target = target[:n]
         field = reader.schema[slot.field]
         same = torch_dtype(field.numpy_dtype) == slot.dtype
-        rows = target.numpy() if same else np.empty((len(indices), *field.shape),
-                                                    field.numpy_dtype)
+        rows = target.numpy() if same else np.empty((n, *field.shape), field.numpy_dtype)
         for row, index in enumerate(indices):  # a 0-d view for scalars, not a copy
-            reader.read_into(int(index), slot.field, rows[row:row + 1].reshape(field.shape))
+            reader.read_into(int(index), slot.field,
+                             rows[row] if field.shape else rows[row:row + 1].reshape(()))
         if not same:  # converted by NumPy: torch's intra-op threads cost more than this
             np.copyto(target.numpy(), rows, casting="unsafe")
-        return slot.view(target)
-
-    return {slot.key: one(slot) for slot in slots}
+        batch[slot.key] = slot.view(target)
+    return batch

@@ -11,6 +11,7 @@ reading a sample. Items are the source's dict plus ``dataset_type`` and ``modali
 
 from __future__ import annotations
 
+import bisect
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -95,6 +96,7 @@ class StoreItems(Dataset):
                                    cache_limit=cache_limit)
         self.slots = [Slot(name, name, torch_dtype(self.reader.schema[name].numpy_dtype))
                       for name in self.reader.fields if not self.reader.schema[name].is_string]
+        self.strings = [n for n in self.reader.fields if self.reader.schema[n].is_string]
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -111,10 +113,9 @@ class StoreItems(Dataset):
         """The ``indices``-th items batched into ``buffers``
         (:func:`arraystore.loaders.batched.allocate`): numeric fields stacked, strings listed, as
         ``default_collate`` batches the items."""
-        strings = [n for n in self.reader.fields if self.reader.schema[n].is_string]
         # from an object store the strings' chunks are fetched with the batch's
-        stacked = fill(self.reader, self.batch_slots(), buffers, indices, also=strings)
-        listed = {n: [self.reader.read(int(i), (n,))[n] for i in indices] for n in strings}
+        stacked = fill(self.reader, self.slots, buffers, indices, also=self.strings)
+        listed = {n: [self.reader.read(int(i), (n,))[n] for i in indices] for n in self.strings}
         batch = {n: stacked[n] if n in stacked else listed[n] for n in self.reader.fields}
         arrays = {n: batch[n].numpy() if n in stacked else batch[n] for n in self.reader.fields}
         views = [{n: arrays[n][row] for n in self.reader.fields} for row in range(len(indices))]
@@ -187,6 +188,8 @@ class Mixture(Dataset):
         self.sizes = np.array([len(d) for d in self.datasets], np.int64)
         self.repeats = np.array([s.repeats for s in self.sources], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes * self.repeats)])
+        # the same as Python ints, for a batch's few indices (NumPy's calls cost more there)
+        self._starts, self._sizes = self.offsets.tolist(), self.sizes.tolist()
         self.lengths = np.empty(int(self.offsets[-1]), np.int64)  # filled source by source
         for number, (dataset, source) in enumerate(zip(self.datasets, self.sources,
                                                        strict=True)):
@@ -227,19 +230,24 @@ class Mixture(Dataset):
 
     def locate(self, index: int) -> tuple[int, int]:
         """(source number, the source's own index) of mixture index ``index``."""
-        sources, inner = self.locate_all([index])
-        return int(sources[0]), int(inner[0])
+        ((source, (_, (own,))),) = self._by_source([index]).items()
+        return source, own
 
-    def locate_all(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`locate` of every index at once: (source numbers, the sources' own
-        indices)."""
-        wanted = np.asarray(indices, np.int64).reshape(-1)
-        outside = wanted[(wanted < 0) | (wanted >= len(self))]
-        if outside.size:
-            raise IndexError(f"index {int(outside[0])} out of range for a mixture of "
-                             f"{len(self)}")
-        sources = np.searchsorted(self.offsets, wanted, side="right") - 1
-        return sources, (wanted - self.offsets[sources]) % self.sizes[sources]
+    def _by_source(self, indices: Sequence[int]) -> dict[int, tuple[list[int], list[int]]]:
+        """Where a batch's indices are: each source present -> (the batch rows it serves, its
+        own indices of them), in order of first appearance. Plain Python: a batch is a few
+        indices, for which NumPy's calls cost several times more."""
+        parts: dict[int, tuple[list[int], list[int]]] = {}
+        total, starts, sizes = self._starts[-1], self._starts, self._sizes
+        for row, index in enumerate(indices):
+            index = int(index)
+            if not 0 <= index < total:
+                raise IndexError(f"index {index} out of range for a mixture of {total}")
+            source = bisect.bisect_right(starts, index) - 1
+            rows, own = parts.setdefault(source, ([], []))
+            rows.append(row)
+            own.append((index - starts[source]) % sizes[source])
+        return parts
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         source, local = self.locate(int(index))
@@ -270,7 +278,7 @@ class Mixture(Dataset):
     def _mixture_item(self, source: int, item: Any, length: int) -> dict[str, Any]:
         """A source's item as the mixture's: with its ``dataset_type`` and
         ``modality_length``."""
-        if not isinstance(item, Mapping):
+        if not isinstance(item, dict | Mapping):  # a dict is checked without the ABC's hooks
             raise TypeError(f"mixture source {self.sources[source].dataset_type!r} returned a "
                             f"{type(item).__name__}; mixture sources return dicts")
         return {**item, "dataset_type": self.sources[source].dataset_type,
@@ -283,29 +291,27 @@ class Mixture(Dataset):
         ``__getitems__``. Where :meth:`collate` would batch the items by type, the batch is
         built from what the sources read and handed on by it (a :class:`Batched`, equal to
         :meth:`collate` of the items); otherwise the items."""
-        sources, inner = self.locate_all(indices)
-        rows = {int(s): np.flatnonzero(sources == s) for s in dict.fromkeys(sources.tolist())}
-        if any(not hasattr(self.datasets[s], "__getitems__") for s in rows):
+        parts = self._by_source(indices)
+        if any(not hasattr(self.datasets[s], "__getitems__") for s in parts):
             return [self[int(i)] for i in indices]
-        then: dict[int, list[int]] = {}  # each source's part of the batch read next
-        for source, own in zip(*self.locate_all(upcoming(indices)), strict=True):
-            then.setdefault(int(source), []).append(int(own))
-        reads = self._read_parts({s: BatchWithNext(inner[members].tolist(), then.get(s, ()))
-                                  for s, members in rows.items()})
+        then = self._by_source(upcoming(indices))  # each source's part of the next batch
+        reads = self._read_parts({s: BatchWithNext(own, then[s][1] if s in then else ())
+                                  for s, (_, own) in parts.items()})
         lengths = self.lengths[np.asarray(indices, np.int64)]
+        listed = lengths.tolist()
         items: list[dict[str, Any]] = [{}] * len(indices)
-        for source, members in rows.items():
-            for row, item in zip(members.tolist(), reads[source], strict=True):
-                items[row] = self._mixture_item(source, item, int(lengths[row]))
+        for source, (rows, _) in parts.items():
+            for row, item in zip(rows, reads[source], strict=True):
+                items[row] = self._mixture_item(source, item, listed[row])
         if self.collate_fn is not None or not all(isinstance(r, Batched)
                                                   for r in reads.values()):
             return items  # collated item by item
-        if len(rows) > 1 and len({frozenset(items[m[0]]) for m in rows.values()}) == 1:
+        if len(parts) > 1 and len({frozenset(items[r[0]]) for r, _ in parts.values()}) == 1:
             return items  # the same keys: one batch, collated item by item
         batches = {}
-        for source, members in rows.items():
+        for source, (members, _) in parts.items():
             name, read = self.sources[source].dataset_type, reads[source]
-            own = self._own_collate(name)
+            own = self._own_collate(source)
             stripped = read if not any(k in read[0] for k in ADDED_KEYS) else [
                 {k: v for k, v in i.items() if k not in ADDED_KEYS} for i in read]
             if own is not None:
@@ -329,16 +335,12 @@ class Mixture(Dataset):
                   for key, shape in slot_shapes(self.datasets[s].reader,
                                                 self.datasets[s].batch_slots(),
                                                 len(parts[s])).items()}
-        arrays = allocate_arrays(shapes) if shapes else {}
-        reads = {}
-        for source, own in parts.items():
-            dataset = self.datasets[source]
-            if source in filling:
-                reads[source] = dataset.fill_batch(own, {
-                    key: array for (s, key), array in arrays.items() if s == source})
-            else:
-                reads[source] = dataset.__getitems__(own)
-        return reads
+        buffers: dict[int, dict[str, torch.Tensor]] = {s: {} for s in filling}
+        for (source, key), array in (allocate_arrays(shapes) if shapes else {}).items():
+            buffers[source][key] = array
+        return {source: self.datasets[source].fill_batch(own, buffers[source])
+                if source in filling else self.datasets[source].__getitems__(own)
+                for source, own in parts.items()}
 
     def collate(self, items: list[Mapping[str, Any]]) -> Any:
         """Batch items: one batch when they share their keys, else a dict of per-type
@@ -361,7 +363,7 @@ class Mixture(Dataset):
         batches, packed = {}, {}
         for name, members in groups.items():
             stripped = [{k: v for k, v in i.items() if k not in ADDED_KEYS} for i in members]
-            own = self._own_collate(name)
+            own = self._own_collate(self.dataset_types.index(name))
             if own is None:
                 packed[name] = stripped
             else:
@@ -374,8 +376,7 @@ class Mixture(Dataset):
         return shippable(batches[next(iter(groups))] if single
                          else {n: batches[n] for n in groups})
 
-    def _own_collate(self, dataset_type: str) -> Callable[[list[Any]], Any] | None:
-        """The collate a source brings (``MixSource.collate``, else the dataset's
+    def _own_collate(self, number: int) -> Callable[[list[Any]], Any] | None:
+        """The collate source ``number`` brings (``MixSource.collate``, else the dataset's
         ``collate_fn``), or None for the default."""
-        number = self.dataset_types.index(dataset_type)
         return self.sources[number].collate or getattr(self.datasets[number], "collate_fn", None)
