@@ -20,13 +20,14 @@ from arraystore.loaders.batched import Batched, Slot
 Values = Mapping[str, np.ndarray]
 
 
-def _count(v: Values) -> int:
+def box_count(v: Values) -> int:
+    """``num_bboxes`` of a sample's stored values (its ``metadata``)."""
     return int(v["metadata"][0])
 
 
 def _box_meta(v: Values) -> list[dict[str, Any]]:
     ids, areas = v["box_annotation_ids"], v["box_areas"]
-    return [{"annotation_id": int(ids[i]), "area": float(areas[i])} for i in range(_count(v))]
+    return [{"annotation_id": int(ids[i]), "area": float(areas[i])} for i in range(box_count(v))]
 
 
 def _float(values: np.ndarray) -> torch.Tensor:
@@ -45,15 +46,15 @@ ITEM_KEYS: dict[str, tuple[tuple[str, ...], Callable[[Values], Any]]] = {
     "bg_map": (("bg_map_64",), lambda v: torch.from_numpy(v["bg_map_64"]).unsqueeze(0)),
     "edge_map": (("edge_64x64",), lambda v: _float(v["edge_64x64"]).unsqueeze(0)),
     "box_prompts_xyxy": (("bboxes", "metadata"),
-                         lambda v: torch.from_numpy(v["bboxes"][: _count(v)])),
+                         lambda v: torch.from_numpy(v["bboxes"][: box_count(v)])),
     "box_prompts_masks_orig": (("masks", "metadata"),
-                               lambda v: _float(v["masks"][: _count(v)])),
-    "box_prompts_count": (("metadata",), _count),
+                               lambda v: _float(v["masks"][: box_count(v)])),
+    "box_prompts_count": (("metadata",), box_count),
     "box_prompts_flag": (("metadata",), lambda v: int(v["metadata"][1])),
     "box_prompts_meta": (("metadata", "box_annotation_ids", "box_areas"), _box_meta),
     "geometry_color_flag": ((), lambda v: 0),
     "has_bbox": (("metadata",), lambda v: bool(v["metadata"][1])),
-    "num_bboxes": (("metadata",), _count),
+    "num_bboxes": (("metadata",), box_count),
     "image_shape": (("metadata",), lambda v: np.array(v["metadata"][2:5], dtype=np.int32)),
 }
 ALL_KEYS: tuple[str, ...] = (*ITEM_KEYS, "image_id")
@@ -93,6 +94,11 @@ STACKED_SLOTS: dict[str, Slot] = {
     "bg_map": Slot("bg_map", "bg_map_64", torch.float32, lambda t: t.unsqueeze(1)),
     "edge_map": Slot("edge_map", "edge_64x64", torch.float32, lambda t: t.unsqueeze(1)),
 }
+# the boxes' masks, listed per item (their count varies), are read into a slot of the batch
+# buffer too, all max_boxes rows of each sample converted to float32: each item's masks are
+# then a view of its first num_bboxes rows, and cross from a DataLoader worker in its segment
+# (as one item's own tensors they were pickled into the queue, 256 KiB a box)
+MASKS_SLOT = Slot("box_prompts_masks_orig", "masks", torch.float32)
 _LISTED = ("box_prompts_xyxy", "box_prompts_masks_orig", "box_prompts_meta", "image_id")
 _COUNTS = ("box_prompts_count", "box_prompts_flag", "geometry_color_flag", "num_bboxes")
 

@@ -20,7 +20,9 @@ from arraystore.loaders.batched import Batched, Slot, allocate, fill
 from arraystore.loaders.distill_item import (
     ALL_KEYS,
     ITEM_KEYS,
+    MASKS_SLOT,
     STACKED_SLOTS,
+    box_count,
     collate_distill,
     distill_item,
     fields_for,
@@ -69,8 +71,10 @@ class ZarrDistillDataset(Dataset):
         return distill_item(self.reader.read(index), self.sample_ids[index], self.keys)
 
     def batch_slots(self) -> list[Slot]:
-        """The item keys batched by stacking, as slots of a batch buffer."""
-        return [STACKED_SLOTS[k] for k in self.keys if k in STACKED_SLOTS]
+        """The item keys batched by stacking, and the boxes' masks (:data:`MASKS_SLOT`), as
+        slots of a batch buffer."""
+        return [STACKED_SLOTS[k] for k in self.keys if k in STACKED_SLOTS] + [
+            MASKS_SLOT] * (MASKS_SLOT.key in self.keys)
 
     def __getitems__(self, indices: Sequence[int]) -> Batched:
         """A batch of the ``indices``-th items, read straight into one buffer (shared memory
@@ -86,14 +90,22 @@ class ZarrDistillDataset(Dataset):
         :func:`arraystore.loaders.batched.allocate`, at least ``len(indices)`` rows): how
         :class:`~arraystore.loaders.BatchLoader` reuses them."""
         rest = [k for k in self.keys if k not in STACKED_SLOTS]
-        fields = fields_for(rest)
+        built = [k for k in rest if k != MASKS_SLOT.key]  # by distill_item, item by item
+        # the masks come from their slot; the item's count of them from its metadata
+        fields = tuple(f for f in fields_for(rest) if f != MASKS_SLOT.field)
         # from an object store: every field of the batch in one round of requests
-        stacked = fill(self.reader, self.batch_slots(), buffers, indices, also=fields)
-        items = [distill_item(self.reader.read(int(i), fields) if fields else {},
-                              self.sample_ids[int(i)], rest) for i in indices]
-        batch = {**stacked, **(collate_distill(items) if rest else {})}
+        filled = fill(self.reader, self.batch_slots(), buffers, indices, also=fields)
+        masks = filled.pop(MASKS_SLOT.key, None)
+        items = []
+        for row, index in enumerate(indices):
+            values = self.reader.read(int(index), fields) if fields else {}
+            item = distill_item(values, self.sample_ids[int(index)], built)
+            if masks is not None:
+                item[MASKS_SLOT.key] = masks[row, :box_count(values)]
+            items.append(item)
+        batch = {**filled, **(collate_distill(items) if rest else {})}
         order = [k for k in ITEM_KEYS if k in self.keys] + ["image_id"] * ("image_id" in rest)
-        rows = {k: t.unbind(0) for k, t in stacked.items()}  # one call a key, not one a row
+        rows = {k: t.unbind(0) for k, t in filled.items()}  # one call a key, not one a row
         views = [{k: rows[k][row] if k in rows else item[k] for k in order}
                  for row, item in enumerate(items)]
         return Batched(views, batch)

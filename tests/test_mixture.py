@@ -301,14 +301,18 @@ def test_batches_read_together_equal_collate_of_the_items(mix, stores, indices) 
 
 
 def test_the_sources_parts_of_a_batch_share_one_buffer(mix) -> None:
-    """Every source's stacked fields in a mixed batch are views of one allocation: from a
-    DataLoader worker the batch crosses as one shared-memory segment, as a source's does."""
+    """Every source's batched fields in a mixed batch (the SA-1B boxes' masks too) are views
+    of one allocation: from a DataLoader worker the batch crosses as one shared-memory
+    segment, as a source's does."""
     batch = mix.collate(mix.__getitems__([38, 3, 9, 1, 4, 20]))
     assert set(batch) == set(mix.dataset_types)
-    storages = {batch[name][slot.key].untyped_storage().data_ptr()
-                for name, dataset in zip(mix.dataset_types, mix.datasets, strict=True)
-                for slot in dataset.batch_slots() if slot.key != "modality_length"}
-    assert len(storages) == 1  # (the mixture's own modality_length replaces the stored one)
+    values = [batch[name][slot.key]
+              for name, dataset in zip(mix.dataset_types, mix.datasets, strict=True)
+              for slot in dataset.batch_slots() if slot.key != "modality_length"]
+    # (the mixture's own modality_length replaces the stored one; the boxes' masks are listed)
+    storages = {t.untyped_storage().data_ptr()
+                for value in values for t in (value if isinstance(value, list) else [value])}
+    assert len(storages) == 1
 
 
 class Pairs(Dataset):

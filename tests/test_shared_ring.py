@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from arraystore.loaders import shared_ring
+from arraystore.loaders import ZarrDistillDataset, collate_distill, shared_ring
+from arraystore.loaders.batched import allocate
+from tests.conftest import assert_same_values
 
 
 @pytest.fixture(autouse=True)
@@ -75,6 +77,24 @@ def test_a_ring_tensor_nested_among_plain_values_is_found_and_plain_lists_pass()
     assert received["meta"][:3] == ("x", 3, None) and received["meta"][3][:1] == [1.5]
     assert received["meta"][3][1][0] == b"raw"
     assert torch.equal(received["meta"][3][1][1], torch.arange(16.0).view(4, 4))
+
+
+@pytest.mark.parametrize("layout_store", ["sharded+crc32c"], indirect=True)
+def test_an_sa1b_batch_crosses_with_its_boxes_masks_in_its_segment(layout_store) -> None:
+    """The boxes' masks, listed per item (as many as each sample has), are views of the
+    batch's segment, not pickled into the queue; what arrives equals the items collated."""
+    _, path = layout_store
+    dataset = ZarrDistillDataset(path)
+    indices = list(range(len(dataset)))
+    buffers = allocate(dataset.reader, dataset.batch_slots(), len(indices), shared=True)
+    batch = collate_distill(dataset.fill_batch(indices, buffers))
+    assert isinstance(batch, shared_ring.RingBatch) and len(batch.segments) == 1
+    counts = [len(m) for m in batch["box_prompts_masks_orig"]]
+    assert len(set(counts)) > 1, counts  # samples with different numbers of boxes
+    _, (_, _, shipped) = shared_ring.ship(batch)
+    assert all(type(m) is shared_ring._Ref for m in shipped["box_prompts_masks_orig"])
+    expected = collate_distill([dataset[i] for i in indices])
+    assert_same_values(sent(batch), expected, "sent")
 
 
 def test_small_tensors_outside_the_ring_cross_by_value() -> None:
