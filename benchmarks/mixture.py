@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from arraystore import Field, Layout, Schema, Store, ingest
 from arraystore.converters.npz.source import NpzDirectorySource
 from arraystore.converters.sa1b.source import Sa1bTarSource
+from arraystore.info import store_info
 from arraystore.loaders import (
     LengthGroupedSampler,
     MixSource,
@@ -40,11 +41,18 @@ from arraystore.store import COMMITTED_ARRAY, SAMPLE_ARRAY
 from arraystore.testing.npz_examples import write_referring, write_sav_pairs
 from benchmarks.busy import CONDITIONS, STEP_SECONDS, condition
 from benchmarks.data import fill_store
-from benchmarks.report import command_line, machine, plot_bars, save_report
+from benchmarks.report import (
+    command_line,
+    last_level_cache_bytes,
+    machine,
+    plot_bars,
+    save_report,
+)
 from benchmarks.run import batches_of, interleaved, loader_run
 
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "sa1b_sample.tar"
 BATCH = 8
+SAV_PAIRS, REFERRING = 192, 384  # ~100 MB a store
 
 
 class LengthsOnly(Dataset):
@@ -124,18 +132,20 @@ def cut(indices: np.ndarray) -> list[list[int]]:
     return batches_of(indices, BATCH)
 
 
-def throughput(root: Path, items: int, rounds: int) -> tuple[dict, dict, dict]:
-    """Per condition, (items/s, spread) of each reader and the worker's costs per batch; and
-    the mixture's source shares."""
+def throughput(root: Path, items: int, rounds: int) -> tuple[dict, dict, dict, dict]:
+    """Per condition, (items/s, spread) of each reader and the worker's costs per batch; the
+    mixture's source shares; and each source store's bytes."""
     ingest(Sa1bTarSource(), [SAMPLE], root / "sa1b.zarr", workers=1)
-    ingest(NpzDirectorySource(), [write_sav_pairs(root / "sav", 48)], root / "sav.zarr",
+    ingest(NpzDirectorySource(), [write_sav_pairs(root / "sav", SAV_PAIRS)], root / "sav.zarr",
            workers=2)
-    ingest(NpzDirectorySource(), [write_referring(root / "ref", 48)], root / "refcoco.zarr",
-           workers=2)
+    ingest(NpzDirectorySource(), [write_referring(root / "ref", REFERRING)],
+           root / "refcoco.zarr", workers=2)
     mixture = Mixture([MixSource(root / "sav.zarr", dataset_type="sav", modality_length=512),
                        MixSource(ZarrDistillDataset(root / "sa1b.zarr"), dataset_type="sa1b",
-                                 modality_length=1024),
-                       MixSource(root / "refcoco.zarr", dataset_type="refcoco", repeats=4)])
+                                 modality_length=1024, repeats=3),
+                       MixSource(root / "refcoco.zarr", dataset_type="refcoco", repeats=2)])
+    sizes = {name: store_info(root / f"{name}.zarr").bytes_on_disk
+             for name in mixture.dataset_types}
     rng = np.random.default_rng(0)
     order = rng.integers(0, len(mixture), items)
     shares = np.bincount(np.searchsorted(mixture.offsets, order, side="right") - 1,
@@ -156,7 +166,7 @@ def throughput(root: Path, items: int, rounds: int) -> tuple[dict, dict, dict]:
         with condition(name):
             rates[name] = interleaved(runs, rounds, seed=3)
             costs[name] = worker_costs(mixture, cut(order), rounds)
-    return rates, costs, dict(zip(mixture.dataset_types, shares, strict=True))
+    return rates, costs, dict(zip(mixture.dataset_types, shares, strict=True)), sizes
 
 
 def worker_costs(mixture: Mixture, batches: list[list[int]], rounds: int) -> dict[str, float]:
@@ -225,8 +235,8 @@ def main() -> None:
         print("scale ...", flush=True)
         rows = scale(Path(tmp), args.big)
         print("throughput ...", flush=True)
-        rates, costs, shares = throughput(Path(tmp), args.items, args.rounds)
-    print(write_report(args, rows, rates, costs, shares,
+        rates, costs, shares, sizes = throughput(Path(tmp), args.items, args.rounds)
+    print(write_report(args, rows, rates, costs, shares, sizes,
                        Path(__file__).parent / "results" / args.name))
 
 
@@ -244,7 +254,7 @@ def _beyond_the_bound(ratio: dict[str, float], bound: dict[str, float]) -> str:
 
 
 def write_report(args: argparse.Namespace, rows: list, rates: dict, costs: dict, shares: dict,
-                 stem: Path) -> str:
+                 sizes: dict[str, int], stem: Path) -> str:
     cmd = command_line("mixture", vars(args))
     expected = {c: expected_rate(rates[c], shares) for c in CONDITIONS}
     mixed = {c: rates[c]["mixture (random order)"][0] for c in CONDITIONS}
@@ -253,6 +263,11 @@ def write_report(args: argparse.Namespace, rows: list, rates: dict, costs: dict,
     own = {c: costs[c]["split"] / costs[c]["mixture"] for c in CONDITIONS}
     bound = {c: own[c] * splitting[c] for c in CONDITIONS}
     shared = ", ".join(f"{n} {s:.0%}" for n, s in shares.items())
+    stores = ", ".join(f"{n} {b / 1e6:.0f} MB" for n, b in sizes.items())
+    llc = last_level_cache_bytes()
+    cache = "size unknown" if llc is None else f"{llc / 2**20:.0f} MiB"
+    beyond = ("each more than" if llc is not None and min(sizes.values()) > llc
+              else "to be compared with")
     names = list(rates["idle"])
     met = all(abs(r - 1) <= 0.1 or r > 1 for r in ratio.values())
     lines = [
@@ -273,9 +288,13 @@ def write_report(args: argparse.Namespace, rows: list, rates: dict, costs: dict,
         "",
         "## DataLoader throughput (2 workers, batch 8, forkserver, persistent workers)",
         "",
-        f"Sources: the bundled SA-1B sample through `ZarrDistillDataset`, SAV-style pairs "
-        f"(2 × 256² RGB + masks) and referring data (256² RGB + mask + caption) from NPZ "
-        f"stores; RefCOCO ×4. Items are drawn at random over the mixture ({shared}); its "
+        f"Sources: the bundled SA-1B sample through `ZarrDistillDataset` (×3), "
+        f"{SAV_PAIRS} SAV-style pairs (2 × 256² RGB + masks) and {REFERRING} referring "
+        f"samples (256² RGB + mask + caption, ×2) from NPZ stores; the stores hold "
+        f"{stores}, {beyond} the CPU's last-level cache ({cache}), as real sources do (a "
+        f"source read alone from a store that fits it is served from the CPU's cache, and "
+        f"the mixture, whose stores together do not fit, from memory). Items are "
+        f"drawn at random over the mixture ({shared}); its "
         f"expected rate is the shares' weighted mean of the sources' rates, taken per item "
         f"(1 / Σ share/rate), each source read alone in the same rounds with the collate the "
         f"mixture uses for it (`collate_distill` for SA-1B, `packed_default_collate` for the "

@@ -48,6 +48,19 @@ def machine() -> str:
             f"{platform.release()}, Python {platform.python_version()}")
 
 
+def last_level_cache_bytes() -> int | None:
+    """Bytes of the largest CPU cache of CPU 0 (Linux's sysfs), None where unknown."""
+    sizes = []
+    for level in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            size = (level / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        sizes.append(int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size))
+    return max(sizes, default=None)
+
+
 def _rate_table(idle: dict[str, tuple[float, float]], busy: dict[str, tuple[float, float]],
                 item_bytes: int, references: Mapping[str, str]) -> list[str]:
     """A row per reader: items/s idle and busy, MB/s idle, each × the ``.bin`` reader of its
