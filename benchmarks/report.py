@@ -50,13 +50,12 @@ def machine() -> str:
 
 def last_level_cache_bytes() -> int | None:
     """Bytes of the largest CPU cache of CPU 0 (Linux's sysfs), None where unknown."""
-    sizes = []
+    sizes, units = [], {"K": 2**10, "M": 2**20, "G": 2**30}
     for level in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
             size = (level / "size").read_text().strip()
         except OSError:
             continue
-        units = {"K": 2**10, "M": 2**20, "G": 2**30}
         sizes.append(int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size))
     return max(sizes, default=None)
 

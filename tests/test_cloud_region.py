@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import LAYOUTS, REGION_RTT_MS, UNCOMPRESSED, _layout_store, assert_same_values
 
+from arraystore.chunk_format import CRC_BYTES
 from arraystore.loaders import StoreItems, ZarrDistillDataset, collate_distill
 from arraystore.readers.ranged import COALESCE_BYTES, coalesced
 
@@ -29,14 +30,17 @@ def test_batches_from_the_region_equal_local_batches(region, layout, tmp_path_fa
     got = collate_distill(remote.__getitems__(indices))
     gets = region.requests()["gets"] - before
     assert_same_values(got, collate_distill(local.__getitems__(indices)), layout)
-    fields = len(remote.batch_slots())
+    read = [remote.reader.schema[name] for name in remote.reader.fields]
+    per_sample = [f for f in read if f.chunking == "sample"]
+    blocks = (len(read) - len(per_sample)) * -(-len(indices) // LAYOUTS[layout].block_size)
     if layout.startswith("raw"):  # a GET per (field, sample) chunk file, all in one round
-        assert gets <= fields * len(indices) + 2 * fields
+        assert gets <= len(per_sample) * len(indices) + blocks
     else:  # a shard's neighbouring inner chunks joined into GETs of up to COALESCE_BYTES
         size = LAYOUTS[layout].shard_size
         shards = -(-len(indices) // size)
-        joined = [max(1, COALESCE_BYTES // (f.nbytes + 4)) for f in remote.reader.schema.fields]
-        assert gets <= shards * sum(-(-size // n) for n in joined) + 2 * fields  # + indexes
+        joined = [max(1, COALESCE_BYTES // (f.nbytes + CRC_BYTES)) for f in per_sample]
+        indexes = len(per_sample) * shards
+        assert gets <= shards * sum(-(-size // n) for n in joined) + indexes + blocks
     items = StoreItems(f"s3://stores/{layout}.zarr", storage_options=region.storage_options())
     assert_same_values(items[1], StoreItems(_layout_store(layout, tmp_path_factory, shard))[1])
 
