@@ -265,6 +265,20 @@ class SampleReader:
             values.update(zip(group, backend.read_fields(readers, position), strict=True))
         return {name: values[name] for name in names}
 
+    def read_each(self, indices: Sequence[int], name: str) -> list[Any]:
+        """Field ``name`` of each of the ``indices``-th committed samples, as :meth:`read`
+        gives it (a ``str`` for a string field), the field's reader looked up once: a
+        batch's captions, read by :meth:`read` one by one, cost twice as much."""
+        field = self.schema[name]
+        positions = self.positions_of(indices)
+        if field.chunking == "block":
+            return [self._block_value(field, position) for position in positions]
+        opened = self._open.get()
+        reader, backend = self.field_reader(name)
+        read_fields, ahead = opened.backends[backend].read_fields, opened.ahead
+        return [self._take_ahead(name, position) if ahead and (name, position) in ahead
+                else read_fields((reader,), position)[0] for position in positions]
+
     def fetch_ahead(self, indices: Sequence[int], names: Sequence[str],
                     then: Sequence[int] = ()) -> None:
         """Fetch the per-sample chunks of fields ``names`` of the ``indices``-th committed
@@ -369,20 +383,29 @@ class SampleReader:
             out[...] = got
         return got
 
-    def read_into(self, index: int, name: str, out: np.ndarray) -> None:
-        """Field ``name`` of the ``index``-th committed sample written into ``out`` (its shape
-        and dtype): a slot of a batch buffer, filled without an intermediate array where the
-        backend can (the direct backend ``preadv`` s into it), or from what
-        :meth:`fetch_ahead` fetched."""
-        position = self.position(index)
-        if self.schema[name].chunking == "block":
-            out[...] = self.read_field(name, position)
+    def positions_of(self, indices: Sequence[int]) -> list[int]:
+        """The store slots of the ``indices``-th committed samples (for :meth:`read_rows`)."""
+        return [self.position(int(index)) for index in indices]
+
+    def read_rows(self, positions: Sequence[int], name: str, rows: np.ndarray) -> None:
+        """Field ``name`` of the samples in store slots ``positions`` written into ``rows``
+        (``rows[k]`` for ``positions[k]``; the field's shape and dtype): the rows of a batch
+        buffer, filled without an intermediate array where the backend can (the direct
+        backend ``preadv`` s into them), or from what :meth:`fetch_ahead` fetched. The field's
+        reader is looked up once for the batch, not once a sample."""
+        field = self.schema[name]
+        if field.chunking == "block":
+            for row, position in enumerate(positions):
+                rows[row] = self._block_value(field, position)
             return
         ahead = self._open.get().ahead
-        if ahead and (name, position) in ahead:
-            self._take_ahead(name, position, out)
-        else:
-            self.field_reader(name)[0].read_into(position, out)
+        reader = self.field_reader(name)[0]
+        for row, position in enumerate(positions):
+            out = rows[row] if field.shape else rows[row:row + 1].reshape(())  # a view
+            if ahead and (name, position) in ahead:
+                self._take_ahead(name, position, out)
+            else:
+                reader.read_into(position, out)
 
     def _plan(self, names: tuple[str, ...]) -> ReadPlan:
         """How :meth:`read` reads ``names``: the block-chunked ones one by one, the others

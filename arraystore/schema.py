@@ -81,12 +81,12 @@ class Field:
     def is_string(self) -> bool:
         return self.dtype == STRING_DTYPE
 
-    @property
+    @cached_property  # asked per field of every batch: built once
     def numpy_dtype(self) -> np.dtype:
         """The dtype of the values a reader returns (``StringDType`` for strings)."""
         return np.dtypes.StringDType() if self.is_string else np.dtype(self.dtype)
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         """Bytes of one sample of this field (0 for strings, whose size varies)."""
         return 0 if self.is_string else int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from arraystore import Field, Layout, Schema, Store, ingest
 from arraystore.converters.npz.source import NpzDirectorySource
@@ -165,19 +165,39 @@ def throughput(root: Path, items: int, rounds: int) -> tuple[dict, dict, dict, d
         step[0] = STEP_SECONDS if name == "busy" else 0.0
         with condition(name):
             rates[name] = interleaved(runs, rounds, seed=3)
-            costs[name] = worker_costs(mixture, cut(order), rounds)
+            costs[name] = costs_in_a_worker(mixture, cut(order), rounds)
     return rates, costs, dict(zip(mixture.dataset_types, shares, strict=True)), sizes
 
 
-def worker_costs(mixture: Mixture, batches: list[list[int]], rounds: int) -> dict[str, float]:
-    """What a DataLoader worker does per batch, timed in this process with torch on one thread
-    (as in a worker), no DataLoader: ms per batch of (1) the mixture's batch, ``__getitems__``
-    + ``collate``; (2) the same sub-batches, each read and collated by its source alone, summed;
-    (3) the same items read by each source in full batches of ``BATCH`` (what the share-weighted
-    expectation assumes). (2)/(3) is the cost of splitting a batch by source; (1)/(2) the
-    mixture's own work on top."""
-    import torch
+class _InWorker(Dataset):
+    """One item, :func:`worker_costs` of the mixture's batches: read in a DataLoader worker,
+    it times them where a DataLoader builds batches (torch on one thread, batch buffers the
+    worker's reused shared-memory segments)."""
 
+    def __init__(self, mixture: Mixture, batches: list[list[int]], rounds: int) -> None:
+        self.mixture, self.batches, self.rounds = mixture, batches, rounds
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> dict[str, float]:
+        return worker_costs(self.mixture, self.batches, self.rounds)
+
+
+def costs_in_a_worker(mixture: Mixture, batches: list[list[int]],
+                      rounds: int) -> dict[str, float]:
+    """:func:`worker_costs`, measured in a DataLoader worker of its own."""
+    loader = DataLoader(_InWorker(mixture, batches, rounds), batch_size=None, num_workers=1,
+                        multiprocessing_context="forkserver")
+    return next(iter(loader))
+
+
+def worker_costs(mixture: Mixture, batches: list[list[int]], rounds: int) -> dict[str, float]:
+    """What a DataLoader worker does per batch, without handing batches over: ms per batch of
+    (1) the mixture's batch, ``__getitems__`` + ``collate``; (2) the same sub-batches, each
+    read and collated by its source alone, summed; (3) the same items read by each source in
+    full batches of ``BATCH`` (what the share-weighted expectation assumes). (2)/(3) is the
+    cost of splitting a batch by source; (1)/(2) the mixture's own work on top."""
     located = [[mixture.locate(i) for i in batch] for batch in batches]
     collates = [getattr(d, "collate_fn", None) or packed_default_collate
                 for d in mixture.datasets]
@@ -199,20 +219,15 @@ def worker_costs(mixture: Mixture, batches: list[list[int]], rounds: int) -> dic
             for start in range(0, len(own), BATCH):
                 collates[number](dataset.__getitems__(own[start:start + BATCH]))
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        times: dict[str, list[float]] = {"mixture": [], "split": [], "whole": []}
-        jobs = {"mixture": mixed, "split": split, "whole": whole}
-        for job in jobs.values():
-            job()  # warm: files open, pages cached
-        for _ in range(rounds):
-            for name, job in jobs.items():
-                start = time.perf_counter()
-                job()
-                times[name].append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
+    times: dict[str, list[float]] = {"mixture": [], "split": [], "whole": []}
+    jobs = {"mixture": mixed, "split": split, "whole": whole}
+    for job in jobs.values():
+        job()  # warm: files open, pages cached, the ring's segments made
+    for _ in range(rounds):
+        for name, job in jobs.items():
+            start = time.perf_counter()
+            job()
+            times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) / len(batches) * 1e3 for name, t in times.items()}
 
 
@@ -226,7 +241,9 @@ def expected_rate(rates: dict[str, tuple[float, float]], shares: dict[str, float
 def main() -> None:
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--big", type=int, default=10_000_000, help="samples of the big mixture")
-    parser.add_argument("--items", type=int, default=192, help="DataLoader items a round")
+    parser.add_argument("--items", type=int, default=1536,
+                        help="DataLoader items a round (a round of a few dozen batches is swayed "
+                             "by how its few SA-1B batches fall on the two workers)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--name", default="mixture")
@@ -241,7 +258,8 @@ def main() -> None:
 
 
 def _beyond_the_bound(ratio: dict[str, float], bound: dict[str, float]) -> str:
-    """What the DataLoader's ratios say beside the one-process bound, per condition."""
+    """What the DataLoader's ratios say beside the bound of a worker's work, per
+    condition."""
     at = [c for c in CONDITIONS if ratio[c] >= bound[c] - 0.03]
     out = [f"{' and '.join(at).capitalize()}, the DataLoader is at or above that bound: "
            "handing a mixed batch over costs no more than a source's batch."] if at else []
@@ -316,8 +334,9 @@ def write_report(args: argparse.Namespace, rows: list, rates: dict, costs: dict,
         "",
         "## What bounds it: a worker's work per batch",
         "",
-        "The same random batches, timed in one process with torch on one thread as in a "
-        "DataLoader worker, without the DataLoader: the mixture's batch (`__getitems__` + "
+        "The same random batches, timed inside a DataLoader worker (torch on one thread, "
+        "batch buffers the worker's reused shared-memory segments) without handing batches "
+        "to the main process: the mixture's batch (`__getitems__` + "
         "`collate`); the same sub-batches (a random batch of 8 from three sources is two or "
         "three, one per source present) each read and collated by its source alone; and the "
         "same items read by each source in full batches of 8, which is what the expectation "
@@ -340,10 +359,12 @@ def write_report(args: argparse.Namespace, rows: list, rates: dict, costs: dict,
         "dicts) for fewer items, so a random mixed batch costs more than the same items in "
         "batches of one source: that is the first ratio, and no reader that keeps the "
         "sampler's batches as they are avoids it (a sampler that draws each batch from one "
-        "source would). The second ratio is what the mixture adds on top: finding each "
-        "index's source, grouping, tagging each item with `dataset_type` and "
-        "`modality_length`, building the batch of sub-batches. Their product is the bound one "
-        f"process sees ({bound['idle']:.2f}× idle, {bound['busy']:.2f}× busy), against the "
+        "source would). The second ratio sets what the mixture adds (finding each index's "
+        "source, grouping, tagging each item with `dataset_type` and `modality_length`, "
+        "building the batch of sub-batches) against what it saves (one buffer and one "
+        "collate for the whole batch, where each sub-batch read alone has its own). Their "
+        f"product is the bound a worker's own work sets ({bound['idle']:.2f}× idle, "
+        f"{bound['busy']:.2f}× busy), against the "
         f"DataLoader's {ratio['idle']:.2f}× and {ratio['busy']:.2f}×. The sources' parts of a "
         "mixed batch are read into one buffer, so it crosses from a worker as one "
         "shared-memory segment, as a source's batch does. "

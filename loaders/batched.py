@@ -188,6 +188,7 @@ def fill(reader: SampleReader, slots: Sequence[Slot], buffers: Mapping[str, torc
     :meth:`SampleReader.fetch_ahead`)."""
     reader.fetch_ahead(indices, [*(slot.field for slot in slots), *also], upcoming(indices))
     n, batch = len(indices), {}
+    positions = reader.positions_of(indices)
     for slot in slots:
         target = buffers[slot.key]
         if target.shape[0] != n:
@@ -195,9 +196,7 @@ def fill(reader: SampleReader, slots: Sequence[Slot], buffers: Mapping[str, torc
         field = reader.schema[slot.field]
         same = torch_dtype(field.numpy_dtype) == slot.dtype
         rows = target.numpy() if same else np.empty((n, *field.shape), field.numpy_dtype)
-        for row, index in enumerate(indices):  # a 0-d view for scalars, not a copy
-            reader.read_into(int(index), slot.field,
-                             rows[row] if field.shape else rows[row:row + 1].reshape(()))
+        reader.read_rows(positions, slot.field, rows)
         if not same:  # converted by NumPy: torch's intra-op threads cost more than this
             np.copyto(target.numpy(), rows, casting="unsafe")
         batch[slot.key] = slot.view(target)

@@ -49,6 +49,7 @@ from arraystore.reader import SampleReader
 MODALITY_FIELD = "modality_length"
 DEFAULT_MODALITY_LENGTH = 1
 ADDED_KEYS = ("dataset_type", MODALITY_FIELD)
+COLUMN = ""  # the key of a source's modality_length column among its buffers: no slot's
 
 
 @dataclass
@@ -85,24 +86,27 @@ class MixSource:
 class StoreItems(Dataset):
     """Any store as a map-style Dataset: item ``i`` is :meth:`SampleReader.read` of it
     (``storage_options``: of an object-store URL; ``cache_dir``, ``cache_limit``: its node-local
-    cache)."""
+    cache). ``omit``: fields never read, whatever ``fields`` says (a mixture's source: the
+    values the mixture sets itself)."""
 
     def __init__(self, path: str | os.PathLike[str], fields: Sequence[str] | None = None,
                  backend: str = "auto", storage_options: Mapping[str, Any] | None = None,
                  cache_dir: str | os.PathLike[str] | None = None,
-                 cache_limit: int | str | None = None) -> None:
+                 cache_limit: int | str | None = None, omit: Sequence[str] = ()) -> None:
         self.reader = SampleReader(path, backend=backend, fields=fields,
                                    storage_options=storage_options, cache_dir=cache_dir,
                                    cache_limit=cache_limit)
-        self.slots = [Slot(name, name, torch_dtype(self.reader.schema[name].numpy_dtype))
-                      for name in self.reader.fields if not self.reader.schema[name].is_string]
-        self.strings = [n for n in self.reader.fields if self.reader.schema[n].is_string]
+        self.fields = tuple(n for n in self.reader.fields if n not in omit)
+        schema = self.reader.schema
+        self.slots = [Slot(name, name, torch_dtype(schema[name].numpy_dtype))
+                      for name in self.fields if not schema[name].is_string]
+        self.strings = [n for n in self.fields if schema[n].is_string]
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.reader.read(index)
+        return self.reader.read(index, self.fields)
 
     def batch_slots(self) -> list[Slot]:
         """Every numeric field as a slot of a batch buffer (strings are listed)."""
@@ -115,10 +119,10 @@ class StoreItems(Dataset):
         ``default_collate`` batches the items."""
         # from an object store the strings' chunks are fetched with the batch's
         stacked = fill(self.reader, self.slots, buffers, indices, also=self.strings)
-        listed = {n: [self.reader.read(int(i), (n,))[n] for i in indices] for n in self.strings}
-        batch = {n: stacked[n] if n in stacked else listed[n] for n in self.reader.fields}
-        arrays = {n: batch[n].numpy() if n in stacked else batch[n] for n in self.reader.fields}
-        views = [{n: arrays[n][row] for n in self.reader.fields} for row in range(len(indices))]
+        listed = {n: self.reader.read_each(indices, n) for n in self.strings}
+        batch = {n: stacked[n] if n in stacked else listed[n] for n in self.fields}
+        arrays = {n: batch[n].numpy() if n in stacked else batch[n] for n in self.fields}
+        views = [{n: arrays[n][row] for n in self.fields} for row in range(len(indices))]
         return Batched(views, batch, default_format=True)
 
     def __getitems__(self, indices: Sequence[int]) -> Batched:
@@ -148,6 +152,15 @@ def _modality_lengths(dataset: Any, source: MixSource) -> np.ndarray:
                            f"{int(np.flatnonzero(lengths == 0)[0])}; lengths are positive, or "
                            f"negative for text-only samples")
     return lengths
+
+
+def _column(target: torch.Tensor | None, values: list[int]) -> torch.Tensor:
+    """``values`` as an int64 tensor: written into ``target`` (a slot of the batch buffer)
+    where there is one."""
+    if target is None:
+        return torch.tensor(values, dtype=torch.int64)
+    target.numpy()[:] = values
+    return target
 
 
 def modality_tensor(items: Sequence[Mapping[str, Any]]) -> torch.Tensor:
@@ -214,7 +227,8 @@ class Mixture(Dataset):
             return None
         if source.item == "distill":
             return ZarrDistillDataset(path, source.backend, **remote)
-        return StoreItems(path, source.fields, source.backend, **remote)
+        # the values the mixture sets are not read: every item's would be replaced
+        return StoreItems(path, source.fields, source.backend, **remote, omit=ADDED_KEYS)
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str], **kwargs: Any) -> Mixture:
@@ -278,38 +292,45 @@ class Mixture(Dataset):
     def _mixture_item(self, source: int, item: Any, length: int) -> dict[str, Any]:
         """A source's item as the mixture's: with its ``dataset_type`` and
         ``modality_length``."""
-        if not isinstance(item, dict | Mapping):  # a dict is checked without the ABC's hooks
+        return {**self._checked(source, item), "dataset_type": self.sources[source].dataset_type,
+                MODALITY_FIELD: length}
+
+    def _checked(self, source: int, item: Any) -> Mapping[str, Any]:
+        """``item`` of source ``source``, which must be a dict."""
+        if type(item) is not dict and not isinstance(item, Mapping):  # a dict: no ABC hooks
             raise TypeError(f"mixture source {self.sources[source].dataset_type!r} returned a "
                             f"{type(item).__name__}; mixture sources return dicts")
-        return {**item, "dataset_type": self.sources[source].dataset_type,
-                MODALITY_FIELD: length}
+        return item
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """The items ``indices``, each source's read together. The sources that read into
-        batch buffers (the store datasets' ``fill_batch``) share one allocation, so a mixed
-        batch crosses from a worker as one buffer; the others use their own
-        ``__getitems__``. Where :meth:`collate` would batch the items by type, the batch is
-        built from what the sources read and handed on by it (a :class:`Batched`, equal to
-        :meth:`collate` of the items); otherwise the items."""
+        batch buffers (the store datasets' ``fill_batch``) share one allocation, with each
+        one's ``modality_length`` column, so a mixed batch crosses from a worker as one
+        buffer; the others use their own ``__getitems__``. Where :meth:`collate` would batch
+        the items by type, the batch is built from what the sources read and handed on by it
+        (a :class:`Batched`, equal to :meth:`collate` of the items); otherwise the items."""
         parts = self._by_source(indices)
         if any(not hasattr(self.datasets[s], "__getitems__") for s in parts):
             return [self[int(i)] for i in indices]
-        then = self._by_source(upcoming(indices))  # each source's part of the next batch
-        reads = self._read_parts({s: BatchWithNext(own, then[s][1] if s in then else ())
-                                  for s, (_, own) in parts.items()})
-        lengths = self.lengths[np.asarray(indices, np.int64)]
-        listed = lengths.tolist()
+        following = upcoming(indices)
+        then = self._by_source(following) if following else {}  # the sources' next parts
+        reads, columns = self._read_parts({s: BatchWithNext(own, then[s][1] if s in then else ())
+                                           for s, (_, own) in parts.items()})
+        listed = self.lengths[np.asarray(indices, np.int64)].tolist()
         items: list[dict[str, Any]] = [{}] * len(indices)
         for source, (rows, _) in parts.items():
-            for row, item in zip(rows, reads[source], strict=True):
-                items[row] = self._mixture_item(source, item, listed[row])
+            read, name = reads[source], self.sources[source].dataset_type
+            if not isinstance(read, Batched):  # a Batched holds dicts, built by its source
+                read = [self._checked(source, item) for item in read]
+            for row, item in zip(rows, read, strict=True):
+                items[row] = {**item, "dataset_type": name, MODALITY_FIELD: listed[row]}
         if self.collate_fn is not None or not all(isinstance(r, Batched)
                                                   for r in reads.values()):
             return items  # collated item by item
         if len(parts) > 1 and len({frozenset(items[r[0]]) for r, _ in parts.values()}) == 1:
             return items  # the same keys: one batch, collated item by item
         batches = {}
-        for source, (members, _) in parts.items():
+        for source, (rows, _) in parts.items():
             name, read = self.sources[source].dataset_type, reads[source]
             own = self._own_collate(source)
             stripped = read if not any(k in read[0] for k in ADDED_KEYS) else [
@@ -321,26 +342,33 @@ class Mixture(Dataset):
             else:
                 batch = collate_packed({"": list(stripped)})[""]
             if isinstance(batch, dict):
-                batch["dataset_type"] = [name] * len(members)
-                batch[MODALITY_FIELD] = torch.from_numpy(lengths[members])
+                batch["dataset_type"] = [name] * len(rows)
+                batch[MODALITY_FIELD] = _column(columns.get(source), [listed[r] for r in rows])
             batches[name] = batch
         return Batched(items, next(iter(batches.values())) if len(batches) == 1 else batches)
 
-    def _read_parts(self, parts: Mapping[int, Sequence[int]]) -> dict[int, Any]:
-        """Each source's part of a batch (its own indices), read together. The parts of
-        sources that fill batch buffers (``batch_slots`` + ``fill_batch``) are views of one
-        allocation, in a DataLoader worker one shared segment for the whole mixed batch."""
-        filling = {s for s in parts if hasattr(self.datasets[s], "fill_batch")}
-        shapes = {(s, key): shape for s in filling
-                  for key, shape in slot_shapes(self.datasets[s].reader,
-                                                self.datasets[s].batch_slots(),
-                                                len(parts[s])).items()}
+    def _read_parts(self, parts: Mapping[int, Sequence[int]]
+                    ) -> tuple[dict[int, Any], dict[int, torch.Tensor]]:
+        """Each source's part of a batch (its own indices), read together, and the
+        ``modality_length`` column of each source that fills a batch buffer
+        (``batch_slots`` + ``fill_batch``): views of one allocation, in a DataLoader worker
+        one shared segment for the whole mixed batch, so the column crosses by reference
+        like the rest (by value it cost more to send than a source's whole batch
+        reference)."""
+        filling = [s for s in parts if hasattr(self.datasets[s], "fill_batch")]
+        shapes: dict[tuple[int, str], tuple[tuple[int, ...], torch.dtype]] = {}
+        for source in filling:
+            dataset, count = self.datasets[source], len(parts[source])
+            for key, shape in slot_shapes(dataset.reader, dataset.batch_slots(), count).items():
+                shapes[source, key] = shape
+            shapes[source, COLUMN] = ((count,), torch.int64)
         buffers: dict[int, dict[str, torch.Tensor]] = {s: {} for s in filling}
         for (source, key), array in (allocate_arrays(shapes) if shapes else {}).items():
             buffers[source][key] = array
+        columns = {s: buffers[s].pop(COLUMN) for s in filling}
         return {source: self.datasets[source].fill_batch(own, buffers[source])
-                if source in filling else self.datasets[source].__getitems__(own)
-                for source, own in parts.items()}
+                if source in buffers else self.datasets[source].__getitems__(own)
+                for source, own in parts.items()}, columns
 
     def collate(self, items: list[Mapping[str, Any]]) -> Any:
         """Batch items: one batch when they share their keys, else a dict of per-type

@@ -221,7 +221,7 @@ def _replace(value: Any, swap: Any) -> Any:
     if isinstance(value, dict):
         return {k: _replace(v, swap) for k, v in value.items()}
     if type(value) in (list, tuple):
-        if all(type(v) in _PLAIN for v in value):
+        if _PLAIN.issuperset(map(type, value)):  # one C call, not one a value
             return value
         return type(value)(_replace(v, swap) for v in value)
     return swap(value)

@@ -301,18 +301,39 @@ def test_batches_read_together_equal_collate_of_the_items(mix, stores, indices) 
 
 
 def test_the_sources_parts_of_a_batch_share_one_buffer(mix) -> None:
-    """Every source's batched fields in a mixed batch (the SA-1B boxes' masks too) are views
-    of one allocation: from a DataLoader worker the batch crosses as one shared-memory
-    segment, as a source's does."""
-    batch = mix.collate(mix.__getitems__([38, 3, 9, 1, 4, 20]))
+    """Every source's batched fields in a mixed batch (the SA-1B boxes' masks too) and each
+    part's ``modality_length`` are views of one allocation: from a DataLoader worker the batch
+    crosses as one shared-memory segment, as a source's does."""
+    indices = [38, 3, 9, 1, 4, 20]
+    batch = mix.collate(mix.__getitems__(indices))
     assert set(batch) == set(mix.dataset_types)
-    values = [batch[name][slot.key]
+    values = [batch[name][key]
               for name, dataset in zip(mix.dataset_types, mix.datasets, strict=True)
-              for slot in dataset.batch_slots() if slot.key != "modality_length"]
-    # (the mixture's own modality_length replaces the stored one; the boxes' masks are listed)
+              for key in [*(slot.key for slot in dataset.batch_slots()), "modality_length"]]
+    # (the boxes' masks are listed)
     storages = {t.untyped_storage().data_ptr()
                 for value in values for t in (value if isinstance(value, list) else [value])}
     assert len(storages) == 1
+    parts = sources_of(mix, indices)
+    for number, name in enumerate(mix.dataset_types):
+        assert batch[name]["modality_length"].tolist() == mix.lengths[
+            np.asarray(indices)[parts == number]].tolist()
+
+
+def test_a_store_source_does_not_read_the_values_the_mixture_sets(stores) -> None:
+    """The refcoco store holds ``modality_length``; the mixture's items take theirs from the
+    mixture, so its source never reads the stored one (item by item or in a batch)."""
+    mixture = Mixture([MixSource(stores["refcoco"], dataset_type="refcoco", repeats=2)])
+    source = mixture.datasets[0]
+    assert "modality_length" in source.reader.schema
+    assert "modality_length" not in source.fields
+    assert "modality_length" not in source[0]
+    assert "modality_length" not in [slot.key for slot in source.batch_slots()]
+    stored = SampleReader(stores["refcoco"]).column("modality_length")
+    assert [mixture[i]["modality_length"] for i in range(len(mixture))] == list(stored) * 2
+    batch = mixture.collate(mixture.__getitems__([0, 8, 3]))
+    assert batch["modality_length"].tolist() == [stored[0], stored[1], stored[3]]
+    assert batch["dataset_type"] == ["refcoco"] * 3
 
 
 class Pairs(Dataset):

@@ -47,6 +47,10 @@ def test_direct_string_reads_equal_zarr(tmp_path, layout: str) -> None:
         assert got["caption"] == expected["caption"] == text
         assert got["tag"] == expected["tag"] and isinstance(got["tag"], str)
         np.testing.assert_array_equal(got["x"], expected["x"])
+    order = [5, 0, 7, 5, 2]
+    for name in ("caption", "tag"):  # a batch's strings, read together, as read gives them
+        expected = [reference.read(i)[name] for i in order]
+        assert direct.read_each(order, name) == reference.read_each(order, name) == expected
     for name in ("caption", "tag"):
         ours = direct.field_reader(name)[0].read(1, len(TEXTS))
         theirs = reference.field_reader(name)[0].read(1, len(TEXTS))

@@ -78,6 +78,8 @@ class DirectBackend(Backend):
         item makes them faster)."""
         if not self._files:
             return fetch_samples(self.location, [(r, sample) for r in readers])
+        if len(readers) == 1:  # nothing to split (a batch's captions, read one by one)
+            return [readers[0].read_sample(sample)]
         out = [reader.mapped_sample(sample) for reader in readers]
         rest = tuple(i for i, value in enumerate(out) if value is None)
         key = (tuple(map(id, readers)), rest)
