@@ -353,8 +353,8 @@ class Mixture(Dataset):
         ``modality_length`` column of each source that fills a batch buffer
         (``batch_slots`` + ``fill_batch``): views of one allocation, in a DataLoader worker
         one shared segment for the whole mixed batch, so the column crosses by reference
-        like the rest (by value it cost more to send than a source's whole batch
-        reference)."""
+        like the rest (probe: pickling a one-source batch for the queue 49 µs with the column
+        by value, 39 by reference)."""
         filling = [s for s in parts if hasattr(self.datasets[s], "fill_batch")]
         shapes: dict[tuple[int, str], tuple[tuple[int, ...], torch.dtype]] = {}
         for source in filling:
