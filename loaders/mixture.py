@@ -163,6 +163,14 @@ def _column(target: torch.Tensor | None, values: list[int]) -> torch.Tensor:
     return target
 
 
+def _without_added(items: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
+    """``items`` without the keys the mixture adds (as its sources gave them), for a source's
+    collate; the items themselves where none has them."""
+    if not any(k in item for item in items for k in ADDED_KEYS):
+        return items
+    return [{k: v for k, v in i.items() if k not in ADDED_KEYS} for i in items]
+
+
 def modality_tensor(items: Sequence[Mapping[str, Any]]) -> torch.Tensor:
     """The items' ``modality_length`` as ``default_collate`` batches ints: an int64 tensor."""
     return torch.tensor([int(i[MODALITY_FIELD]) for i in items], dtype=torch.int64)
@@ -265,7 +273,7 @@ class Mixture(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         source, local = self.locate(int(index))
-        return self._mixture_item(source, self.datasets[source][local],
+        return self._mixture_item(source, self._checked(source, self.datasets[source][local]),
                                   int(self.lengths[index]))
 
     def set_epoch(self, epoch: int) -> None:
@@ -289,10 +297,11 @@ class Mixture(Dataset):
             if saved is not None and hasattr(dataset, "load_state_dict"):
                 dataset.load_state_dict(saved)
 
-    def _mixture_item(self, source: int, item: Any, length: int) -> dict[str, Any]:
-        """A source's item as the mixture's: with its ``dataset_type`` and
-        ``modality_length``."""
-        return {**self._checked(source, item), "dataset_type": self.sources[source].dataset_type,
+    def _mixture_item(self, source: int, item: Mapping[str, Any], length: int
+                      ) -> dict[str, Any]:
+        """A source's item (a dict, :meth:`_checked`) as the mixture's: with its
+        ``dataset_type`` and ``modality_length``."""
+        return {**item, "dataset_type": self.sources[source].dataset_type,
                 MODALITY_FIELD: length}
 
     def _checked(self, source: int, item: Any) -> Mapping[str, Any]:
@@ -319,11 +328,11 @@ class Mixture(Dataset):
         listed = self.lengths[np.asarray(indices, np.int64)].tolist()
         items: list[dict[str, Any]] = [{}] * len(indices)
         for source, (rows, _) in parts.items():
-            read, name = reads[source], self.sources[source].dataset_type
+            read = reads[source]
             if not isinstance(read, Batched):  # a Batched holds dicts, built by its source
                 read = [self._checked(source, item) for item in read]
             for row, item in zip(rows, read, strict=True):
-                items[row] = {**item, "dataset_type": name, MODALITY_FIELD: listed[row]}
+                items[row] = self._mixture_item(source, item, listed[row])
         if self.collate_fn is not None or not all(isinstance(r, Batched)
                                                   for r in reads.values()):
             return items  # collated item by item
@@ -333,14 +342,12 @@ class Mixture(Dataset):
         for source, (rows, _) in parts.items():
             name, read = self.sources[source].dataset_type, reads[source]
             own = self._own_collate(source)
-            stripped = read if not any(k in read[0] for k in ADDED_KEYS) else [
-                {k: v for k, v in i.items() if k not in ADDED_KEYS} for i in read]
             if own is not None:
-                batch = own(stripped)
+                batch = own(_without_added(read))
             elif read.default_format:  # the mixture's own values replace stored ones
                 batch = {k: v for k, v in read.batch.items() if k not in ADDED_KEYS}
             else:
-                batch = collate_packed({"": list(stripped)})[""]
+                batch = collate_packed({"": list(_without_added(read))})[""]
             if isinstance(batch, dict):
                 batch["dataset_type"] = [name] * len(rows)
                 batch[MODALITY_FIELD] = _column(columns.get(source), [listed[r] for r in rows])
@@ -390,7 +397,7 @@ class Mixture(Dataset):
             groups = {items[0]["dataset_type"]: items}
         batches, packed = {}, {}
         for name, members in groups.items():
-            stripped = [{k: v for k, v in i.items() if k not in ADDED_KEYS} for i in members]
+            stripped = _without_added(members)
             own = self._own_collate(self.dataset_types.index(name))
             if own is None:
                 packed[name] = stripped
