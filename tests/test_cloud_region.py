@@ -5,7 +5,10 @@ inner chunks of a shard in one GET), and the proxy really delays and paces."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
+import os
+import socket
 import time
 
 import fsspec
@@ -17,6 +20,7 @@ from conftest import LAYOUTS, REGION_RTT_MS, UNCOMPRESSED, _layout_store, assert
 from arraystore.chunk_format import CRC_BYTES
 from arraystore.loaders import StoreItems, ZarrDistillDataset, collate_distill
 from arraystore.readers.ranged import COALESCE_BYTES, coalesced
+from arraystore.testing import cloud_region
 
 
 @pytest.mark.parametrize("layout", UNCOMPRESSED)
@@ -57,6 +61,51 @@ def test_the_proxy_delays_and_paces(region) -> None:
     assert time.perf_counter() - start >= 20_000_000 / 100e6  # at most 100 MB/s a connection
     assert fs.cat_file("stores/blob", start=5, end=9) == data[5:9]
     assert region.cpu_seconds()["server"] > 0
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected loopback TCP sockets, non-blocking."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        near = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+    for end in (near, far):
+        end.setblocking(False)
+    return near, far
+
+
+@pytest.mark.parametrize("splices", sorted({False, cloud_region._SPLICES}))
+def test_a_proxied_connection_delays_paces_and_closes_when_a_side_ends(monkeypatch,
+                                                                       splices) -> None:
+    """The proxy's connection, in this process, with the answers' bytes in a kernel pipe
+    (Linux) and in the buffer used where the kernel cannot splice: a request arrives one
+    round trip late, an answer paced to the cap and whole, and once the server's side ends
+    (after all it sent is out) the whole connection closes."""
+    monkeypatch.setattr(cloud_region, "_SPLICES", splices)
+    rtt, rate, answer = 0.05, 20e6, os.urandom(3_000_000)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        client, client_side = _tcp_pair()
+        server_side, server = _tcp_pair()
+        cloud_region._Connection(client_side, server_side, rtt, rate)
+        start = loop.time()
+        await loop.sock_sendall(client, b"GET /blob")
+        assert await loop.sock_recv(server, 100) == b"GET /blob"
+        assert loop.time() - start >= rtt
+        start = loop.time()
+        await loop.sock_sendall(server, answer)
+        server.shutdown(socket.SHUT_WR)
+        received = bytearray()
+        while block := await loop.sock_recv(client, 1 << 20):
+            received += block
+        assert received == answer  # all of it, then the end
+        assert loop.time() - start >= len(answer) / rate
+        assert await loop.sock_recv(server, 100) == b""  # the proxy's side closed too
+        assert client_side.fileno() == server_side.fileno() == -1
+        client.close()
+        server.close()
+
+    asyncio.run(scenario())
 
 
 def test_coalesced_joins_touching_ranges_of_one_object() -> None:

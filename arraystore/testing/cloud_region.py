@@ -6,11 +6,14 @@ A simulation of a remote object store, not one: the server answers the requests 
 readers make (GET with ``Range`` and ``If-Match``, HEAD, ListObjectsV2; PUT and DELETE for
 completeness) from files, with no authentication, and sends object bodies with ``sendfile`` so
 that it costs little CPU (moto's Python server was the bottleneck of read benchmarks: its own
-CPU is what :meth:`Region.cpu_seconds` lets a benchmark report). The proxy delays every chunk
-of bytes by half the round trip in each direction (so a request's first byte comes one round
-trip after it was sent, however many requests are in flight) and paces each connection's
-download to the bandwidth cap. Each runs in a process of its own, so neither competes with the
-caller for the GIL. Buckets are the folders under ``root``; objects are the files beneath them.
+CPU is what :meth:`Region.cpu_seconds` lets a benchmark report). The proxy holds what a client
+sends for the whole round trip and paces what the server sends back to the bandwidth cap, per
+connection: an answer's first byte comes one round trip after its request, however many
+requests are in flight, as over a link with half the delay each way. On Linux the answers'
+bytes go through a kernel pipe (``splice``), never through Python: copied through Python, they
+made the proxy the costliest process of the simulation. Each runs in a process of its own, so
+neither competes with the caller for the GIL. Buckets are the folders under ``root``; objects
+are the files beneath them.
 
 ``python -m arraystore.testing.cloud_region serve ROOT`` and ``... proxy HOST:PORT`` run them
 by hand; each prints the port it listens on. ``GET /_region/stats`` on the server counts the
@@ -30,7 +33,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import os
+import resource
+import socket
 import subprocess
 import sys
 import time
@@ -45,8 +51,9 @@ from xml.sax.saxutils import escape
 
 DEFAULT_RTT_MS = 20.0
 DEFAULT_MB_PER_S = 100.0
-PUMP_BYTES = 256 * 1024
-BACKLOG_BYTES = 8 << 20  # bytes a proxied direction holds before it pauses its sender
+PUMP_BYTES = 256 * 1024  # the server's file reads and writes
+MOVE_BYTES = 256 * 1024  # the most a proxied direction moves at once
+LINE_BYTES = 1 << 20  # bytes a proxied direction holds before it stops reading its sender
 STATS_PATH = "_region/stats"  # GET: the requests served so far, as JSON
 FAULTS_PATH = "_region/faults"  # POST: the next matching GETs fail (see the module's text)
 FAULT_MODES = ("slowdown", "error", "cut", "short")
@@ -238,121 +245,224 @@ def object_app(root: Path) -> Any:
     return app
 
 
-class _Direction:
-    """One direction of a proxied connection: each block one socket sends leaves through the
-    other ``delay`` seconds after it came, paced to ``bytes_per_second`` (None: unpaced) from the
-    first byte of a burst. Protocols and timers, not streams and coroutines: the proxy's own CPU
-    is part of what a benchmark on one machine pays for the simulation. At most
-    :data:`BACKLOG_BYTES` wait: past that the sender is paused, as a full TCP window would."""
+class _Buffer:
+    """A delay line's bytes held in this process (``recv`` in, ``send`` out): what the
+    requests' direction uses (a few hundred bytes a request), and both directions where the
+    kernel cannot splice (not Linux)."""
 
-    def __init__(self, source: asyncio.Transport, delay: float,
-                 bytes_per_second: float | None) -> None:
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.capacity = LINE_BYTES
+
+    def take(self, source: socket.socket, most: int) -> int:
+        block = source.recv(most)
+        self.data += block
+        return len(block)
+
+    def give(self, target: socket.socket, count: int) -> int:
+        with memoryview(self.data) as view, view[:count] as head:
+            sent = target.send(head)
+        del self.data[:sent]
+        return sent
+
+    def close(self) -> None:
+        self.data.clear()
+
+
+class _Pipe:
+    """A delay line's bytes held in a kernel pipe, moved in and out with ``splice``: they never
+    enter this process. The answers' direction carries nearly every byte a benchmark reads, and
+    copying each through Python twice made the proxy the costliest process of the simulation
+    (0.4-0.6 CPU seconds a GB, against 0.1 for the server)."""
+
+    def __init__(self) -> None:
+        self.read_end, self.write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # past the system's pipe-max-size: keep the default
+            fcntl.fcntl(self.write_end, fcntl.F_SETPIPE_SZ, LINE_BYTES)
+        self.capacity = fcntl.fcntl(self.write_end, fcntl.F_GETPIPE_SZ)
+
+    def take(self, source: socket.socket, most: int) -> int:
+        return os.splice(source.fileno(), self.write_end, most, flags=_SPLICE_FLAGS)
+
+    def give(self, target: socket.socket, count: int) -> int:
+        return os.splice(self.read_end, target.fileno(), count, flags=_SPLICE_FLAGS)
+
+    def close(self) -> None:
+        os.close(self.read_end)
+        os.close(self.write_end)
+
+
+_SPLICES = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
+_SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if _SPLICES else 0
+
+
+class _Direction:
+    """One direction of a proxied connection: each block ``source`` sends leaves through
+    ``target`` ``delay`` seconds after it came, paced to ``rate`` bytes a second (None:
+    unpaced) from the first byte of a burst. The blocks wait in ``line``; when it is full the
+    source is not read, as a full TCP window stops a sender. Readiness callbacks and timers
+    of the event loop, no coroutine per block: the proxy's own CPU is part of what a
+    benchmark on one machine pays for the simulation."""
+
+    def __init__(self, connection: _Connection, source: socket.socket, target: socket.socket,
+                 delay: float, rate: float | None, line: _Buffer | _Pipe) -> None:
         self.loop = asyncio.get_running_loop()
-        self.source, self.delay, self.rate = source, delay, bytes_per_second
-        self.target: asyncio.Transport | None = None  # until the upstream connection is made
-        self.waiting: deque[tuple[float, bytes | None]] = deque()  # (due, block); None: the end
-        self.held = 0  # bytes waiting
+        self.connection, self.source, self.target = connection, source, target
+        self.delay, self.rate, self.line = delay, rate, line
+        self.waiting: deque[list[Any]] = deque()  # [due, bytes left]; bytes None: the end
+        self.held = 0  # bytes in the line
         self.free_at = 0.0  # when the pacing lets the last block out
-        self.ended = self.blocked = self.paused = False
+        self.reading = self.writing = self.ended = False
         self.timer: asyncio.TimerHandle | None = None
 
-    def push(self, block: bytes | None) -> None:
-        """A block the source sent (None: it ended), due after the delay and the pacing."""
-        if self.ended:
+    def start(self) -> None:
+        if not self.reading and not self.ended:
+            self.reading = True
+            self.loop.add_reader(self.source, self._readable)
+
+    def _pause(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.source)
+
+    def _readable(self) -> None:
+        room = self.line.capacity - self.held
+        if room <= 0:
+            self._pause()
+            return
+        try:
+            count = self.line.take(self.source, min(room, MOVE_BYTES))
+        except BlockingIOError:  # nothing moved: a spurious wake-up, or a pipe whose slots
+            if self.held:  # are all taken by fewer bytes than its size (on at the next send)
+                self._pause()
+            return
+        except OSError:  # the connection broke
+            self.connection.close()
             return
         due = self.loop.time() + self.delay
         if self.rate:
-            if block:  # leaves once its last byte would have crossed the link
-                self.free_at = max(due, self.free_at) + len(block) / self.rate
+            if count:  # leaves once its last byte would have crossed the link
+                self.free_at = max(due, self.free_at) + count / self.rate
             due = max(due, self.free_at)
-        self.waiting.append((due, block))
-        if block is None:
+        if count:
+            self.held += count
+        else:  # the end: the connection closes once what came before is out
             self.ended = True
-        else:
-            self.held += len(block)
-            if self.held > BACKLOG_BYTES and not self.paused:
-                self.paused = True
-                self.source.pause_reading()
-        self.schedule()
+            self._pause()
+        self.waiting.append([due, count or None])
+        self._schedule()
 
-    def schedule(self) -> None:
-        if self.timer is None and self.waiting and self.target is not None \
-                and not self.blocked:
+    def _schedule(self) -> None:
+        if self.timer is None and self.waiting and not self.writing:
             self.timer = self.loop.call_at(self.waiting[0][0], self._deliver)
 
     def _deliver(self) -> None:
         self.timer = None
-        target, now = self.target, self.loop.time()
-        while self.waiting and self.waiting[0][0] <= now and not self.blocked:
-            _, block = self.waiting.popleft()
-            if block is None or target.is_closing():  # the end, or the other side went
-                self.waiting.clear()
-                target.close()
+        now = self.loop.time()
+        while self.waiting and self.waiting[0][0] <= now:
+            block = self.waiting[0]
+            if block[1] is None:
+                self.connection.close()  # an end: closed, as the side that ended closed
                 return
-            self.held -= len(block)
-            target.write(block)
-        if self.paused and self.held <= BACKLOG_BYTES // 2:
-            self.paused = False
-            self.source.resume_reading()
-        self.schedule()
+            try:
+                sent = self.line.give(self.target, block[1])
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.connection.close()
+                return
+            self.held -= sent
+            block[1] -= sent
+            if block[1]:  # the target's send buffer is full: on when it drains
+                self.writing = True
+                self.loop.add_writer(self.target, self._writable)
+                break
+            self.waiting.popleft()
+        if self.held < self.line.capacity:
+            self.start()
+        self._schedule()
+
+    def _writable(self) -> None:
+        self.writing = False
+        self.loop.remove_writer(self.target)
+        self._deliver()
+
+    def stop(self) -> None:
+        self._pause()
+        if self.writing:
+            self.loop.remove_writer(self.target)
+        if self.timer is not None:
+            self.timer.cancel()
+        self.line.close()
 
 
-class _Side(asyncio.Protocol):
-    """One socket of a proxied connection: what it receives goes out through ``sending``; while
-    its own send buffer is full, ``receiving`` (what writes to it) holds its blocks."""
+class _Connection:
+    """A client's connection and the proxy's own to the server. The whole round trip is added
+    to what the client sends (the requests); what the server sends back is paced but not
+    delayed: an answer's first byte comes one round trip after its request, as over a link
+    with half the delay each way, and the answers' bytes wait in a pipe, not in Python. Each
+    direction holds at most :data:`LINE_BYTES`, so an upload moves at most that much a round
+    trip (as through a TCP window of that size)."""
 
-    sending: _Direction
-    receiving: _Direction
-
-    def data_received(self, data: bytes) -> None:
-        self.sending.push(data)
-
-    def eof_received(self) -> None:
-        self.sending.push(None)  # and the transport closes itself
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.sending.push(None)
-
-    def pause_writing(self) -> None:
-        self.receiving.blocked = True
-
-    def resume_writing(self) -> None:
-        self.receiving.blocked = False
-        self.receiving.schedule()
+    def __init__(self, client: socket.socket, server: socket.socket, rtt: float,
+                 bytes_per_second: float | None) -> None:
+        self.sockets = (client, server)
+        self.closed = False
+        self.asking = _Direction(self, client, server, rtt, None, _Buffer())
+        self.answering = _Direction(self, server, client, 0.0, bytes_per_second,
+                                    _Pipe() if _SPLICES else _Buffer())
+        self.asking.start()
+        self.answering.start()
 
 
-class _ClientSide(_Side):
-    """A client's socket: connects upstream when it opens, its requests held until then."""
-
-    def __init__(self, upstream: tuple[str, int], rtt: float, bytes_per_second: float) -> None:
-        self.upstream, self.rtt, self.rate = upstream, rtt, bytes_per_second
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.sending = _Direction(transport, self.rtt / 2, None)
-        self.transport = transport
-        self.connecting = asyncio.ensure_future(self._connect())
-
-    async def _connect(self) -> None:
-        server = _Side()
-        server.receiving = self.sending
-        try:
-            upstream, _ = await asyncio.get_running_loop().create_connection(
-                lambda: server, *self.upstream)
-        except OSError:
-            self.transport.close()
+    def close(self) -> None:
+        """Both directions stopped, both sockets and the pipe closed (once: a descriptor
+        number closed twice may already be another connection's). When one side ends, what
+        it sent is passed on and then the whole connection closes, as when that side closes
+        its socket (HTTP clients and servers close; they do not half-close)."""
+        if self.closed:
             return
-        server.sending = self.receiving = _Direction(upstream, self.rtt / 2, self.rate)
-        self.receiving.target, self.sending.target = self.transport, upstream
-        self.sending.schedule()
+        self.closed = True
+        for direction in (self.asking, self.answering):
+            direction.stop()
+        for end in self.sockets:
+            end.close()
 
 
 async def _proxy(listen_port: int, upstream: tuple[str, int], rtt: float,
                  bytes_per_second: float) -> None:
-    server = await asyncio.get_running_loop().create_server(
-        lambda: _ClientSide(upstream, rtt, bytes_per_second), "127.0.0.1", listen_port)
-    print(server.sockets[0].getsockname()[1], flush=True)
-    async with server:
-        await server.serve_forever()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(ValueError, OSError):  # 6 descriptors a connection
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    listener = socket.create_server(("127.0.0.1", listen_port), backlog=512)
+    listener.setblocking(False)
+    print(listener.getsockname()[1], flush=True)
+    connecting: set[asyncio.Task] = set()  # referenced until done
+
+    async def connect(client: socket.socket) -> None:
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        server.setblocking(False)
+        try:
+            await loop.sock_connect(server, upstream)
+        except OSError:  # the server is gone: so is the client's connection
+            client.close()
+            server.close()
+            return
+        for end in (client, server):
+            end.setblocking(False)
+            end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _Connection(client, server, rtt, bytes_per_second or None)
+
+    while True:
+        try:
+            client, _ = await loop.sock_accept(listener)
+        except OSError:  # out of descriptors, say: the client retries, so does this loop
+            await asyncio.sleep(0.01)
+            continue
+        task = asyncio.ensure_future(connect(client))
+        connecting.add(task)
+        task.add_done_callback(connecting.discard)
 
 
 async def _serve(root: Path, port: int) -> None:
