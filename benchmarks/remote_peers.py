@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, get_worker_info
 
 from arraystore import Layout, Store
 from arraystore.kinds.sa1b import sa1b_schema
@@ -70,6 +70,18 @@ def region_environment(endpoint: str) -> dict[str, str]:
             "AWS_REGION": "us-east-1"}
 
 
+def _own_s3_clients(worker: int) -> None:
+    """An MDS worker's S3 clients made anew in the worker, as MDS makes them in a spawned one
+    (it drops a client when it is unpickled, not when its process forks). A forked worker
+    otherwise inherits the client the main process opened to read the index, and with it
+    the pooled connection, which both workers then use at once and read each other's answers
+    from: seen through the simulated region as passes stalled 60 s (botocore's read timeout,
+    the server's log showing the GET answered once) and as shards written with another
+    shard's bytes, which MDS then failed to read (6 of 38 passes)."""
+    for stream in get_worker_info().dataset.streams:
+        stream._downloader.clean_up()
+
+
 def open_loader(system: str, endpoint: str, local: Path) -> Any:
     """``system``'s shuffled DataLoader of 2 workers over its copy in the region, caching (MDS,
     LitData) in the empty folder ``local``."""
@@ -86,7 +98,7 @@ def open_loader(system: str, endpoint: str, local: Path) -> Any:
         dataset = streaming.StreamingDataset(remote="s3://bucket/mds", local=str(local),
                                              shuffle=True, batch_size=BATCH)
         return DataLoader(dataset, batch_size=BATCH, num_workers=WORKERS,
-                          multiprocessing_context="fork")
+                          multiprocessing_context="fork", worker_init_fn=_own_s3_clients)
     # LitData fetches chunks with obstore, whose client refuses plain HTTP unless allowed; the
     # simulated region speaks HTTP (real S3 is HTTPS). Forked workers inherit the setting.
     from litdata.streaming import downloader
