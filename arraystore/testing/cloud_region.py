@@ -245,10 +245,14 @@ def object_app(root: Path) -> Any:
     return app
 
 
+_SPLICES = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
+_SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if _SPLICES else 0
+
+
 class _Buffer:
     """A delay line's bytes held in this process (``recv`` in, ``send`` out): what the
-    requests' direction uses (a few hundred bytes a request), and both directions where the
-    kernel cannot splice (not Linux)."""
+    requests' direction uses (their headers, and the bodies of uploads: few bytes beside the
+    answers), and both directions where the kernel cannot splice (not Linux)."""
 
     def __init__(self) -> None:
         self.data = bytearray()
@@ -290,10 +294,6 @@ class _Pipe:
     def close(self) -> None:
         os.close(self.read_end)
         os.close(self.write_end)
-
-
-_SPLICES = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
-_SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if _SPLICES else 0
 
 
 class _Direction:
